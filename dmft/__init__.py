@@ -1,0 +1,14 @@
+"""dmft: dynamical mean-field theory of feature learning in wide neural networks.
+
+Bordelon & Pehlevan, "Self-Consistent Dynamical Field Theory of Kernel Evolution in Wide Neural
+Networks", NeurIPS 2022 (arXiv:2205.09653). Conventions: THEORY.md, summarised in the README.
+"""
+
+from . import activations as activations
+from . import datasets as datasets
+from .problem import MLP as MLP, Dataset as Dataset, Problem as Problem
+from .solution import RESULTS as RESULTS, Solution as Solution
+from .solve import AbstractSolver as AbstractSolver, solve as solve
+from .solvers import Lazy as Lazy
+
+__version__ = "0.1.0"

@@ -1,0 +1,177 @@
+"""What to solve: data, architecture, feature-learning strength and time grid (THEORY section 1).
+
+Shapes: P training points, P_test test points, Pa = P + P_test, D input dimension, L = depth hidden
+layers, n = n_steps time steps on the grid t_k = k dt, k = 0..n, dt = t_max / n_steps.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .activations import AbstractActivation, get_activation
+
+__all__ = ["Dataset", "MLP", "Problem"]
+
+
+def _concrete(x):
+    """`x` as a NumPy array, or None when it is traced (validation then happens elsewhere)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _as_inputs(X, name):
+    arr = np.asarray(X) if not isinstance(X, jax.core.Tracer) else None
+    if arr is not None:
+        if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ValueError(f"{name} must have shape (P, D) with P, D >= 1; got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} contains NaN or inf; clean the data before building a Dataset")
+    return jnp.asarray(X, dtype=float)
+
+
+def _as_targets(y, n, name):
+    arr = np.asarray(y) if not isinstance(y, jax.core.Tracer) else None
+    if arr is not None:
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+            y = jnp.asarray(y)[:, 0]
+        if arr.shape != (n,):
+            raise ValueError(
+                f"{name} must have shape ({n},) (one scalar target per input); got shape {arr.shape}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} contains NaN or inf")
+    return jnp.asarray(y, dtype=float)
+
+
+class Dataset(eqx.Module):
+    """Training inputs `X (P, D)` and scalar targets `y (P,)`, optionally test `X_test (P_test, D)`.
+
+    `y_test (P_test,)` is optional even when `X_test` is given (then only test predictions are made).
+    The input kernel of THEORY section 1 is `Kx = X_all X_all^T / D` over train then test points.
+    """
+
+    X: jax.Array
+    y: jax.Array
+    X_test: jax.Array | None = None
+    y_test: jax.Array | None = None
+
+    def __init__(self, X, y, X_test=None, y_test=None):
+        self.X = _as_inputs(X, "X")
+        self.y = _as_targets(y, self.X.shape[0], "y")
+        if X_test is None:
+            if y_test is not None:
+                raise ValueError("y_test was given without X_test; pass both or neither")
+            self.X_test = self.y_test = None
+            return
+        self.X_test = _as_inputs(X_test, "X_test")
+        if self.X_test.shape[1] != self.X.shape[1]:
+            raise ValueError(
+                f"X_test has {self.X_test.shape[1]} features but X has {self.X.shape[1]}; "
+                "train and test inputs must have the same dimension D"
+            )
+        self.y_test = None if y_test is None else _as_targets(y_test, self.X_test.shape[0], "y_test")
+
+    @property
+    def P(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def P_test(self) -> int:
+        return 0 if self.X_test is None else self.X_test.shape[0]
+
+    @property
+    def D(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def X_all(self) -> jax.Array:
+        """Train then test inputs, `(Pa, D)`."""
+        return self.X if self.X_test is None else jnp.concatenate([self.X, self.X_test])
+
+    @property
+    def Kx(self) -> jax.Array:
+        """Input kernel `Phi^0 = x . x' / D` over train then test points, `(Pa, Pa)`."""
+        X = self.X_all
+        return X @ X.T / self.D
+
+
+class MLP(eqx.Module):
+    """A fully connected network with `depth = L` hidden layers of equal width, no biases (THEORY 1)."""
+
+    depth: int = eqx.field(static=True)
+    activation: AbstractActivation
+
+    def __init__(self, depth: int = 1, activation="relu"):
+        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+            raise ValueError(f"depth must be an integer >= 1 (hidden layers); got {depth!r}")
+        self.depth = int(depth)
+        self.activation = get_activation(activation)
+
+
+class Problem(eqx.Module):
+    """A DMFT problem: gradient flow on the MSE loss `0.5 mean (f - y)^2` from `f(0) = 0`.
+
+    **Arguments:**
+
+    - `data`: a `Dataset`.
+    - `net`: an `MLP`.
+    - `gamma0`: feature-learning strength (>= 0; 0 is the lazy limit). Traced, so it can be vmapped.
+    - `t_max`, `n_steps`: the time grid `ts = linspace(0, t_max, n_steps + 1)`, `dt = t_max / n_steps`.
+    - `eta0`: learning-rate prefactor (the rate is `eta0 * gamma0^2 * N`); traced.
+    """
+
+    data: Dataset
+    net: MLP
+    gamma0: jax.Array = eqx.field(converter=jnp.asarray)
+    t_max: jax.Array = eqx.field(converter=jnp.asarray)
+    n_steps: int = eqx.field(static=True)
+    eta0: jax.Array = eqx.field(converter=jnp.asarray)
+
+    def __init__(self, data, net, gamma0=1.0, t_max=10.0, n_steps=200, eta0=1.0):
+        if not isinstance(data, Dataset):
+            raise ValueError(f"data must be a dmft.Dataset, got {type(data).__name__}")
+        if not isinstance(net, MLP):
+            raise ValueError(f"net must be a dmft.MLP, got {type(net).__name__}")
+        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+            raise ValueError(f"n_steps must be an integer >= 1; got {n_steps!r}")
+        for name, value, lower, strict in (
+            ("gamma0", gamma0, 0.0, False),
+            ("t_max", t_max, 0.0, True),
+            ("eta0", eta0, 0.0, True),
+        ):
+            v = _concrete(value)
+            if v is None:
+                continue
+            if v.shape != () or not np.isfinite(v) or v < lower or (strict and v == lower):
+                bound = "> 0" if strict else ">= 0"
+                raise ValueError(f"{name} must be a finite scalar {bound}; got {value!r}")
+        self.data, self.net, self.n_steps = data, net, int(n_steps)
+        self.gamma0 = jnp.asarray(gamma0, dtype=float)
+        self.t_max = jnp.asarray(t_max, dtype=float)
+        self.eta0 = jnp.asarray(eta0, dtype=float)
+
+    @property
+    def depth(self) -> int:
+        return self.net.depth
+
+    @property
+    def activation(self) -> AbstractActivation:
+        return self.net.activation
+
+    @property
+    def P(self) -> int:
+        return self.data.P
+
+    @property
+    def dt(self) -> jax.Array:
+        return self.t_max / self.n_steps
+
+    @property
+    def ts(self) -> jax.Array:
+        """The time grid, `(n + 1,)`."""
+        return jnp.arange(self.n_steps + 1) * self.dt

@@ -1,0 +1,3 @@
+"""One solver per file."""
+
+from .lazy import Lazy as Lazy

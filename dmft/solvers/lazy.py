@@ -1,0 +1,92 @@
+"""The lazy (NTK) limit gamma0 -> 0: static kernels and closed-form predictions (THEORY section 8)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from ..dynamics import euler_predictions, ntk_from_kernels, prediction_fields
+from ..solve import AbstractSolver
+
+__all__ = ["Lazy", "lazy_kernels", "gradient_flow_predictions"]
+
+
+def lazy_kernels(problem):
+    """The NNGP / NTK recursion at initialisation over train then test points.
+
+    Returns `Phi (L, Pa, Pa)` (`Phi^l`, l = 1..L), `G (L, Pa, Pa)` (`G^l`, with `G^{L+1} = 1`) and
+    the NTK `K (Pa, Pa) = sum_{l=0..L} G^{l+1} * Phi^l`.
+    """
+    act, Kx = problem.activation, problem.data.Kx
+    Phi, Gdot, prev = [], [], Kx
+    for _ in range(problem.depth):
+        phi, dphi = act.kernels(prev)
+        Phi.append(phi)
+        Gdot.append(dphi)
+        prev = phi
+    G, upper = [], jnp.ones_like(Kx)
+    for dphi in reversed(Gdot):
+        upper = upper * dphi
+        G.insert(0, upper)
+    Phi, G = jnp.stack(Phi), jnp.stack(G)
+    return Phi, G, ntk_from_kernels(Kx, Phi[:, None], G[:, None])[0]
+
+
+def gradient_flow_predictions(K, y, ts, eta0):
+    """Exact gradient flow `df/dt = (eta0/P) K (y - f)`, `f(0) = 0`, with a static NTK.
+
+    `K (Pa, Pa)` over train then test points, `y (P,)`, `ts (n+1,)` -> `f (n+1, Pa)`:
+    train `f(t) = (I - exp(-eta0 K t / P)) y`, test `f_*(t) = K_{*.} K^{-1} (I - exp(-eta0 K t / P)) y`,
+    both through the eigendecomposition of the train block (no inverse of an ill-conditioned K:
+    `(1 - exp(-lam c)) / lam -> c` on its near-null space).
+    """
+    P = y.shape[0]
+    lam, V = jnp.linalg.eigh(K[:P, :P])
+    lam = jnp.maximum(lam, 0.0)
+    c = eta0 * ts / P
+    decay = -jnp.expm1(-lam[None, :] * c[:, None])  # (n+1, P)
+    coeff = V.T @ y
+    f_train = (decay * coeff) @ V.T
+    tiny = jnp.finfo(K.dtype).eps * P * jnp.max(lam)
+    ratio = jnp.where(lam > tiny, decay / jnp.where(lam > tiny, lam, 1.0), c[:, None])
+    f_test = ((ratio * coeff) @ V.T) @ K[P:, :P].T
+    return jnp.concatenate([f_train, f_test], axis=1)
+
+
+class Lazy(AbstractSolver):
+    """The static-NTK (lazy) limit gamma0 -> 0 of THEORY section 8, for any depth and activation.
+
+    `discrete=False` (default) integrates gradient flow exactly; `discrete=True` takes the explicit
+    Euler steps of the discrete DMFT (THEORY section 4), i.e. the gamma0 -> 0 limit of the iterative
+    solvers on the same grid, so that their deviation from it is purely O(gamma0^2).
+    `problem.gamma0` is ignored. No iteration: `Solution.iterations == 0`.
+    """
+
+    discrete: bool = eqx.field(static=True, default=False)
+
+    # A closed form: no self-consistent iteration.
+    @property
+    def max_iters(self) -> int:
+        return 0
+
+    @property
+    def damping(self) -> float:
+        return 1.0
+
+    @property
+    def rtol(self) -> float:
+        return 0.0
+
+    def init(self, problem, key):
+        return lazy_kernels(problem)
+
+    def postprocess(self, problem, state, key):
+        Phi, G, K = state
+        n1, y = problem.n_steps + 1, problem.data.y
+        K_t = jnp.broadcast_to(K, (n1, *K.shape))
+        if self.discrete:
+            f_all = euler_predictions(K_t, y, problem.dt, problem.eta0)
+        else:
+            f_all = gradient_flow_predictions(K, y, problem.ts, problem.eta0)
+        tile = lambda X: jnp.broadcast_to(X[:, None], (X.shape[0], n1, *X.shape[1:]))
+        return dict(**prediction_fields(problem, K_t, f_all), Phi_eq=tile(Phi), G_eq=tile(G))
