@@ -1,3 +1,4 @@
 """One solver per file."""
 
 from .lazy import Lazy as Lazy
+from .linear import LinearClosure as LinearClosure
