@@ -9,6 +9,6 @@ from . import datasets as datasets
 from .problem import MLP as MLP, Dataset as Dataset, Problem as Problem
 from .solution import RESULTS as RESULTS, Solution as Solution
 from .solve import AbstractSolver as AbstractSolver, solve as solve
-from .solvers import Lazy as Lazy, LinearClosure as LinearClosure
+from .solvers import Lazy as Lazy, LinearClosure as LinearClosure, MonteCarlo as MonteCarlo
 
 __version__ = "0.1.0"

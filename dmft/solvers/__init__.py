@@ -2,3 +2,4 @@
 
 from .lazy import Lazy as Lazy
 from .linear import LinearClosure as LinearClosure
+from .monte_carlo import MonteCarlo as MonteCarlo
