@@ -6,6 +6,7 @@ Networks", NeurIPS 2022 (arXiv:2205.09653). Conventions: THEORY.md, summarised i
 
 from . import activations as activations
 from . import datasets as datasets
+from . import networks as networks
 from .problem import MLP as MLP, Dataset as Dataset, Problem as Problem
 from .solution import RESULTS as RESULTS, Solution as Solution
 from .solve import AbstractSolver as AbstractSolver, solve as solve

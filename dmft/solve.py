@@ -6,7 +6,8 @@ A solver is an `equinox.Module` with
 * `init(problem, key) -> state`: the initial order parameters (a pytree of arrays);
 * `step(problem, state, key) -> state`: one application of the self-consistent map `T`;
 * `postprocess(problem, state, key) -> dict`: the `Solution` fields for a state;
-* `max_iters`, `damping` (beta), `rtol`.
+* `max_iters`, `damping` (beta), `rtol`;
+* optionally `monitor(state)`: the part of the state whose change decides convergence.
 
 `solve` owns the damped iteration `state <- (1 - beta) state + beta T(state)`, stopping when the
 relative Frobenius change `max_leaf |T(x) - x| / |T(x)|` is at most `rtol`, and the result codes.
@@ -44,6 +45,10 @@ class AbstractSolver(eqx.Module):
     def postprocess(self, problem: Problem, state, key) -> dict:
         raise NotImplementedError
 
+    def monitor(self, state):
+        """The part of the state whose relative change decides convergence (default: all of it)."""
+        return state
+
 
 class AbstractStochasticSolver(AbstractSolver):
     """Marker: a solver that samples, so `solve` requires an explicit `key`."""
@@ -78,7 +83,7 @@ def _solve(problem, solver, key, throw):
         def body(carry):
             it, state, residuals, _, _ = carry
             new = solver.step(problem, state, key)
-            change = _relative_change(new, state)
+            change = _relative_change(solver.monitor(new), solver.monitor(state))
             mixed = jax.tree.map(lambda a, b: (1 - beta) * a + beta * b, state, new)
             bad = ~jnp.isfinite(change)
             return it + 1, mixed, residuals.at[it].set(change), change <= solver.rtol, bad

@@ -97,7 +97,8 @@ class MonteCarlo(AbstractStochasticSolver):
 
     - `n_samples`: single-site samples S per layer and iteration (error ~ S^-1/2, like one network of
       width S).
-    - `damping` (beta), `rtol`, `max_iters`: the damped fixed-point iteration of `dmft.solve`.
+    - `damping` (beta), `rtol`, `max_iters`: the damped fixed-point iteration of `dmft.solve`; the
+      relative change of the kernels Phi, G decides convergence (see `monitor`).
     - `chunk_size`: samples processed at once (bounds memory at O(chunk (n+1) Pa)); must divide S.
     - `responses`: `"stein"` (Gaussian integration by parts, THEORY 5, default), `"jacobian"`
       (forward-mode derivative of the sample mean, exact per sample, O(S (T Pa)^3): for validation on
@@ -116,8 +117,8 @@ class MonteCarlo(AbstractStochasticSolver):
     """
 
     n_samples: int = eqx.field(static=True, default=4096)
-    damping: float = 0.8
-    rtol: float = 1e-5
+    damping: float = 0.5
+    rtol: float = 5e-3
     max_iters: int = eqx.field(static=True, default=100)
     chunk_size: int = eqx.field(static=True, default=1024)
     responses: str = eqx.field(static=True, default="stein")
@@ -161,6 +162,13 @@ class MonteCarlo(AbstractStochasticSolver):
         tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, Pa, T, Pa))
         zeros = jnp.zeros((L - 1, T, Pa, T, Pa), Phi.dtype)
         return _State(tile(Phi), tile(G), zeros, zeros)
+
+    def monitor(self, state):
+        # Convergence is judged on the kernels. The responses are auxiliary and, for non-smooth
+        # activations (relu: phi' is a step), the common-random-number map is only piecewise
+        # continuous, so every order parameter keeps moving at a Monte Carlo noise floor (measured:
+        # ~0.1% for Phi, ~0.5% for G, ~5% for A, B at S = 4096, depth 2); rtol must sit above it.
+        return state.Phi, state.G
 
     def step(self, problem, state, key):
         if problem.depth == 1:
@@ -243,7 +251,10 @@ class MonteCarlo(AbstractStochasticSolver):
             R = m[name + "_jac"]
         else:
             R = m[name] @ pinv
-        return jnp.where(gamma0 > 0, R / safe_gamma, 0.0).reshape(T, Pa, T, Pa)
+        # Discrete responses are exactly strictly causal (THEORY 3); the Stein estimate is not, so
+        # its acausal part (pure noise) is projected out.
+        causal = jnp.tril(jnp.ones((T, T), R.dtype), -1)[:, None, :, None]
+        return jnp.where(gamma0 > 0, R / safe_gamma, 0.0).reshape(T, Pa, T, Pa) * causal
 
     def _moments(self, act, gamma0, key, shape, Lu, Lr, C, D, first, last, problem):
         """Sample averages for one layer: <phi phi^T>, <g g^T>, <phi e_r^T>, <g e_u^T> over (T Pa)."""

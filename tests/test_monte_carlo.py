@@ -1,0 +1,159 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+import dmft
+
+MC = dict(n_samples=4096, chunk_size=1024)
+
+
+def _linear_problem(L, gamma0, n_steps=12, P=6, P_test=2):
+    data = dmft.datasets.sphere(P, 8, 0, P_test=P_test)
+    return dmft.Problem(data, dmft.MLP(L, "linear"), gamma0=gamma0, t_max=3.0, n_steps=n_steps)
+
+
+def _key_spread(problem, solver, keys, field="loss"):
+    """Per-time mean and standard error over independent keys (captures the full Monte Carlo error,
+    including its feedback through the self-consistency, unlike the batch-means stderr)."""
+    runs = np.stack([np.asarray(getattr(dmft.solve(problem, solver, key=k), field)) for k in keys])
+    return runs.mean(0), runs.std(0, ddof=1) / np.sqrt(len(keys))
+
+
+@pytest.mark.parametrize("L, gamma0", [(2, 1.0), (3, 1.5)])
+def test_linear_activation_matches_closure(L, gamma0):
+    # Monte Carlo with phi = identity estimates exactly the quantities the closure computes. The
+    # mean over 4 independent keys must lie within 4 standard errors, compared over the whole
+    # trajectory in the L2 norm over time: a per-time standard error from 4 keys has 3 degrees of
+    # freedom and is occasionally tiny by chance; the norm pools all times.
+    problem = _linear_problem(L, gamma0)
+    exact = dmft.solve(problem, dmft.LinearClosure())
+    mean, se = _key_spread(problem, dmft.MonteCarlo(**MC), range(4))
+    assert np.linalg.norm(mean - exact.loss) <= 4 * np.linalg.norm(se)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("L", [2, 3])
+@pytest.mark.parametrize("gamma0", [0.5, 1.0, 1.5])
+def test_linear_activation_matches_closure_full_grid(L, gamma0):
+    problem = _linear_problem(L, gamma0)
+    exact = dmft.solve(problem, dmft.LinearClosure())
+    for field in ("loss", "ntk"):
+        mean, se = _key_spread(problem, dmft.MonteCarlo(n_samples=8192, chunk_size=2048), range(4), field)
+        err = np.linalg.norm(mean - np.asarray(getattr(exact, field)))
+        print(f"L={L} gamma0={gamma0} {field}: |err| / |SE| = {err / np.linalg.norm(se):.2f}")
+        assert err <= 4 * np.linalg.norm(se)  # L2 over time (and entries), as in the fast test
+
+
+@pytest.mark.slow
+def test_error_shrinks_as_inverse_sqrt_samples():
+    # RMS error over independent keys of the final loss against the exact closure; Monte Carlo
+    # error ~ S^-1/2, so the fitted slope is -1/2 (tolerance 0.2: the RMS over 6 keys is itself
+    # uncertain by ~30%, i.e. +-0.15 in slope over a 16x range of S).
+    problem = _linear_problem(2, 1.0)
+    exact = float(dmft.solve(problem, dmft.LinearClosure()).loss[-1])
+    sizes, rms = [256, 1024, 4096], []
+    for S in sizes:
+        errs = [float(dmft.solve(problem, dmft.MonteCarlo(n_samples=S, chunk_size=S), key=k).loss[-1]) - exact for k in range(6)]
+        rms.append(np.sqrt(np.mean(np.square(errs))))
+    slope = stats.linregress(np.log(sizes), np.log(rms)).slope
+    print("RMS errors", rms, "slope", slope)
+    assert abs(slope + 0.5) < 0.2
+
+
+@pytest.mark.parametrize("L, act", [(1, "relu"), (2, "tanh"), (3, "relu")])
+def test_small_gamma0_reproduces_lazy(L, act):
+    # At gamma0 = 1e-3 the kernels are the lazy ones up to O(gamma0^2) = 1e-6 plus Monte Carlo noise.
+    # With gamma0 ~ 0 there is no feedback of that noise (Delta does not enter the fields), so the
+    # batch-means standard errors are the full error. Compared in the L2 norm over all times and
+    # entries (a per-entry 4 SE test over ~400 NTK entries would fail by multiplicity): 4 SE + 1e-5.
+    data = dmft.datasets.sphere(6, 8, 1, P_test=2)
+    problem = dmft.Problem(data, dmft.MLP(L, act), gamma0=1e-3, t_max=3.0, n_steps=10)
+    lazy = dmft.solve(problem, dmft.Lazy(discrete=True))
+    mc = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0)
+    for field in ("loss", "ntk", "f_test"):
+        err = np.linalg.norm(np.asarray(getattr(mc, field)) - np.asarray(getattr(lazy, field)))
+        assert err <= 4 * np.linalg.norm(np.asarray(mc.stderr[field])) + 1e-5, field
+
+
+def test_two_layer_whitened_closed_form():
+    # THEORY 6 closed form (L = 1, linear, Kx = I) against the equal-time fast path: error = O(dt)
+    # discretisation (first-order Euler, measured ~1e-2 of |y| at dt = 0.05 with the exact closure)
+    # plus Monte Carlo error (4 batch SE).
+    P, gamma0, t_max = 4, 2.0, 6.0
+    X, y = np.sqrt(P) * np.eye(P), np.array([1.0, -0.5, 0.8, 0.3])
+    ynorm = np.linalg.norm(y)
+    ode = integrate.solve_ivp(
+        lambda t, d: -2 / P * np.sqrt(1 + gamma0**2 * (ynorm - d) ** 2) * d, (0, t_max), [ynorm],
+        rtol=1e-12, atol=1e-14, dense_output=True,
+    )
+    problem = dmft.Problem(dmft.Dataset(X, y), dmft.MLP(1, "linear"), gamma0=gamma0, t_max=t_max, n_steps=120)
+    mc = dmft.solve(problem, dmft.MonteCarlo(n_samples=16384, chunk_size=4096), key=0)
+    closure = dmft.solve(problem, dmft.LinearClosure())
+    delta = np.linalg.norm(y - np.asarray(mc.f), axis=1)
+    disc = np.max(np.abs(np.linalg.norm(y - np.asarray(closure.f), axis=1) - ode.sol(np.asarray(mc.ts))[0]))
+    se = np.max(np.asarray(mc.stderr["f"])) * np.sqrt(P)
+    assert mc.Phi is None and mc.Phi_eq.shape == (1, 121, 4, 4)
+    assert np.max(np.abs(delta - ode.sol(np.asarray(mc.ts))[0])) <= disc + 4 * se
+
+
+def test_jacobian_and_stein_responses_agree():
+    # Same sources (same key): the two response estimators differ only by the Stein estimator's own
+    # noise and its Tikhonov regularisation; both must land within 4 batch SE of each other.
+    data = dmft.datasets.sphere(4, 6, 2)
+    problem = dmft.Problem(data, dmft.MLP(2, "tanh"), gamma0=1.5, t_max=3.0, n_steps=8)
+    stein = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0)
+    jac = dmft.solve(problem, dmft.MonteCarlo(responses="jacobian", **MC), key=0)
+    assert np.all(np.abs(stein.loss - jac.loss) <= 4 * np.asarray(stein.stderr["loss"]) + 1e-12)
+    causal = np.triu(np.ones((9, 9)))[None, :, None, :, None]  # s >= t
+    assert np.allclose(np.asarray(stein.A) * causal, 0) and np.allclose(np.asarray(stein.B) * causal, 0)
+
+
+def test_gradient_independence_is_worse_at_depth():
+    # Dropping the responses (A = B = 0) is exact only at depth 1; at depth 2 and gamma0 = 1.5 its
+    # error against the exact closure must exceed the full solution's by more than the Monte Carlo
+    # noise (4 batch SE; measured: 0.0225 vs 0.0050).
+    problem = _linear_problem(2, 1.5)
+    exact = dmft.solve(problem, dmft.LinearClosure())
+    full = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0)
+    gia = dmft.solve(problem, dmft.MonteCarlo(responses="none", **MC), key=0)
+    err_full = np.max(np.abs(full.loss - exact.loss))
+    err_gia = np.max(np.abs(gia.loss - exact.loss))
+    print(f"max loss error: full {err_full:.4f}, gradient independence {err_gia:.4f}")
+    assert err_gia - err_full > 4 * np.max(np.asarray(full.stderr["loss"]))
+
+
+def test_same_key_same_result_and_shapes():
+    data = dmft.datasets.sphere(5, 4, 0, P_test=2)
+    problem = dmft.Problem(data, dmft.MLP(2, "relu"), gamma0=1.0, t_max=2.0, n_steps=6)
+    # 512 samples: the noise floor may sit above rtol, so inspect the result instead of throwing.
+    solver = dmft.MonteCarlo(n_samples=512, chunk_size=256, max_iters=10)
+    a = dmft.solve(problem, solver, key=3, throw=False)
+    b = dmft.solve(problem, solver, key=3, throw=False)
+    np.testing.assert_array_equal(a.loss, b.loss)
+    assert a.Phi.shape == a.G.shape == (2, 7, 7, 7, 7) and a.A.shape == a.B.shape == (1, 7, 7, 7, 7)
+    assert a.stderr["ntk"].shape == (7, 5, 5) and a.stderr["f_test"].shape == (7, 2)
+    anti = dmft.solve(problem, dmft.MonteCarlo(n_samples=512, chunk_size=256, sampling="antithetic", max_iters=10), key=3, throw=False)
+    assert np.all(np.isfinite(anti.loss))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_samples=1), "n_samples must be >= 2"),
+        (dict(n_samples=1000, chunk_size=300), "chunk_size 300 must divide"),
+        (dict(responses="exact"), "responses must be one of"),
+        (dict(sampling="sobol"), "sampling must be one of"),
+        (dict(damping=1.5), "damping must be in"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    problem = _linear_problem(2, 1.0)
+    with pytest.raises(ValueError, match=match):
+        dmft.solve(problem, dmft.MonteCarlo(**kwargs), key=0)
+
+
+def test_needs_a_key():
+    with pytest.raises(ValueError, match="pass key="):
+        dmft.solve(_linear_problem(2, 1.0), dmft.MonteCarlo())
