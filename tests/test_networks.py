@@ -1,0 +1,144 @@
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from scipy import stats
+
+import dmft
+from dmft.networks.train import _measure
+
+
+def _problem(L=2, act="relu", gamma0=1.0, P=6, P_test=2, t_max=4.0, n_steps=20, seed=0):
+    data = dmft.datasets.sphere(P, 10, seed, P_test=P_test)
+    return dmft.Problem(data, dmft.MLP(L, act), gamma0=gamma0, t_max=t_max, n_steps=n_steps)
+
+
+def _seeds(problem, width, n, method="gd", **kw):
+    return jax.vmap(lambda k: dmft.networks.train(problem, width, k, method=method, **kw))(jr.split(jr.key(1), n))
+
+
+def test_ntk_formula_matches_autodiff():
+    # K = sum_l G^{l+1} * Phi^l (THEORY 2) is the Gram matrix gamma0^2 N grad f . grad f.
+    problem = _problem(L=3, act="erf", gamma0=0.7)
+    params = dmft.networks.init_params(problem, 32, jr.key(0))
+    jac = jax.jacobian(lambda th: dmft.networks.forward(problem, th, problem.data.X_all))(params)
+    J = jnp.concatenate([j.reshape(j.shape[0], -1) for j in jac], axis=1)
+    _, K, _, _ = _measure(problem, params, 0.0)
+    np.testing.assert_allclose(K, 0.7**2 * 32 * J @ J.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["relu", "erf"])
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_initial_ntk_matches_lazy(act, L):
+    # The NTK at t = 0 of a random network is an average over N neurons: the seed average converges
+    # to the lazy NTK, with a 1/N bias (negligible here) and seed-to-seed spread ~1/sqrt(N).
+    # Each entry must lie within 3 standard errors of the seed mean (SE = sd / sqrt(seeds)); entries
+    # on one row are correlated, so the tolerance is applied to the worst entry over the whole matrix
+    # with 3.5 SE allowed for the ~P^2/2 = 30 distinct entries (Bonferroni at ~1%).
+    problem = _problem(L, act, n_steps=1, t_max=0.1)
+    runs = _seeds(problem, 256, 16)
+    K0 = np.asarray(runs.ntk[:, 0])
+    mean, se = K0.mean(0), K0.std(0, ddof=1) / np.sqrt(16)
+    lazy = np.asarray(dmft.solve(problem, dmft.Lazy()).ntk[0])
+    z = np.abs(mean - lazy) / se
+    print(f"{act} L={L}: max z = {z.max():.2f}")
+    assert z.max() < 3.5
+
+
+def _lazy_tracking_error(width):
+    problem = _problem(L=2, act="relu", gamma0=0.01, t_max=8.0, n_steps=16)
+    runs = _seeds(problem, width, 4, method="flow")
+    lazy = dmft.solve(problem, dmft.Lazy())
+    return np.max(np.abs(np.asarray(runs.loss).mean(0) - np.asarray(lazy.loss))) / float(lazy.loss[0])
+
+
+# gamma0 = 0.01: features move by O(gamma0^2) = 1e-4, so a centred network follows the lazy gradient
+# flow up to its random-kernel fluctuation (O(1/sqrt N) per network) and, since the loss is convex in
+# the kernel, an O(1/N) bias of the seed mean. Measured seed-mean errors (4 seeds): 2.4%, 1.4%,
+# 0.86% of L(0) at N = 1024, 2048, 4096.
+def test_small_gamma0_approaches_lazy_with_width():
+    errs = [_lazy_tracking_error(N) for N in (512, 2048)]
+    print("seed-mean |loss - lazy| / loss(0):", errs)
+    assert errs[1] < errs[0]
+
+
+@pytest.mark.slow
+def test_small_gamma0_wide_network_tracks_lazy_within_one_percent():
+    err = _lazy_tracking_error(4096)
+    print(f"N = 4096: {err:.4f} of loss(0)")
+    assert err < 0.01
+
+
+def test_rich_two_layer_relu_ntk_moves_and_widths_converge():
+    # gamma0 = 1: the NTK moves by O(1) (a lazy network's moves by O(gamma0^2) -> 0); consecutive
+    # widths agree ever more closely, since seed-averaged curves approach the N -> inf limit at rate
+    # ~1/N (centred) or 1/sqrt(N).
+    problem = _problem(L=1, act="relu", gamma0=1.0, t_max=6.0, n_steps=30, P_test=0)
+    widths, curves = [128, 512, 2048], []
+    for N in widths:
+        runs = _seeds(problem, N, 8)
+        move = np.linalg.norm(runs.ntk[:, -1] - runs.ntk[:, 0], axis=(1, 2)) / np.linalg.norm(runs.ntk[:, 0], axis=(1, 2))
+        assert np.mean(move) > 0.1
+        curves.append((np.asarray(runs.loss.mean(0)), np.asarray(runs.ntk.mean(0))))
+    d_loss = [np.max(np.abs(a[0] - b[0])) for a, b in zip(curves, curves[1:])]
+    d_ntk = [np.max(np.abs(a[1] - b[1])) for a, b in zip(curves, curves[1:])]
+    print("consecutive-width differences: loss", d_loss, "ntk", d_ntk)
+    assert d_loss[1] < d_loss[0] and d_ntk[1] < d_ntk[0]
+
+
+@pytest.mark.slow
+def test_rich_two_layer_relu_widths_to_4096():
+    problem = _problem(L=1, act="relu", gamma0=1.0, t_max=6.0, n_steps=30, P_test=0)
+    curves = []
+    for N in (256, 1024, 4096):
+        runs = _seeds(problem, N, 8)
+        curves.append((np.asarray(runs.loss.mean(0)), np.asarray(runs.ntk.mean(0))))
+    d_loss = [np.max(np.abs(a[0] - b[0])) for a, b in zip(curves, curves[1:])]
+    d_ntk = [np.max(np.abs(a[1] - b[1])) for a, b in zip(curves, curves[1:])]
+    print("256->1024->4096 differences: loss", d_loss, "ntk", d_ntk)
+    assert d_loss[1] < d_loss[0] and d_ntk[1] < d_ntk[0]
+
+
+def test_gd_converges_to_flow_at_first_order():
+    # Discrete GD with step eta0 dt differs from gradient flow by O(dt) (Euler's local error dt^2).
+    problem = _problem(L=2, act="tanh", t_max=3.0, n_steps=8, P_test=0)
+    flow = dmft.networks.train(problem, 128, jr.key(0), method="flow", rtol=1e-8, atol=1e-10)
+    dts, errs = [], []
+    for n in (8, 16, 32, 64):
+        fine = _problem(L=2, act="tanh", t_max=3.0, n_steps=n, P_test=0)
+        gd = dmft.networks.train(fine, 128, jr.key(0), method="gd")
+        dts.append(3.0 / n)
+        errs.append(abs(float(gd.loss[-1]) - float(flow.loss[-1])))
+    slope = stats.linregress(np.log(dts), np.log(errs)).slope
+    assert abs(slope - 1) < 0.2
+
+
+def test_vmap_equals_loop_and_shapes():
+    problem = _problem(L=2, act="tanh", n_steps=5)
+    keys = jr.split(jr.key(0), 3)
+    batched = jax.vmap(lambda k: dmft.networks.train(problem, 16, k, method="gd"))(keys)
+    for i, k in enumerate(keys):
+        np.testing.assert_allclose(batched.loss[i], dmft.networks.train(problem, 16, k, method="gd").loss, atol=1e-12)
+    run = dmft.networks.train(problem, 16, 0)
+    assert run.f.shape == (6, 6) and run.ntk.shape == (6, 6, 6) and run.f_test.shape == (6, 2)
+    assert run.ntk_test.shape == (6, 2, 6) and run.Phi_eq.shape == run.G_eq.shape == (2, 6, 8, 8)
+    assert run.h_last.shape == (2, 8, 16)
+    np.testing.assert_allclose(run.f[0], 0.0, atol=1e-12)  # centred
+    no_test = dmft.networks.train(_problem(P_test=0, n_steps=3), 8, 0, method="gd")
+    assert no_test.f_test is None and no_test.loss_test is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(width=0), "width must be an integer >= 1"), (dict(method="adam"), "method must be one of")],
+)
+def test_bad_arguments(kwargs, match):
+    args = dict(width=8, method="gd") | kwargs
+    with pytest.raises(ValueError, match=match):
+        dmft.networks.train(_problem(), args.pop("width"), 0, **args)
+
+
+def test_networks_need_positive_gamma0():
+    with pytest.raises(ValueError, match="gamma0 > 0"):
+        dmft.networks.train(_problem(gamma0=0.0), 8, 0)
