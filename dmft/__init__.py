@@ -4,6 +4,8 @@ Bordelon & Pehlevan, "Self-Consistent Dynamical Field Theory of Kernel Evolution
 Networks", NeurIPS 2022 (arXiv:2205.09653). Conventions: THEORY.md, summarised in the README.
 """
 
+__version__ = "0.1.0"
+
 from . import activations as activations
 from . import datasets as datasets
 from . import networks as networks
@@ -12,4 +14,6 @@ from .solution import RESULTS as RESULTS, Solution as Solution
 from .solve import AbstractSolver as AbstractSolver, solve as solve
 from .solvers import Lazy as Lazy, LinearClosure as LinearClosure, MonteCarlo as MonteCarlo
 
-__version__ = "0.1.0"
+
+from . import io as io
+from .compare import Comparison as Comparison, compare as compare

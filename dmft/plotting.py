@@ -1,0 +1,143 @@
+"""Figures for solutions and comparisons. The only module that imports matplotlib (lazily).
+
+Colours: the Okabe-Ito colour-blind-safe palette. Every function takes an optional `ax` and returns
+the matplotlib figure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "PALETTE",
+    "loss_curves",
+    "alignment_curves",
+    "error_vs_width",
+    "kernel_heatmap",
+    "two_time_trace",
+    "preactivation_histogram",
+    "comparison_figure",
+    "target_alignment",
+]
+
+PALETTE = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442"]
+
+
+def _axes(ax):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.2, 3.2), layout="constrained")
+    return ax.figure, ax
+
+
+def target_alignment(K, y):
+    """`y^T K y / (|K|_F |y|^2)` over the last two axes of K."""
+    K, y = np.asarray(K), np.asarray(y)
+    return np.einsum("...ij,i,j->...", K, y, y) / (np.linalg.norm(K, axis=(-2, -1)) * (y @ y))
+
+
+def _width_colour(i):
+    return PALETTE[1 + i % (len(PALETTE) - 1)]
+
+
+def loss_curves(comparison, ax=None):
+    """Train loss: DMFT (black), lazy limit (dashed), each width's seed mean +- 1 standard error."""
+    fig, ax = _axes(ax)
+    ts = np.asarray(comparison.dmft.ts)
+    for i, (N, run) in enumerate(zip(comparison.widths, comparison.runs)):
+        mean, se = np.asarray(run.loss).mean(0), np.asarray(comparison.loss_se[i])
+        ax.fill_between(ts, mean - se, mean + se, color=_width_colour(i), alpha=0.3, lw=0)
+        ax.plot(ts, mean, color=_width_colour(i), lw=1.2, label=f"N = {N}")
+    ax.plot(ts, np.asarray(comparison.dmft.loss), color=PALETTE[0], lw=2, label="DMFT")
+    ax.plot(ts, np.asarray(comparison.lazy.loss), color=PALETTE[0], lw=1.2, ls="--", label="lazy (NTK)")
+    ax.set(xlabel="time t", ylabel=r"loss $\frac{1}{2}\,\mathrm{mean}(f-y)^2$", yscale="log")
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def alignment_curves(comparison, y=None, ax=None):
+    """Target alignment of the last layer's feature kernel Phi^L(t, t) over time."""
+    fig, ax = _axes(ax)
+    sol = comparison.dmft
+    P = sol.f.shape[1]
+    y = np.asarray(y) if y is not None else None
+    if y is None:
+        raise ValueError("alignment_curves needs the training targets y")
+    ts = np.asarray(sol.ts)
+    for i, (N, run) in enumerate(zip(comparison.widths, comparison.runs)):
+        A = target_alignment(np.asarray(run.Phi_eq)[:, -1, :, :P, :P], y)
+        ax.plot(ts, A.mean(0), color=_width_colour(i), lw=1.2, label=f"N = {N}")
+    ax.plot(ts, target_alignment(np.asarray(sol.Phi_eq)[-1, :, :P, :P], y), color=PALETTE[0], lw=2, label="DMFT")
+    ax.plot(ts, target_alignment(np.asarray(comparison.lazy.Phi_eq)[-1, :, :P, :P], y), color=PALETTE[0], ls="--", label="lazy")
+    ax.set(xlabel="time t", ylabel=r"alignment $y^\top\Phi^L y/(|\Phi^L|_F|y|^2)$")
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def error_vs_width(comparison, ax=None):
+    """Max-over-time loss error of the seed mean (fraction of the initial loss) vs width, log-log."""
+    fig, ax = _axes(ax)
+    widths, err = np.asarray(comparison.widths, float), np.asarray(comparison.max_loss_error)
+    ax.loglog(widths, err, "o", color=PALETTE[5], label="networks vs DMFT")
+    if len(widths) > 1 and np.isfinite(float(comparison.exponent)):
+        slope = float(comparison.exponent)
+        fit = np.exp(np.polyfit(np.log(widths), np.log(err), 1)[1]) * widths**slope
+        ax.loglog(widths, fit, color=PALETTE[5], lw=1, label=f"fit: N^{slope:.2f}")
+    ax.set(xlabel="width N", ylabel="max_t |loss error| / loss(0)")
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def kernel_heatmap(kernel, title="", ax=None):
+    """A P x P kernel matrix (e.g. `sol.Phi_eq[-1, -1]`) as a heatmap."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = _axes(ax)
+    im = ax.imshow(np.asarray(kernel), cmap="viridis")
+    ax.set(title=title, xlabel=r"sample $\nu$", ylabel=r"sample $\mu$")
+    plt.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def two_time_trace(sol, layer=-1, ax=None):
+    """`sum_mu Phi^l_{mu mu}(t, s)` over the two-time grid (needs two-time kernels)."""
+    import matplotlib.pyplot as plt
+
+    if sol.Phi is None:
+        raise ValueError("this solution has no two-time kernels (lazy or two-layer fast path)")
+    fig, ax = _axes(ax)
+    trace = np.einsum("tmsm->ts", np.asarray(sol.Phi[layer]))
+    t_max = float(sol.ts[-1])
+    im = ax.imshow(trace, origin="lower", extent=(0, t_max, 0, t_max), cmap="magma")
+    ax.set(xlabel="time s", ylabel="time t", title=r"$\sum_\mu \Phi_{\mu\mu}(t,s)$")
+    plt.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def preactivation_histogram(run, layer=-1, point=0, ax=None):
+    """Histogram of finite-network preactivations h^l_mu at the final time (all seeds pooled)."""
+    fig, ax = _axes(ax)
+    h = np.asarray(run.h_last)[..., layer, point, :].ravel()
+    ax.hist(h, bins=60, density=True, color=PALETTE[2], alpha=0.8)
+    ax.set(xlabel=r"preactivation $h$", ylabel="density", yscale="log")
+    return fig
+
+
+def comparison_figure(comparison, y):
+    """Loss curves, kernel alignment, error vs width and final kernels, DMFT vs networks."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 7), layout="constrained")
+    loss_curves(comparison, ax=axes[0, 0])
+    alignment_curves(comparison, y, ax=axes[0, 1])
+    error_vs_width(comparison, ax=axes[1, 0])
+    P = comparison.dmft.f.shape[1]
+    K_dmft = np.asarray(comparison.dmft.Phi_eq)[-1, -1, :P, :P]
+    K_net = np.asarray(comparison.runs[-1].Phi_eq).mean(0)[-1, -1, :P, :P]
+    order = np.argsort(np.asarray(y))
+    both = np.concatenate([K_dmft[np.ix_(order, order)], K_net[np.ix_(order, order)]], axis=1)
+    kernel_heatmap(both, title=f"final $\\Phi^L$: DMFT | N = {comparison.widths[-1]}", ax=axes[1, 1])
+    for ax, letter in zip(axes.flat, "abcd"):
+        ax.set_title(f"({letter})", loc="left", fontsize=10)
+    return fig
