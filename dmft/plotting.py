@@ -84,7 +84,9 @@ def error_vs_width(comparison, ax=None):
         slope = float(comparison.exponent)
         fit = np.exp(np.polyfit(np.log(widths), np.log(err), 1)[1]) * widths**slope
         ax.loglog(widths, fit, color=PALETTE[5], lw=1, label=f"fit: N^{slope:.2f}")
-    ax.set(xlabel="width N", ylabel="max_t |loss error| / loss(0)")
+    ax.set(xlabel="width N", ylabel=r"$\max_t$ |loss error| / loss(0)")
+    ax.set_xticks(widths, [str(int(w)) for w in widths])
+    ax.xaxis.set_minor_formatter("")
     ax.legend(frameon=False, fontsize=8)
     return fig
 
@@ -137,7 +139,8 @@ def comparison_figure(comparison, y):
     K_net = np.asarray(comparison.runs[-1].Phi_eq).mean(0)[-1, -1, :P, :P]
     order = np.argsort(np.asarray(y))
     both = np.concatenate([K_dmft[np.ix_(order, order)], K_net[np.ix_(order, order)]], axis=1)
-    kernel_heatmap(both, title=f"final $\\Phi^L$: DMFT | N = {comparison.widths[-1]}", ax=axes[1, 1])
+    kernel_heatmap(both, ax=axes[1, 1])
     for ax, letter in zip(axes.flat, "abcd"):
         ax.set_title(f"({letter})", loc="left", fontsize=10)
+    axes[1, 1].set_title(f"final $\\Phi^L$ (sorted by y): DMFT | N = {comparison.widths[-1]}", fontsize=9)
     return fig
