@@ -193,7 +193,9 @@ def run_compare(config, out, progress=True):
     start = time.perf_counter()
     comp = dmft.compare(problem, solver, c["widths"], c["seeds"], key=seed, method=c["method"], progress=progress)
     report = _comparison_report(comp, time.perf_counter() - start)
-    dmft.io.save(os.path.join(out, "comparison.npz"), comp, metadata={"config": config})
+    # The targets travel with the result: re-plotting must not depend on regenerating the data.
+    meta = {"config": config, "y": [float(v) for v in problem.data.y]}
+    dmft.io.save(os.path.join(out, "comparison.npz"), comp, metadata=meta)
     _figure(comp, problem.data.y, out)
     _write_json(os.path.join(out, "report.json"), report)
     return comp, report
@@ -239,8 +241,7 @@ def main(argv=None) -> int:
             if not os.path.isfile(path):
                 raise ConfigError(f"{args.dir} has no comparison.npz (written by `dmft compare` or `dmft demo`)")
             comp, meta = dmft.io.load(path, with_metadata=True)
-            problem, _, _ = build(meta["config"])
-            _figure(comp, problem.data.y, args.dir)
+            _figure(comp, meta["y"], args.dir)
             print(f"wrote {args.dir}/comparison.png and comparison.pdf")
             return 0
         if args.x64:
