@@ -1,4 +1,4 @@
-"""The README's Python examples are part of the contract: run every ```python block."""
+"""The README's Python examples are part of the contract: run every ```python block, in order."""
 
 import pathlib
 import re
@@ -9,8 +9,9 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no python example"
+    namespace = {}  # the blocks are one session, read top to bottom
     for block in blocks:
-        exec(compile(block, str(README), "exec"), {})
+        exec(compile(block, str(README), "exec"), namespace)
 
 
 def test_readme_test_command_is_what_ci_runs():
