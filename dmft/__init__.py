@@ -13,6 +13,7 @@ from .problem import MLP as MLP, Dataset as Dataset, Problem as Problem
 from .solution import RESULTS as RESULTS, Solution as Solution
 from .solve import AbstractSolver as AbstractSolver, solve as solve
 from .solvers import Lazy as Lazy, LinearClosure as LinearClosure, MonteCarlo as MonteCarlo
+from .solvers import Perturbative as Perturbative, StaticNTK as StaticNTK
 
 
 from . import io as io

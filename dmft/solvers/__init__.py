@@ -3,3 +3,4 @@
 from .lazy import Lazy as Lazy
 from .linear import LinearClosure as LinearClosure
 from .monte_carlo import MonteCarlo as MonteCarlo
+from .approximations import Perturbative as Perturbative, StaticNTK as StaticNTK

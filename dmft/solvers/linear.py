@@ -113,7 +113,7 @@ def _Delta(problem, state):
     return jnp.zeros_like(f).at[:, :P].set(y - f[:, :P])
 
 
-def _layer(gamma0, c, Kx, A_low, Q_low, G_next, B_l, Delta):
+def _layer(gamma0, c, Kx, A_low, Q_low, G_next, B_l, Delta, responses=True):
     """Layer l from the factors of Phi^{l-1} (`A_low`, `Q_low`: layers < l), G^{l+1} and Bbar^l.
 
     Returns Abar^l (T, Pa, T), Q^l (T, T, Pa), G^l (T, T), Bbar^{l-1} (T, T, Pa).
@@ -121,7 +121,7 @@ def _layer(gamma0, c, Kx, A_low, Q_low, G_next, B_l, Delta):
     T, Pa = Delta.shape
     g2 = gamma0**2
     mask = jnp.tril(jnp.ones((T, T), Delta.dtype), -1)  # [s < t]
-    A_prev = A_low[-1] if A_low.shape[0] else 0.0  # Abar^{l-1}; Abar^0 = 0
+    A_prev = A_low[-1] if A_low.shape[0] and responses else 0.0  # Abar^{l-1}; Abar^0 = 0
     C = A_prev + c * mask[:, None, :] * _apply_Phi_Delta(Kx, A_low, Q_low, Delta).reshape(T, Pa, T)
     D = B_l + c * (mask * G_next)[:, :, None] * Delta[None, :, :]
     Cf, Df = C.reshape(T * Pa, T), D.reshape(T, T * Pa)
@@ -135,7 +135,7 @@ def _layer(gamma0, c, Kx, A_low, Q_low, G_next, B_l, Delta):
     return Abar.reshape(T, Pa, T), Q.reshape(T, T, Pa), G, (Mt @ Df).reshape(T, T, Pa)
 
 
-def _sweep(problem, state):
+def _sweep(problem, state, responses=True):
     """One Jacobi sweep: every layer from the previous iterate of its neighbours and Delta."""
     L, Kx = problem.depth, problem.data.Kx
     Delta = _Delta(problem, state)
@@ -144,8 +144,8 @@ def _sweep(problem, state):
     A, Q, G, B = [], [], [], []
     for l in range(L):  # layer l + 1 of THEORY
         G_next = state.G[l + 1] if l + 1 < L else jnp.ones((T, T), Delta.dtype)
-        B_l = state.B[l] if l + 1 < L else jnp.zeros((T, T, Pa), Delta.dtype)
-        a, q, g, b = _layer(problem.gamma0, c, Kx, state.A[:l], state.Q[:l], G_next, B_l, Delta)
+        B_l = state.B[l] if l + 1 < L and responses else jnp.zeros((T, T, Pa), Delta.dtype)
+        a, q, g, b = _layer(problem.gamma0, c, Kx, state.A[:l], state.Q[:l], G_next, B_l, Delta, responses)
         A.append(a), Q.append(q), G.append(g), B.append(b)
     return _State(A=jnp.stack(A), Q=jnp.stack(Q), G=jnp.stack(G), B=jnp.stack(B[1:]) if L > 1 else state.B)
 
@@ -159,7 +159,8 @@ class LinearClosure(AbstractSolver):
     for the structure that makes each sweep cost O(L T^3 Pa^2) with no large inverse.
 
     **Arguments:** `damping` (beta in (0, 1]: `new = (1 - beta) old + beta T(old)`), `rtol` (stop when
-    the relative change of every order parameter is at most this), `max_iters`.
+    the relative change of every order parameter is at most this), `max_iters`, `responses`
+    (`False`: the gradient independence approximation, A = B = 0 in the fields; THEORY 9).
 
     `Solution.G` has shape `(L, T, 1, T, 1)`, `A` `(L-1, T, Pa, T, 1)`, `B` `(L-1, T, 1, T, Pa)`: the
     size-1 axes are sample indices on which these kernels do not depend.
@@ -168,6 +169,7 @@ class LinearClosure(AbstractSolver):
     damping: float = 1.0
     rtol: float = 1e-10
     max_iters: int = eqx.field(static=True, default=200)
+    responses: bool = eqx.field(static=True, default=True)
 
     def validate(self, problem):
         if not isinstance(problem.activation, Linear):
@@ -192,7 +194,7 @@ class LinearClosure(AbstractSolver):
         )
 
     def step(self, problem, state, key):
-        return _sweep(problem, state)
+        return _sweep(problem, state, self.responses)
 
     def postprocess(self, problem, state, key):
         Kx = problem.data.Kx
