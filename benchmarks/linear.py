@@ -61,5 +61,5 @@ if __name__ == "__main__":
         print(f"{P:>4} {n:>5} {5:>3} {it:>6} {float(sol.residuals[it - 1]):>10.1e} {seconds:>8.3f} {state_mb:>9.1f} {phi_mb:>8.1f}")
         if (P, n) == (20, 100):
             print(f"     reference ratio: {REFERENCE_SECONDS:.0f} s / {seconds:.3f} s = {REFERENCE_SECONDS / seconds:.1f}x (target 20x)")
-    print(f"time ratio when n doubles: {times[(20, 200)] / times[(20, 100)]:.2f} (cost O(n^3 P^2) per iteration)")
-    print(f"time ratio when P doubles: {times[(40, 100)] / times[(20, 100)]:.2f}")
+    print(f"time ratio when n doubles: {times[(20, 200)] / times[(20, 100)]:.2f} (iteration O(L^2 n^3 P) flops, memory O(L n^2 P))")
+    print(f"time ratio when P doubles: {times[(40, 100)] / times[(20, 100)]:.2f} (returned two-time Phi: O(L (nP)^2) memory)")
