@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["equal_time", "ntk_from_kernels", "euler_predictions", "mse_loss", "prediction_fields"]
+__all__ = ["equal_time", "ntk_from_kernels", "euler_predictions", "error_signal", "mse_loss", "prediction_fields"]
 
 
 def equal_time(X):
@@ -44,6 +44,13 @@ def euler_predictions(K, y, dt, eta0):
     f0 = jnp.zeros(K.shape[1], K.dtype)
     f_last, fs = jax.lax.scan(step, f0, K[:-1])
     return jnp.concatenate([fs, f_last[None]])
+
+
+def error_signal(problem, K):
+    """`Delta = y - f (n+1, Pa)` from the NTK `K (n+1, Pa, Pa)` by Euler predictions; zero on test columns."""
+    y, P = problem.data.y, problem.P
+    f = euler_predictions(K, y, problem.dt, problem.eta0)
+    return jnp.zeros_like(f).at[:, :P].set(y - f[:, :P])
 
 
 def mse_loss(f, y):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ..activations import Linear
-from ..dynamics import euler_predictions, ntk_from_kernels, prediction_fields
+from ..dynamics import error_signal, euler_predictions, ntk_from_kernels, prediction_fields
 from ..solve import AbstractSolver
 
 __all__ = ["LinearClosure"]
@@ -106,13 +106,6 @@ def _ntk(Kx, state):
     return ntk_from_kernels(Kx, _equal_time_Phi(Kx, state.A, state.Q), G_eq)
 
 
-def _Delta(problem, state):
-    """Error signal (T, Pa) on the grid from the kernels of `state`; zero on test columns."""
-    y, P = problem.data.y, problem.P
-    f = euler_predictions(_ntk(problem.data.Kx, state), y, problem.dt, problem.eta0)
-    return jnp.zeros_like(f).at[:, :P].set(y - f[:, :P])
-
-
 def _layer(gamma0, c, Kx, A_low, Q_low, G_next, B_l, Delta, responses=True):
     """Layer l from the factors of Phi^{l-1} (`A_low`, `Q_low`: layers < l), G^{l+1} and Bbar^l.
 
@@ -138,7 +131,7 @@ def _layer(gamma0, c, Kx, A_low, Q_low, G_next, B_l, Delta, responses=True):
 def _sweep(problem, state, responses=True):
     """One Jacobi sweep: every layer from the previous iterate of its neighbours and Delta."""
     L, Kx = problem.depth, problem.data.Kx
-    Delta = _Delta(problem, state)
+    Delta = error_signal(problem, _ntk(problem.data.Kx, state))
     c = problem.dt * problem.eta0 / problem.P
     T, Pa = Delta.shape
     A, Q, G, B = [], [], [], []

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-from ..dynamics import equal_time, euler_predictions, ntk_from_kernels, prediction_fields
+from ..dynamics import equal_time, error_signal, euler_predictions, ntk_from_kernels, prediction_fields
 from ..solve import AbstractStochasticSolver
 from .lazy import lazy_kernels
 
@@ -207,18 +207,12 @@ class MonteCarlo(AbstractStochasticSolver):
         )
 
     # ----------------------------------------------------------------------------------------------
-    def _Delta(self, problem, Phi_eq, G_eq):
-        """Error signal (T, Pa) from the kernels, zero on test columns."""
-        Kx, y, P = problem.data.Kx, problem.data.y, problem.P
-        f = euler_predictions(ntk_from_kernels(Kx, Phi_eq, G_eq), y, problem.dt, problem.eta0)
-        return jnp.zeros_like(f).at[:, :P].set(y - f[:, :P])
-
     def _deep(self, problem, state, key):
         L, Kx = problem.depth, problem.data.Kx
         T, Pa = state.Phi.shape[1:3]
         gamma0, act = problem.gamma0, problem.activation
         c = problem.dt * problem.eta0 / problem.P
-        Delta = self._Delta(problem, equal_time(state.Phi), equal_time(state.G))
+        Delta = error_signal(problem, ntk_from_kernels(Kx, equal_time(state.Phi), equal_time(state.G)))
         mask = jnp.tril(jnp.ones((T, T), Kx.dtype), -1)[:, None, :, None]
         Dcols = Delta[None, None]  # (1, 1, T, Pa): Delta_nu(s) on the column index
         ones = jnp.ones((T, Pa, T, Pa), Kx.dtype)
@@ -235,7 +229,7 @@ class MonteCarlo(AbstractStochasticSolver):
             D = B_l + c * mask * G_next * Dcols
             Lu, Lu_pinv = (Lx, None) if first else _factor(Phi_prev.reshape(T * Pa, T * Pa), self.rcond)
             Lr, Lr_pinv = (None, None) if last else _factor(G_next.reshape(T * Pa, T * Pa), self.rcond)
-            m = self._moments(act, gamma0, jr.fold_in(key, l), (T, Pa), Lu, Lr, C, D, first, last, problem)
+            m = self._moments(act, gamma0, jr.fold_in(key, l), (T, Pa), Lu, Lr, C, D, first, last)
             Phi_new.append(m["Phi"].reshape(T, Pa, T, Pa))
             G_new.append(m["G"].reshape(T, Pa, T, Pa))
             bP.append(m["Phi_eq_batches"])
@@ -259,7 +253,7 @@ class MonteCarlo(AbstractStochasticSolver):
         causal = jnp.tril(jnp.ones((T, T), R.dtype), -1)[:, None, :, None]
         return jnp.where(gamma0 > 0, R / safe_gamma, 0.0).reshape(T, Pa, T, Pa) * causal
 
-    def _moments(self, act, gamma0, key, shape, Lu, Lr, C, D, first, last, problem):
+    def _moments(self, act, gamma0, key, shape, Lu, Lr, C, D, first, last):
         """Sample averages for one layer: <phi phi^T>, <g g^T>, <phi e_r^T>, <g e_u^T> over (T Pa)."""
         T, Pa = shape
         chunk, n_chunks = self._chunk, self.n_samples // self._chunk
@@ -348,7 +342,7 @@ class MonteCarlo(AbstractStochasticSolver):
         Kx, act, gamma0 = problem.data.Kx, problem.activation, problem.gamma0
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
-        Delta = self._Delta(problem, state.Phi, state.G)
+        Delta = error_signal(problem, ntk_from_kernels(Kx, state.Phi, state.G))
         Lx = _factor(Kx, self.rcond)[0]
         chunk, n_chunks = self._chunk, self.n_samples // self._chunk
         anti = self.sampling == "antithetic"
