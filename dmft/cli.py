@@ -210,12 +210,15 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="DMFT vs lazy vs finite widths on the embedded default problem")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
     demo.add_argument("--out", default="dmft_out")
+    quiet_help = "no progress bars on stderr (DMFT iterations, finite widths)"
+    demo.add_argument("--quiet", action="store_true", help=quiet_help)
     for name, helptext in (("solve", "solve a configured problem"), ("compare", "solve and compare with finite networks")):
         p = sub.add_parser(name, help=helptext, epilog="example config:\n\n" + EXAMPLE_CONFIG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config")
         p.add_argument("--out", required=True)
         p.add_argument("--x64", action="store_true", help="compute in float64")
+        p.add_argument("--quiet", action="store_true", help=quiet_help)
     plot = sub.add_parser("plot", help="re-draw the figure of an output directory")
     plot.add_argument("dir")
     args = parser.parse_args(argv)
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
                 for k, v in QUICK_OVERRIDES.items():
                     config[k].update(v)
             out = _out_dir(args.out)
-            _, report = run_compare(config, out)
+            _, report = run_compare(config, out, progress=not args.quiet)
             print(json.dumps(report, indent=2))
             print(f"wrote {out}/comparison.png, comparison.pdf, report.json, comparison.npz")
             return 0
@@ -249,13 +252,13 @@ def main(argv=None) -> int:
         config = read_config(args.config)
         out = _out_dir(args.out)
         if args.command == "compare":
-            _, report = run_compare(config, out)
+            _, report = run_compare(config, out, progress=not args.quiet)
             print(json.dumps(report, indent=2))
             return 0
         import dmft
 
         problem, solver, seed = build(config)
-        sol = dmft.solve(problem, solver, key=seed, throw=False)
+        sol = dmft.solve(problem, solver, key=seed, throw=False, progress=not args.quiet)
         dmft.io.save(os.path.join(out, "solution.npz"), sol, metadata={"config": config})
         summary = _solution_summary(sol)
         _write_json(os.path.join(out, "summary.json"), summary)

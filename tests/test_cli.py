@@ -105,3 +105,11 @@ def test_demo_quick(tmp_path):
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "comparison.pdf").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dmft"]["converged"]
+
+
+def test_solve_shows_progress_unless_quiet(tmp_path, capsys):
+    text = TINY.replace('kind = "lazy"', 'kind = "linear"').replace('"relu"', '"linear"')
+    assert main(["solve", _write(tmp_path, text), "--out", str(tmp_path / "a"), "--x64"]) == 0
+    assert "DMFT iterations" in capsys.readouterr().err
+    assert main(["solve", _write(tmp_path, text), "--out", str(tmp_path / "b"), "--x64", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
