@@ -174,13 +174,27 @@ def _comparison_report(comp, runtime):
     }
 
 
-def _figure(comp, y, out):
+def _dmft_samples(problem, comp, kind, seed, out):
+    """DMFT preactivation samples `h (L, S, Pa)` for the histograms, saved to `samples.npz` so that
+    `dmft plot` redraws them without the data; None for the lazy solver (no feature learning)."""
+    import numpy as np
+
+    import dmft
+
+    if kind == "lazy":
+        return None
+    h = np.asarray(dmft.field_samples(problem, comp.dmft, n_samples=4096, key=seed + 1).h, np.float32)
+    np.savez_compressed(os.path.join(out, "samples.npz"), h=h)
+    return h
+
+
+def _figure(comp, y, out, samples=None):
     import matplotlib
 
     matplotlib.use("Agg")
     from . import plotting
 
-    fig = plotting.comparison_figure(comp, y)
+    fig = plotting.comparison_figure(comp, y, samples)
     for ext in ("png", "pdf"):
         fig.savefig(os.path.join(out, f"comparison.{ext}"), dpi=150)
 
@@ -196,7 +210,8 @@ def run_compare(config, out, progress=True):
     # The targets travel with the result: re-plotting must not depend on regenerating the data.
     meta = {"config": config, "y": [float(v) for v in problem.data.y]}
     dmft.io.save(os.path.join(out, "comparison.npz"), comp, metadata=meta)
-    _figure(comp, problem.data.y, out)
+    samples = _dmft_samples(problem, comp, config["solver"]["kind"], seed, out)
+    _figure(comp, problem.data.y, out, samples)
     _write_json(os.path.join(out, "report.json"), report)
     return comp, report
 
@@ -235,16 +250,20 @@ def main(argv=None) -> int:
             out = _out_dir(args.out)
             _, report = run_compare(config, out, progress=not args.quiet)
             print(json.dumps(report, indent=2))
-            print(f"wrote {out}/comparison.png, comparison.pdf, report.json, comparison.npz")
+            print(f"wrote {out}/comparison.png, comparison.pdf, report.json, comparison.npz, samples.npz")
             return 0
         if args.command == "plot":
+            import numpy as np
+
             import dmft
 
             path = os.path.join(args.dir, "comparison.npz")
             if not os.path.isfile(path):
                 raise ConfigError(f"{args.dir} has no comparison.npz (written by `dmft compare` or `dmft demo`)")
             comp, meta = dmft.io.load(path, with_metadata=True)
-            _figure(comp, meta["y"], args.dir)
+            samples_path = os.path.join(args.dir, "samples.npz")
+            samples = np.load(samples_path)["h"] if os.path.isfile(samples_path) else None
+            _figure(comp, meta["y"], args.dir, samples)
             print(f"wrote {args.dir}/comparison.png and comparison.pdf")
             return 0
         if args.x64:
