@@ -54,6 +54,10 @@ class AbstractSolver(eqx.Module):
         """The part of the state whose relative change decides convergence (default: all of it)."""
         return state
 
+    def needs_key(self, problem: Problem) -> bool:
+        """Whether solving `problem` samples, so that `solve` must be given an explicit `key`."""
+        return isinstance(self, AbstractStochasticSolver)
+
 
 class AbstractStochasticSolver(AbstractSolver):
     """Marker: a solver that samples, so `solve` requires an explicit `key`."""
@@ -166,8 +170,8 @@ def solve(
         )
     solver.validate(problem)
     if key is None:
-        if isinstance(solver, AbstractStochasticSolver):
-            raise ValueError(f"{type(solver).__name__} samples: pass key=<int or jax.random.key>")
+        if solver.needs_key(problem):
+            raise ValueError(f"{type(solver).__name__} samples here: pass key=<int or jax.random.key>")
         key = jr.key(0)
     elif isinstance(key, int):
         key = jr.key(key)
