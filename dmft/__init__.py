@@ -12,6 +12,7 @@ from . import networks as networks
 from .problem import MLP as MLP, Dataset as Dataset, Problem as Problem
 from .solution import RESULTS as RESULTS, Solution as Solution
 from .solve import AbstractSolver as AbstractSolver, solve as solve
+from .samples import FieldSamples as FieldSamples, field_samples as field_samples
 from .solvers import Lazy as Lazy, LinearClosure as LinearClosure, MonteCarlo as MonteCarlo
 from .solvers import Perturbative as Perturbative, StaticNTK as StaticNTK
 

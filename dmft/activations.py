@@ -74,7 +74,13 @@ def gauss_hermite_kernels(fn, dfn, cov, degree: int = 128):
 
 
 class AbstractActivation(eqx.Module):
-    """An elementwise nonlinearity phi with its derivative and Gaussian kernels."""
+    """An elementwise nonlinearity phi with its derivative and Gaussian kernels.
+
+    `smooth`: whether JAX derivatives of `dfn` are the true higher derivatives of phi (perturbation
+    theory needs the second and third); False for piecewise-linear functions such as ReLU.
+    """
+
+    smooth = True
 
     def fn(self, x):
         raise NotImplementedError
@@ -107,6 +113,8 @@ class Linear(AbstractActivation):
 
 class ReLU(AbstractActivation):
     """phi(h) = max(h, 0), phi'(h) = 1[h > 0]; arc-cosine kernels of degree 1 and 0."""
+
+    smooth = False  # the second derivative is a delta function, which autodiff of dfn reports as 0
 
     def fn(self, x):
         return jnp.maximum(x, 0.0)

@@ -174,13 +174,27 @@ def _comparison_report(comp, runtime):
     }
 
 
-def _figure(comp, y, out):
+def _dmft_samples(problem, comp, kind, seed, out):
+    """DMFT preactivation samples `h (L, S, Pa)` for the histograms, saved to `samples.npz` so that
+    `dmft plot` redraws them without the data; None for the lazy solver (no feature learning)."""
+    import numpy as np
+
+    import dmft
+
+    if kind == "lazy":
+        return None
+    h = np.asarray(dmft.field_samples(problem, comp.dmft, n_samples=4096, key=seed + 1).h, np.float32)
+    np.savez_compressed(os.path.join(out, "samples.npz"), h=h)
+    return h
+
+
+def _figure(comp, y, out, samples=None):
     import matplotlib
 
     matplotlib.use("Agg")
     from . import plotting
 
-    fig = plotting.comparison_figure(comp, y)
+    fig = plotting.comparison_figure(comp, y, samples)
     for ext in ("png", "pdf"):
         fig.savefig(os.path.join(out, f"comparison.{ext}"), dpi=150)
 
@@ -196,7 +210,8 @@ def run_compare(config, out, progress=True):
     # The targets travel with the result: re-plotting must not depend on regenerating the data.
     meta = {"config": config, "y": [float(v) for v in problem.data.y]}
     dmft.io.save(os.path.join(out, "comparison.npz"), comp, metadata=meta)
-    _figure(comp, problem.data.y, out)
+    samples = _dmft_samples(problem, comp, config["solver"]["kind"], seed, out)
+    _figure(comp, problem.data.y, out, samples)
     _write_json(os.path.join(out, "report.json"), report)
     return comp, report
 
@@ -210,12 +225,15 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="DMFT vs lazy vs finite widths on the embedded default problem")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
     demo.add_argument("--out", default="dmft_out")
+    quiet_help = "no progress bars on stderr (DMFT iterations, finite widths)"
+    demo.add_argument("--quiet", action="store_true", help=quiet_help)
     for name, helptext in (("solve", "solve a configured problem"), ("compare", "solve and compare with finite networks")):
         p = sub.add_parser(name, help=helptext, epilog="example config:\n\n" + EXAMPLE_CONFIG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config")
         p.add_argument("--out", required=True)
         p.add_argument("--x64", action="store_true", help="compute in float64")
+        p.add_argument("--quiet", action="store_true", help=quiet_help)
     plot = sub.add_parser("plot", help="re-draw the figure of an output directory")
     plot.add_argument("dir")
     args = parser.parse_args(argv)
@@ -230,18 +248,22 @@ def main(argv=None) -> int:
                 for k, v in QUICK_OVERRIDES.items():
                     config[k].update(v)
             out = _out_dir(args.out)
-            _, report = run_compare(config, out)
+            _, report = run_compare(config, out, progress=not args.quiet)
             print(json.dumps(report, indent=2))
-            print(f"wrote {out}/comparison.png, comparison.pdf, report.json, comparison.npz")
+            print(f"wrote {out}/comparison.png, comparison.pdf, report.json, comparison.npz, samples.npz")
             return 0
         if args.command == "plot":
+            import numpy as np
+
             import dmft
 
             path = os.path.join(args.dir, "comparison.npz")
             if not os.path.isfile(path):
                 raise ConfigError(f"{args.dir} has no comparison.npz (written by `dmft compare` or `dmft demo`)")
             comp, meta = dmft.io.load(path, with_metadata=True)
-            _figure(comp, meta["y"], args.dir)
+            samples_path = os.path.join(args.dir, "samples.npz")
+            samples = np.load(samples_path)["h"] if os.path.isfile(samples_path) else None
+            _figure(comp, meta["y"], args.dir, samples)
             print(f"wrote {args.dir}/comparison.png and comparison.pdf")
             return 0
         if args.x64:
@@ -249,13 +271,13 @@ def main(argv=None) -> int:
         config = read_config(args.config)
         out = _out_dir(args.out)
         if args.command == "compare":
-            _, report = run_compare(config, out)
+            _, report = run_compare(config, out, progress=not args.quiet)
             print(json.dumps(report, indent=2))
             return 0
         import dmft
 
         problem, solver, seed = build(config)
-        sol = dmft.solve(problem, solver, key=seed, throw=False)
+        sol = dmft.solve(problem, solver, key=seed, throw=False, progress=not args.quiet)
         dmft.io.save(os.path.join(out, "solution.npz"), sol, metadata={"config": config})
         summary = _solution_summary(sol)
         _write_json(os.path.join(out, "summary.json"), summary)

@@ -51,6 +51,7 @@ def compare(problem, solver, widths=(256, 1024, 4096), seeds: int = 4, *, key=0,
     `method="gd"` (default) trains by gradient descent with step `eta0 dt`: the discrete DMFT is its
     exact infinite-width limit apart from the Euler prediction rule, and it is far cheaper than
     adaptive gradient flow for ReLU networks; `method="flow"` uses diffrax.
+    `progress=True` shows tqdm bars on stderr: the DMFT iterations (residual live), then the widths.
     """
     widths = tuple(int(w) for w in widths)
     if not widths or min(widths) < 1:
@@ -59,7 +60,7 @@ def compare(problem, solver, widths=(256, 1024, 4096), seeds: int = 4, *, key=0,
         raise ValueError(f"seeds must be >= 2 (standard errors need a spread), got {seeds}")
     key = jr.key(key) if isinstance(key, int) else key
     k_solve, k_nets = jr.split(key)
-    sol = solve(problem, solver, key=k_solve)
+    sol = solve(problem, solver, key=k_solve, progress=progress)
     lazy = solve(problem, Lazy(discrete=method == "gd"))
     iterator = widths
     if progress:

@@ -117,20 +117,32 @@ def two_time_trace(sol, layer=-1, ax=None):
     return fig
 
 
-def preactivation_histogram(run, layer=-1, point=0, ax=None):
-    """Histogram of finite-network preactivations h^l_mu at the final time (all seeds pooled)."""
+def preactivation_histogram(run, layer=-1, point=0, ax=None, samples=None):
+    """Density of finite-network preactivations `h^l_mu` at the final time (all seeds and neurons
+    pooled; `run.h_last (..., L, Pa, N)`), with, when given, the DMFT single-site density of the same
+    `h^l_mu` on the same bins: `samples` is a `dmft.FieldSamples` drawn at `time=-1` (or its `h`,
+    an `(L, S, Pa)` array)."""
     fig, ax = _axes(ax)
     h = np.asarray(run.h_last)[..., layer, point, :].ravel()
-    ax.hist(h, bins=60, density=True, color=PALETTE[2], alpha=0.8)
+    d = None if samples is None else np.asarray(getattr(samples, "h", samples))[layer, :, point]
+    bins = np.histogram_bin_edges(h if d is None else np.concatenate([h, d]), bins=60)
+    width = np.shape(run.h_last)[-1]
+    ax.hist(h, bins=bins, density=True, color=PALETTE[2], alpha=0.8, label=f"network, N = {width}")
+    if d is not None:
+        ax.hist(d, bins=bins, density=True, histtype="step", color=PALETTE[0], lw=1.5, label="DMFT")
+        ax.legend(frameon=False, fontsize=8)
     ax.set(xlabel=r"preactivation $h$", ylabel="density", yscale="log")
     return fig
 
 
-def comparison_figure(comparison, y):
-    """Loss curves, kernel alignment, error vs width and final kernels, DMFT vs networks."""
+def comparison_figure(comparison, y, samples=None):
+    """Loss curves, kernel alignment, error vs width and final kernels, DMFT vs networks; with DMFT
+    `samples` (see `preactivation_histogram`) a third column of final preactivation histograms of the
+    widest network against the DMFT, first and last layer."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(9, 7), layout="constrained")
+    cols = 2 if samples is None else 3
+    fig, axes = plt.subplots(2, cols, figsize=(4.5 * cols, 7), layout="constrained", squeeze=False)
     loss_curves(comparison, ax=axes[0, 0])
     alignment_curves(comparison, y, ax=axes[0, 1])
     error_vs_width(comparison, ax=axes[1, 0])
@@ -140,7 +152,11 @@ def comparison_figure(comparison, y):
     order = np.argsort(np.asarray(y))
     both = np.concatenate([K_dmft[np.ix_(order, order)], K_net[np.ix_(order, order)]], axis=1)
     kernel_heatmap(both, ax=axes[1, 1])
-    for ax, letter in zip(axes.flat, "abcd"):
+    if samples is not None:
+        for row, layer in enumerate((0, -1)):
+            preactivation_histogram(comparison.runs[-1], layer, ax=axes[row, 2], samples=samples)
+            axes[row, 2].set_title(f"layer {layer % comparison.dmft.Phi_eq.shape[0] + 1}, point 0", fontsize=9)
+    for ax, letter in zip([*axes[:, :2].flat, *axes[:, 2:].flat], "abcdef"):
         ax.set_title(f"({letter})", loc="left", fontsize=10)
     axes[1, 1].set_title(f"final $\\Phi^L$ (sorted by y): DMFT | N = {comparison.widths[-1]}", fontsize=9)
     return fig

@@ -39,7 +39,9 @@ class Solution(eqx.Module):
     - `Phi`, `G (L, n+1, Pa, n+1, Pa)`: two-time kernels, or None for solvers that only track equal
       times (the lazy limit, where they are constant, and the two-layer fast path).
     - `A`, `B (L-1, n+1, Pa, n+1, Pa)`: discrete response functions `Abar^l`, `Bbar^l` (l = 1..L-1,
-      THEORY section 4; they carry the dt), or None.
+      THEORY section 4; they carry the dt), or None. `LinearClosure` stores `A (L-1, n+1, Pa, n+1, 1)`:
+      the response to the source shared by all points, which is the SUM over nu of the per-point
+      response (per point: `A / Pa`, broadcast), and `B (L-1, n+1, 1, n+1, Pa)`, which broadcasts.
     - `result`: a `RESULTS` item; `iterations`: iterations taken; `residuals (max_iters,)`: relative
       change per iteration, NaN-padded past `iterations`.
     - `stderr`: Monte Carlo standard errors `{"f", "loss", "ntk", ...}` (same shapes), or None.

@@ -12,6 +12,11 @@ A solver is an `equinox.Module` with
 `solve` owns the damped iteration `state <- (1 - beta) state + beta T(state)`, stopping when the
 relative Frobenius change `max_leaf |T(x) - x| / |T(x)|` is at most `rtol`, and the result codes.
 A solver with `max_iters = 0` (closed forms such as `Lazy`) goes straight to `postprocess`.
+
+Progress (`progress=True`): ordered `jax.debug.callback`s from inside the compiled loop drive one tqdm
+bar on the host (opened before the loop, advanced by every iteration with its residual, closed after
+it), so the report is live, works under `jit` and `vmap` (one bar; each member's iteration advances
+it) and leaves the computation, hence the result, unchanged.
 """
 
 
@@ -49,6 +54,10 @@ class AbstractSolver(eqx.Module):
         """The part of the state whose relative change decides convergence (default: all of it)."""
         return state
 
+    def needs_key(self, problem: Problem) -> bool:
+        """Whether solving `problem` samples, so that `solve` must be given an explicit `key`."""
+        return isinstance(self, AbstractStochasticSolver)
+
 
 class AbstractStochasticSolver(AbstractSolver):
     """Marker: a solver that samples, so `solve` requires an explicit `key`."""
@@ -62,12 +71,37 @@ def _relative_change(new, old):
     return jnp.max(jnp.stack(changes))
 
 
+_BAR = None  # the host-side tqdm bar of the solve in progress (progress=True only)
+
+
+def _bar_open(total):
+    global _BAR
+    from tqdm.auto import tqdm
+
+    _bar_close()  # a bar left open by an interrupted solve
+    _BAR = tqdm(total=total, desc="DMFT iterations", unit="it")
+
+
+def _bar_step(it, residual):
+    if _BAR is None:
+        return
+    _BAR.update(max(int(it) + 1 - _BAR.n, 0))
+    _BAR.set_postfix(residual=f"{float(residual):.2e}")
+
+
+def _bar_close():
+    global _BAR
+    if _BAR is not None:
+        _BAR.close()
+    _BAR = None
+
+
 def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 @eqx.filter_jit
-def _solve(problem, solver, key, throw):
+def _solve(problem, solver, key, throw, progress):
     state = solver.init(problem, key)
     n = solver.max_iters
     residuals = jnp.full((max(n, 1),), jnp.nan)
@@ -86,10 +120,16 @@ def _solve(problem, solver, key, throw):
             change = _relative_change(solver.monitor(new), solver.monitor(state))
             mixed = jax.tree.map(lambda a, b: (1 - beta) * a + beta * b, state, new)
             bad = ~jnp.isfinite(change)
+            if progress:
+                jax.debug.callback(_bar_step, it, change, ordered=True)
             return it + 1, mixed, residuals.at[it].set(change), change <= solver.rtol, bad
 
         carry = (jnp.array(0), state, residuals, jnp.array(False), jnp.array(False))
+        if progress:
+            jax.debug.callback(lambda: _bar_open(n), ordered=True)
         iterations, state, residuals, converged, _ = jax.lax.while_loop(cond, body, carry)
+        if progress:
+            jax.debug.callback(_bar_close, ordered=True)
     fields = solver.postprocess(problem, state, key)
     finite = _all_finite({k: v for k, v in fields.items() if k != "ts"}) & _all_finite(state)
     result = RESULTS.where(
@@ -101,7 +141,9 @@ def _solve(problem, solver, key, throw):
     return sol
 
 
-def solve(problem: Problem, solver: AbstractSolver, *, key=None, throw: bool = True) -> Solution:
+def solve(
+    problem: Problem, solver: AbstractSolver, *, key=None, throw: bool = True, progress: bool = False
+) -> Solution:
     """Solve the DMFT of `problem` with `solver` and return a `Solution`.
 
     **Arguments:**
@@ -112,6 +154,9 @@ def solve(problem: Problem, solver: AbstractSolver, *, key=None, throw: bool = T
     - `throw`: raise when the iteration does not converge or goes non-finite. Under `jax.vmap`
       (e.g. over gamma0) a failure of any member raises; pass `throw=False` and inspect
       `sol.result` instead.
+    - `progress`: show a tqdm bar on stderr with the iteration number and the current residual
+      (relative change), live from inside the compiled loop. Silent by default; the result is the
+      same either way. Solvers without iterations (`Lazy`) show nothing.
 
     Runs under `equinox.filter_jit`: `gamma0` and `eta0` are traced (a sweep does not recompile),
     shapes (`depth`, `n_steps`, data sizes, sample counts) are static.
@@ -125,9 +170,12 @@ def solve(problem: Problem, solver: AbstractSolver, *, key=None, throw: bool = T
         )
     solver.validate(problem)
     if key is None:
-        if isinstance(solver, AbstractStochasticSolver):
-            raise ValueError(f"{type(solver).__name__} samples: pass key=<int or jax.random.key>")
+        if solver.needs_key(problem):
+            raise ValueError(f"{type(solver).__name__} samples here: pass key=<int or jax.random.key>")
         key = jr.key(0)
     elif isinstance(key, int):
         key = jr.key(key)
-    return _solve(problem, solver, key, throw)
+    sol = _solve(problem, solver, key, throw, progress)
+    if progress:
+        jax.effects_barrier()  # the bar is closed (and flushed) before solve returns
+    return sol

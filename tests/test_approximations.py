@@ -53,7 +53,76 @@ def test_static_ntk_is_the_lazy_solution():
     np.testing.assert_array_equal(dmft.solve(problem, dmft.StaticNTK()).loss, dmft.solve(problem, dmft.Lazy()).loss)
 
 
-def test_perturbative_rejects_nonlinear():
-    data = dmft.datasets.sphere(4, 3, 0)
-    with pytest.raises(ValueError, match="linear networks only"):
-        dmft.solve(dmft.Problem(data, dmft.MLP(2, "tanh")), dmft.Perturbative())
+# ---- smooth nonlinear two-layer networks ---------------------------------------------------------
+
+
+def _two_layer(activation, gamma0=1.0):
+    data = dmft.datasets.sphere(4, 3, 0, P_test=1)
+    return dmft.Problem(data, dmft.MLP(1, activation), gamma0=gamma0, t_max=3.0, n_steps=10)
+
+
+def _with_gamma0(problem, g):
+    # tree_at bypasses Problem's gamma0 >= 0 check: the single-site map is defined for gamma0 < 0
+    # too, and K(-eps) with the same samples cancels the odd orders of the sampled kernels exactly.
+    import equinox as eqx
+
+    return eqx.tree_at(lambda p: p.gamma0, problem, g)
+
+
+def _K2(problem, sol):
+    """The O(gamma0^2) NTK coefficient of a Perturbative solution (its kernels are x0 + gamma0^2 x2)."""
+    lazy = dmft.solve(problem, dmft.Lazy(discrete=True))
+    return np.asarray(sol.ntk - lazy.ntk) / float(problem.gamma0) ** 2, np.asarray(sol.stderr["ntk"]) / float(problem.gamma0) ** 2
+
+
+def test_nonlinear_path_on_the_identity_matches_the_linear_closure():
+    # The identity as a generic smooth activation runs the nonlinear two-layer path (forward-mode
+    # second derivative of the sampled single site); the exact closure's finite difference
+    # (K(eps) - K(0)) / eps^2 = K2 + eps^2 K4 + ... gives K2 without sampling. Tolerance: 5 batch-means
+    # standard errors of the sampled K2 plus the eps^2 K4 truncation, estimated by Richardson from
+    # eps and 2 eps (difference = 3 eps^2 K4), doubled.
+    problem = _two_layer(dmft.activations.Elementwise(lambda h: h, label="identity"))
+    K2, se = _K2(problem, dmft.solve(problem, dmft.Perturbative(n_samples=8192), key=0))
+    linear = _two_layer("linear")
+    K0 = np.asarray(dmft.solve(linear, dmft.Lazy(discrete=True)).ntk)
+    closure = dmft.LinearClosure(rtol=1e-13, max_iters=400)
+    fd = lambda e: (np.asarray(dmft.solve(_with_gamma0(linear, e), closure).ntk) - K0) / e**2
+    eps = 0.02
+    exact, truncation = fd(eps), 2 * np.abs(fd(2 * eps) - fd(eps)) / 3
+    z = (np.abs(K2 - exact) - truncation)[1:] / se[1:]  # t = 0: K2 = 0 exactly, se = 0
+    print(f"identity: max |K2| {np.abs(exact).max():.3f}, max error {np.abs(K2 - exact).max():.2e}, max z {z.max():.2f}")
+    assert z.max() < 5
+
+
+def test_tanh_two_layer_matches_a_finite_difference_of_monte_carlo():
+    # With common random numbers (same key) the symmetric difference [K(eps) + K(-eps) - 2 K(0)] / (2 eps^2)
+    # of MonteCarlo solves is that solver's own sampled K2 (odd orders cancel sample by sample) plus
+    # eps^2 K4. Its sampling error is estimated from the spread over 8 keys (t distribution with 7
+    # degrees of freedom: |t| > 7 has probability 2e-4 per entry; 10 distinct entries of K2(t_max) are
+    # tested), combined with Perturbative's batch-means standard error; eps = 0.05 makes eps^2 K4
+    # ~ 3e-3 |K4|, below the ~3e-2 noise, and its Richardson estimate is added as slack as above.
+    problem = _two_layer("tanh")
+    K2, se = _K2(problem, dmft.solve(problem, dmft.Perturbative(n_samples=8192), key=0))
+    mc = dmft.MonteCarlo(n_samples=8192, chunk_size=4096, damping=1.0, rtol=1e-13, max_iters=50)
+    K = lambda g, k: np.asarray(dmft.solve(_with_gamma0(problem, g), mc, key=k).ntk[-1])
+    fd = lambda e, k: (K(e, k) + K(-e, k) - 2 * K(0.0, k)) / (2 * e**2)
+    eps = 0.05
+    fds = np.array([fd(eps, k) for k in range(8)])
+    truncation = 2 * np.abs(fd(2 * eps, 0) - fds[0]) / 3
+    se_total = np.sqrt(fds.var(0, ddof=1) / len(fds) + se[-1] ** 2)
+    z = (np.abs(K2[-1] - fds.mean(0)) - truncation) / se_total
+    print(f"tanh: max |K2(t_max)| {np.abs(K2[-1]).max():.3f}, max error {np.abs(K2[-1] - fds.mean(0)).max():.2e}, "
+          f"max se {se_total.max():.1e}, max z {z.max():.2f}")
+    assert z.max() < 7
+
+
+def test_perturbative_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="second and third derivatives"):
+        dmft.solve(_two_layer("relu"), dmft.Perturbative(), key=0)
+    deep = dmft.Problem(dmft.datasets.sphere(4, 3, 0), dmft.MLP(2, "tanh"), gamma0=0.5, t_max=1.0, n_steps=4)
+    with pytest.raises(ValueError, match="depth 1"):
+        dmft.solve(deep, dmft.Perturbative(), key=0)
+    with pytest.raises(ValueError, match="pass key"):
+        dmft.solve(_two_layer("tanh"), dmft.Perturbative())
+    with pytest.raises(ValueError, match="multiple of n_batches"):
+        dmft.solve(_two_layer("tanh"), dmft.Perturbative(n_samples=1001), key=0)

@@ -86,6 +86,9 @@ def test_compare_and_plot(tmp_path, capsys):
     assert main(["compare", _write(tmp_path, text), "--out", str(out), "--x64"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["widths"] == [16, 32] and "fitted_exponent_error_vs_width" in report
+    import numpy as np
+
+    assert np.load(out / "samples.npz")["h"].shape == (1, 4096, 4)  # DMFT histogram samples (L, S, P)
     os.remove(out / "comparison.png")
     assert main(["plot", str(out)]) == 0
     assert (out / "comparison.png").stat().st_size > 10_000
@@ -105,3 +108,11 @@ def test_demo_quick(tmp_path):
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "comparison.pdf").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dmft"]["converged"]
+
+
+def test_solve_shows_progress_unless_quiet(tmp_path, capsys):
+    text = TINY.replace('kind = "lazy"', 'kind = "linear"').replace('"relu"', '"linear"')
+    assert main(["solve", _write(tmp_path, text), "--out", str(tmp_path / "a"), "--x64"]) == 0
+    assert "DMFT iterations" in capsys.readouterr().err
+    assert main(["solve", _write(tmp_path, text), "--out", str(tmp_path / "b"), "--x64", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,137 @@
+"""Single-site samples of the DMFT fields at a solution's order parameters (THEORY sections 3, 4, 7).
+
+At infinite width every neuron of layer l is an independent draw of the single-site process, so
+samples of `h^l_mu(t)` are what a histogram of a wide network's preactivations converges to. Given
+the converged order parameters of a `Solution`, one causal pass of the discrete single-site equations
+
+    h^l = u^l + gamma0 C^l g^l,      z^l = r^l + gamma0 D^l phi(h^l),      g^l = phi'(h^l) z^l,
+    C^l = Abar^{l-1} + dt (eta0/P) [s<t] Phi^{l-1} Delta,   D^l = Bbar^l + dt (eta0/P) [s<t] G^{l+1} Delta,
+
+with `u^l ~ N(0, Phi^{l-1})`, `r^l ~ N(0, G^{l+1})` and `Delta = y - f` draws them exactly as
+`dmft.MonteCarlo` does inside its iteration (it reuses that solver's causal pass). Depth 1 needs only
+`Delta` (`A^0 = B^1 = 0`, `Phi^0 = Kx`, `G^2 = 1`); deeper networks need the two-time kernels and the
+responses of the solution.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from .problem import Problem
+from .solution import Solution
+from .solvers.monte_carlo import _factor, _fields
+
+__all__ = ["FieldSamples", "field_samples"]
+
+
+class FieldSamples(eqx.Module):
+    """Single-site samples at one time: `h`, `z`, `g`, each `(L, S, Pa)` (layer l = 1..L, sample,
+    point: train then test). `phi(h)` is `problem.activation.fn(h)`; `z^L` is the read-out weight."""
+
+    h: jax.Array
+    z: jax.Array
+    g: jax.Array
+
+
+def _check(problem, sol):
+    T, P = problem.n_steps + 1, problem.P
+    if sol.f.shape != (T, P):
+        raise ValueError(
+            f"sol.f has shape {sol.f.shape} but the problem has (n_steps + 1, P) = {(T, P)}: pass the "
+            "Problem the Solution was solved for"
+        )
+    if problem.depth > 1 and (sol.Phi is None or sol.G is None or sol.A is None or sol.B is None):
+        raise ValueError(
+            "field_samples at depth >= 2 needs the two-time kernels Phi, G and the responses A, B of the "
+            "solution; this one has none (Lazy, Perturbative, ...). Solve with dmft.MonteCarlo or "
+            "dmft.LinearClosure"
+        )
+
+
+def _response(R, T, Pa):
+    """A response as `(T, Pa, T, Pa)`. A size-1 source axis (LinearClosure's `A`) holds the response to
+    a source shared by all points, i.e. the sum over the source point nu of the per-point response:
+    spread it evenly over nu, so that `sum_nu A_{mu nu} g_nu` is unchanged (g is shared too)."""
+    shared = R.shape[-1] == 1 and Pa > 1
+    return jnp.broadcast_to(R / Pa if shared else R, (T, Pa, T, Pa))
+
+
+def _layer_inputs(problem, sol, l):
+    """`(Phi^{l}, Abar^{l}, G^{l+2}, Bbar^{l+1})` for THEORY layer l + 1, all broadcast to `(T, Pa, T, Pa)`."""
+    L, Kx = problem.depth, problem.data.Kx
+    T, Pa = problem.n_steps + 1, Kx.shape[0]
+    full = lambda X: jnp.broadcast_to(X, (T, Pa, T, Pa))
+    Phi_prev = full(Kx[:, None, :]) if l == 0 else full(sol.Phi[l - 1])
+    A_prev = 0.0 if l == 0 else _response(sol.A[l - 1], T, Pa)
+    G_next = full(jnp.ones((), Kx.dtype)) if l == L - 1 else full(sol.G[l + 1])
+    B_l = 0.0 if l == L - 1 else _response(sol.B[l], T, Pa)
+    return Phi_prev, A_prev, G_next, B_l
+
+
+def _sources(key, Phi_prev, G_next, n_samples, first, last):
+    """`u ~ N(0, Phi^{l-1})`, `r ~ N(0, G^{l+1})`, each `(S, T, Pa)` (layer 1: u constant in time;
+    layer L: r one scalar per sample)."""
+    T, Pa = Phi_prev.shape[:2]
+    ku, kr = jr.split(key)
+    if first:
+        root = _factor(Phi_prev[0, :, 0, :], 1e-12)[0]
+        u = jnp.broadcast_to((jr.normal(ku, (n_samples, Pa)) @ root.T)[:, None], (n_samples, T, Pa))
+    else:
+        root = _factor(Phi_prev.reshape(T * Pa, T * Pa), 1e-12)[0]
+        u = (jr.normal(ku, (n_samples, T * Pa)) @ root.T).reshape(n_samples, T, Pa)
+    if last:
+        r = jnp.broadcast_to(jr.normal(kr, (n_samples, 1, 1)), (n_samples, T, Pa))
+    else:
+        root = _factor(G_next.reshape(T * Pa, T * Pa), 1e-12)[0]
+        r = (jr.normal(kr, (n_samples, T * Pa)) @ root.T).reshape(n_samples, T, Pa)
+    return u, r
+
+
+def _layer(problem, sol, l, Delta, key, n_samples, time):
+    """Samples `(h, z, g)` of THEORY layer l + 1 at time index `time`, each `(S, Pa)`."""
+    T, Pa = Delta.shape
+    c = problem.dt * problem.eta0 / problem.P
+    mask = jnp.tril(jnp.ones((T, T), Delta.dtype), -1)[:, None, :, None]
+    Phi_prev, A_prev, G_next, B_l = _layer_inputs(problem, sol, l)
+    C = A_prev + c * mask * Phi_prev * Delta[None, None]
+    D = B_l + c * mask * G_next * Delta[None, None]
+    u, r = _sources(key, Phi_prev, G_next, n_samples, l == 0, l == problem.depth - 1)
+    gamma0 = problem.gamma0
+    phis, gs = _fields(problem.activation, gamma0, u, r, C, D)
+    # C and D are strictly causal, so h(t) = u(t) + gamma0 sum_{s<t} C g(s) is recovered exactly
+    # from the g the pass returns (and z from phi(h)) without changing the shared pass.
+    h = u + gamma0 * (gs @ C.reshape(T * Pa, T * Pa).T).reshape(u.shape)
+    z = r + gamma0 * (phis @ D.reshape(T * Pa, T * Pa).T).reshape(r.shape)
+    return h[:, time], z[:, time], gs.reshape(u.shape)[:, time]
+
+
+def field_samples(problem: Problem, sol: Solution, *, n_samples: int, key, time: int = -1) -> FieldSamples:
+    """Draw `n_samples` single-site samples of `h^l`, `z^l`, `g^l` for every layer l = 1..L at time
+    index `time` (of `sol.ts`), at the order parameters of `sol` (see the module docstring).
+
+    `problem` must be the one `sol` solves. Depth 1: any Solution (only `sol.f` is used, through
+    `Delta = y - f`). Depth >= 2: `sol` needs `Phi`, `G` `(L, n+1, Pa, n+1, Pa)` and `A`, `B`
+    `(L-1, n+1, Pa, n+1, Pa)` (size-1 sample axes broadcast, as `LinearClosure` stores them).
+    Returns a `FieldSamples` with `(L, n_samples, Pa)` arrays; the sample covariance of
+    `phi(h^l)` converges to `sol.Phi_eq[l-1, time]` as `n_samples` grows. Memory O(S (n+1) Pa).
+    """
+    _check(problem, sol)
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    T = problem.n_steps + 1
+    if not -T <= time < T:
+        raise ValueError(f"time must be an index into sol.ts (-{T} <= time < {T}), got {time}")
+    key = jr.key(key) if isinstance(key, int) else key
+    return _draw(problem, sol, key, n_samples, time)
+
+
+@eqx.filter_jit
+def _draw(problem, sol, key, n_samples, time):
+    P, Pa, T = problem.P, problem.data.Kx.shape[0], problem.n_steps + 1
+    Delta = jnp.zeros((T, Pa), sol.f.dtype).at[:, :P].set(problem.data.y - sol.f)
+    layers = [_layer(problem, sol, l, Delta, jr.fold_in(key, l), n_samples, time) for l in range(problem.depth)]
+    h, z, g = (jnp.stack(x) for x in zip(*layers))
+    return FieldSamples(h, z, g)
