@@ -113,14 +113,19 @@ class timed:
         print(f"  [{time.perf_counter() - self.t0:6.1f} s] {self.what}", flush=True)
 
 
-def run_cli(main, doc: str):
-    """`python paper_figs/fN_xxx.py [--quick] [--out DIR]`: run `main` and print its numbers."""
-    parser = argparse.ArgumentParser(description=doc)
+def run_cli(main, doc: str, extra: dict | None = None):
+    """`python paper_figs/fN_xxx.py [--quick] [--out DIR]`: run `main` and print its numbers.
+
+    `extra`: more options, `{"--flag-name": argparse kwargs}`, passed to `main` as `flag_name=`.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for tests")
     parser.add_argument("--out", default="paper_figs/out", help="output folder for PNG / PDF")
-    args = parser.parse_args()
+    for flag, kwargs in (extra or {}).items():
+        parser.add_argument(flag, **kwargs)
+    args = vars(parser.parse_args())
     t0 = time.perf_counter()
-    result = main(quick=args.quick, out=args.out)
+    result = main(**args)
     print(f"total {time.perf_counter() - t0:.1f} s")
     for k, v in result.items():
         if k != "files":
