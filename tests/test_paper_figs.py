@@ -1,0 +1,85 @@
+"""Quick versions of the paper figure scripts (paper_figs/): files written, physics of the numbers.
+
+Each script's `main(quick=True)` runs tiny sizes. The assertions are properties the figures are meant
+to show, with margins chosen for the quick sizes (stated at each assert).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from paper_figs import f1_two_layer_relu, f2_deep_linear, f3_approximations, f4_deep_tanh, f5_width_convergence, f6_cnn_widths
+
+
+def _check_files(res):
+    assert len(res["files"]) == 2
+    for f in res["files"]:
+        assert os.path.getsize(f) > 5_000, f
+
+
+def test_f1_two_layer_relu(tmp_path):
+    res = f1_two_layer_relu.main(quick=True, out=str(tmp_path))
+    _check_files(res)
+    rich = res["gamma0=1.0"]
+    # Feature learning speeds training up: the DMFT at gamma0 = 1 beats the static NTK.
+    assert rich["dmft_final_loss"] < res["lazy_final_loss"]
+    # The final kernels of the width-256 network point the same way as the DMFT's (finite-width
+    # noise ~ 1/sqrt(256) and Monte Carlo noise ~ 1/sqrt(512) allow a few per cent).
+    assert rich["Phi_alignment"] > 0.95 and rich["G_alignment"] > 0.95
+    # Richer training aligns the features more with the target.
+    assert res["gamma0=3.0"]["Phi_target_alignment"] > res["gamma0=0.2"]["Phi_target_alignment"]
+
+
+@pytest.mark.slow
+def test_f2_deep_linear(tmp_path):
+    res = f2_deep_linear.main(quick=True, out=str(tmp_path))
+    _check_files(res)
+    # Deeper networks move their kernels more (lower alignment with the initial kernel), in theory ...
+    assert np.all(np.diff(res["movement_dmft"]) < 0)
+    # ... and the network agrees with the exact closure to within finite-width noise at N = 200.
+    assert max(res["max_abs_loss_diff"]) < 0.05
+
+
+@pytest.mark.slow
+def test_f3_approximations(tmp_path):
+    res = f3_approximations.main(quick=True, out=str(tmp_path))
+    _check_files(res)
+    gia = res["linear_loss_error_vs_depth"]["GIA"]
+    # Gradient independence is exact at depth 1 (no response functions): bit-identical losses.
+    assert gia[0] == 0.0 and res["tanh_loss_error_vs_depth"]["GIA"][0] == 0.0
+    # ... and wrong for deeper networks, more so at larger gamma0.
+    assert gia[-1] > 1e-3 and res["tanh_loss_error_vs_depth"]["GIA"][-1] > 1e-3
+    assert np.all(np.diff(res["linear_loss_error_vs_gamma"]["GIA"]) > 0)
+    # Perturbation theory beats the static NTK at small gamma0 (its error is O(gamma0^4)).
+    assert res["linear_loss_error_vs_gamma"]["perturbative"][0] < res["linear_loss_error_vs_gamma"]["static NTK"][0]
+
+
+def test_f4_deep_tanh(tmp_path):
+    res = f4_deep_tanh.main(quick=True, out=str(tmp_path))
+    _check_files(res)
+    rich, lazy = res["gamma0=1.0"], res["gamma0=0.2"]
+    assert rich["dmft_final_loss"] < lazy["dmft_final_loss"]
+    assert min(rich["Phi_alignment"]) > 0.9  # width 200 vs S = 256 samples: ~10% noise allowed
+
+
+@pytest.mark.slow
+def test_f5_width_convergence(tmp_path):
+    res = f5_width_convergence.main(quick=True, out=str(tmp_path))
+    _check_files(res)
+    # Widths 4 -> 64: the loss error must shrink (the fitted slope is negative) ...
+    assert res["loss_error_slope"] < 0
+    # ... and the last layer's feature kernel aligns better at the widest width than at the narrowest.
+    assert res["Phi_alignment_mean"][-1][-1] > res["Phi_alignment_mean"][0][-1]
+
+
+@pytest.mark.slow
+def test_f6_cnn_widths(tmp_path):
+    res = f6_cnn_widths.main(quick=True, out=str(tmp_path))
+    _check_files(res)
+    for g, diffs in res["test_loss_consecutive_max_diff"].items():
+        assert np.all(np.isfinite(diffs))
+        # Curves of consecutive widths (4 -> 16 -> 64) get closer: finite-width effects shrink.
+        assert diffs[-1] < diffs[0], (g, diffs)
+    # The step size keeps GD stable on the NTK scale at the end of training too (bound: 2).
+    assert max(res["final_eta0_lambda_max_over_P"].values()) < 2
