@@ -67,14 +67,17 @@ def test_small_gamma0_reproduces_lazy(L, act):
     # At gamma0 = 1e-3 the kernels are the lazy ones up to O(gamma0^2) = 1e-6 plus Monte Carlo noise.
     # With gamma0 ~ 0 there is no feedback of that noise (Delta does not enter the fields), so the
     # batch-means standard errors are the full error. Compared in the L2 norm over all times and
-    # entries (a per-entry 4 SE test over ~400 NTK entries would fail by multiplicity): 4 SE + 1e-5.
+    # entries (a per-entry test over ~400 NTK entries would fail by multiplicity). The SE itself is
+    # estimated from n_batches = 8 batch means, so error / SE is Student-t with 7 degrees of freedom,
+    # whose tails are heavy (P(|t| > 4) = 0.5%; seen: 4.2 for one of six keys, the rest <= 2.4): the
+    # bound is the two-sided 1e-3 quantile of t_7 (5.41 SE) + 1e-5.
     data = dmft.datasets.sphere(6, 8, 1, P_test=2)
     problem = dmft.Problem(data, dmft.MLP(L, act), gamma0=1e-3, t_max=3.0, n_steps=10)
     lazy = dmft.solve(problem, dmft.Lazy(discrete=True))
     mc = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0)
     for field in ("loss", "ntk", "f_test"):
         err = np.linalg.norm(np.asarray(getattr(mc, field)) - np.asarray(getattr(lazy, field)))
-        assert err <= 4 * np.linalg.norm(np.asarray(mc.stderr[field])) + 1e-5, field
+        assert err <= stats.t.ppf(1 - 1e-3 / 2, df=7) * np.linalg.norm(np.asarray(mc.stderr[field])) + 1e-5, field
 
 
 def test_two_layer_whitened_closed_form():
@@ -98,16 +101,33 @@ def test_two_layer_whitened_closed_form():
     assert np.max(np.abs(delta - ode.sol(np.asarray(mc.ts))[0])) <= disc + 4 * se
 
 
-def test_jacobian_and_stein_responses_agree():
-    # Same sources (same key): the two response estimators differ only by the Stein estimator's own
-    # noise and its Tikhonov regularisation; both must land within 4 batch SE of each other.
+def _stein_jacobian_none(key=0):
     data = dmft.datasets.sphere(4, 6, 2)
     problem = dmft.Problem(data, dmft.MLP(2, "tanh"), gamma0=1.5, t_max=3.0, n_steps=8)
-    stein = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0)
-    jac = dmft.solve(problem, dmft.MonteCarlo(responses="jacobian", **MC), key=0)
-    assert np.all(np.abs(stein.loss - jac.loss) <= 4 * np.asarray(stein.stderr["loss"]) + 1e-12)
+    return [dmft.solve(problem, dmft.MonteCarlo(responses=r, **MC), key=key) for r in ("stein", "jacobian", "none")]
+
+
+def test_stein_responses_are_causal_and_move_towards_the_jacobian_route():
+    # Same sources (same key) for all three. The discrete responses are strictly causal (s < t), and
+    # switching them on must move the loss from gradient independence towards the exact-per-sample
+    # Jacobian route by more than the Monte Carlo noise (the response effect here is ~10 batch SE).
+    stein, jac, gia = _stein_jacobian_none()
     causal = np.triu(np.ones((9, 9)))[None, :, None, :, None]  # s >= t
     assert np.allclose(np.asarray(stein.A) * causal, 0) and np.allclose(np.asarray(stein.B) * causal, 0)
+    se = np.asarray(jac.stderr["loss"])[-1]
+    assert float(gia.loss[-1] - stein.loss[-1]) > 4 * se and float(stein.loss[-1] - jac.loss[-1]) < float(gia.loss[-1] - jac.loss[-1])
+
+
+@pytest.mark.xfail(strict=True, reason="known bias: the ridge-regularised Stein estimate under-responds")
+def test_stein_captures_the_response_effect():
+    # What the Stein route should achieve: its distance to the Jacobian route (same sources) a small
+    # fraction of the response effect |Jacobian - gradient independence|. Measured at S = 4096 over
+    # keys 0, 1: Stein misses 42% / 29% of the effect at rcond = 1e-3 (44% / 42% at 1e-2; 32% / 13% at
+    # 1e-4 but the iteration stops converging; it over-responds by 48% / 58% at 1e-5). strict xfail: this
+    # test turns red when the estimator is fixed, so that the marker is removed.
+    stein, jac, gia = _stein_jacobian_none()
+    effect = np.abs(np.asarray(jac.loss - gia.loss))[1:]
+    assert np.all(np.abs(np.asarray(stein.loss - jac.loss))[1:] <= 0.25 * effect)
 
 
 def test_gradient_independence_is_worse_at_depth():

@@ -169,12 +169,12 @@ class Perturbative(AbstractSolver):
         Delta0 = error_signal(problem, jnp.broadcast_to(K0, (T, *K0.shape)))
         c = problem.dt * problem.eta0 / problem.P
         chunk = self._chunk
-        root = _factor(Kx, 1e-12)[0]  # symmetric square root of Kx
+        root = _factor(Kx, 1e-12)[0]  # root @ root.T = Kx
         r = jnp.repeat(jnp.asarray(_R_NODES, Kx.dtype)[None], chunk, 0).ravel()
         w = jnp.repeat(jnp.asarray(_R_WEIGHTS, Kx.dtype)[None], chunk, 0).ravel() / chunk
 
         def one_chunk(_, i):
-            u = jnp.repeat(jr.normal(jr.fold_in(key, i), (chunk, Kx.shape[0]), Kx.dtype) @ root, 3, axis=0)
+            u = jnp.repeat(jr.normal(jr.fold_in(key, i), (chunk, Kx.shape[0]), Kx.dtype) @ root.T, 3, axis=0)
             F = lambda g: _two_layer_kernels(problem.activation, g, c, Kx, u, r, w, Delta0)
             return None, _half_second_derivative(F, problem.gamma0)
 
