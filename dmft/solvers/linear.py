@@ -26,6 +26,11 @@ enters through its contraction with the error signal, `Psi^{l-1} = Phi^{l-1} Dc^
 every Psi^l costs two (T Pa x T) (T x T) products. No (T Pa) x (T Pa) matrix is ever formed inside
 the iteration and the only solve is a T x T unit-triangular one: a sweep costs O(L T^3 Pa) flops and
 the state O(L T^2 Pa) memory. The two-time Phi^l, O(L (T Pa)^2), is materialised once, after the solve.
+
+(iii) Everything is strictly causal in time, so the fixed point itself is computed in ONE forward
+pass (`_march`: at each t a downward pass over layers for the backward rows, an upward pass for the
+forward rows, then the Euler step for Delta(t + 1)), the block forward substitution of the whole
+closure. The damped iteration of `dmft.solve` starts from it and its first sweep verifies it.
 """
 
 from __future__ import annotations
