@@ -7,7 +7,6 @@ to show, with margins chosen for the quick sizes (stated at each assert).
 import os
 
 import numpy as np
-import pytest
 
 from paper_figs import f1_two_layer_relu, f2_deep_linear, f3_approximations, f4_deep_tanh, f5_width_convergence, f6_cnn_widths
 
@@ -31,7 +30,6 @@ def test_f1_two_layer_relu(tmp_path):
     assert res["gamma0=3.0"]["Phi_target_alignment"] > res["gamma0=0.2"]["Phi_target_alignment"]
 
 
-@pytest.mark.slow
 def test_f2_deep_linear(tmp_path):
     res = f2_deep_linear.main(quick=True, out=str(tmp_path))
     _check_files(res)
@@ -41,7 +39,6 @@ def test_f2_deep_linear(tmp_path):
     assert max(res["max_abs_loss_diff"]) < 0.05
 
 
-@pytest.mark.slow
 def test_f3_approximations(tmp_path):
     res = f3_approximations.main(quick=True, out=str(tmp_path))
     _check_files(res)
@@ -63,7 +60,6 @@ def test_f4_deep_tanh(tmp_path):
     assert min(rich["Phi_alignment"]) > 0.9  # width 200 vs S = 256 samples: ~10% noise allowed
 
 
-@pytest.mark.slow
 def test_f5_width_convergence(tmp_path):
     res = f5_width_convergence.main(quick=True, out=str(tmp_path))
     _check_files(res)
@@ -73,7 +69,6 @@ def test_f5_width_convergence(tmp_path):
     assert res["Phi_alignment_mean"][-1][-1] > res["Phi_alignment_mean"][0][-1]
 
 
-@pytest.mark.slow
 def test_f6_cnn_widths(tmp_path):
     res = f6_cnn_widths.main(quick=True, out=str(tmp_path))
     _check_files(res)
