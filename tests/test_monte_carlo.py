@@ -110,7 +110,8 @@ def _stein_jacobian_none(key=0):
 def test_stein_responses_are_causal_and_move_towards_the_jacobian_route():
     # Same sources (same key) for all three. The discrete responses are strictly causal (s < t), and
     # switching them on must move the loss from gradient independence towards the exact-per-sample
-    # Jacobian route by more than the Monte Carlo noise (the response effect here is ~10 batch SE).
+    # Jacobian route by more than the Monte Carlo noise (the response effect here is ~10 batch SE,
+    # so 4 SE is a margin, not a tight bound).
     stein, jac, gia = _stein_jacobian_none()
     causal = np.triu(np.ones((9, 9)))[None, :, None, :, None]  # s >= t
     assert np.allclose(np.asarray(stein.A) * causal, 0) and np.allclose(np.asarray(stein.B) * causal, 0)
@@ -120,14 +121,16 @@ def test_stein_responses_are_causal_and_move_towards_the_jacobian_route():
 
 @pytest.mark.xfail(strict=True, reason="known bias: the ridge-regularised Stein estimate under-responds")
 def test_stein_captures_the_response_effect():
-    # What the Stein route should achieve: its distance to the Jacobian route (same sources) a small
-    # fraction of the response effect |Jacobian - gradient independence|. Measured at S = 4096 over
-    # keys 0, 1: Stein misses 42% / 29% of the effect at rcond = 1e-3 (44% / 42% at 1e-2; 32% / 13% at
-    # 1e-4 but the iteration stops converging; it over-responds by 48% / 58% at 1e-5). strict xfail: this
+    # What the Stein route should achieve: for each of two keys, its distance to the Jacobian route
+    # (same sources) a small fraction of the response effect |Jacobian - gradient independence|.
+    # Measured at S = 4096 (effect ~0.022 in the final loss, ~10 batch SE) for keys 0 / 1, final time:
+    # Stein misses 12% / 36% of the effect at rcond = 1e-3; 39% / 44% at 1e-2; it over-responds by
+    # 32% / -25% at 1e-4 and 84% / 42% at 1e-5. No cutoff is reliably within 25%. strict xfail: this
     # test turns red when the estimator is fixed, so that the marker is removed.
-    stein, jac, gia = _stein_jacobian_none()
-    effect = np.abs(np.asarray(jac.loss - gia.loss))[1:]
-    assert np.all(np.abs(np.asarray(stein.loss - jac.loss))[1:] <= 0.25 * effect)
+    for key in (0, 1):
+        stein, jac, gia = _stein_jacobian_none(key)
+        effect = np.abs(np.asarray(jac.loss - gia.loss))[1:]
+        assert np.all(np.abs(np.asarray(stein.loss - jac.loss))[1:] <= 0.25 * effect)
 
 
 def test_gradient_independence_is_worse_at_depth():

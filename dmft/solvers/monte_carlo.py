@@ -46,33 +46,20 @@ class _State(eqx.Module):
     B: jax.Array
 
 
-def _largest_eigenvalue(K, iters=64):
-    """`lambda_max` of a PSD `K` by power iteration from the all-ones vector (a smooth function of K)."""
-    v0 = jnp.ones(K.shape[0], K.dtype) / jnp.sqrt(K.shape[0])
-    v = jax.lax.fori_loop(0, iters, lambda _, v: (lambda w: w / jnp.linalg.norm(w))(K @ v), v0)
-    return v @ K @ v
-
-
 def _factor(K, rcond):
-    """`(L, L^+)` for a PSD covariance `K (n, n)`: a Cholesky factor `L L^T = K + jitter I` (jitter
-    1e-10 of the largest variance, or 10 machine epsilons in float32) and the regularised Stein
-    pseudo-inverse `L^+ = L^T (K + rho I)^{-1}`, `rho = rcond * lambda_max(K)`.
+    """`(L, L^+)`: the symmetric square root `L = K^{1/2}` (negative eigenvalues clipped) and its
+    regularised pseudo-inverse `L^+ = V diag(sqrt(lam) / (lam + rcond * max lam)) V^T`.
 
-    With `r = L e`, Gaussian integration by parts gives `<phi e^T> L^+ = <phi r^T> (K + rho I)^{-1}`,
-    the ridge-regularised estimate of `<d phi / d r>`: directions with eigenvalue `<< rho`, where the
-    Stein estimate is pure noise, are suppressed smoothly (the same estimator as an eigen-decomposed
-    `V sqrt(lam) / (lam + rho) V^T`). Both factors are continuous in K, so the common-random-number map
-    stays continuous, and they cost two Cholesky factorisations: JAX's CPU `eigh` of a 1010 x 1010
-    kernel took ~100x longer than its Cholesky and dominated the iteration.
+    The symmetric root is unique and continuous in K; a factor `V sqrt(lam)` is not (eigenvectors of
+    (near-)degenerate eigenvalues rotate and flip sign between iterations), which would make the
+    common-random-number map discontinuous and the iteration cycle. For the same reason `L^+` is
+    Tikhonov-regularised rather than cut off: directions with `lam << rcond * max`, where the Stein
+    estimate is pure noise, are suppressed smoothly.
     """
-    I = jnp.eye(K.shape[0], dtype=K.dtype)
-    jitter = max(1e-10, 10 * float(jnp.finfo(K.dtype).eps)) * jnp.max(jnp.diagonal(K))
-    L = jnp.linalg.cholesky(K + jitter * I)
-    rho = rcond * _largest_eigenvalue(K)
-    # (K + rho I)^{-1} = R^T R with R = chol(K + rho I)^{-1}: one lower-triangular solve and two products
-    # (jax's cho_solve, which also solves with the transposed factor, was 10x slower on CPU).
-    R = jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(K + (rho + jitter) * I), I, lower=True)
-    return L, (R @ L).T @ R
+    lam, V = jnp.linalg.eigh(K)
+    lam = jnp.maximum(lam, 0.0)
+    root = jnp.sqrt(lam)
+    return (V * root) @ V.T, (V * (root / (lam + rcond * jnp.max(lam)))) @ V.T
 
 
 def _fields(act, gamma0, u, r, C, D):
