@@ -54,7 +54,7 @@ def row(p, solver):
     state = init(p)
     sweep = eqx.filter_jit(lambda p, s: solver.step(p, s, None))
     materialise = jax.jit(lambda Kx, A, Q: linear._full_Phi(Kx, A, Q))
-    memory = eqx.filter_jit(lambda p: dmft.solve(p, solver)).lower(p).compile().memory_analysis()
+    memory = eqx.filter_jit(lambda p: dmft.solve(p, solver)).lower(p).compile().compiled.memory_analysis()
     return dict(
         sol=sol,
         march=best_time(init, p),
