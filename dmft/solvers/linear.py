@@ -187,13 +187,9 @@ def _march(problem, responses=True):
     def set_sym(X, t, row):
         return X.at[t].set(row).at[:, t].set(row)
 
-    def step(k, t):
-        k = dict(k)
-        Dt = jnp.zeros(Pa, Kx.dtype).at[:P].set(y - k["f"][:P])
-        Delta = k["Delta"] = k["Delta"].at[t].set(Dt)
-        before, upto = jnp.arange(T) < t, jnp.arange(T) <= t
-        k["Sigma"] = k["Sigma"].at[0].set(set_sym(k["Sigma"][0], t, Delta @ Kx @ Dt))
-        for l in reversed(range(L)):  # backward fields: rows t of d, Mt, b, G^l
+    def backward_rows(k, t, before):
+        """Rows t of d^l, Mt^l, b^l and G^l, from the last layer down (d^l needs b^{l+1}, G^{l+1})."""
+        for l in reversed(range(L)):
             G_next = k["G"][l + 1] if l + 1 < L else ones
             b_next = on * k["b"][l + 1, t] if l + 1 < L else 0.0
             d_row = b_next + c * before * G_next[t]
@@ -204,9 +200,14 @@ def _march(problem, responses=True):
             vX = Mt_row @ G_next + g2 * (b_row @ k["Sigma"][l]) @ d.T
             k["G"] = k["G"].at[l].set(set_sym(k["G"][l], t, vX @ Mt.T))
             k["d"], k["Mt"], k["b"] = k["d"].at[l].set(d), k["Mt"].at[l].set(Mt), k["b"].at[l, t].set(b_row)
-        psi = (Delta @ Kx).T  # row t of Psi^0, (Pa, T)
+        return k
+
+    def forward_rows(k, t, before, Dt):
+        """Rows t of C^l, Abar^l, Psi^l (s <= t) and Phi^l(t, t), from the first layer up."""
+        upto = jnp.arange(T) <= t
+        psi = (k["Delta"] @ Kx).T  # row t of Psi^0, (Pa, T)
         Phi_eq, Abar = [Kx], []
-        for l in range(L):  # forward fields: rows t of C, Abar^l, Psi^l, Phi^l(t, t)
+        for l in range(L):
             C_row = (on * Abar[-1] if l else 0.0) + c * before * psi
             DC_row = Dt @ C_row
             Cb = C_row @ k["b"][l]
@@ -218,10 +219,19 @@ def _march(problem, responses=True):
             if l + 1 < L:
                 psi = upto * (psi + g2 * (psi @ k["DCb"][l].T + Cb @ k["Sigma"][l] + CG @ k["DC"][l].T))
                 k["Sigma"] = k["Sigma"].at[l + 1].set(set_sym(k["Sigma"][l + 1], t, Dt @ psi))
+        return k, jnp.stack(Phi_eq[1:]), jnp.stack(Abar)
+
+    def step(k, t):
+        k = dict(k)
+        Dt = jnp.zeros(Pa, Kx.dtype).at[:P].set(y - k["f"][:P])
+        k["Delta"] = k["Delta"].at[t].set(Dt)
+        k["Sigma"] = k["Sigma"].at[0].set(set_sym(k["Sigma"][0], t, k["Delta"] @ Kx @ Dt))
+        before = jnp.arange(T) < t
+        k, Phi_eq, Abar = forward_rows(backward_rows(k, t, before), t, before, Dt)
         G_eq = jnp.diagonal(k["G"], axis1=1, axis2=2)[:, t]
-        K = ntk_from_kernels(Kx, jnp.stack(Phi_eq[1:])[:, None], G_eq[:, None, None, None])[0]
-        k["f"] = k["f"] + c * K[:, :P] @ Dt[:P]
-        return k, jnp.stack(Abar)
+        K = ntk_from_kernels(Kx, Phi_eq[:, None], G_eq[:, None, None, None])[0]
+        k["f"] = k["f"] + c * K[:, :P] @ Dt[:P]  # Euler: f(t + 1)
+        return k, Abar
 
     k, Abar = jax.lax.scan(step, carry, jnp.arange(T))
     return _factorise(problem, jnp.moveaxis(Abar, 0, 1), k["G"], k["d"], k["b"], k["Delta"])
