@@ -141,12 +141,20 @@ def _layer(g2, c, Delta, A_prev, Psi_prev, G_next, beta):
     C = A_prev + c * mask[:, None, :] * Psi_prev
     d = beta + c * mask * G_next
     Mt = _unit_lower_inverse(g2 * d @ jnp.einsum("sn,snr->sr", Delta, C))  # (I - g2 D C)^{-1}
-    Abar = C.reshape(T * Pa, T) @ Mt
-    R = d @ Psi_prev.reshape(T * Pa, T).T  # D Phi^{l-1}, (T, T Pa)
-    S = _contract(R.reshape(T, T, Pa), Delta) @ d.T  # D Phi^{l-1} D^T
+    Abar = (C.reshape(T * Pa, T) @ Mt).reshape(T, Pa, T)
+    Q, S = _Q_factor(g2, d, Psi_prev, G_next, Abar, Delta)
     G = Mt @ (G_next + g2 * S) @ Mt.T
-    Q = g2 * R + 0.5 * (g2**2 * S + g2 * G_next) @ Abar.T
-    return Abar.reshape(T, Pa, T), Q.reshape(T, T, Pa), G, Mt @ d
+    return Abar, Q, G, Mt @ d
+
+
+def _Q_factor(g2, d, Psi_prev, G_next, Abar, Delta):
+    """`Q^l (T, T, Pa)` of `Phi^l = Phi^{l-1} + Abar Q + Q^T Abar^T`, and `S = D Phi^{l-1} D^T (T, T)`,
+    from `d^l (T, T)`, `Psi^{l-1}`, `Abar^l (T, Pa, T)` and `G^{l+1} (T, T)` (module docstring)."""
+    T, Pa = Delta.shape
+    R = d @ Psi_prev.reshape(T * Pa, T).T  # D Phi^{l-1}, (T, T Pa)
+    S = _contract(R.reshape(T, T, Pa), Delta) @ d.T
+    Q = g2 * R + 0.5 * (g2**2 * S + g2 * G_next) @ Abar.reshape(T * Pa, T).T
+    return Q.reshape(T, T, Pa), S
 
 
 def _sweep(problem, state, responses=True):
@@ -154,7 +162,6 @@ def _sweep(problem, state, responses=True):
     Kx = problem.data.Kx
     Delta = error_signal(problem, _ntk(Kx, state))
     c = problem.dt * problem.eta0 / problem.P
-    T, Pa = Delta.shape
     on = float(responses)  # gradient independence: Abar = Bbar = 0 in the fields
     A_prev = on * jnp.concatenate([jnp.zeros_like(state.A[:1]), state.A[:-1]])
     G_next = jnp.concatenate([state.G[1:], jnp.ones_like(state.G[:1])])
@@ -246,9 +253,7 @@ def _factorise(problem, Abar, G, d, b, Delta):
     Q = []
     for l in range(L):
         G_next = G[l + 1] if l + 1 < L else jnp.ones((T, T), Kx.dtype)
-        R = d[l] @ psi.reshape(T * Pa, T).T
-        S = _contract(R.reshape(T, T, Pa), Delta) @ d[l].T
-        Q.append((g2 * R + 0.5 * (g2**2 * S + g2 * G_next) @ Abar[l].reshape(T * Pa, T).T).reshape(T, T, Pa))
+        Q.append(_Q_factor(g2, d[l], psi, G_next, Abar[l], Delta)[0])
         if l + 1 < L:
             psi = psi + _psi_increment(Abar[l], Q[l], Delta)
     return _State(A=Abar, Q=jnp.stack(Q), G=G, beta=b[1:])
