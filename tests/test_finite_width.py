@@ -48,12 +48,22 @@ def test_tanh_networks_approach_monte_carlo():
     _check(comp)
 
 
+def _accurate_solver(act):
+    # tanh: forward-mode Jacobian responses along the top 64 source eigenvectors (the ridge Stein
+    # estimate is biased at this T Pa = 248, see test_monte_carlo). relu: Stein, because the a.e.
+    # Jacobian drops the delta(h) terms of d<relu'(h) z>/du that integration by parts keeps.
+    if act == "tanh":
+        return dmft.MonteCarlo(n_samples=4096, chunk_size=1024, responses="jacobian", n_directions=64)
+    return dmft.MonteCarlo(n_samples=16384, chunk_size=2048)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 @pytest.mark.parametrize("L", [1, 2, 3])
 def test_nonlinear_networks_approach_monte_carlo(act, L):
-    solver = dmft.MonteCarlo(n_samples=16384, chunk_size=2048)
-    comp = dmft.compare(_problem(L, act, 1.0), solver, widths=[256, 1024, 4096], seeds=8, progress=False)
+    # Widths from 64: at 256 the finite-width error of this problem is already at the seed-noise
+    # level (tanh L = 2, Jacobian route: 0.38% / 0.76% / 0.50% at 256 / 1024 / 4096, non-monotone).
+    comp = dmft.compare(_problem(L, act, 1.0), _accurate_solver(act), widths=[64, 512, 4096], seeds=8, progress=False)
     _check(comp)
     if L >= 2:
         # Gradient independence (A = B = 0) against the same networks: measurably worse.

@@ -47,8 +47,9 @@ class _State(eqx.Module):
 
 
 def _factor(K, rcond):
-    """`(L, L^+)`: the symmetric square root `L = K^{1/2}` (negative eigenvalues clipped) and its
-    regularised pseudo-inverse `L^+ = V diag(sqrt(lam) / (lam + rcond * max lam)) V^T`.
+    """`(L, L^+, V)`: the symmetric square root `L = K^{1/2}` (negative eigenvalues clipped), its
+    regularised pseudo-inverse `L^+ = V diag(sqrt(lam) / (lam + rcond * max lam)) V^T`, and the
+    eigenvectors V in increasing eigenvalue order.
 
     The symmetric root is unique and continuous in K; a factor `V sqrt(lam)` is not (eigenvectors of
     (near-)degenerate eigenvalues rotate and flip sign between iterations), which would make the
@@ -59,7 +60,27 @@ def _factor(K, rcond):
     lam, V = jnp.linalg.eigh(K)
     lam = jnp.maximum(lam, 0.0)
     root = jnp.sqrt(lam)
-    return (V * root) @ V.T, (V * (root / (lam + rcond * jnp.max(lam)))) @ V.T
+    return (V * root) @ V.T, (V * (root / (lam + rcond * jnp.max(lam)))) @ V.T, V
+
+
+def _causal_stein(X, K, T, Pa, rcond, inclusive):
+    """Stein (Gaussian integration by parts) estimate of a causal response `R = <dx / dsource>`.
+
+    `X = <x source^T> (n, n)`, `K (n, n)` the source covariance, n = T Pa time-major. The row of time
+    t regresses x(t) on the sources it can depend on, times s < t (s <= t if `inclusive`):
+    `R[t, past] = X[t, past] (K[past, past] + eps)^{-1}`, which is exact in expectation by Stein's
+    lemma on the marginal of the past sources. A single inverse of the whole K would regularise
+    across all times at once and leak part of the response onto s >= t, where the causal mask then
+    deletes it (a systematic under-response). The ridge `eps = rcond * max diag K` keeps the nested
+    solves nested: with `K + eps = Lc Lc^T` and `W = Lc^{-1}` (lower triangular), the leading blocks
+    of W invert the leading blocks of Lc, so all rows cost two n x n products:
+    `R = ((X * mask) W^T * mask) W`.
+    """
+    n = T * Pa
+    mask = jnp.kron(jnp.tril(jnp.ones((T, T), X.dtype), 0 if inclusive else -1), jnp.ones((Pa, Pa), X.dtype))
+    Lc = jnp.linalg.cholesky(K + rcond * jnp.max(jnp.diag(K)) * jnp.eye(n, dtype=K.dtype))
+    W = jax.scipy.linalg.solve_triangular(Lc, jnp.eye(n, dtype=K.dtype), lower=True)
+    return ((X * mask) @ W.T * mask) @ W
 
 
 def _fields(act, gamma0, u, r, C, D):
@@ -83,11 +104,25 @@ def _fields(act, gamma0, u, r, C, D):
     return phis, gs
 
 
-def _normals(key, shape, antithetic):
+def _normals(key, n, shape_u, shape_r, antithetic):
+    """Standard normals `(e_u (n, *shape_u), e_r (n, *shape_r))` for n samples.
+
+    Antithetic: quartets `(e_u, e_r), (e_u, -e_r), (-e_u, e_r), (-e_u, -e_r)`, consecutive along the
+    sample axis (so contiguous batches keep them whole). Within a quartet the Stein sums
+    `<phi e_r^T>` and `<g e_u^T>` keep only the part of phi (g) that is odd in e_r (e_u): the large
+    even part - for phi, everything driven by u alone - which is pure noise for the response, cancels
+    exactly, and what remains is O(gamma0).
+    """
+    ku, kr = jr.split(key)
     if not antithetic:
-        return jr.normal(key, shape)
-    half = jr.normal(key, (shape[0] // 2, *shape[1:]))
-    return jnp.concatenate([half, -half])
+        return jr.normal(ku, (n, *shape_u)), jr.normal(kr, (n, *shape_r))
+    signs_u, signs_r = jnp.array([1.0, 1.0, -1.0, -1.0]), jnp.array([1.0, -1.0, 1.0, -1.0])
+
+    def quartets(k, shape, signs):
+        e = jr.normal(k, (n // 4, 1, *shape))
+        return (e * signs.reshape(1, 4, *(1,) * len(shape))).reshape(n, *shape)
+
+    return quartets(ku, shape_u, signs_u), quartets(kr, shape_r, signs_r)
 
 
 class MonteCarlo(AbstractStochasticSolver):
@@ -105,8 +140,12 @@ class MonteCarlo(AbstractStochasticSolver):
     - `responses`: `"stein"` (Gaussian integration by parts, THEORY 5, default), `"jacobian"`
       (forward-mode derivative of the sample mean, exact per sample, O(S (T Pa)^3): for validation on
       small problems) or `"none"` (A = B = 0: the gradient independence approximation).
+    - `n_directions`: with `responses="jacobian"`, differentiate along the top `n_directions`
+      eigenvectors of each source covariance only (cost ~ n_directions forward passes instead of
+      (n+1) Pa); None: all.
     - `rcond`: relative eigenvalue cutoff of the source factors and of the Stein pseudo-inverse.
-    - `sampling`: `"plain"` or `"antithetic"` (pairs e, -e).
+    - `sampling`: `"plain"` or `"antithetic"`: sign quartets `(+-e_u, +-e_r)` (see `_normals`), which
+      cancel the part of each Stein sum that is even in the differentiated source.
     - `n_batches`: batches for the batch-means standard errors in `Solution.stderr` (must divide the
       number of chunks).
 
@@ -127,6 +166,7 @@ class MonteCarlo(AbstractStochasticSolver):
     rcond: float = 1e-3
     sampling: str = eqx.field(static=True, default="plain")
     n_batches: int = eqx.field(static=True, default=8)
+    n_directions: int | None = eqx.field(static=True, default=None)
 
     @property
     def _chunk(self):
@@ -146,12 +186,15 @@ class MonteCarlo(AbstractStochasticSolver):
             raise ValueError(f"responses must be one of {_RESPONSES}, got {self.responses!r}")
         if self.sampling not in _SAMPLING:
             raise ValueError(f"sampling must be one of {_SAMPLING}, got {self.sampling!r}")
-        if self.sampling == "antithetic" and self._chunk % 2:
-            raise ValueError("antithetic sampling needs an even chunk_size")
+        if self.sampling == "antithetic" and (self._chunk // (1 if n_chunks % self.n_batches == 0 else self.n_batches)) % 4:
+            raise ValueError("antithetic sampling needs batches (chunk_size, or chunk_size / n_batches) divisible by 4")
         if not 0 < self.damping <= 1:
             raise ValueError(f"damping must be in (0, 1], got {self.damping}")
         if self.max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
+        n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+        if self.n_directions is not None and not 1 <= self.n_directions <= n:
+            raise ValueError(f"n_directions must be None or in [1, (n_steps + 1) * points = {n}], got {self.n_directions}")
 
     # ----------------------------------------------------------------------------------------------
     def init(self, problem, key):
@@ -227,53 +270,47 @@ class MonteCarlo(AbstractStochasticSolver):
             B_l = 0.0 if last else state.B[l]
             C = A_prev + c * mask * Phi_prev * Dcols
             D = B_l + c * mask * G_next * Dcols
-            Lu, Lu_pinv = (Lx, None) if first else _factor(Phi_prev.reshape(T * Pa, T * Pa), self.rcond)
-            Lr, Lr_pinv = (None, None) if last else _factor(G_next.reshape(T * Pa, T * Pa), self.rcond)
-            m = self._moments(act, gamma0, jr.fold_in(key, l), (T, Pa), Lu, Lr, C, D, first, last)
+            Lu, Lu_pinv, Vu = (Lx, None, None) if first else _factor(Phi_prev.reshape(T * Pa, T * Pa), self.rcond)
+            Lr, Lr_pinv, Vr = (None, None, None) if last else _factor(G_next.reshape(T * Pa, T * Pa), self.rcond)
+            m = self._moments(act, gamma0, jr.fold_in(key, l), (T, Pa), (Lu, Lr), (Vu, Vr), C, D, first, last)
             Phi_new.append(m["Phi"].reshape(T, Pa, T, Pa))
             G_new.append(m["G"].reshape(T, Pa, T, Pa))
             bP.append(m["Phi_eq_batches"])
             bG.append(m["G_eq_batches"])
             if not last:
-                A_new.append(self._response(m, "A", Lr_pinv, safe_gamma, gamma0, T, Pa))
+                A_new.append(self._response(m, "A", Lr, G_next, safe_gamma, gamma0, T, Pa))
             if not first:
-                B_new.append(self._response(m, "B", Lu_pinv, safe_gamma, gamma0, T, Pa))
+                B_new.append(self._response(m, "B", Lu, Phi_prev, safe_gamma, gamma0, T, Pa))
         new = _State(jnp.stack(Phi_new), jnp.stack(G_new), jnp.stack(A_new), jnp.stack(B_new))
         return new, jnp.stack(bP, axis=1), jnp.stack(bG, axis=1)
 
-    def _response(self, m, name, pinv, safe_gamma, gamma0, T, Pa):
+    def _response(self, m, name, root, K, safe_gamma, gamma0, T, Pa):
         if self.responses == "none":
-            return jnp.zeros((T, Pa, T, Pa), pinv.dtype)
+            return jnp.zeros((T, Pa, T, Pa), K.dtype)
         if self.responses == "jacobian":
             R = m[name + "_jac"]
-        else:
-            R = m[name] @ pinv
-        # Discrete responses are exactly strictly causal (THEORY 3); the Stein estimate is not, so
-        # its acausal part (pure noise) is projected out.
+        else:  # phi(h(t)) depends on r(s < t); g(t) on u(s <= t)
+            R = _causal_stein(m[name] @ root, K.reshape(T * Pa, T * Pa), T, Pa, self.rcond, inclusive=name == "B")
         causal = jnp.tril(jnp.ones((T, T), R.dtype), -1)[:, None, :, None]
         return jnp.where(gamma0 > 0, R / safe_gamma, 0.0).reshape(T, Pa, T, Pa) * causal
 
-    def _moments(self, act, gamma0, key, shape, Lu, Lr, C, D, first, last):
+    def _moments(self, act, gamma0, key, shape, factors, eigvecs, C, D, first, last):
         """Sample averages for one layer: <phi phi^T>, <g g^T>, <phi e_r^T>, <g e_u^T> over (T Pa)."""
         T, Pa = shape
-        chunk, n_chunks = self._chunk, self.n_samples // self._chunk
+        (Lu, Lr), chunk, n_chunks = factors, self._chunk, self.n_samples // self._chunk
         anti = self.sampling == "antithetic"
         need_A = not last and self.responses == "stein"
         need_B = not first and self.responses == "stein"
 
         def sources(k):
-            ku, kr = jr.split(k)
+            e_u, e_r = _normals(k, chunk, (Pa,) if first else (T * Pa,), () if last else (T * Pa,), anti)
             if first:
-                e_u = _normals(ku, (chunk, Pa), anti)
                 u = jnp.broadcast_to((e_u @ Lu.T)[:, None, :], (chunk, T, Pa))
             else:
-                e_u = _normals(ku, (chunk, T * Pa), anti)
                 u = (e_u @ Lu.T).reshape(chunk, T, Pa)
             if last:
-                e_r = _normals(kr, (chunk,), anti)
                 r = jnp.broadcast_to(e_r[:, None, None], (chunk, T, Pa))
             else:
-                e_r = _normals(kr, (chunk, T * Pa), anti)
                 r = (e_r @ Lr.T).reshape(chunk, T, Pa)
             return e_u, e_r, u, r
 
@@ -302,7 +339,7 @@ class MonteCarlo(AbstractStochasticSolver):
         out = {k: v / self.n_samples for k, v in acc.items()}
         out["Phi_eq_batches"], out["G_eq_batches"] = (self._to_batches(x, nb_in) for x in (eqP, eqG))
         if self.responses == "jacobian":
-            out.update(self._jacobians(act, gamma0, key, sources, C, D, first, last, chunk, n_chunks))
+            out.update(self._jacobians(act, gamma0, key, sources, eigvecs, C, D, first, last, n_chunks))
         return out
 
     def _to_batches(self, per_chunk, nb_in):
@@ -313,10 +350,21 @@ class MonteCarlo(AbstractStochasticSolver):
         x = per_chunk[:, 0]  # whole chunks form the batches
         return x.reshape(self.n_batches, -1, *x.shape[1:]).sum(1) / per_block
 
-    def _jacobians(self, act, gamma0, key, sources, C, D, first, last, chunk, n_chunks):
-        """<d phi(h)/d r> and <d g/d u> by forward-mode differentiation of the sample means."""
+    def _jacobians(self, act, gamma0, key, sources, eigvecs, C, D, first, last, n_chunks):
+        """<d phi(h)/d r> and <d g/d u> by forward-mode differentiation of the sample means, along the
+        top `n_directions` eigenvectors V of the source covariance: `R = (R V) V^T`.
+
+        The responses act only on fields in the range of that covariance (Abar^l on g^{l+1}, whose
+        covariance G^{l+1} is that of r^l; Bbar^{l-1} on phi(h^{l-1}), covariance Phi^{l-1}), so the
+        dropped directions carry at most their eigenvalues' share of the field's variance.
+        """
         T, Pa = C.shape[:2]
+        k = self.n_directions or T * Pa
         out = {}
+
+        def along(fn, V):  # (R V) V^T, R the Jacobian of fn at 0
+            V = V[:, -k:]
+            return jax.jacfwd(lambda a: fn(V @ a))(jnp.zeros(k, C.dtype)) @ V.T
 
         def mean_over_samples(fn):
             def total(i):
@@ -329,12 +377,12 @@ class MonteCarlo(AbstractStochasticSolver):
             phi_sum = lambda dr: mean_over_samples(
                 lambda u, r: _fields(act, gamma0, u, r + dr.reshape(T, Pa), C, D)[0].sum(0)
             )
-            out["A_jac"] = jax.jacfwd(phi_sum)(jnp.zeros(T * Pa, C.dtype))
+            out["A_jac"] = along(phi_sum, eigvecs[1])
         if not first:
             g_sum = lambda du: mean_over_samples(
                 lambda u, r: _fields(act, gamma0, u + du.reshape(T, Pa), r, C, D)[1].sum(0)
             )
-            out["B_jac"] = jax.jacfwd(g_sum)(jnp.zeros(T * Pa, C.dtype))
+            out["B_jac"] = along(g_sum, eigvecs[0])
         return out
 
     def _two_layer(self, problem, state, key):
@@ -349,9 +397,8 @@ class MonteCarlo(AbstractStochasticSolver):
         nb_in = 1 if n_chunks % self.n_batches == 0 else self.n_batches
 
         def one_chunk(acc, i):
-            ku, kr = jr.split(jr.fold_in(key, i))
-            u = _normals(ku, (chunk, Pa), anti) @ Lx.T
-            r = _normals(kr, (chunk,), anti)
+            e_u, r = _normals(jr.fold_in(key, i), chunk, (Pa,), (), anti)
+            u = e_u @ Lx.T
 
             def step(carry, Delta_t):
                 h_mem, z = carry  # h_mem = gamma0 sum_{s<t} c Kx (Delta(s) * g(s)); z(t) = w(t)
