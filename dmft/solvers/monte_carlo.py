@@ -63,26 +63,6 @@ def _factor(K, rcond):
     return (V * root) @ V.T, (V * (root / (lam + rcond * jnp.max(lam)))) @ V.T, V
 
 
-def _causal_stein(X, K, T, Pa, rcond, inclusive):
-    """Stein (Gaussian integration by parts) estimate of a causal response `R = <dx / dsource>`.
-
-    `X = <x source^T> (n, n)`, `K (n, n)` the source covariance, n = T Pa time-major. The row of time
-    t regresses x(t) on the sources it can depend on, times s < t (s <= t if `inclusive`):
-    `R[t, past] = X[t, past] (K[past, past] + eps)^{-1}`, which is exact in expectation by Stein's
-    lemma on the marginal of the past sources. A single inverse of the whole K would regularise
-    across all times at once and leak part of the response onto s >= t, where the causal mask then
-    deletes it (a systematic under-response). The ridge `eps = rcond * max diag K` keeps the nested
-    solves nested: with `K + eps = Lc Lc^T` and `W = Lc^{-1}` (lower triangular), the leading blocks
-    of W invert the leading blocks of Lc, so all rows cost two n x n products:
-    `R = ((X * mask) W^T * mask) W`.
-    """
-    n = T * Pa
-    mask = jnp.kron(jnp.tril(jnp.ones((T, T), X.dtype), 0 if inclusive else -1), jnp.ones((Pa, Pa), X.dtype))
-    Lc = jnp.linalg.cholesky(K + rcond * jnp.max(jnp.diag(K)) * jnp.eye(n, dtype=K.dtype))
-    W = jax.scipy.linalg.solve_triangular(Lc, jnp.eye(n, dtype=K.dtype), lower=True)
-    return ((X * mask) @ W.T * mask) @ W
-
-
 def _fields(act, gamma0, u, r, C, D):
     """Causal single-site pass. u, r: (S, T, Pa); C, D: (T, Pa, T, Pa) strictly causal.
 
@@ -137,15 +117,20 @@ class MonteCarlo(AbstractStochasticSolver):
       activations the change stalls at a Monte Carlo noise floor ~ S^-1/2 (relu, depth 2, 20 points:
       ~1.1% at S = 2048, below 1% at S = 4096): if rtol is not reached, raise n_samples or rtol.
     - `chunk_size`: samples processed at once (bounds memory at O(chunk (n+1) Pa)); must divide S.
-    - `responses`: `"stein"` (Gaussian integration by parts, THEORY 5, default), `"jacobian"`
-      (forward-mode derivative of the sample mean, exact per sample, O(S (T Pa)^3): for validation on
-      small problems) or `"none"` (A = B = 0: the gradient independence approximation).
+    - `responses`: `"stein"` (Gaussian integration by parts, THEORY 5, default: cheap, but noisy and
+      biased at depth >= 2 unless S >> (n+1) Pa), `"jacobian"` (forward-mode derivative of the sample
+      mean: unbiased, ~(n+1) Pa or `n_directions` forward passes per response; for relu it uses the
+      a.e. derivative, dropping delta(h) terms that vanish as gamma0 -> 0) or `"none"` (A = B = 0:
+      the gradient independence approximation).
     - `n_directions`: with `responses="jacobian"`, differentiate along the top `n_directions`
       eigenvectors of each source covariance only (cost ~ n_directions forward passes instead of
       (n+1) Pa); None: all.
     - `rcond`: relative eigenvalue cutoff of the source factors and of the Stein pseudo-inverse.
-    - `sampling`: `"plain"` or `"antithetic"`: sign quartets `(+-e_u, +-e_r)` (see `_normals`), which
-      cancel the part of each Stein sum that is even in the differentiated source.
+    - `sampling`: `"plain"` (default, independent normals) or `"antithetic"`: sign quartets
+      `(+-e_u, +-e_r)` (see `_normals`), which cancel the part of each Stein sum that is even in the
+      differentiated source (response noise 23-31x smaller at gamma0 = 0.05). At gamma0 = 1 the
+      gain is lost: for odd activations a quartet carries only two distinct kernel contributions
+      (benchmarks/monte_carlo.py: spread of loss / NTK over keys 0.73x / 0.65x of plain's).
     - `n_batches`: batches for the batch-means standard errors in `Solution.stderr` (must divide the
       number of chunks).
 
@@ -278,19 +263,23 @@ class MonteCarlo(AbstractStochasticSolver):
             bP.append(m["Phi_eq_batches"])
             bG.append(m["G_eq_batches"])
             if not last:
-                A_new.append(self._response(m, "A", Lr, G_next, safe_gamma, gamma0, T, Pa))
+                A_new.append(self._response(m, "A", Lr_pinv, safe_gamma, gamma0, T, Pa))
             if not first:
-                B_new.append(self._response(m, "B", Lu, Phi_prev, safe_gamma, gamma0, T, Pa))
+                B_new.append(self._response(m, "B", Lu_pinv, safe_gamma, gamma0, T, Pa))
         new = _State(jnp.stack(Phi_new), jnp.stack(G_new), jnp.stack(A_new), jnp.stack(B_new))
         return new, jnp.stack(bP, axis=1), jnp.stack(bG, axis=1)
 
-    def _response(self, m, name, root, K, safe_gamma, gamma0, T, Pa):
+    def _response(self, m, name, pinv, safe_gamma, gamma0, T, Pa):
         if self.responses == "none":
-            return jnp.zeros((T, Pa, T, Pa), K.dtype)
+            return jnp.zeros((T, Pa, T, Pa), pinv.dtype)
         if self.responses == "jacobian":
             R = m[name + "_jac"]
-        else:  # phi(h(t)) depends on r(s < t); g(t) on u(s <= t)
-            R = _causal_stein(m[name] @ root, K.reshape(T * Pa, T * Pa), T, Pa, self.rcond, inclusive=name == "B")
+        else:
+            R = m[name] @ pinv
+        # Discrete responses are exactly strictly causal (THEORY 3). The ridge Stein estimate is not:
+        # its regularisation spreads part of the response onto s >= t, deleted here with the noise.
+        # (A per-row regression on the past sources only avoids that leak but was noisier: it failed
+        # the linear depth-3 closure test and moved relu depth-2 further from networks.)
         causal = jnp.tril(jnp.ones((T, T), R.dtype), -1)[:, None, :, None]
         return jnp.where(gamma0 > 0, R / safe_gamma, 0.0).reshape(T, Pa, T, Pa) * causal
 
