@@ -171,8 +171,10 @@ class MonteCarlo(AbstractStochasticSolver):
             raise ValueError(f"responses must be one of {_RESPONSES}, got {self.responses!r}")
         if self.sampling not in _SAMPLING:
             raise ValueError(f"sampling must be one of {_SAMPLING}, got {self.sampling!r}")
-        if self.sampling == "antithetic" and (self._chunk // (1 if n_chunks % self.n_batches == 0 else self.n_batches)) % 4:
-            raise ValueError("antithetic sampling needs batches (chunk_size, or chunk_size / n_batches) divisible by 4")
+        block = self._chunk if n_chunks % self.n_batches == 0 else self._chunk // self.n_batches  # see _to_batches
+        if self.sampling == "antithetic" and block % 4:
+            raise ValueError(f"antithetic sampling needs sample blocks divisible by 4 (sign quartets), got {block}: "
+                             "make chunk_size (or chunk_size / n_batches) a multiple of 4")
         if not 0 < self.damping <= 1:
             raise ValueError(f"damping must be in (0, 1], got {self.damping}")
         if self.max_iters < 1:
