@@ -18,6 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 import numpy as np
 
 from paper_figs import f4_deep_tanh as f4
@@ -40,13 +41,21 @@ def _per_seed(sol, run):
     return a_phi, a_g, err
 
 
+def _width_axis(ax, widths):
+    """Log width axis labelled at the widths themselves (the default minor labels overlap)."""
+    ax.set_xscale("log")
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _alignment_panel(ax, widths, stats, name):
     L = stats[0].shape[1]
     for l in range(L):
         m = np.array([s[:, l].mean() for s in stats])
         sd = np.array([s[:, l].std(ddof=1) for s in stats])
         ax.errorbar(widths, m, yerr=sd, marker="o", ms=3, capsize=2, color=PALETTE[1 + l], label=f"layer {l + 1}")
-    ax.set(xscale="log", xlabel="width N", ylabel=rf"$A({name}_{{NN}},{name}_{{DMFT}})$", ylim=(None, 1.005))
+    _width_axis(ax, widths)
+    ax.set(xlabel="width N", ylabel=rf"$A({name}_{{NN}},{name}_{{DMFT}})$", ylim=(None, 1.005))
     ax.legend(frameon=False, fontsize=7)
 
 
@@ -68,7 +77,8 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
     slope, icpt = np.polyfit(np.log(widths), np.log(m), 1)
     ax[2].errorbar(widths, m, yerr=sd, marker="o", ms=3, capsize=2, color=PALETTE[5], label="networks (mean $\\pm$ std)")
     ax[2].plot(widths, np.exp(icpt) * np.asarray(widths, float) ** slope, "k:", label=f"fit $N^{{{slope:.2f}}}$")
-    ax[2].set(xscale="log", yscale="log", xlabel="width N", ylabel="max$_t$ |loss$_{NN}$ - loss$_{DMFT}$| / loss(0)")
+    _width_axis(ax[2], widths)
+    ax[2].set(yscale="log", xlabel="width N", ylabel="max$_t$ |loss$_{NN}$ - loss$_{DMFT}$| / loss(0)")
     ax[2].legend(frameon=False, fontsize=7)
     for a, letter in zip(ax, "abc"):
         a.set_title(f"({letter})", loc="left")
