@@ -127,8 +127,8 @@ def test_stein_captures_the_response_effect():
     # What the Stein route should achieve: for each of two keys, its distance to the Jacobian route
     # (same sources) a small fraction of the response effect |Jacobian - gradient independence|.
     # Effect ~0.022 in the final loss (~10 batch SE). Measured at the final time, keys 0 / 1, rcond
-    # 1e-3: Stein misses 12% / 36% (plain sampling, the default) and 29% / 40% (antithetic). The
-    # quartets remove most of the response noise and do not help, so this is a bias: the ridge
+    # 1e-3: Stein misses 12% / 36% (plain sampling, the default) and 29% / 40% (antithetic sign
+    # quartets). The quartets remove most of the response noise and do not help, so this is a bias: the ridge
     # inverse of the whole (n+1) Pa covariance spreads part of the response onto s >= t, which the
     # causal projection deletes. A per-row regression on the past sources only (tried) avoids that
     # leak but failed the linear depth-3 closure test. strict xfail: turns red when fixed.
@@ -152,13 +152,13 @@ def _one_step_responses(gamma0, key=1, **kwargs):
     return np.asarray(new.A[0].reshape(36, 36) @ root(state.G[1])), np.asarray(new.B[0].reshape(36, 36) @ root(state.Phi[0]))
 
 
-def test_antithetic_quartets_cut_the_stein_noise():
+def test_antithetic_pairs_cut_the_stein_noise():
     # At gamma0 = 0.05, phi(h) depends on r only through the O(gamma0) feedback. The plain Stein sum
     # <phi e_r^T> carries the even part of phi (noise ~ std(phi) / sqrt(S) per entry, then divided
-    # by gamma0), which the sign quartets cancel exactly; what is left is noise of the size of the
-    # response itself / sqrt(S). Likewise g = phi'(h) z is even in u at gamma0 = 0 (phi' even). So
-    # the spread between two keys should shrink by a factor of order 1 / gamma0 = 20 (measured: 23
-    # for Abar, 31 for Bbar); we require 4.
+    # by gamma0), which the pairs (e_u, +-e_r) cancel exactly; what is left is noise of the size of
+    # the response itself / sqrt(S). Likewise g = phi'(h) z is odd in r at gamma0 = 0, so in the
+    # pair sum of g e_u^T (same e_u) the leading part cancels. So the spread between two keys should
+    # shrink by a factor of order 1 / gamma0 = 20 (measured: 31 for Abar, 25 for Bbar); we require 4.
     spread = lambda **kw: [np.linalg.norm(a - b) for a, b in zip(_one_step_responses(0.05, 1, **kw), _one_step_responses(0.05, 2, **kw))]
     plain, anti = spread(sampling="plain"), spread(sampling="antithetic")
     print(f"Stein spread between two keys (Abar, Bbar): plain {plain}, antithetic {anti}")
