@@ -25,8 +25,8 @@ def problem(P=10, n_steps=40, depth=3, act="tanh"):
 
 
 def per_iteration(p, S, **kwargs):
-    # Plain sampling: the notebook's S = 1000 does not split into sign quartets per batch; the cost
-    # per iteration is the same either way.
+    # Plain sampling: the notebook's S = 1000 cuts into odd batch slices (125), which antithetic
+    # pairs cannot use; the cost per iteration is the same either way.
     solver = dmft.MonteCarlo(n_samples=S, chunk_size=S if S <= 2048 else 1024, sampling="plain", **kwargs)
     solver.validate(p)
     key = jr.key(0)

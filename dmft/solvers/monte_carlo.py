@@ -153,6 +153,12 @@ class MonteCarlo(AbstractStochasticSolver):
     def _chunk(self):
         return min(self.chunk_size, self.n_samples)
 
+    @property
+    def _slices(self):
+        """Batches per chunk: 1 when whole chunks form the batches, else each chunk is cut into
+        n_batches slices (see `_to_batches`)."""
+        return 1 if (self.n_samples // self._chunk) % self.n_batches == 0 else self.n_batches
+
     def validate(self, problem):
         if self.n_samples < 2:
             raise ValueError(f"n_samples must be >= 2, got {self.n_samples}")
@@ -167,7 +173,7 @@ class MonteCarlo(AbstractStochasticSolver):
             raise ValueError(f"responses must be one of {_RESPONSES}, got {self.responses!r}")
         if self.sampling not in _SAMPLING:
             raise ValueError(f"sampling must be one of {_SAMPLING}, got {self.sampling!r}")
-        block = self._chunk if n_chunks % self.n_batches == 0 else self._chunk // self.n_batches  # see _to_batches
+        block = self._chunk // self._slices
         if self.sampling == "antithetic" and block % 2:
             raise ValueError(f"antithetic sampling needs even sample blocks (pairs), got {block}: "
                              "make chunk_size (or chunk_size / n_batches) even")
@@ -314,7 +320,7 @@ class MonteCarlo(AbstractStochasticSolver):
             return acc, (eq(phis), eq(gs))
 
         # Batches for the standard errors: whole chunks, or equal slices of each chunk.
-        nb_in = 1 if n_chunks % self.n_batches == 0 else self.n_batches
+        nb_in = self._slices
         n = T * Pa
         acc0 = {"Phi": jnp.zeros((n, n)), "G": jnp.zeros((n, n))}
         if need_A:
@@ -381,7 +387,7 @@ class MonteCarlo(AbstractStochasticSolver):
         Lx = _factor(Kx, self.rcond)[0]
         chunk, n_chunks = self._chunk, self.n_samples // self._chunk
         anti = self.sampling == "antithetic"
-        nb_in = 1 if n_chunks % self.n_batches == 0 else self.n_batches
+        nb_in = self._slices
 
         def one_chunk(acc, i):
             e_u, r = _normals(jr.fold_in(key, i), chunk, (Pa,), (), anti)
