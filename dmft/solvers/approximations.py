@@ -169,7 +169,7 @@ class Perturbative(AbstractSolver):
         Delta0 = error_signal(problem, jnp.broadcast_to(K0, (T, *K0.shape)))
         c = problem.dt * problem.eta0 / problem.P
         chunk = self._chunk
-        root = _factor(Kx, 1e-12)[0]  # root @ root.T = Kx
+        root = _factor(Kx)[0]  # root @ root.T = Kx
         r = jnp.repeat(jnp.asarray(_R_NODES, Kx.dtype)[None], chunk, 0).ravel()
         w = jnp.repeat(jnp.asarray(_R_WEIGHTS, Kx.dtype)[None], chunk, 0).ravel() / chunk
 
