@@ -47,7 +47,9 @@ DEMO_CONFIG = {
     "data": {"kind": "sphere", "P": 16, "P_test": 4, "D": 20, "target": "teacher", "seed": 0},
     "network": {"depth": 2, "activation": "relu"},
     "problem": {"gamma0": 1.0, "t_max": 10.0, "n_steps": 50, "eta0": 1.0},
-    "solver": {"kind": "monte_carlo", "n_samples": 8192, "chunk_size": 2048, "seed": 0},
+    # rtol 3e-2: relu's common-random-number map is only piecewise continuous, so the residual stalls
+    # at a Monte Carlo floor ~ S^-1/2 (1.1-1.5% at S = 4096-8192 with the causal Stein responses).
+    "solver": {"kind": "monte_carlo", "n_samples": 8192, "chunk_size": 2048, "rtol": 3e-2, "seed": 0},
     "compare": {"widths": [256, 1024, 4096], "seeds": 4, "method": "gd"},
 }
 QUICK_OVERRIDES = {

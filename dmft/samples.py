@@ -77,15 +77,15 @@ def _sources(key, Phi_prev, G_next, n_samples, first, last):
     T, Pa = Phi_prev.shape[:2]
     ku, kr = jr.split(key)
     if first:
-        root = _factor(Phi_prev[0, :, 0, :], 1e-12)[0]
+        root = _factor(Phi_prev[0, :, 0, :])[0]
         u = jnp.broadcast_to((jr.normal(ku, (n_samples, Pa)) @ root.T)[:, None], (n_samples, T, Pa))
     else:
-        root = _factor(Phi_prev.reshape(T * Pa, T * Pa), 1e-12)[0]
+        root = _factor(Phi_prev.reshape(T * Pa, T * Pa))[0]
         u = (jr.normal(ku, (n_samples, T * Pa)) @ root.T).reshape(n_samples, T, Pa)
     if last:
         r = jnp.broadcast_to(jr.normal(kr, (n_samples, 1, 1)), (n_samples, T, Pa))
     else:
-        root = _factor(G_next.reshape(T * Pa, T * Pa), 1e-12)[0]
+        root = _factor(G_next.reshape(T * Pa, T * Pa))[0]
         r = (jr.normal(kr, (n_samples, T * Pa)) @ root.T).reshape(n_samples, T, Pa)
     return u, r
 
@@ -101,8 +101,8 @@ def _layer(problem, sol, l, Delta, key, n_samples, time):
     u, r = _sources(key, Phi_prev, G_next, n_samples, l == 0, l == problem.depth - 1)
     gamma0 = problem.gamma0
     phis, gs = _fields(problem.activation, gamma0, u, r, C, D)
-    # C and D are strictly causal, so h(t) = u(t) + gamma0 sum_{s<t} C g(s) is recovered exactly
-    # from the g the pass returns (and z from phi(h)) without changing the shared pass.
+    # h(t) = u(t) + gamma0 sum_{s<t} C g(s) and z(t) = r(t) + gamma0 sum_{s<=t} D phi(h(s)) (D holds the
+    # equal-time Bbar) are recovered exactly from the g and phi the pass returns, without changing it.
     h = u + gamma0 * (gs @ C.reshape(T * Pa, T * Pa).T).reshape(u.shape)
     z = r + gamma0 * (phis @ D.reshape(T * Pa, T * Pa).T).reshape(r.shape)
     return h[:, time], z[:, time], gs.reshape(u.shape)[:, time]

@@ -3,8 +3,8 @@
 Each iteration, for every layer l (Jacobi: from the previous iterate of its neighbours):
 
 1. sources `u = L_Phi e_u ~ N(0, Phi^{l-1})` and `r = L_G e_r ~ N(0, G^{l+1})` over the whole
-   (time, sample) grid, with `L L^T` the eigen-factor of the covariance restricted to eigenvalues above
-   `rcond * max` (layer 1: `u ~ N(0, Kx)` constant in time; layer L: `r` one scalar per sample). The
+   (time, sample) grid, with `L` the symmetric square root of the covariance (negative eigenvalues
+   clipped; layer 1: `u ~ N(0, Kx)` constant in time; layer L: `r` one scalar per sample). The
    standard normals `e` come from the same key every iteration (common random numbers), so the map is
    deterministic and `rtol` is meaningful;
 2. the single-site fields in ONE causal pass (lax.scan over time, samples batched and chunked):
@@ -27,8 +27,8 @@ NTK error in units of the networks' standard error (rms over entries and times) 
 depth 3), 3.8 -> 2.1 (tanh, 2), 5.1 -> 2.9 (relu, 2), 17.7 -> 1.5 (relu, 3) when s = t is kept.
 Abar stays strictly causal: h(t) depends on g(s < t) only.
 
-Cost per iteration: O(L S T^2 Pa^2) for the fields and kernels plus O(L (T Pa)^3) for the eigen-
-factors (S samples, T = n + 1 times, Pa points); memory O(L (T Pa)^2 + chunk T Pa).
+Cost per iteration: O(L S T^2 Pa^2) for the fields and kernels plus O(L (T Pa)^3) for the square
+roots and the Stein regressions (S samples, T = n + 1 times, Pa points); memory O(L (T Pa)^2 + chunk T Pa).
 """
 
 from __future__ import annotations
@@ -206,8 +206,9 @@ class MonteCarlo(AbstractStochasticSolver):
       width S).
     - `damping` (beta), `rtol`, `max_iters`: the damped fixed-point iteration of `dmft.solve`; the
       relative change of the kernels Phi, G decides convergence (see `monitor`). For non-smooth
-      activations the change stalls at a Monte Carlo noise floor ~ S^-1/2 (relu, depth 2, 20 points:
-      ~1.1% at S = 2048, below 1% at S = 4096): if rtol is not reached, raise n_samples or rtol.
+      activations the change stalls at a Monte Carlo noise floor ~ S^-1/2 (relu, depth 2, 12 points,
+      causal Stein responses: ~1.4% at S = 4096, ~1.1% with Sobol sources; 8 points, 31 steps: ~0.45%
+      at S = 16384): if rtol is not reached, raise n_samples or rtol (the README example uses 3e-2).
     - `chunk_size`: samples processed at once (bounds memory at O(chunk (n+1) Pa)); must divide S.
     - `responses`: `"stein"` (Gaussian integration by parts as a causal regression, THEORY 5,
       default: cheap, valid for any activation), `"jacobian"` (forward-mode derivative of the sample
@@ -224,11 +225,13 @@ class MonteCarlo(AbstractStochasticSolver):
       keys is 2.4x smaller and of the NTK unchanged: benchmarks/monte_carlo.py). Needs even blocks.
       `"sobol"`: randomised quasi-Monte Carlo (a digitally shifted Sobol net, its leading
       coordinates on the directions of largest source variance; see `_sobol_normals`), unbiased,
-      at the same cost per sample. At gamma0 = 1, S = 4096, the spread of the final loss / NTK over
-      keys is 7x / 3.4x smaller (tanh, depth 1), 14x / 4.1x (tanh, depth 2), 1.2x / 2.2x (relu,
-      depth 2: the kink limits quasi-random gains). Needs n_samples a power of 2. Its error can
-      fall below the default `rtol`'s stopping error (~2.5e-4 of the loss on a depth-1 linear
-      problem): lower `rtol` to benefit (smooth activations converge geometrically).
+      ~1.35x the cost per iteration of plain (the rotation onto the axes). At gamma0 = 1, S = 4096,
+      the spread of the final loss / NTK over keys is smaller by 7x / 3.4x (tanh, depth 1, 8
+      points), 14x / 4.1x (tanh, depth 2, 8 points), 2.3x / 3.9x (tanh, depth 2, benchmark problem)
+      and 1.2x / 2.2x (relu, depth 2: the kink limits quasi-random gains). Needs n_samples a power of
+      2. Its error can fall below the default `rtol`'s stopping error (~2.5e-4 of the loss on a
+      depth-1 linear problem): lower `rtol` to benefit (smooth activations converge geometrically).
+      The batch-means `stderr` (blocks of one shifted net) is then conservative.
     - `n_batches`: batches for the batch-means standard errors in `Solution.stderr` (must divide the
       number of chunks).
 
