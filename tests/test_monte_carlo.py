@@ -51,9 +51,9 @@ def test_linear_activation_matches_closure_full_grid(L, gamma0):
 def test_error_shrinks_as_inverse_sqrt_samples():
     # RMS error over independent keys of the final loss against the exact closure; Monte Carlo
     # error ~ S^-1/2, so the fitted slope is -1/2 (tolerance 0.2: the RMS over 6 keys is itself
-    # uncertain by ~30%, i.e. +-0.15 in slope over a 16x range of S). Jacobian responses: the ridge
-    # Stein estimate has a bias floor here (RMS 9.6e-4, 3.5e-4, 4.2e-4 at S = 256, 1024, 4096,
-    # slope -0.30), see test_stein_captures_the_response_effect.
+    # uncertain by ~30%, i.e. +-0.15 in slope over a 16x range of S). Jacobian responses: the earlier
+    # ridge Stein estimate (since replaced by the causal regression) had a bias floor here (RMS
+    # 9.6e-4, 3.5e-4, 4.2e-4 at S = 256, 1024, 4096, slope -0.30).
     problem = _linear_problem(2, 1.0)
     exact = float(dmft.solve(problem, dmft.LinearClosure()).loss[-1])
     sizes, rms = [256, 1024, 4096], []
@@ -229,8 +229,8 @@ def test_same_key_same_result_and_shapes():
     np.testing.assert_array_equal(a.loss, b.loss)
     assert a.Phi.shape == a.G.shape == (2, 7, 7, 7, 7) and a.A.shape == a.B.shape == (1, 7, 7, 7, 7)
     assert a.stderr["ntk"].shape == (7, 5, 5) and a.stderr["f_test"].shape == (7, 2)
-    plain = dmft.solve(problem, dmft.MonteCarlo(n_samples=512, chunk_size=256, sampling="plain", max_iters=10), key=3, throw=False)
-    assert np.all(np.isfinite(plain.loss))
+    sobol = dmft.solve(problem, dmft.MonteCarlo(n_samples=512, chunk_size=256, sampling="sobol", max_iters=10), key=3, throw=False)
+    assert np.all(np.isfinite(sobol.loss)) and sobol.stderr["ntk"].shape == (7, 5, 5)
 
 
 @pytest.mark.parametrize(

@@ -358,7 +358,6 @@ class MonteCarlo(AbstractStochasticSolver):
         safe_gamma = jnp.where(gamma0 > 0, gamma0, 1.0)
         Phi_new, G_new, A_new, B_new, bP, bG = [], [], [], [], [], []
         Lx = _factor(Kx)[0]
-        Phi0, G0 = lazy_kernels(problem)[:2]  # for the quasi-random axes
         for l in range(L):  # layer l + 1 of THEORY
             first, last = l == 0, l == L - 1
             Phi_prev = jnp.broadcast_to(Kx[:, None, :], (T, Pa, T, Pa)) if first else state.Phi[l - 1]
@@ -369,31 +368,40 @@ class MonteCarlo(AbstractStochasticSolver):
             D = B_l + c * mask * G_next * Dcols
             Lu, Vu = (Lx, None) if first else _factor(Phi_prev.reshape(T * Pa, T * Pa))
             Lr, Vr = (None, None) if last else _factor(G_next.reshape(T * Pa, T * Pa))
-            axes = (self._axes(Kx if first else Phi0[l - 1], 1 if first else T), None if last else self._axes(G0[l + 1], T))
+            axes = self._layer_axes(problem, l, T)
             m = self._moments(act, gamma0, jr.fold_in(key, l), (T, Pa), (Lu, Lr), (Vu, Vr), axes, C, D, first, last)
             Phi_new.append(m["Phi"].reshape(T, Pa, T, Pa))
             G_new.append(m["G"].reshape(T, Pa, T, Pa))
             bP.append(m["Phi_eq_batches"])
             bG.append(m["G_eq_batches"])
             if not last:
-                A_new.append(self._response(m, "A", Lr, safe_gamma, gamma0, T, Pa))
+                A_new.append(self._response(m, "A", Lr, G_next, safe_gamma, gamma0, T, Pa))
             if not first:
-                B_new.append(self._response(m, "B", Lu, safe_gamma, gamma0, T, Pa))
+                B_new.append(self._response(m, "B", Lu, Phi_prev, safe_gamma, gamma0, T, Pa))
         new = _State(jnp.stack(Phi_new), jnp.stack(G_new), jnp.stack(A_new), jnp.stack(B_new))
         return new, jnp.stack(bP, axis=1), jnp.stack(bG, axis=1)
 
-    def _response(self, m, name, root, safe_gamma, gamma0, T, Pa):
+    def _response(self, m, name, root, K, safe_gamma, gamma0, T, Pa):
+        """Abar (name "A") or Bbar ("B") from the moments m; `root`, `K (T, Pa, T, Pa)`: the square root
+        and covariance of the differentiated source."""
         if self.responses == "none":
             return jnp.zeros((T, Pa, T, Pa), root.dtype)
         lag = 1 if name == "A" else 0  # Abar strictly causal, Bbar with its equal-time block
         if self.responses == "jacobian":
             R = m[name + "_jac"] * _time_mask(T, Pa, lag, root.dtype)
         else:
-            R = _causal_stein(m[name] @ root.T, root @ root.T, self.rcond, T, Pa, lag)
+            R = _causal_stein(m[name] @ root.T, K.reshape(T * Pa, T * Pa), self.rcond, T, Pa, lag)
         return jnp.where(gamma0 > 0, R / safe_gamma, 0.0).reshape(T, Pa, T, Pa)
 
-    def _axes(self, K0, T):
-        return _sobol_axes(K0, T) if self.sampling == "sobol" else None
+    def _layer_axes(self, problem, l, T):
+        """`(axes of u, axes of r)` of THEORY layer l + 1 for the quasi-random sources (sobol only):
+        from Kx (u of layer 1, constant in time) and the lazy kernels; None for the scalar r of the
+        last layer."""
+        if self.sampling != "sobol":
+            return None, None
+        Phi0, G0 = lazy_kernels(problem)[:2]
+        axes_u = _sobol_axes(problem.data.Kx, 1) if l == 0 else _sobol_axes(Phi0[l - 1], T)
+        return axes_u, None if l == problem.depth - 1 else _sobol_axes(G0[l + 1], T)
 
     def _draw(self, key, i, axes, shape_u, shape_r, dtype):
         """Standard normals `(e_u, e_r)` for chunk i, the same in every iteration (common random
@@ -499,7 +507,7 @@ class MonteCarlo(AbstractStochasticSolver):
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
         Delta = error_signal(problem, ntk_from_kernels(Kx, state.Phi, state.G))
-        Lx, axes = _factor(Kx)[0], (self._axes(Kx, 1), None)
+        Lx, axes = _factor(Kx)[0], self._layer_axes(problem, 0, T)
         n_chunks, nb_in = self.n_samples // self._chunk, self._slices
 
         def one_chunk(acc, i):
