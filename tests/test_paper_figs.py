@@ -5,8 +5,10 @@ to show, with margins chosen for the quick sizes (stated at each assert).
 """
 
 import os
+import pickle
 
 import numpy as np
+import pytest
 
 from paper_figs import f1_two_layer_relu, f2_deep_linear, f3_approximations, f4_deep_tanh, f5_width_convergence, f6_cnn_widths
 
@@ -74,7 +76,34 @@ def test_f6_cnn_widths(tmp_path):
     _check_files(res)
     for g, diffs in res["test_loss_consecutive_max_diff"].items():
         assert np.all(np.isfinite(diffs))
-        # Curves of consecutive widths (4 -> 16 -> 64) get closer: finite-width effects shrink.
+        # Curves of consecutive widths (4 -> 8 -> 16) get closer: finite-width effects shrink.
         assert diffs[-1] < diffs[0], (g, diffs)
     # The step size keeps GD stable on the NTK scale at the end of training too (bound: 2).
     assert max(res["final_eta0_lambda_max_over_P"].values()) < 2
+
+
+def _fake_cifar(folder, per_batch=30):
+    """Pickles in the layout of the CIFAR-10 python version (data_batch_1..5, test_batch: dicts with
+    b"data" (n, 3072) uint8 rows of R, G, B planes and b"labels"), random pixels, labels cycling 0..9."""
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_f6_cifar_path(tmp_path):
+    # The CIFAR-10 route of F6 on a stand-in copy (no data is shipped or downloaded): classes 0 / 1
+    # only, labels +-1, images (3, 32, 32) standardised on the training set, and a tiny CNN trains on them.
+    _fake_cifar(tmp_path)
+    Xtr, ytr, Xte, yte = f6_cnn_widths.cifar_data(str(tmp_path), P=24, P_test=6)
+    assert Xtr.shape == (24, 3, 32, 32) and Xte.shape == (6, 3, 32, 32)
+    assert set(np.unique(ytr)) == {-1.0, 1.0} and set(np.unique(yte)) <= {-1.0, 1.0}
+    np.testing.assert_allclose(Xtr.mean(0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(np.mean(Xtr**2), 1.0)
+    cfg = dict(widths=(4,), gammas=(1.0,), depth=2, steps=2, every=1, seeds=1)
+    curves, *_ = f6_cnn_widths.run_grid(cfg, (Xtr, ytr, Xte, yte))
+    assert all(np.all(np.isfinite(v)) for v in curves[1.0, 4].values())
+    os.remove(tmp_path / "test_batch")
+    with pytest.raises(ValueError, match="test_batch"):
+        f6_cnn_widths.cifar_data(str(tmp_path), P=24, P_test=6)
