@@ -200,11 +200,12 @@ _train_seeds = jax.jit(_train_seeds, static_argnames=("width", "depth", "steps",
 
 
 def run_grid(cfg, data):
-    """Curves[(gamma0, N)] = seed-mean dicts; plus eta0 and the final stability number per gamma0."""
+    """`curves[(gamma0, N)]`, `errors[(gamma0, N)]`: seed means and their standard errors (dicts of
+    curves); plus eta0 and the final stability number per gamma0."""
     data = tuple(jnp.asarray(a) for a in data)
     P = data[0].shape[0]
     eta0_base, lam0 = choose_eta0(data, max(cfg["widths"]), cfg["depth"], jr.key(123))
-    curves, final_stability = {}, {}
+    curves, errors, final_stability = {}, {}, {}
     for N in cfg["widths"]:
         keys = jr.split(jr.fold_in(jr.key(0), N), cfg["seeds"])
         for g in cfg["gammas"]:
@@ -215,41 +216,54 @@ def run_grid(cfg, data):
             for k, v in c.items():
                 check_finite(v, f"{k} at gamma0 = {g}, N = {N}")
             curves[g, N] = {k: np.asarray(v).mean(0) for k, v in c.items()}
+            errors[g, N] = {k: np.asarray(v).std(0, ddof=1) / np.sqrt(cfg["seeds"]) for k, v in c.items()}
             if N == max(cfg["widths"]):
                 p_last = jax.tree.map(lambda a: a[0], p_final)
                 final_stability[g] = float(eta0 * _lam_max(p_last, data[0], jnp.asarray(g), jr.key(1)) / P)
-    return curves, eta0_base, lam0, final_stability
+    return curves, errors, eta0_base, lam0, final_stability
 
 
-def consecutive_differences(curves, gammas, widths, key):
-    """max_k |curve_N(k) - curve_N'(k)| for consecutive widths N < N', per gamma0."""
-    return {g: [float(np.max(np.abs(curves[g, a][key] - curves[g, b][key]))) for a, b in zip(widths, widths[1:])]
-            for g in gammas}
+def consecutive_differences(curves, gammas, widths, key, errors=None):
+    """max_k |curve_N(k) - curve_N'(k)| for consecutive widths N < N', per gamma0; with `errors`, in
+    units of the difference's standard error `sqrt(se_N^2 + se_N'^2)` (steps where it is 0 skipped)."""
+
+    def one(g, a, b):
+        d = np.abs(curves[g, a][key] - curves[g, b][key])
+        if errors is None:
+            return float(np.max(d))
+        se = np.hypot(errors[g, a][key], errors[g, b][key])
+        return float(np.max(d[se > 0] / se[se > 0]))
+
+    return {g: [one(g, a, b) for a, b in zip(widths, widths[1:])] for g in gammas}
 
 
 def main(quick: bool = False, out: str = "paper_figs/out", cifar_dir: str | None = None) -> dict:
     cfg = QUICK if quick else FULL
     data = cifar_data(cifar_dir, cfg["P"], cfg["P_test"]) if cifar_dir else digits_data(cfg["P"], cfg["P_test"])
-    curves, eta0, lam0, stab = run_grid(cfg, data)
+    curves, errors, eta0, lam0, stab = run_grid(cfg, data)
     gammas, widths = cfg["gammas"], list(cfg["widths"])
     steps = np.arange(0, cfg["steps"] + 1, cfg["every"])
     fig, ax = plt.subplots(2, len(gammas), figsize=(4 * len(gammas), 6.5), layout="constrained", sharex=True)
     for j, g in enumerate(gammas):
         for i, N in enumerate(widths):
             c = PALETTE[1 + i]
-            ax[0, j].plot(steps, 2 * curves[g, N]["test_loss"], color=c, label=f"N = {N}")
-            ax[1, j].plot(steps, curves[g, N]["alignment"], color=c, label=f"N = {N}")
+            for row, key, scale in ((0, "test_loss", 2), (1, "alignment", 1)):
+                m, se = scale * curves[g, N][key], scale * errors[g, N][key]
+                ax[row, j].plot(steps, m, color=c, label=f"N = {N}")
+                ax[row, j].fill_between(steps, m - se, m + se, color=c, alpha=0.2, lw=0)
         ax[0, j].set(title=rf"$\gamma_0={g}$", ylabel=r"test loss $\mathrm{mean}(f-y)^2$")
         ax[1, j].set(xlabel="GD step k", ylabel=r"$y^\top\Phi^L y/(|\Phi^L|_F|y|^2)$ (test)")
     ax[0, 0].legend(frameon=False, fontsize=7)
     name = "CIFAR-10 0 vs 1" if cifar_dir else "digits 3 vs 8"
     fig.suptitle(f"F6: muP CNN ({cfg['depth']} conv layers, ReLU, GAP), {name}, P={cfg['P']}, full-batch GD, "
-                 f"eta0={eta0:.3g}/(1+$\\gamma_0$)$^2$ (eta0 lam_max(K0)/P={STABILITY}), seed mean of {cfg['seeds']}", fontsize=9)
+                 f"eta0={eta0:.3g}/(1+$\\gamma_0$)$^2$ (eta0 lam_max(K0)/P={STABILITY}), seed mean +- SE of {cfg['seeds']}", fontsize=9)
     files = save(fig, out, "f6_cnn_widths" + ("_quick" if quick else ""))
     return {
         "files": files, "eta0_base": eta0, "lambda_max_K0": lam0, "final_eta0_lambda_max_over_P": stab,
         "test_loss_consecutive_max_diff": consecutive_differences(curves, gammas, widths, "test_loss"),
         "alignment_consecutive_max_diff": consecutive_differences(curves, gammas, widths, "alignment"),
+        "test_loss_consecutive_max_z": consecutive_differences(curves, gammas, widths, "test_loss", errors),
+        "alignment_consecutive_max_z": consecutive_differences(curves, gammas, widths, "alignment", errors),
         "final": {f"gamma0={g}, N={N}": {k: float(v[-1]) for k, v in curves[g, N].items()} for g in gammas for N in widths},
     }
 

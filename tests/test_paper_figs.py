@@ -101,7 +101,7 @@ def test_f6_cifar_path(tmp_path):
     assert set(np.unique(ytr)) == {-1.0, 1.0} and set(np.unique(yte)) <= {-1.0, 1.0}
     np.testing.assert_allclose(Xtr.mean(0), 0.0, atol=1e-12)
     np.testing.assert_allclose(np.mean(Xtr**2), 1.0)
-    cfg = dict(widths=(4,), gammas=(1.0,), depth=2, steps=2, every=1, seeds=1)
+    cfg = dict(widths=(4,), gammas=(1.0,), depth=2, steps=2, every=1, seeds=2)
     curves, *_ = f6_cnn_widths.run_grid(cfg, (Xtr, ytr, Xte, yte))
     assert all(np.all(np.isfinite(v)) for v in curves[1.0, 4].values())
     os.remove(tmp_path / "test_batch")
