@@ -264,6 +264,8 @@ def main(quick: bool = False, out: str = "paper_figs/out", cifar_dir: str | None
         "alignment_consecutive_max_diff": consecutive_differences(curves, gammas, widths, "alignment"),
         "test_loss_consecutive_max_z": consecutive_differences(curves, gammas, widths, "test_loss", errors),
         "alignment_consecutive_max_z": consecutive_differences(curves, gammas, widths, "alignment", errors),
+        # Seed-to-seed spread of single networks (max over steps of the standard deviation), per width.
+        "test_loss_seed_sd": {g: [float(np.max(errors[g, N]["test_loss"]) * np.sqrt(cfg["seeds"])) for N in widths] for g in gammas},
         "final": {f"gamma0={g}, N={N}": {k: float(v[-1]) for k, v in curves[g, N].items()} for g in gammas for N in widths},
     }
 
