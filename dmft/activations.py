@@ -31,6 +31,7 @@ __all__ = [
     "Elementwise",
     "get_activation",
     "gauss_hermite_kernels",
+    "gauss_hermite_pairs",
 ]
 
 
@@ -40,8 +41,9 @@ def _pair_covariances(cov):
     return var[..., :, None], cov, var[..., None, :]
 
 
-def gauss_hermite_kernels(fn, dfn, cov, degree: int = 128):
-    """E[fn(u) fn(v)] and E[dfn(u) dfn(v)] for every pair of a `(..., M, M)` covariance, by quadrature.
+def gauss_hermite_pairs(pairs, cov, degree: int = 128):
+    """`E[f(u) g(v)]` for every pair of a `(..., M, M)` covariance and every `(f, g)` in `pairs`, by
+    quadrature: a tuple of `(..., M, M)` arrays, entry `(mu, nu)` with `u = u_mu`, `v = u_nu`.
 
     Uses `u = sqrt(c11) z1`, `v = (c12 / sqrt(c11)) z1 + sqrt(c22 - c12^2 / c11) z2` with z1, z2
     independent standard normals and a tensor Gauss-Hermite rule of `degree` nodes per axis. The sum
@@ -63,14 +65,17 @@ def gauss_hermite_kernels(fn, dfn, cov, degree: int = 128):
         z1, w1 = zw
         u = s11 * z1
         v = a[..., None] * z1 + b[..., None] * z
-        inner_phi = jnp.sum(w * fn(v), axis=-1)
-        inner_dphi = jnp.sum(w * dfn(v), axis=-1)
-        return (acc[0] + w1 * fn(u) * inner_phi, acc[1] + w1 * dfn(u) * inner_dphi), None
+        return tuple(s + w1 * f(u) * jnp.sum(w * g(v), axis=-1) for s, (f, g) in zip(acc, pairs)), None
 
     shape = jnp.broadcast_shapes(c11.shape, c12.shape, c22.shape)
-    zeros = jnp.zeros(shape, cov.dtype)
-    (phi, dphi), _ = jax.lax.scan(one_node, (zeros, zeros), (z, w))
-    return phi, dphi
+    zeros = tuple(jnp.zeros(shape, cov.dtype) for _ in pairs)
+    return jax.lax.scan(one_node, zeros, (z, w))[0]
+
+
+def gauss_hermite_kernels(fn, dfn, cov, degree: int = 128):
+    """`E[fn(u) fn(v)]` and `E[dfn(u) dfn(v)]` for every pair of a `(..., M, M)` covariance, by
+    quadrature (`gauss_hermite_pairs`)."""
+    return gauss_hermite_pairs(((fn, fn), (dfn, dfn)), cov, degree)
 
 
 class AbstractActivation(eqx.Module):

@@ -4,7 +4,7 @@
   the lazy solution: `StaticNTK` is `Lazy`, under the name the literature uses.
 * Gradient independence: `LinearClosure(responses=False)`, `MonteCarlo(responses="none")`.
 * `Perturbative`: leading-order perturbation theory in gamma0 around the lazy solution (linear
-  networks of any depth; smooth nonlinear two-layer networks).
+  networks and smooth nonlinear networks of any depth).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from ..activations import Linear
-from ..dynamics import error_signal, euler_predictions, ntk_from_kernels, prediction_fields
+from ..activations import Linear, gauss_hermite_pairs
+from ..dynamics import equal_time, error_signal, euler_predictions, ntk_from_kernels, prediction_fields
 from ..solve import AbstractSolver
 from .lazy import Lazy, lazy_kernels
 from .linear import LinearClosure
-from .monte_carlo import _factor
+from .monte_carlo import _factor, _fields
 
 __all__ = ["StaticNTK", "Perturbative"]
 
@@ -55,11 +55,157 @@ def _two_layer_kernels(act, gamma0, c, Kx, u, r, w, Delta):
     return jax.lax.scan(step, (jnp.zeros_like(u), r), Delta)[1]
 
 
-def _half_second_derivative(F, gamma0):
-    """`(1/2) d^2 F / dgamma0^2` at gamma0 = 0 (dtype of `gamma0`), by nested forward mode."""
+def _taylor2(F, gamma0):
+    """`(F(0), F'(0), F''(0) / 2)`: the Taylor coefficients of `F` at gamma0 = 0 (dtype of `gamma0`),
+    by nested forward mode."""
     zero, one = jnp.zeros_like(gamma0), jnp.ones_like(gamma0)
-    first = lambda g: jax.jvp(F, (g,), (one,))[1]
-    return jax.tree.map(lambda x: 0.5 * x, jax.jvp(first, (zero,), (one,))[1])
+    (f0, f1), (_, f2) = jax.jvp(lambda g: jax.jvp(F, (g,), (one,)), (zero,), (one,))
+    return f0, f1, jax.tree.map(lambda x: 0.5 * x, f2)
+
+
+def _half_second_derivative(F, gamma0):
+    """`(1/2) d^2 F / dgamma0^2` at gamma0 = 0."""
+    return _taylor2(F, gamma0)[2]
+
+
+def _derivative(fn):
+    """The derivative of an elementwise function, elementwise (forward mode)."""
+    return lambda x: jax.jvp(fn, (x,), (jnp.ones_like(x),))[1]
+
+
+class _Lazy(eqx.Module):
+    """What the O(gamma0^2) theory of a deep nonlinear network needs from the lazy limit, per layer
+    l = 0..L-1 (layer l + 1 of THEORY), on the discrete grid of `MonteCarlo`:
+
+    * `Su`, `Sr (L, Pa, Pa)`: the static source covariances, `Phi^{l-1}` (Kx for layer 1) and
+      `G^{l+1}` (all ones for the last layer, whose r is one scalar);
+    * Gaussian moments under `u ~ N(0, Su)`, `(L, Pa, Pa)`, entry `(mu, nu)` = `<a(u_mu) b(u_nu)>`:
+      `M1 = <phi' phi'>`, `M2 = <phi'' phi''>`, `Q = <phi'' phi>`, `R3 = <phi''' phi'>`;
+    * `C`, `D (L, T, Pa, T, Pa)`: the memory kernels of the single site (`h = u + gamma0 C g`,
+      `z = r + gamma0 D phi(h)`) at gamma0 -> 0: lazy Delta and kernels, and the limits of the
+      responses `Abar`, `Bbar` (`_lazy_responses`).
+    """
+
+    Su: jax.Array
+    Sr: jax.Array
+    M1: jax.Array
+    M2: jax.Array
+    Q: jax.Array
+    R3: jax.Array
+    C: jax.Array
+    D: jax.Array
+
+
+def _lazy_limit(problem):
+    act, Kx = problem.activation, problem.data.Kx
+    Phi0, G0, K0 = lazy_kernels(problem)
+    T, Pa = problem.n_steps + 1, Kx.shape[0]
+    Su = jnp.concatenate([Kx[None], Phi0[:-1]])
+    Sr = jnp.concatenate([G0[1:], jnp.ones_like(Kx)[None]])
+    d2 = _derivative(act.dfn)
+    pairs = ((act.dfn, act.dfn), (d2, d2), (d2, act.fn), (_derivative(d2), act.dfn))
+    M1, M2, Q, R3 = gauss_hermite_pairs(pairs, Su, getattr(act, "degree", 128))
+    Delta0 = error_signal(problem, jnp.broadcast_to(K0, (T, Pa, Pa)))
+    c = problem.dt * problem.eta0 / problem.P
+    mask = jnp.tril(jnp.ones((T, T), Kx.dtype), -1)[:, None, :, None]
+    # The Delta terms of C and D: c [s < t] S(mu, nu) Delta_nu(s).
+    memory = lambda S: c * mask * S[:, None, :, None, :] * Delta0[None, None, None]
+    C, D = _lazy_responses(memory(Su), memory(Sr), M1, M2, Q, R3, Sr)
+    return _Lazy(Su, Sr, M1, M2, Q, R3, C, D)
+
+
+def _lazy_responses(C_delta, D_delta, M1, M2, Q, R3, Sr):
+    """The memory kernels `C^l = Abar^{l-1} + C_delta^l`, `D^l = Bbar^l + D_delta^l`, `(L, T, Pa, T, Pa)`,
+    with the gamma0 -> 0 limits of the responses (moments `(L, Pa, Pa)`, broadcast over times):
+
+    * `Abar^l(t, s) = gamma0^{-1} <d phi(h(t)) / d r(s)> -> M1 * C^l(t, s)`: at first order
+      `h(t) = u + gamma0 sum_{s < t} C(t, s) phi'(u) r(s)`. Forward over layers.
+    * `Bbar^{l-1}(t, s) = gamma0^{-1} <d g^l(t) / d u^l(s)> -> M2 Sr * C^l(t, s) + M1 * D^l(t, s)
+      + [s = t, mu = nu] (sum_{s', nu} C^l(t, s') R3 Sr + D^l(t, s') Q)_mu`, from `g = phi'(h) z` with
+      `h` and `z = r + gamma0 sum_{s <= t} D(t, s) phi(h(s))` at first order (the diagonal term is
+      `<phi''(h(t)) z(t)>`, the equal-time response of `MonteCarlo`'s docstring). Backward over layers.
+
+    Only these limits enter the kernels at O(gamma0^2): the responses multiply gamma0 in the fields,
+    and their O(gamma0) parts vanish (the DMFT is invariant under gamma0 -> -gamma0, r -> -r).
+    """
+    L, T, Pa = C_delta.shape[:3]
+    grid = lambda X: X[:, None, :]  # (Pa, Pa) -> (Pa, 1, Pa): broadcast over (T, Pa, T, Pa)
+    C = [C_delta[0]]
+    for l in range(1, L):
+        C.append(grid(M1[l - 1]) * C[l - 1] + C_delta[l])
+    D = [D_delta[L - 1]]
+    eye = jnp.einsum("ts,mn->tmsn", jnp.eye(T, dtype=C_delta.dtype), jnp.eye(Pa, dtype=C_delta.dtype))
+    for m in range(L - 1, 0, -1):
+        Cm, Dm = C[m], D[0]
+        diag = jnp.einsum("tmsn,mn->tm", Cm, R3[m] * Sr[m]) + jnp.einsum("tmsn,mn->tm", Dm, Q[m])
+        B = grid(M2[m] * Sr[m]) * Cm + grid(M1[m]) * Dm + diag[:, :, None, None] * eye
+        D.insert(0, B + D_delta[m - 1])
+    return jnp.stack(C), jnp.stack(D)
+
+
+def _field_term(problem, lazy, key, l, chunk, n_chunks):
+    """The O(gamma0^2) kernels of layer l (0-based) at fixed (lazy) sources and memory kernels:
+    `(1/2) d^2/dgamma0^2 <phi phi^T>, <g g^T>` through `MonteCarlo`'s own causal single-site pass,
+    sample means over `u ~ N(0, Su)`, `r ~ N(0, Sr)` (both constant in time at gamma0 = 0).
+
+    Returns the two-time sums over all samples, `(T Pa, T Pa)` each, and the equal-time means per
+    chunk, `(n_chunks, T, Pa, Pa)` each.
+    """
+    act, gamma0 = problem.activation, problem.gamma0
+    T, Pa = lazy.C.shape[1:3]
+    last = l == problem.depth - 1
+    root_u, root_r = _factor(lazy.Su[l])[0], _factor(lazy.Sr[l])[0]
+    static = lambda x: jnp.broadcast_to(x[:, None, :], (chunk, T, Pa))
+
+    def one_chunk(acc, i):
+        ku, kr = jr.split(jr.fold_in(key, i))
+        u = static(jr.normal(ku, (chunk, Pa), root_u.dtype) @ root_u.T)
+        if last:
+            r = static(jnp.broadcast_to(jr.normal(kr, (chunk, 1), root_u.dtype), (chunk, Pa)))
+        else:
+            r = static(jr.normal(kr, (chunk, Pa), root_u.dtype) @ root_r.T)
+        x0, x1, x2 = _taylor2(lambda g: _fields(act, g, u, r, lazy.C[l], lazy.D[l]), gamma0)
+        second = lambda a0, a1, a2: a1.T @ a1 + a0.T @ a2 + a2.T @ a0  # gamma0^2 coefficient of a^T a
+        kern = [second(a0, a1, a2) for a0, a1, a2 in zip(x0, x1, x2)]
+        eq = [equal_time(k.reshape(T, Pa, T, Pa)) / chunk for k in kern]
+        return jax.tree.map(jnp.add, acc, kern), eq
+
+    zeros = [jnp.zeros((T * Pa, T * Pa), lazy.C.dtype)] * 2
+    return jax.lax.scan(one_chunk, zeros, jnp.arange(n_chunks))
+
+
+def _source_shift(dS, F, M, two_time):
+    """Price's theorem: the first-order change of `<a(u) a(u)^T>` over the (time, point) grid, at the
+    lazy static u, when the covariance of the source u changes by `dS`:
+    `(1/2) dS(i, i) <a'' a>_(i, j) + (1/2) dS(j, j) <a'' a>_(j, i) + dS(i, j) <a' a'>_(i, j)`,
+    with `F = <a'' a>`, `M = <a' a'>` `(Pa, Pa)`. `dS (T, Pa, T, Pa)` (two_time) or `(..., T, Pa, Pa)`.
+    """
+    if two_time:
+        d = jnp.diagonal(equal_time(dS), axis1=-2, axis2=-1)  # (T, Pa)
+        return 0.5 * (d[:, :, None, None] * F[:, None, :] + d[None, None] * F.T[:, None, :]) + dS * M[:, None, :]
+    d = jnp.diagonal(dS, axis1=-2, axis2=-1)
+    return 0.5 * (d[..., :, None] * F + d[..., None, :] * F.T) + dS * M
+
+
+def _propagate(lazy, Phi_f, G_f, two_time):
+    """Total O(gamma0^2) kernels from the per-layer field terms (lists over layers): the sources of
+    layer l + 1 have covariance `Phi^l` and those of layer l - 1 `G^l`, which change at O(gamma0^2)
+    too; to first order that adds `_source_shift` terms (forward for Phi, backward for G). Cross
+    terms are O(gamma0^4). Two-time `(T, Pa, T, Pa)` or equal-time `(..., T, Pa, Pa)` kernels (an
+    equal-time kernel needs only equal-time kernels of its neighbours)."""
+    L = len(Phi_f)
+    grid = (lambda X: X[:, None, :]) if two_time else (lambda X: X)
+    Phi = [Phi_f[0]]
+    for l in range(1, L):
+        Phi.append(Phi_f[l] + _source_shift(Phi[l - 1], lazy.Q[l], lazy.M1[l], two_time))
+    G = [None] * L
+    for l in range(L - 1, -1, -1):
+        G[l] = G_f[l]
+        if l > 0:
+            G[l] = G[l] + grid(lazy.Sr[l]) * _source_shift(Phi[l - 1], lazy.R3[l], lazy.M2[l], two_time)
+        if l < L - 1:
+            G[l] = G[l] + grid(lazy.M1[l]) * G[l + 1]
+    return Phi, G
 
 
 class Perturbative(AbstractSolver):
@@ -83,13 +229,24 @@ class Perturbative(AbstractSolver):
       degree <= 4 in r), over `u ~ N(0, Kx)` Monte Carlo with `n_samples` draws (pass `key`); the
       lazy kernels `x0` are exact. `Solution.stderr` holds batch-means standard errors (`n_batches`)
       of `f`, `loss`, `ntk` (and test fields). Kernels: equal-time only (`Phi = None`).
+    * **Smooth nonlinear networks of depth >= 2.** Two kinds of O(gamma0^2) terms, both about the
+      lazy state, where every source is Gaussian and constant in time:
+      - the *field term* of each layer: the same nested forward mode, through `MonteCarlo`'s causal
+        single-site pass, with sources `u ~ N(0, Phi0^{l-1})`, `r ~ N(0, G0^{l+1})` and the memory
+        kernels frozen at gamma0 -> 0, which needs the lazy limits of the responses
+        (`Abar = gamma0^{-1} <d phi / d r>` is 0/0 at gamma0 = 0) in closed form (`_lazy_responses`);
+      - the *source shift*: the sources' covariances `Phi^{l-1}`, `G^{l+1}` themselves move at
+        O(gamma0^2), which to first order changes a layer's kernels by Price's theorem
+        (`_source_shift`; Gaussian moments of phi and its first three derivatives by quadrature),
+        forward over layers for Phi and backward for G (`_propagate`).
+      Monte Carlo over `u, r` (`n_samples`, pass `key`); `Solution.Phi`, `Solution.G` are two-time.
 
     Not implemented: ReLU (no second derivative: compare `dmft.MonteCarlo` at small gamma0 with
-    `dmft.Lazy` instead) and nonlinear depth >= 2.
+    `dmft.Lazy` instead).
     """
 
     linear_iters: int = eqx.field(static=True, default=64)  # iterations of the linear x2 equation
-    n_samples: int = eqx.field(static=True, default=16384)  # u ~ N(0, Kx) draws (nonlinear, depth 1)
+    n_samples: int = eqx.field(static=True, default=16384)  # source draws (nonlinear networks)
     chunk_size: int = eqx.field(static=True, default=2048)
     n_batches: int = eqx.field(static=True, default=8)  # batch means for Solution.stderr
 
@@ -122,11 +279,6 @@ class Perturbative(AbstractSolver):
                 "none (piecewise linear). Use a smooth activation (tanh, erf), or compare dmft.MonteCarlo "
                 "at small gamma0 with dmft.Lazy"
             )
-        if problem.depth > 1:
-            raise ValueError(
-                "Perturbative is implemented for linear networks of any depth and nonlinear networks of "
-                f"depth 1, got depth {problem.depth} with {act.name}; use dmft.MonteCarlo at small gamma0"
-            )
         if self.n_batches < 2 or self.n_samples % (self.n_batches * self._chunk):
             raise ValueError(
                 f"n_samples ({self.n_samples}) must be a multiple of n_batches ({self.n_batches} >= 2) "
@@ -136,15 +288,17 @@ class Perturbative(AbstractSolver):
     def init(self, problem, key):
         if isinstance(problem.activation, Linear):
             return self._linear(problem, key)
-        return self._two_layer(problem, key)
+        return self._two_layer(problem, key) if problem.depth == 1 else self._deep(problem, key)
 
     def postprocess(self, problem, state, key):
-        x0, x2 = state
+        x0, x2 = state[:2]
         g2 = problem.gamma0**2
         if isinstance(problem.activation, Linear):
             return LinearClosure().postprocess(problem, jax.tree.map(lambda a, b: a + g2 * b, x0, x2), key)
-        (Phi0, G0), (Phi2, G2) = x0, x2  # (1, Pa, Pa) and (n_batches, T, Pa, Pa)
-        fields_of = lambda P2, G2_: self._fields(problem, Phi0 + g2 * P2[None], G0 + g2 * G2_[None])
+        # Nonlinear: x0 = (Phi0, G0) (L, 1, Pa, Pa), x2 = equal-time (Phi2, G2) per sample batch
+        # (n_batches, L, T, Pa, Pa); deep networks add the two-time kernels.
+        (Phi0, G0), (Phi2, G2) = x0, x2
+        fields_of = lambda P2, G2_: self._fields(problem, Phi0 + g2 * P2, G0 + g2 * G2_)
         fields, Phi_eq, G_eq = fields_of(Phi2.mean(0), G2.mean(0))
         per_batch = jax.vmap(lambda P2, G2_: fields_of(P2, G2_)[0])(Phi2, G2)
         stderr = {
@@ -152,11 +306,15 @@ class Perturbative(AbstractSolver):
             for k, v in per_batch.items()
             if k != "ts"
         }
-        return dict(**fields, Phi_eq=Phi_eq, G_eq=G_eq, stderr=stderr)
+        two_time = {}
+        if problem.depth > 1:
+            (Phi0_tt, G0_tt), (Phi2_tt, G2_tt) = state[2]
+            two_time = dict(Phi=Phi0_tt + g2 * Phi2_tt, G=G0_tt + g2 * G2_tt)
+        return dict(**fields, Phi_eq=Phi_eq, G_eq=G_eq, stderr=stderr, **two_time)
 
     @staticmethod
     def _fields(problem, Phi_eq, G_eq):
-        """Prediction fields from equal-time kernels `(1, T, Pa, Pa)` (Euler predictions)."""
+        """Prediction fields from equal-time kernels `(L, T, Pa, Pa)` (Euler predictions)."""
         K = ntk_from_kernels(problem.data.Kx, Phi_eq, G_eq)
         f = euler_predictions(K, problem.data.y, problem.dt, problem.eta0)
         return prediction_fields(problem, K, f), Phi_eq, G_eq
@@ -179,8 +337,24 @@ class Perturbative(AbstractSolver):
             return None, _half_second_derivative(F, problem.gamma0)
 
         _, (Phi2, G2) = jax.lax.scan(one_chunk, None, jnp.arange(self.n_samples // chunk))
-        per_batch = lambda x: x.reshape(self.n_batches, -1, *x.shape[1:]).mean(1)
-        return (Phi0, G0), (per_batch(Phi2), per_batch(G2))
+        per_batch = lambda x: x.reshape(self.n_batches, -1, 1, *x.shape[1:]).mean(1)
+        return (Phi0[:, None], G0[:, None]), (per_batch(Phi2), per_batch(G2))
+
+    def _deep(self, problem, key):
+        """Depth >= 2: the field term of every layer (`_field_term`, sampled) plus the shift of its
+        sources (`_propagate`), two-time over all samples and equal-time per sample batch."""
+        Phi0, G0 = lazy_kernels(problem)[:2]
+        lazy = _lazy_limit(problem)
+        L, T, Pa = problem.depth, problem.n_steps + 1, Phi0.shape[-1]
+        n_chunks = self.n_samples // self._chunk
+        batches = lambda x: x.reshape(self.n_batches, -1, *x.shape[1:]).mean(1)
+        sums, eqs = zip(*(_field_term(problem, lazy, jr.fold_in(key, l), l, self._chunk, n_chunks) for l in range(L)))
+        two_time = lambda x: x.reshape(T, Pa, T, Pa) / self.n_samples
+        Phi_tt, G_tt = _propagate(lazy, [two_time(s[0]) for s in sums], [two_time(s[1]) for s in sums], True)
+        Phi_eq, G_eq = _propagate(lazy, [batches(e[0]) for e in eqs], [batches(e[1]) for e in eqs], False)
+        tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, Pa, T, Pa))
+        x0, x2 = (Phi0[:, None], G0[:, None]), (jnp.stack(Phi_eq, 1), jnp.stack(G_eq, 1))
+        return x0, x2, ((tile(Phi0), tile(G0)), (jnp.stack(Phi_tt), jnp.stack(G_tt)))
 
     def _linear(self, problem, key):
         base = LinearClosure()
