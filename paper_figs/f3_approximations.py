@@ -3,7 +3,8 @@
 Deep linear networks, solved exactly by `LinearClosure`, against the static NTK (`Lazy`), the gradient
 independence approximation (GIA: `LinearClosure(responses=False)`), leading-order perturbation theory
 (`Perturbative`: the exact O(gamma0^2) term, not the notebook's GIA-type expansion, PAPER_NOTES 9.3)
-and a finite network; then a nonlinear case (tanh) with `MonteCarlo` vs `MonteCarlo(responses="none")`.
+and a finite network; then a nonlinear case (tanh) with `MonteCarlo` vs `MonteCarlo(responses="none")`,
+`Lazy` and `Perturbative`.
 
 Error of an approximation = max_t |loss_approx(t) - loss_DMFT(t)| / loss(0) (paper loss mean (f-y)^2),
 and 1 - the mean-over-layers alignment of its final feature kernels Phi^l(T, T) with the DMFT's.
@@ -89,10 +90,11 @@ def _nonlinear(nl):
     data = paper_data(nl["P"], nl["D"])
     methods = {"DMFT": dmft.MonteCarlo(n_samples=nl["samples"], chunk_size=min(1024, nl["samples"])),
                "GIA": dmft.MonteCarlo(n_samples=nl["samples"], chunk_size=min(1024, nl["samples"]), responses="none"),
-               "static NTK": dmft.Lazy(discrete=True)}
+               "static NTK": dmft.Lazy(discrete=True),
+               "perturbative": dmft.Perturbative(n_samples=4 * nl["samples"])}
     rows = {}
     for L in nl["depths"]:
-        with timed(f"tanh L = {L}: DMFT, GIA (same key), lazy, network N = {nl['width']}"):
+        with timed(f"tanh L = {L}: DMFT, GIA (same key), lazy, perturbative, network N = {nl['width']}"):
             problem = notebook_problem(data, dmft.MLP(L, "tanh"), nl["gamma"], nl["eta0"], nl["T"])
             rows[L] = (_solve_methods(problem, methods), train_seeds(problem, nl["width"], 1))
     return rows
