@@ -224,7 +224,7 @@ class MonteCarlo(AbstractStochasticSolver):
       use Stein for relu) or `"none"` (A = B = 0: the gradient independence approximation).
       Stein divides its sample sums by gamma0, so at small gamma0 its responses are noisy: for the
       O(gamma0^2) part of the kernels (tanh, depth 2, gamma0 = 0.1, antithetic, S = 65536) it was
-      12-19% off where the Jacobian route matched perturbation theory (tests/test_approximations.py).
+      11-19% off where the Jacobian route matched perturbation theory (tests/test_approximations.py).
     - `n_directions`: with `responses="jacobian"`, differentiate along the top `n_directions`
       eigenvectors of each source covariance only (cost ~ n_directions forward passes instead of
       (n+1) Pa); None: all.
