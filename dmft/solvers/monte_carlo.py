@@ -83,26 +83,52 @@ def _factor(K):
     return (V * jnp.sqrt(jnp.maximum(lam, 0.0))) @ V.T, V
 
 
+def _segments(T, n=4):
+    """Time boundaries `[(t0, t1), ...]` of n near-equal segments of the grid (fewer when T < n)."""
+    edges = sorted(set(np.linspace(0, T, min(n, T) + 1).round().astype(int).tolist()))
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def _fields(act, gamma0, u, r, C, D):
     """Causal single-site pass. u, r: (S, T, Pa); C: (T, Pa, T, Pa) strictly causal, D causal (its
     equal-time block, Bbar(t, t), multiplies phi(h(t)), already computed when z(t) is).
 
-    Returns phi(h), g, both (S, T * Pa).
+    Returns phi(h), g, both (S, T * Pa). The scan runs in `_segments`: within the segment ending at
+    t1 the history and the memory kernels are cut to the first t1 times (causality), which saves
+    ~3/8 of the products against always using the whole grid.
     """
     S, T, Pa = u.shape
     Cm, Dm = C.reshape(T, Pa, T * Pa), D.reshape(T, Pa, T * Pa)
 
-    def step(carry, t):
+    def step(carry, xs):
         phis, gs = carry
-        h = u[:, t] + gamma0 * gs @ Cm[t].T
+        t, C_t, D_t = xs
+        h = u[:, t] + gamma0 * gs @ C_t.T
         phis = jax.lax.dynamic_update_slice(phis, act.fn(h), (0, t * Pa))
-        z = r[:, t] + gamma0 * phis @ Dm[t].T
+        z = r[:, t] + gamma0 * phis @ D_t.T
         gs = jax.lax.dynamic_update_slice(gs, act.dfn(h) * z, (0, t * Pa))
         return (phis, gs), None
 
-    zeros = jnp.zeros((S, T * Pa), u.dtype)
-    (phis, gs), _ = jax.lax.scan(step, (zeros, zeros), jnp.arange(T))
+    phis = gs = jnp.zeros((S, 0), u.dtype)
+    for t0, t1 in _segments(T):
+        w = t1 * Pa
+        grow = lambda x: jnp.pad(x, ((0, 0), (0, w - x.shape[1])))
+        xs = (jnp.arange(t0, t1), Cm[t0:t1, :, :w], Dm[t0:t1, :, :w])
+        (phis, gs), _ = jax.lax.scan(step, (grow(phis), grow(gs)), xs)
     return phis, gs
+
+
+def _lower_products(X, Y, T, Pa, symmetric):
+    """`X^T Y (T Pa, T Pa)` on the time-block lower staircase of `_segments` only (rows of the segment
+    ending at t1 against columns of times < t1): what the causal responses need (their mask keeps
+    s <= t). `symmetric` (X is Y): the rest by transposition. ~5/8 of the full product's cost."""
+    n = T * Pa
+    rows, mask = [], np.zeros((n, n), bool)
+    for t0, t1 in _segments(T):
+        rows.append(jnp.pad(X[:, t0 * Pa:t1 * Pa].T @ Y[:, :t1 * Pa], ((0, 0), (0, n - t1 * Pa))))
+        mask[t0 * Pa:t1 * Pa, :t1 * Pa] = True
+    lower = jnp.concatenate(rows)
+    return jnp.where(mask, lower, lower.T) if symmetric else lower
 
 
 def _normals(key, n, shape_u, shape_r, antithetic):
@@ -385,22 +411,22 @@ class MonteCarlo(AbstractStochasticSolver):
             bP.append(m["Phi_eq_batches"])
             bG.append(m["G_eq_batches"])
             if not last:
-                A_new.append(self._response(m, "A", Lr, G_next, safe_gamma, gamma0, T, Pa))
+                A_new.append(self._response(m, "A", G_next, safe_gamma, gamma0, T, Pa))
             if not first:
-                B_new.append(self._response(m, "B", Lu, Phi_prev, safe_gamma, gamma0, T, Pa))
+                B_new.append(self._response(m, "B", Phi_prev, safe_gamma, gamma0, T, Pa))
         new = _State(jnp.stack(Phi_new), jnp.stack(G_new), jnp.stack(A_new), jnp.stack(B_new))
         return new, jnp.stack(bP, axis=1), jnp.stack(bG, axis=1)
 
-    def _response(self, m, name, root, K, safe_gamma, gamma0, T, Pa):
-        """Abar (name "A") or Bbar ("B") from the moments m; `root`, `K (T, Pa, T, Pa)`: the square root
-        and covariance of the differentiated source."""
+    def _response(self, m, name, K, safe_gamma, gamma0, T, Pa):
+        """Abar (name "A") or Bbar ("B") from the moments m; `K (T, Pa, T, Pa)`: the covariance of the
+        differentiated source."""
         if self.responses == "none":
-            return jnp.zeros((T, Pa, T, Pa), root.dtype)
+            return jnp.zeros((T, Pa, T, Pa), K.dtype)
         lag = 1 if name == "A" else 0  # Abar strictly causal, Bbar with its equal-time block
         if self.responses == "jacobian":
-            R = m[name + "_jac"] * _time_mask(T, Pa, lag, root.dtype)
+            R = m[name + "_jac"] * _time_mask(T, Pa, lag, K.dtype)
         else:
-            R = _causal_stein(m[name] @ root.T, K.reshape(T * Pa, T * Pa), self.rcond, T, Pa, lag)
+            R = _causal_stein(m[name], K.reshape(T * Pa, T * Pa), self.rcond, T, Pa, lag)
         return jnp.where(gamma0 > 0, R / safe_gamma, 0.0).reshape(T, Pa, T, Pa)
 
     def _layer_axes(self, problem, l, T):
@@ -421,7 +447,8 @@ class MonteCarlo(AbstractStochasticSolver):
         return _normals(jr.fold_in(key, i), self._chunk, shape_u, shape_r, self.sampling == "antithetic")
 
     def _moments(self, act, gamma0, key, shape, factors, eigvecs, axes, C, D, first, last):
-        """Sample averages for one layer: <phi phi^T>, <g g^T>, <phi e_r^T>, <g e_u^T> over (T Pa)."""
+        """Sample averages for one layer over (T Pa): <phi phi^T>, <g g^T> and the Stein moments
+        <phi r^T>, <g u^T> (lower time blocks only, `_lower_products`)."""
         T, Pa = shape
         (Lu, Lr), chunk, n_chunks = factors, self._chunk, self.n_samples // self._chunk
         need_A = not last and self.responses == "stein"
@@ -438,16 +465,16 @@ class MonteCarlo(AbstractStochasticSolver):
                 r = jnp.broadcast_to(e_r[:, None, None], (chunk, T, Pa))
             else:
                 r = (e_r @ Lr.T).reshape(chunk, T, Pa)
-            return e_u, e_r, u, r
+            return u, r
 
         def one_chunk(acc, i):
-            e_u, e_r, u, r = sources(i)
+            u, r = sources(i)
             phis, gs = _fields(act, gamma0, u, r, C, D)
-            out = {"Phi": phis.T @ phis, "G": gs.T @ gs}
+            out = {"Phi": _lower_products(phis, phis, T, Pa, True), "G": _lower_products(gs, gs, T, Pa, True)}
             if need_A:
-                out["A"] = phis.T @ e_r
+                out["A"] = _lower_products(phis, r.reshape(chunk, -1), T, Pa, False)
             if need_B:
-                out["B"] = gs.T @ e_u
+                out["B"] = _lower_products(gs, u.reshape(chunk, -1), T, Pa, False)
             acc = jax.tree.map(jnp.add, acc, out)
             eq = lambda x: (lambda xr: jnp.einsum("bstm,bstn->btmn", xr, xr))(x.reshape(nb_in, -1, T, Pa))
             return acc, (eq(phis), eq(gs))
@@ -494,7 +521,7 @@ class MonteCarlo(AbstractStochasticSolver):
 
         def mean_over_samples(fn):
             def total(i):
-                e_u, e_r, u, r = sources(i)
+                u, r = sources(i)
                 return fn(u, r)
 
             return jax.lax.map(total, jnp.arange(n_chunks)).sum(0) / self.n_samples
