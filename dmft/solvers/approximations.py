@@ -97,6 +97,7 @@ class _Lazy(eqx.Module):
 
 
 def _lazy_limit(problem):
+    """The `_Lazy` quantities of a smooth nonlinear problem (quadrature and closed forms, no sampling)."""
     act, Kx = problem.activation, problem.data.Kx
     Phi0, G0, K0 = lazy_kernels(problem)
     T, Pa = problem.n_steps + 1, Kx.shape[0]
