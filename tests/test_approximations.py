@@ -75,6 +75,14 @@ def _K2(problem, sol):
     return np.asarray(sol.ntk - lazy.ntk) / float(problem.gamma0) ** 2, np.asarray(sol.stderr["ntk"]) / float(problem.gamma0) ** 2
 
 
+def _z(K2, se, samples, slack):
+    """Deviation of the sampled K2(t_max) from the mean of independent `samples` (keys or seeds) in
+    units of the combined standard error (spread of the samples and K2's batch means), after
+    subtracting the truncation `slack`."""
+    se_total = np.sqrt(samples.var(0, ddof=1) / len(samples) + se[-1] ** 2)
+    return (np.abs(K2[-1] - samples.mean(0)) - slack) / se_total, se_total
+
+
 def test_nonlinear_path_on_the_identity_matches_the_linear_closure():
     # The identity as a generic smooth activation runs the nonlinear two-layer path (forward-mode
     # second derivative of the sampled single site); the exact closure's finite difference
@@ -109,8 +117,7 @@ def test_tanh_two_layer_matches_a_finite_difference_of_monte_carlo():
     eps = 0.05
     fds = np.array([fd(eps, k) for k in range(8)])
     truncation = 2 * np.abs(fd(2 * eps, 0) - fds[0]) / 3
-    se_total = np.sqrt(fds.var(0, ddof=1) / len(fds) + se[-1] ** 2)
-    z = (np.abs(K2[-1] - fds.mean(0)) - truncation) / se_total
+    z, se_total = _z(K2, se, fds, truncation)
     print(f"tanh: max |K2(t_max)| {np.abs(K2[-1]).max():.3f}, max error {np.abs(K2[-1] - fds.mean(0)).max():.2e}, "
           f"max se {se_total.max():.1e}, max z {z.max():.2f}")
     assert z.max() < 7
@@ -210,8 +217,7 @@ def test_tanh_deep_matches_a_finite_difference_of_monte_carlo(L):
     K0 = [K(0.0, k) for k in keys]
     fds = np.array([(K(eps, k) - K0[k]) / eps**2 for k in keys])
     truncation = 2 * np.abs((K(2 * eps, 0) - K0[0]) / (2 * eps) ** 2 - fds[0]) / 3
-    se_total = np.sqrt(fds.var(0, ddof=1) / len(fds) + se[-1] ** 2)
-    z = (np.abs(K2[-1] - fds.mean(0)) - truncation) / se_total
+    z, se_total = _z(K2, se, fds, truncation)
     print(f"L={L} tanh: K2(t_max) diag {np.diag(K2[-1]).round(4)}, Monte Carlo {np.diag(fds.mean(0)).round(4)}, "
           f"max error {np.abs(K2[-1] - fds.mean(0)).max():.2e}, max se {se_total.max():.1e}, max z {z.max():.2f}")
     assert z.max() < 7
@@ -244,8 +250,7 @@ def test_tanh_deep_matches_finite_networks():
         return (Kp[-1] + Km[-1] - 2 * Kp[0]) / (2 * e**2)
 
     nets = np.array([network_K2(jr.key(s), jnp.asarray(eps)) for s in range(8)])
-    se_total = np.sqrt(nets.var(0, ddof=1) / len(nets) + se[-1] ** 2)
-    z = (np.abs(K2[-1] - nets.mean(0)) - 2 * eps**2) / se_total
+    z, se_total = _z(K2, se, nets, 2 * eps**2)
     print(f"tanh L=2: K2(t_max) diag {np.diag(K2[-1]).round(4)}, networks (N = {width}) {np.diag(nets.mean(0)).round(4)}, "
           f"max se {se_total.max():.1e}, max z {z.max():.2f}")
     assert z.max() < 7
