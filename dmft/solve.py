@@ -96,6 +96,12 @@ def _bar_close():
     _BAR = None
 
 
+def damped(old, new, beta):
+    """The damped update `(1 - beta) old + beta new` of `solve`'s iteration, for any pytree (solvers
+    that sweep over layers reuse it so a layer sees its neighbour exactly as `solve` will mix it)."""
+    return jax.tree.map(lambda a, b: (1 - beta) * a + beta * b, old, new)
+
+
 def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -118,7 +124,7 @@ def _solve(problem, solver, key, throw, progress):
             it, state, residuals, _, _ = carry
             new = solver.step(problem, state, key)
             change = _relative_change(solver.monitor(new), solver.monitor(state))
-            mixed = jax.tree.map(lambda a, b: (1 - beta) * a + beta * b, state, new)
+            mixed = damped(state, new, beta)
             bad = ~jnp.isfinite(change)
             if progress:
                 jax.debug.callback(_bar_step, it, change, ordered=True)
