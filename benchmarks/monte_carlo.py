@@ -73,9 +73,10 @@ if __name__ == "__main__":
     ):
         t = per_iteration(p, S)
         print(f"{label:>18}: {t:.3f} s/iter, ratio to 40-step baseline {t / t40:.2f}")
-    sol, seconds = full_solve(problem(n_steps=100), 4096)
-    print(f"converged depth-3 solve, 100 steps, S = 4096: {seconds:.1f} s including compilation, "
-          f"{int(sol.iterations)} iterations, result: {sol.result}")
+    for kw in ({}, dict(undamped_above=0.1)):
+        sol, seconds = full_solve(problem(n_steps=100), 4096, **kw)
+        print(f"converged depth-3 solve, 100 steps, S = 4096, {kw or 'defaults'}: {seconds:.1f} s including "
+              f"compilation, {int(sol.iterations)} iterations, result: {sol.result}, final loss {float(sol.loss[-1]):.5f}")
     # Responses by the forward-mode Jacobian along n_directions source eigenvectors (validation route).
     for k in (16, 64):
         t = per_iteration(problem(), 1000, responses="jacobian", n_directions=k)

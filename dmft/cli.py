@@ -34,7 +34,8 @@ eta0 = 1.0
 
 [solver]
 kind = "monte_carlo"   # "lazy", "linear", "monte_carlo"
-n_samples = 4096       # monte_carlo: n_samples, damping, rtol, max_iters, chunk_size, responses
+n_samples = 4096       # monte_carlo: n_samples, damping, rtol, max_iters, chunk_size, responses,
+                       # sampling ("plain", "antithetic", "sobol"), control_variates (true / false)
 seed = 0
 
 [compare]              # used by `dmft compare`

@@ -7,7 +7,8 @@ A solver is an `equinox.Module` with
 * `step(problem, state, key) -> state`: one application of the self-consistent map `T`;
 * `postprocess(problem, state, key) -> dict`: the `Solution` fields for a state;
 * `max_iters`, `damping` (beta), `rtol`;
-* optionally `monitor(state)`: the part of the state whose change decides convergence.
+* optionally `monitor(state)`: the part of the state whose change decides convergence, and
+  `damping_at(change)`: the beta of the next update given the current relative change (default: `damping`).
 
 `solve` owns the damped iteration `state <- (1 - beta) state + beta T(state)`, stopping when the
 relative Frobenius change `max_leaf |T(x) - x| / |T(x)|` is at most `rtol`, and the result codes.
@@ -53,6 +54,10 @@ class AbstractSolver(eqx.Module):
     def monitor(self, state):
         """The part of the state whose relative change decides convergence (default: all of it)."""
         return state
+
+    def damping_at(self, change):
+        """The damping beta of the update that follows an iteration with relative change `change`."""
+        return self.damping
 
     def needs_key(self, problem: Problem) -> bool:
         """Whether solving `problem` samples, so that `solve` must be given an explicit `key`."""
@@ -114,8 +119,6 @@ def _solve(problem, solver, key, throw, progress):
     if n == 0:
         iterations, converged = jnp.array(0), jnp.array(True)
     else:
-        beta = solver.damping
-
         def cond(carry):
             it, _, _, done, bad = carry
             return (it < n) & ~done & ~bad
@@ -124,7 +127,7 @@ def _solve(problem, solver, key, throw, progress):
             it, state, residuals, _, _ = carry
             new = solver.step(problem, state, key)
             change = _relative_change(solver.monitor(new), solver.monitor(state))
-            mixed = damped(state, new, beta)
+            mixed = damped(state, new, solver.damping_at(change))
             bad = ~jnp.isfinite(change)
             if progress:
                 jax.debug.callback(_bar_step, it, change, ordered=True)

@@ -202,11 +202,12 @@ _train_seeds = jax.jit(_train_seeds, static_argnames=("width", "depth", "steps",
 
 def run_grid(cfg, data):
     """`curves[(gamma0, N)]`, `errors[(gamma0, N)]`: seed means and their standard errors (dicts of
-    curves); plus eta0 and the final stability number per gamma0."""
+    curves); eta0 and lambda_max(K_0); the final stability number per gamma0; and `runs[(gamma0, N)]`,
+    the single networks' curves (dicts of (seeds, records) arrays)."""
     data = tuple(jnp.asarray(a) for a in data)
     P = data[0].shape[0]
     eta0_base, lam0 = choose_eta0(data, max(cfg["widths"]), cfg["depth"], jr.key(123))
-    curves, errors, final_stability = {}, {}, {}
+    curves, errors, final_stability, runs = {}, {}, {}, {}
     for N in cfg["widths"]:
         keys = jr.split(jr.fold_in(jr.key(0), N), cfg["seeds"])
         for g in cfg["gammas"]:
@@ -216,12 +217,27 @@ def run_grid(cfg, data):
                                           steps=cfg["steps"], every=cfg["every"])
             for k, v in c.items():
                 check_finite(v, f"{k} at gamma0 = {g}, N = {N}")
+            runs[g, N] = {k: np.asarray(v) for k, v in c.items()}
             curves[g, N] = {k: np.asarray(v).mean(0) for k, v in c.items()}
             errors[g, N] = {k: np.asarray(v).std(0, ddof=1) / np.sqrt(cfg["seeds"]) for k, v in c.items()}
             if N == max(cfg["widths"]):
                 p_last = jax.tree.map(lambda a: a[0], p_final)
                 final_stability[g] = float(eta0 * _lam_max(p_last, data[0], jnp.asarray(g), jr.key(1)) / P)
-    return curves, errors, eta0_base, lam0, final_stability
+    return curves, errors, eta0_base, lam0, final_stability, runs
+
+
+def pair_distances(runs, gammas, widths, key, seeds=slice(None)):
+    """Distance between single networks of consecutive widths N < N', per gamma0: the rms over all
+    pairs of seeds (s, s') of `max_k |curve_{N,s}(k) - curve_{N',s'}(k)|`. What one run per width
+    (as in the paper's figure) shows: it holds the mean curves' difference (finite-width bias) and
+    both widths' seed-to-seed spread, so it shrinks only if both do. `seeds`: a subset (a slice)."""
+
+    def one(g, a, b):
+        x, z = runs[g, a][key][seeds], runs[g, b][key][seeds]
+        d = np.max(np.abs(x[:, None] - z[None]), axis=-1)
+        return float(np.sqrt(np.mean(d**2)))
+
+    return {g: [one(g, a, b) for a, b in zip(widths, widths[1:])] for g in gammas}
 
 
 def consecutive_differences(curves, gammas, widths, key, errors=None):
@@ -241,7 +257,7 @@ def consecutive_differences(curves, gammas, widths, key, errors=None):
 def main(quick: bool = False, out: str = "paper_figs/out", cifar_dir: str | None = None) -> dict:
     cfg = QUICK if quick else FULL
     data = cifar_data(cifar_dir, cfg["P"], cfg["P_test"]) if cifar_dir else digits_data(cfg["P"], cfg["P_test"])
-    curves, errors, eta0, lam0, stab = run_grid(cfg, data)
+    curves, errors, eta0, lam0, stab, runs = run_grid(cfg, data)
     gammas, widths = cfg["gammas"], list(cfg["widths"])
     steps = np.arange(0, cfg["steps"] + 1, cfg["every"])
     fig, ax = plt.subplots(2, len(gammas), figsize=(4 * len(gammas), 6.5), layout="constrained", sharex=True)
@@ -265,6 +281,14 @@ def main(quick: bool = False, out: str = "paper_figs/out", cifar_dir: str | None
         "alignment_consecutive_max_diff": consecutive_differences(curves, gammas, widths, "alignment"),
         "test_loss_consecutive_max_z": consecutive_differences(curves, gammas, widths, "test_loss", errors),
         "alignment_consecutive_max_z": consecutive_differences(curves, gammas, widths, "alignment", errors),
+        # Single networks of consecutive widths, all seed pairs, and on the two halves of the seeds
+        # (independent estimates, to show the trend is not one draw's).
+        "test_loss_pair_distance": pair_distances(runs, gammas, widths, "test_loss"),
+        "test_loss_pair_distance_halves": [
+            pair_distances(runs, gammas, widths, "test_loss", half)
+            for half in (slice(0, cfg["seeds"] // 2), slice(cfg["seeds"] // 2, None))
+        ],
+        "alignment_pair_distance": pair_distances(runs, gammas, widths, "alignment"),
         # Seed-to-seed spread of single networks (max over steps of the standard deviation), per width.
         "test_loss_seed_sd": {g: [float(np.max(errors[g, N]["test_loss"]) * np.sqrt(cfg["seeds"])) for N in widths] for g in gammas},
         "final": {f"gamma0={g}, N={N}": {k: float(v[-1]) for k, v in curves[g, N].items()} for g in gammas for N in widths},

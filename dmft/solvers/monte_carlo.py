@@ -271,6 +271,12 @@ class MonteCarlo(AbstractStochasticSolver):
       activations the change stalls at a Monte Carlo noise floor ~ S^-1/2 (relu, depth 2, 12 points,
       causal Stein responses: ~1.4% at S = 4096, ~1.1% with Sobol sources; 8 points, 31 steps: ~0.45%
       at S = 16384): if rtol is not reached, raise n_samples or rtol (the README example uses 3e-2).
+    - `undamped_above`: while the relative change is above this, take undamped steps (beta = 1),
+      then `damping`. Far from the fixed point the causal map propagates the new error signal
+      fastest undamped; damping is needed near the Monte Carlo noise floor (where undamped steps
+      wander). Tanh, depth 3, 101 times, S = 4096 (benchmarks/monte_carlo.py): `0.1` converged to
+      rtol 1e-2 in 11 iterations instead of 17 (damping 0.7 throughout: 14). None (default): off.
+      If the residual never falls below it, the solve ends at `max_iters`: lower it or turn it off.
     - `chunk_size`: samples processed at once (bounds memory at O(chunk (n+1) Pa)); must divide S.
     - `responses`: `"stein"` (Gaussian integration by parts as a causal regression, THEORY 5,
       default: cheap, valid for any activation), `"jacobian"` (forward-mode derivative of the sample
@@ -286,14 +292,16 @@ class MonteCarlo(AbstractStochasticSolver):
     - `rcond`: ridge of the Stein regression, relative to the mean eigenvalue of the source covariance.
     - `sampling`: `"plain"` (default, independent normals), `"antithetic"`: pairs `(e_u, +-e_r)`
       (see `_normals`), which cancel the leading, pure-noise part of both Stein sums (response noise
-      25-31x smaller at gamma0 = 0.05; at gamma0 = 1, depth-2 tanh, the spread of the final loss over
-      keys is 2.4x smaller and of the NTK unchanged: benchmarks/monte_carlo.py). Needs even blocks.
+      25-31x smaller at gamma0 = 0.05; at gamma0 = 1 no gain: over 16 keys at equal cost 0.9x / 0.8x
+      (loss / NTK, tanh, depth 2), 1.2x / 1.1x (depth 3), 1.1x / 1.0x (relu, depth 2; 6 keys had
+      suggested 2.4x for the loss): benchmarks/monte_carlo.py). Needs even blocks.
       `"sobol"`: randomised quasi-Monte Carlo (a digitally shifted Sobol net, its leading
       coordinates on the directions of largest source variance; see `_sobol_normals`), unbiased,
-      ~1.35x the cost per iteration of plain (the rotation onto the axes). At gamma0 = 1, S = 4096,
+      ~1.1-1.35x the cost per iteration of plain (the rotation onto the axes). At gamma0 = 1, S = 4096,
       the spread of the final loss / NTK over keys is smaller by 7x / 3.4x (tanh, depth 1, 8
-      points), 14x / 4.1x (tanh, depth 2, 8 points), 2.3x / 3.9x (tanh, depth 2, benchmark problem)
-      and 1.2x / 2.2x (relu, depth 2: the kink limits quasi-random gains). Needs n_samples a power of
+      points), 14x / 4.1x (tanh, depth 2, 8 points); at equal cost on the benchmark problems (16
+      keys) by 4.9x / 3.7x (tanh, depth 2), 11.2x / 3.9x (tanh, depth 3), 3.9x / 3.8x (relu,
+      depth 2). Needs n_samples a power of
       2. Its error can fall below the default `rtol`'s stopping error (~2.5e-4 of the loss on a
       depth-1 linear problem): lower `rtol` to benefit (smooth activations converge geometrically).
       The batch-means `stderr` (blocks of one shifted net) is then conservative.
@@ -303,9 +311,10 @@ class MonteCarlo(AbstractStochasticSolver):
       back their exact means (closed-form kernels of the source covariances; the controls' Stein
       moments vanish). Unbiased, about the cost of the plain map; what is left is the part of the
       fields that feature learning moved. With `sampling="sobol"` it gives the smallest errors
-      measured: spread over 16 keys of the final loss / NTK at gamma0 = 1, S = 4096, 30 steps,
-      P = 10, against plain sampling at equal cost, 7.2x / 6.3x (tanh, depth 2), 14x / 7.8x
-      (tanh, depth 3), 4.5x / 4.1x (relu, depth 2); alone 2-4x (`benchmarks/monte_carlo.py`).
+      measured: the standard error of the final loss / NTK (spread over 16 keys at gamma0 = 1,
+      S = 4096, 30 steps, P = 10) against plain sampling at equal cost is 6.9x / 6.0x smaller
+      (tanh, depth 2), 14.6x / 7.9x (tanh, depth 3), 4.6x / 4.3x (relu, depth 2); control
+      variates alone 2.6x / 2.7x, 3.5x / 2.7x, 2.1x / 2.2x (`benchmarks/monte_carlo.py`).
       Needs an activation with a control pair (not a custom callable).
     - `n_batches`: batches for the batch-means standard errors in `Solution.stderr` (must divide the
       number of chunks).
@@ -330,6 +339,7 @@ class MonteCarlo(AbstractStochasticSolver):
     n_batches: int = eqx.field(static=True, default=8)
     n_directions: int | None = eqx.field(static=True, default=None)
     control_variates: bool = eqx.field(static=True, default=False)
+    undamped_above: float | None = None
 
     @property
     def _chunk(self):
@@ -366,6 +376,8 @@ class MonteCarlo(AbstractStochasticSolver):
                 f"control_variates=True needs an activation with a closed-form control pair "
                 f"(linear, relu, erf, tanh), got {problem.activation.name!r}: pass control_variates=False"
             )
+        if self.undamped_above is not None and not self.undamped_above > self.rtol:
+            raise ValueError(f"undamped_above must be None or above rtol ({self.rtol}), got {self.undamped_above}")
         if not 0 < self.damping <= 1:
             raise ValueError(f"damping must be in (0, 1], got {self.damping}")
         if self.max_iters < 1:
@@ -386,6 +398,11 @@ class MonteCarlo(AbstractStochasticSolver):
         tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, Pa, T, Pa))
         zeros = jnp.zeros((L - 1, T, Pa, T, Pa), Phi.dtype)
         return _State(tile(Phi), tile(G), zeros, zeros, batches(Phi), batches(G))
+
+    def damping_at(self, change):
+        if self.undamped_above is None:
+            return self.damping
+        return jnp.where(change > self.undamped_above, 1.0, self.damping)
 
     def monitor(self, state):
         # Convergence is judged on the kernels. The responses are auxiliary and, for non-smooth
