@@ -22,7 +22,7 @@ import jax.random as jr
 
 from .problem import Problem
 from .solution import Solution
-from .solvers.monte_carlo import _factor, _fields
+from .solvers.monte_carlo import _factor, _fields, _sources
 
 __all__ = ["FieldSamples", "field_samples"]
 
@@ -71,23 +71,16 @@ def _layer_inputs(problem, sol, l):
     return Phi_prev, A_prev, G_next, B_l
 
 
-def _sources(key, Phi_prev, G_next, n_samples, first, last):
-    """`u ~ N(0, Phi^{l-1})`, `r ~ N(0, G^{l+1})`, each `(S, T, Pa)` (layer 1: u constant in time;
-    layer L: r one scalar per sample)."""
+def _draw_sources(key, Phi_prev, G_next, n_samples, first, last):
+    """`u ~ N(0, Phi^{l-1})`, `r ~ N(0, G^{l+1})`, each `(S, T, Pa)`, by MonteCarlo's own map from
+    standard normals to sources (layer 1: u constant in time; layer L: r one scalar per sample)."""
     T, Pa = Phi_prev.shape[:2]
     ku, kr = jr.split(key)
-    if first:
-        root = _factor(Phi_prev[0, :, 0, :])[0]
-        u = jnp.broadcast_to((jr.normal(ku, (n_samples, Pa)) @ root.T)[:, None], (n_samples, T, Pa))
-    else:
-        root = _factor(Phi_prev.reshape(T * Pa, T * Pa))[0]
-        u = (jr.normal(ku, (n_samples, T * Pa)) @ root.T).reshape(n_samples, T, Pa)
-    if last:
-        r = jnp.broadcast_to(jr.normal(kr, (n_samples, 1, 1)), (n_samples, T, Pa))
-    else:
-        root = _factor(G_next.reshape(T * Pa, T * Pa))[0]
-        r = (jr.normal(kr, (n_samples, T * Pa)) @ root.T).reshape(n_samples, T, Pa)
-    return u, r
+    Lu = _factor(Phi_prev[0, :, 0, :] if first else Phi_prev.reshape(T * Pa, T * Pa))[0]
+    Lr = None if last else _factor(G_next.reshape(T * Pa, T * Pa))[0]
+    e_u = jr.normal(ku, (n_samples, Pa if first else T * Pa))
+    e_r = jr.normal(kr, (n_samples,) if last else (n_samples, T * Pa))
+    return _sources(e_u, e_r, Lu, Lr, T, Pa, first, last)
 
 
 def _layer(problem, sol, l, Delta, key, n_samples, time):
@@ -98,7 +91,7 @@ def _layer(problem, sol, l, Delta, key, n_samples, time):
     Phi_prev, A_prev, G_next, B_l = _layer_inputs(problem, sol, l)
     C = A_prev + c * mask * Phi_prev * Delta[None, None]
     D = B_l + c * mask * G_next * Delta[None, None]
-    u, r = _sources(key, Phi_prev, G_next, n_samples, l == 0, l == problem.depth - 1)
+    u, r = _draw_sources(key, Phi_prev, G_next, n_samples, l == 0, l == problem.depth - 1)
     gamma0 = problem.gamma0
     phis, gs = _fields(problem.activation, gamma0, u, r, C, D)
     # h(t) = u(t) + gamma0 sum_{s<t} C g(s) and z(t) = r(t) + gamma0 sum_{s<=t} D phi(h(s)) (D holds the

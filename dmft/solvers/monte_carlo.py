@@ -129,6 +129,17 @@ def _fields(act, gamma0, u, r, C, D):
     return phis, gs
 
 
+def _sources(e_u, e_r, Lu, Lr, T, Pa, first, last):
+    """Sources `(u, r)`, each `(S, T, Pa)`, from standard normals: `u = Lu e_u` (layer 1: e_u
+    `(S, Pa)`, u constant in time; else `(S, T Pa)`) and `r = Lr e_r` (layer L: e_r `(S,)`, one
+    scalar per sample; else `(S, T Pa)`)."""
+    S = e_u.shape[0]
+    u = e_u @ Lu.T
+    u = jnp.broadcast_to(u[:, None, :], (S, T, Pa)) if first else u.reshape(S, T, Pa)
+    r = jnp.broadcast_to(e_r[:, None, None], (S, T, Pa)) if last else (e_r @ Lr.T).reshape(S, T, Pa)
+    return u, r
+
+
 def _gram(X, X0):
     """`X^T X - X0^T X0` for samples X, X0 (S, M) in one product: the symmetric part of
     `(X - X0)^T (X + X0)` (X0 None: `X^T X`)."""
@@ -537,15 +548,7 @@ class MonteCarlo(AbstractStochasticSolver):
         def sources(i):
             shape_u, shape_r = (Pa,) if first else (T * Pa,), () if last else (T * Pa,)
             e_u, e_r = self._draw(key, i, axes, shape_u, shape_r, C.dtype)
-            if first:
-                u = jnp.broadcast_to((e_u @ Lu.T)[:, None, :], (chunk, T, Pa))
-            else:
-                u = (e_u @ Lu.T).reshape(chunk, T, Pa)
-            if last:
-                r = jnp.broadcast_to(e_r[:, None, None], (chunk, T, Pa))
-            else:
-                r = (e_r @ Lr.T).reshape(chunk, T, Pa)
-            return u, r
+            return _sources(e_u, e_r, Lu, Lr, T, Pa, first, last)
 
         def one_chunk(acc, i):
             u, r = sources(i)
