@@ -82,6 +82,17 @@ def test_f6_cnn_widths(tmp_path):
     assert max(res["final_eta0_lambda_max_over_P"].values()) < 2
 
 
+def test_f6_pair_distances():
+    # rms over all seed pairs of the max-over-steps distance: seeds (0, 0) and (2, 2) against (0, 0)
+    # twice give distances 0, 0, 2, 2, rms sqrt(2); against (1, 1) twice, 1 everywhere.
+    runs = {(1.0, 4): {"x": np.array([[0.0, 0.0], [2.0, 2.0]])}, (1.0, 8): {"x": np.zeros((2, 2))},
+            (1.0, 16): {"x": np.ones((2, 2))}}
+    d = f6_cnn_widths.pair_distances(runs, [1.0], [4, 8], "x")
+    np.testing.assert_allclose(d[1.0], [np.sqrt(2.0)])
+    np.testing.assert_allclose(f6_cnn_widths.pair_distances(runs, [1.0], [8, 16], "x")[1.0], [1.0])
+    np.testing.assert_allclose(f6_cnn_widths.pair_distances(runs, [1.0], [4, 8], "x", slice(0, 1))[1.0], [0.0])
+
+
 def _fake_cifar(folder, per_batch=30):
     """Pickles in the layout of the CIFAR-10 python version (data_batch_1..5, test_batch: dicts with
     b"data" (n, 3072) uint8 rows of R, G, B planes and b"labels"), random pixels, labels cycling 0..9."""

@@ -288,6 +288,7 @@ class MonteCarlo(AbstractStochasticSolver):
       wander). Tanh, depth 3, 101 times, S = 4096 (benchmarks/monte_carlo.py): `0.1` converged to
       rtol 1e-2 in 11 iterations instead of 17 (damping 0.7 throughout: 14). None (default): off.
       If the residual never falls below it, the solve ends at `max_iters`: lower it or turn it off.
+      (The layer sweep inside one step keeps mixing neighbours with `damping`.)
     - `chunk_size`: samples processed at once (bounds memory at O(chunk (n+1) Pa)); must divide S.
     - `responses`: `"stein"` (Gaussian integration by parts as a causal regression, THEORY 5,
       default: cheap, valid for any activation), `"jacobian"` (forward-mode derivative of the sample
