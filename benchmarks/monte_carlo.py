@@ -77,6 +77,12 @@ if __name__ == "__main__":
         sol, seconds = full_solve(problem(n_steps=100), 4096, **kw)
         print(f"converged depth-3 solve, 100 steps, S = 4096, {kw or 'defaults'}: {seconds:.1f} s including "
               f"compilation, {int(sol.iterations)} iterations, result: {sol.result}, final loss {float(sol.loss[-1]):.5f}")
+    # XLA's own memory analysis of the compiled solve: scratch (temp) and output buffers.
+    p100, solver = problem(n_steps=100), dmft.MonteCarlo(n_samples=4096, chunk_size=1024)
+    memory = eqx.filter_jit(lambda p: dmft.solve(p, solver, key=0)).lower(p100).compile().compiled.memory_analysis()
+    print(f"memory of that solve (T Pa = {101 * 10}): temp {memory.temp_size_in_bytes / 1e6:.0f} MB, "
+          f"output {memory.output_size_in_bytes / 1e6:.0f} MB (state per iteration: 4 L (T Pa)^2 doubles "
+          f"= {4 * 3 * 1010**2 * 8 / 1e6:.0f} MB)")
     # Responses by the forward-mode Jacobian along n_directions source eigenvectors (validation route).
     for k in (16, 64):
         t = per_iteration(problem(), 1000, responses="jacobian", n_directions=k)

@@ -8,7 +8,8 @@ the library's networks are MLPs): every weight N(0, 1) with an explicit 1/sqrt(f
 
 full-batch gradient descent on 0.5 mean (f - y)^2 with learning rate eta0 gamma0^2 N for every tensor.
 The claim: at fixed gamma0 the test-loss and feature-alignment curves of different channel counts N
-coincide more and more closely as N grows (the muP / DMFT limit exists). Data: scikit-learn's 8x8
+coincide more and more closely as N grows (the muP / DMFT limit exists); measured between single
+networks of consecutive widths, as the paper's one run per width shows it (`pair_distances`). Data: scikit-learn's 8x8
 digits, classes 3 vs 8 with labels +1 / -1; or CIFAR-10 airplane vs automobile when `cifar_dir` is the
 folder of the "CIFAR-10 python version" (the pickles data_batch_1..5 and test_batch from
 cifar-10-python.tar.gz, extracted; nothing is downloaded).
