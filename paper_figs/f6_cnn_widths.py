@@ -219,8 +219,8 @@ def run_grid(cfg, data):
             for k, v in c.items():
                 check_finite(v, f"{k} at gamma0 = {g}, N = {N}")
             runs[g, N] = {k: np.asarray(v) for k, v in c.items()}
-            curves[g, N] = {k: np.asarray(v).mean(0) for k, v in c.items()}
-            errors[g, N] = {k: np.asarray(v).std(0, ddof=1) / np.sqrt(cfg["seeds"]) for k, v in c.items()}
+            curves[g, N] = {k: v.mean(0) for k, v in runs[g, N].items()}
+            errors[g, N] = {k: v.std(0, ddof=1) / np.sqrt(cfg["seeds"]) for k, v in runs[g, N].items()}
             if N == max(cfg["widths"]):
                 p_last = jax.tree.map(lambda a: a[0], p_final)
                 final_stability[g] = float(eta0 * _lam_max(p_last, data[0], jnp.asarray(g), jr.key(1)) / P)
