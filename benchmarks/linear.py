@@ -68,15 +68,19 @@ def row(p, solver):
 
 if __name__ == "__main__":
     solver = dmft.LinearClosure(rtol=1e-8)
-    print(f"{'P':>4} {'n':>5} {'L':>3} {'iters':>5} {'residual':>9} {'march s':>8} {'sweep s':>8} {'Phi s':>7} "
-          f"{'solve s':>8} {'temp MB':>8} {'out MB':>7}")
+    print(
+        f"{'P':>4} {'n':>5} {'L':>3} {'iters':>5} {'residual':>9} {'march s':>8} {'sweep s':>8} {'Phi s':>7} "
+        f"{'solve s':>8} {'temp MB':>8} {'out MB':>7}"
+    )
     times = {}
     for P, n, L in [(20, 100, 5), (20, 200, 5), (40, 100, 5), (20, 100, 10)]:
         r = row(problem(P, n, L), solver)
         it = int(r["sol"].iterations)
         times[(P, n, L)] = r["solve"]
-        print(f"{P:>4} {n:>5} {L:>3} {it:>5} {float(r['sol'].residuals[it - 1]):>9.1e} {r['march']:>8.3f} "
-              f"{r['sweep']:>8.3f} {r['Phi']:>7.3f} {r['solve']:>8.3f} {r['temp_mb']:>8.1f} {r['out_mb']:>7.1f}")
+        print(
+            f"{P:>4} {n:>5} {L:>3} {it:>5} {float(r['sol'].residuals[it - 1]):>9.1e} {r['march']:>8.3f} "
+            f"{r['sweep']:>8.3f} {r['Phi']:>7.3f} {r['solve']:>8.3f} {r['temp_mb']:>8.1f} {r['out_mb']:>7.1f}"
+        )
         if (P, n, L) == (20, 100, 5):
             ratio = REFERENCE_SECONDS / r["solve"]
             print(f"     reference ratio: {REFERENCE_SECONDS:.0f} s / {r['solve']:.3f} s = {ratio:.1f}x (target 20x)")

@@ -64,8 +64,10 @@ def key_spread(p, S, keys=16, **kwargs):
 if __name__ == "__main__":
     base = per_iteration(problem(n_steps=20), 1000)
     t40 = per_iteration(problem(n_steps=40), 1000)
-    print(f"tanh L=3 P=10 S=1000: {base:.3f} s/iter at 20 steps (ref 27 s: {27 / base:.0f}x), "
-          f"{t40:.3f} s/iter at 40 steps (ref 113 s: {113 / t40:.0f}x, target >= 100x)")
+    print(
+        f"tanh L=3 P=10 S=1000: {base:.3f} s/iter at 20 steps (ref 27 s: {27 / base:.0f}x), "
+        f"{t40:.3f} s/iter at 40 steps (ref 113 s: {113 / t40:.0f}x, target >= 100x)"
+    )
     for label, p, S in (
         ("n x2 (80 steps)", problem(n_steps=80), 1000),
         ("P x2 (P = 20)", problem(P=20), 1000),
@@ -76,14 +78,18 @@ if __name__ == "__main__":
         print(f"{label:>18}: {t:.3f} s/iter, ratio to 40-step baseline {t / t40:.2f}")
     for kw in ({}, dict(undamped_above=0.1)):
         sol, seconds = full_solve(problem(n_steps=100), 4096, **kw)
-        print(f"converged depth-3 solve, 100 steps, S = 4096, {kw or 'defaults'}: {seconds:.1f} s including "
-              f"compilation, {int(sol.iterations)} iterations, result: {sol.result}, final loss {float(sol.loss[-1]):.5f}")
+        print(
+            f"converged depth-3 solve, 100 steps, S = 4096, {kw or 'defaults'}: {seconds:.1f} s including "
+            f"compilation, {int(sol.iterations)} iterations, result: {sol.result}, final loss {float(sol.loss[-1]):.5f}"
+        )
     # XLA's own memory analysis of the compiled solve: scratch (temp) and output buffers.
     p100, solver = problem(n_steps=100), dmft.MonteCarlo(n_samples=4096, chunk_size=1024)
     memory = eqx.filter_jit(lambda p: dmft.solve(p, solver, key=0)).lower(p100).compile().compiled.memory_analysis()
-    print(f"memory of that solve (T Pa = {101 * 10}): temp {memory.temp_size_in_bytes / 1e6:.0f} MB, "
-          f"output {memory.output_size_in_bytes / 1e6:.0f} MB (state per iteration: 4 L (T Pa)^2 doubles "
-          f"= {4 * 3 * 1010**2 * 8 / 1e6:.0f} MB)")
+    print(
+        f"memory of that solve (T Pa = {101 * 10}): temp {memory.temp_size_in_bytes / 1e6:.0f} MB, "
+        f"output {memory.output_size_in_bytes / 1e6:.0f} MB (state per iteration: 4 L (T Pa)^2 doubles "
+        f"= {4 * 3 * 1010**2 * 8 / 1e6:.0f} MB)"
+    )
     # Responses by the forward-mode Jacobian along n_directions source eigenvectors (validation route).
     for k in (16, 64):
         t = per_iteration(problem(), 1000, responses="jacobian", n_directions=k)
@@ -92,16 +98,21 @@ if __name__ == "__main__":
     # spent averaging independent solves) the standard error improves on plain sampling by
     # (sd_plain / sd) * sqrt(seconds_plain / seconds).
     configs = {
-        "plain": {}, "antithetic": dict(sampling="antithetic"), "sobol": dict(sampling="sobol"),
-        "plain+cv": dict(control_variates=True), "sobol+cv": dict(sampling="sobol", control_variates=True),
+        "plain": {},
+        "antithetic": dict(sampling="antithetic"),
+        "sobol": dict(sampling="sobol"),
+        "plain+cv": dict(control_variates=True),
+        "sobol+cv": dict(sampling="sobol", control_variates=True),
     }
     for act, depth in (("tanh", 2), ("relu", 2), ("tanh", 3)):
         p = problem(depth=depth, n_steps=30, act=act)
         rtol = 3e-2 if act == "relu" else 1e-2  # relu's residual stalls at ~1.4% (S = 4096)
         spread = {name: key_spread(p, 4096, rtol=rtol, **kw) for name, kw in configs.items()}
         sl, sn, sec = spread["plain"]
-        print(f"{act} L={depth}, 30 steps, S=4096, rtol {rtol}: sd over 16 keys of the final loss / NTK, s/solve, "
-              "and the standard-error gain at equal cost:")
+        print(
+            f"{act} L={depth}, 30 steps, S=4096, rtol {rtol}: sd over 16 keys of the final loss / NTK, s/solve, "
+            "and the standard-error gain at equal cost:"
+        )
         for name, (l, n, t) in spread.items():
             gain = np.sqrt(sec / t)
             print(f"  {name:>10}: {l:.5f} / {n:.5f}, {t:.2f} s -> {sl / l * gain:.1f}x / {sn / n * gain:.1f}x")

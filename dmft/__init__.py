@@ -8,14 +8,21 @@ __version__ = "0.1.0"
 
 from . import activations as activations
 from . import datasets as datasets
-from . import networks as networks
-from .problem import MLP as MLP, Dataset as Dataset, Problem as Problem
-from .solution import RESULTS as RESULTS, Solution as Solution
-from .solve import AbstractSolver as AbstractSolver, solve as solve
-from .samples import FieldSamples as FieldSamples, field_samples as field_samples
-from .solvers import Lazy as Lazy, LinearClosure as LinearClosure, MonteCarlo as MonteCarlo
-from .solvers import Perturbative as Perturbative, StaticNTK as StaticNTK
-
-
 from . import io as io
-from .compare import Comparison as Comparison, compare as compare
+from . import networks as networks
+from .compare import Comparison as Comparison
+from .compare import compare as compare
+from .problem import MLP as MLP
+from .problem import Dataset as Dataset
+from .problem import Problem as Problem
+from .samples import FieldSamples as FieldSamples
+from .samples import field_samples as field_samples
+from .solution import RESULTS as RESULTS
+from .solution import Solution as Solution
+from .solve import AbstractSolver as AbstractSolver
+from .solve import solve as solve
+from .solvers import Lazy as Lazy
+from .solvers import LinearClosure as LinearClosure
+from .solvers import MonteCarlo as MonteCarlo
+from .solvers import Perturbative as Perturbative
+from .solvers import StaticNTK as StaticNTK

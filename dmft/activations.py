@@ -7,9 +7,10 @@ Every activation is an `equinox.Module` with
   any `(..., M, M)` covariance: entry `(mu, nu)` only needs the 2x2 block of `(mu, nu)`.
 
 `Linear`, `ReLU` and `Erf` have closed forms (arc-cosine kernels: Cho & Saul, "Kernel methods for
-deep learning", NeurIPS 2009; erf kernel: Williams, "Computing with infinite networks", NeurIPS 1997). `Tanh` and any user callable (`Elementwise`) use
-two-dimensional Gauss-Hermite quadrature, which converges spectrally for smooth phi; for a
-non-smooth callable prefer a closed form or Monte Carlo.
+deep learning", NeurIPS 2009; erf kernel: Williams, "Computing with infinite networks", NeurIPS
+1997). `Tanh` and any user callable (`Elementwise`) use two-dimensional Gauss-Hermite quadrature,
+which converges spectrally for smooth phi; for a non-smooth callable prefer a closed form or Monte
+Carlo.
 
 `control()` gives the Monte Carlo solver a surrogate pair close to (phi, phi') whose kernels have a
 closed form, for control variates: the activation itself where it has closed-form kernels, a fitted
@@ -255,6 +256,5 @@ def get_activation(spec) -> AbstractActivation:
     if callable(spec):
         return Elementwise(spec, label=getattr(spec, "__name__", "custom"))
     raise ValueError(
-        f"activation must be a name {sorted(_BY_NAME)}, an AbstractActivation or a callable, "
-        f"got {type(spec).__name__}"
+        f"activation must be a name {sorted(_BY_NAME)}, an AbstractActivation or a callable, got {type(spec).__name__}"
     )

@@ -60,12 +60,25 @@ QUICK_OVERRIDES = {
 }
 
 _SCHEMA = {
-    "data": {"kind": ("sphere", "digits"), "P": int, "P_test": int, "D": int, "target": ("teacher", "noise"), "seed": int},
+    "data": {
+        "kind": ("sphere", "digits"),
+        "P": int,
+        "P_test": int,
+        "D": int,
+        "target": ("teacher", "noise"),
+        "seed": int,
+    },
     "network": {"depth": int, "activation": ("linear", "relu", "tanh", "erf")},
     "problem": {"gamma0": float, "t_max": float, "n_steps": int, "eta0": float},
     "solver": {
-        "kind": ("lazy", "linear", "monte_carlo"), "n_samples": int, "damping": float, "rtol": float,
-        "max_iters": int, "chunk_size": int, "responses": ("stein", "jacobian", "none"), "seed": int,
+        "kind": ("lazy", "linear", "monte_carlo"),
+        "n_samples": int,
+        "damping": float,
+        "rtol": float,
+        "max_iters": int,
+        "chunk_size": int,
+        "responses": ("stein", "jacobian", "none"),
+        "seed": int,
     },
     "compare": {"widths": list, "seeds": int, "method": ("gd", "flow")},
 }
@@ -221,8 +234,10 @@ def run_compare(config, out, progress=True):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="dmft", description="Solve the DMFT of wide networks and compare with finite networks.",
-        epilog="example config:\n\n" + EXAMPLE_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="dmft",
+        description="Solve the DMFT of wide networks and compare with finite networks.",
+        epilog="example config:\n\n" + EXAMPLE_CONFIG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="DMFT vs lazy vs finite widths on the embedded default problem")
@@ -230,9 +245,16 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default="dmft_out")
     quiet_help = "no progress bars on stderr (DMFT iterations, finite widths)"
     demo.add_argument("--quiet", action="store_true", help=quiet_help)
-    for name, helptext in (("solve", "solve a configured problem"), ("compare", "solve and compare with finite networks")):
-        p = sub.add_parser(name, help=helptext, epilog="example config:\n\n" + EXAMPLE_CONFIG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, helptext in (
+        ("solve", "solve a configured problem"),
+        ("compare", "solve and compare with finite networks"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            epilog="example config:\n\n" + EXAMPLE_CONFIG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("config")
         p.add_argument("--out", required=True)
         p.add_argument("--x64", action="store_true", help="compute in float64")

@@ -44,8 +44,17 @@ def _train_seeds(problem, width, keys, center, method):
     return jax.vmap(lambda k: networks.train(problem, width, k, center=center, method=method))(keys)
 
 
-def compare(problem, solver, widths=(256, 1024, 4096), seeds: int = 4, *, key=0, center: bool = True,
-            method: str = "gd", progress: bool = True) -> Comparison:
+def compare(
+    problem,
+    solver,
+    widths=(256, 1024, 4096),
+    seeds: int = 4,
+    *,
+    key=0,
+    center: bool = True,
+    method: str = "gd",
+    progress: bool = True,
+) -> Comparison:
     """Solve `problem` with `solver` and train `seeds` networks at each width (vmapped over seeds).
 
     `method="gd"` (default) trains by gradient descent with step `eta0 dt`: the discrete DMFT is its

@@ -69,7 +69,13 @@ def alignment_curves(comparison, y=None, ax=None):
         A = target_alignment(np.asarray(run.Phi_eq)[:, -1, :, :P, :P], y)
         ax.plot(ts, A.mean(0), color=_width_colour(i), lw=1.2, label=f"N = {N}")
     ax.plot(ts, target_alignment(np.asarray(sol.Phi_eq)[-1, :, :P, :P], y), color=PALETTE[0], lw=2, label="DMFT")
-    ax.plot(ts, target_alignment(np.asarray(comparison.lazy.Phi_eq)[-1, :, :P, :P], y), color=PALETTE[0], ls="--", label="lazy")
+    ax.plot(
+        ts,
+        target_alignment(np.asarray(comparison.lazy.Phi_eq)[-1, :, :P, :P], y),
+        color=PALETTE[0],
+        ls="--",
+        label="lazy",
+    )
     ax.set(xlabel="time t", ylabel=r"alignment $y^\top\Phi^L y/(|\Phi^L|_F|y|^2)$")
     ax.legend(frameon=False, fontsize=8)
     return fig

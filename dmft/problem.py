@@ -40,9 +40,7 @@ def _as_targets(y, n, name):
             arr = arr[:, 0]
             y = jnp.asarray(y)[:, 0]
         if arr.shape != (n,):
-            raise ValueError(
-                f"{name} must have shape ({n},) (one scalar target per input); got shape {arr.shape}"
-            )
+            raise ValueError(f"{name} must have shape ({n},) (one scalar target per input); got shape {arr.shape}")
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{name} contains NaN or inf")
     return jnp.asarray(y, dtype=float)

@@ -20,7 +20,6 @@ it), so the report is live, works under `jit` and `vmap` (one bar; each member's
 it) and leaves the computation, hence the result, unchanged.
 """
 
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -119,6 +118,7 @@ def _solve(problem, solver, key, throw, progress):
     if n == 0:
         iterations, converged = jnp.array(0), jnp.array(True)
     else:
+
         def cond(carry):
             it, _, _, done, bad = carry
             return (it < n) & ~done & ~bad

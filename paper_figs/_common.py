@@ -28,8 +28,17 @@ import dmft  # noqa: E402
 import dmft.plotting  # noqa: E402  (not imported by `import dmft`: it pulls in matplotlib)
 
 __all__ = [
-    "PALETTE", "paper_data", "notebook_problem", "train_seeds", "paper_loss", "alignment",
-    "layer_alignment", "save", "run_cli", "timed", "check_finite",
+    "PALETTE",
+    "paper_data",
+    "notebook_problem",
+    "train_seeds",
+    "paper_loss",
+    "alignment",
+    "layer_alignment",
+    "save",
+    "run_cli",
+    "timed",
+    "check_finite",
 ]
 
 PALETTE = dmft.plotting.PALETTE

@@ -20,7 +20,16 @@ import numpy as np
 import dmft
 import dmft.plotting
 from paper_figs._common import (
-    PALETTE, alignment, check_finite, notebook_problem, paper_data, paper_loss, run_cli, save, timed, train_seeds,
+    PALETTE,
+    alignment,
+    check_finite,
+    notebook_problem,
+    paper_data,
+    paper_loss,
+    run_cli,
+    save,
+    timed,
+    train_seeds,
 )
 
 FULL = dict(P=25, D=40, eta0=0.075, T=200, gammas=(0.2, 1.0, 2.0, 3.0), width=3000, seeds=1, samples=4096)
@@ -35,7 +44,9 @@ def _solve_all(cfg):
     for g in cfg["gammas"]:
         problem = notebook_problem(data, net, g, cfg["eta0"], cfg["T"])
         with timed(f"gamma0 = {g}: DMFT + network N = {cfg['width']}"):
-            sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=cfg["samples"], chunk_size=min(1024, cfg["samples"])), key=0)
+            sol = dmft.solve(
+                problem, dmft.MonteCarlo(n_samples=cfg["samples"], chunk_size=min(1024, cfg["samples"])), key=0
+            )
             run = train_seeds(problem, cfg["width"], cfg["seeds"])
         check_finite(sol.loss, f"DMFT loss at gamma0 = {g}")
         out[g] = (sol, run)
@@ -76,9 +87,15 @@ def _density_panel(ax, results):
         ax.hist(h, bins=80, density=True, histtype="step", color=c, lw=1.5, label=rf"$\gamma_0={g}$")
     grid = np.linspace(-4, 4, 200)
     var = float(np.mean(np.asarray(results[lo][1].h_last) ** 2))
-    ax.plot(grid, np.exp(-grid**2 / (2 * var)) / np.sqrt(2 * np.pi * var), color="gray", lw=0.8, ls=":", label="Gaussian")
-    ax.set(xlabel=r"final preactivation $h_\mu$ (all $\mu$, neurons)", ylabel="density", yscale="log",
-           title="(d) network $p(h)$")
+    ax.plot(
+        grid, np.exp(-(grid**2) / (2 * var)) / np.sqrt(2 * np.pi * var), color="gray", lw=0.8, ls=":", label="Gaussian"
+    )
+    ax.set(
+        xlabel=r"final preactivation $h_\mu$ (all $\mu$, neurons)",
+        ylabel="density",
+        yscale="log",
+        title="(d) network $p(h)$",
+    )
     ax.legend(frameon=False, fontsize=7)
 
 
@@ -91,8 +108,11 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
     _loss_panel(fig.add_subplot(grid[:, 0]), results, lazy)
     _heatmaps(np.array([[fig.add_subplot(grid[i, 1 + j]) for j in range(2)] for i in range(2)]), *results[g_big], g_big)
     _density_panel(fig.add_subplot(grid[:, 3]), results)
-    fig.suptitle(f"F1: two-layer ReLU, P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}, "
-                 f"N={cfg['width']} (centred), DMFT S={cfg['samples']}; panels b-c at $\\gamma_0={g_big}$", fontsize=9)
+    fig.suptitle(
+        f"F1: two-layer ReLU, P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}, "
+        f"N={cfg['width']} (centred), DMFT S={cfg['samples']}; panels b-c at $\\gamma_0={g_big}$",
+        fontsize=9,
+    )
     files = save(fig, out, "f1_two_layer_relu" + ("_quick" if quick else ""))
     res = {"files": files, "lazy_final_loss": float(paper_loss(lazy.loss)[-1])}
     for g, (sol, run) in results.items():

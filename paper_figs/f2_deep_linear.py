@@ -21,8 +21,17 @@ import numpy as np
 import dmft
 import dmft.plotting
 from paper_figs._common import (
-    PALETTE, alignment, check_finite, layer_alignment, notebook_problem, paper_data, paper_loss, run_cli, save,
-    timed, train_seeds,
+    PALETTE,
+    alignment,
+    check_finite,
+    layer_alignment,
+    notebook_problem,
+    paper_data,
+    paper_loss,
+    run_cli,
+    save,
+    timed,
+    train_seeds,
 )
 
 FULL = dict(P=20, D=40, eta0=0.025, T=100, depths=(2, 3, 4, 5), gamma_sweep=1.4, gamma_kernels=1.5, width=2200, seeds=1)
@@ -81,27 +90,38 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
         top[0].plot(ts, paper_loss(run.loss).mean(0), color=PALETTE[1 + i], lw=1.5, label=f"L = {L} network")
         top[0].plot(ts, paper_loss(sol.loss), color=PALETTE[0], lw=1, ls="--")
     top[0].plot([], [], color=PALETTE[0], ls="--", label="DMFT")
-    top[0].set(xlabel=r"$t=\eta_0 k$", ylabel=r"loss $\mathrm{mean}(f-y)^2$", yscale="log",
-               title=rf"(a) depth sweep, $\gamma_0={cfg['gamma_sweep']}$")
+    top[0].set(
+        xlabel=r"$t=\eta_0 k$",
+        ylabel=r"loss $\mathrm{mean}(f-y)^2$",
+        yscale="log",
+        title=rf"(a) depth sweep, $\gamma_0={cfg['gamma_sweep']}$",
+    )
     top[0].legend(frameon=False, fontsize=7)
     depths = list(rows)
     mov_dmft = [movement(rows[L][0].Phi_eq) for L in depths]
     mov_net = [movement(np.asarray(rows[L][1].Phi_eq).mean(0)) for L in depths]
     top[1].plot(depths, mov_net, "o-", color=PALETTE[5], label="network")
     top[1].plot(depths, mov_dmft, "k--x", label="DMFT")
-    top[1].set(xlabel="depth L", ylabel=r"$\langle A(\Phi^\ell(0),\Phi^\ell(T))\rangle_\ell$", title="(c) kernel movement")
+    top[1].set(
+        xlabel="depth L", ylabel=r"$\langle A(\Phi^\ell(0),\Phi^\ell(T))\rangle_\ell$", title="(c) kernel movement"
+    )
     top[1].set_xticks(depths)
     top[1].legend(frameon=False, fontsize=7)
     dmft.plotting.two_time_trace(sol_k, layer=-1, ax=top[2])
     top[2].set_title(rf"(b) DMFT $\sum_\mu\Phi^{L_max}_{{\mu\mu}}(t,s)$, $\gamma_0={cfg['gamma_kernels']}$", fontsize=9)
     _kernel_grid(fig, grid, sol_k, run_k)
-    fig.suptitle(f"F2: deep linear, P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}, "
-                 f"N={cfg['width']} (centred); kernel rows: L={L_max}, $\\gamma_0$={cfg['gamma_kernels']}", fontsize=9)
+    fig.suptitle(
+        f"F2: deep linear, P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}, "
+        f"N={cfg['width']} (centred); kernel rows: L={L_max}, $\\gamma_0$={cfg['gamma_kernels']}",
+        fontsize=9,
+    )
     files = save(fig, out, "f2_deep_linear" + ("_quick" if quick else ""))
     res = {"files": files, "depths": depths, "movement_dmft": mov_dmft, "movement_net": mov_net}
     res["final_loss_dmft"] = [float(paper_loss(rows[L][0].loss)[-1]) for L in depths]
     res["final_loss_net"] = [float(paper_loss(rows[L][1].loss).mean(0)[-1]) for L in depths]
-    res["max_abs_loss_diff"] = [float(np.max(np.abs(paper_loss(rows[L][0].loss) - paper_loss(rows[L][1].loss).mean(0)))) for L in depths]
+    res["max_abs_loss_diff"] = [
+        float(np.max(np.abs(paper_loss(rows[L][0].loss) - paper_loss(rows[L][1].loss).mean(0)))) for L in depths
+    ]
     res["final_Phi_alignment_per_layer"] = [
         alignment(np.asarray(sol_k.Phi_eq)[l, -1], np.asarray(run_k.Phi_eq).mean(0)[l, -1]) for l in range(L_max)
     ]

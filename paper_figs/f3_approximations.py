@@ -27,13 +27,42 @@ import numpy as np
 
 import dmft
 from paper_figs._common import (
-    PALETTE, check_finite, layer_alignment, notebook_problem, paper_data, paper_loss, run_cli, save, timed, train_seeds,
+    PALETTE,
+    check_finite,
+    layer_alignment,
+    notebook_problem,
+    paper_data,
+    paper_loss,
+    run_cli,
+    save,
+    timed,
+    train_seeds,
 )
 
-FULL = dict(P=20, D=40, eta0=0.05, T=50, L=5, gamma=1.5, gammas=tuple(np.linspace(0.25, 1.5, 6)), depths=(1, 2, 3, 4, 5),
-            width=2200, nl=dict(P=10, D=25, eta0=0.1, T=30, gamma=1.5, depths=(1, 2, 3), samples=4096, width=2000))
-QUICK = dict(P=6, D=10, eta0=0.1, T=10, L=3, gamma=1.5, gammas=(0.5, 1.5), depths=(1, 3), width=200,
-             nl=dict(P=4, D=8, eta0=0.2, T=8, gamma=1.5, depths=(1, 2), samples=512, width=200))
+FULL = dict(
+    P=20,
+    D=40,
+    eta0=0.05,
+    T=50,
+    L=5,
+    gamma=1.5,
+    gammas=tuple(np.linspace(0.25, 1.5, 6)),
+    depths=(1, 2, 3, 4, 5),
+    width=2200,
+    nl=dict(P=10, D=25, eta0=0.1, T=30, gamma=1.5, depths=(1, 2, 3), samples=4096, width=2000),
+)
+QUICK = dict(
+    P=6,
+    D=10,
+    eta0=0.1,
+    T=10,
+    L=3,
+    gamma=1.5,
+    gammas=(0.5, 1.5),
+    depths=(1, 3),
+    width=200,
+    nl=dict(P=4, D=8, eta0=0.2, T=8, gamma=1.5, depths=(1, 2), samples=512, width=200),
+)
 
 LINEAR_METHODS = {  # label -> solver; "DMFT" is the reference
     "DMFT": dmft.LinearClosure(),
@@ -88,10 +117,12 @@ def _linear(cfg, data):
 
 def _nonlinear(nl):
     data = paper_data(nl["P"], nl["D"])
-    methods = {"DMFT": dmft.MonteCarlo(n_samples=nl["samples"], chunk_size=min(1024, nl["samples"])),
-               "GIA": dmft.MonteCarlo(n_samples=nl["samples"], chunk_size=min(1024, nl["samples"]), responses="none"),
-               "static NTK": dmft.Lazy(discrete=True),
-               "perturbative": dmft.Perturbative(n_samples=4 * nl["samples"])}
+    methods = {
+        "DMFT": dmft.MonteCarlo(n_samples=nl["samples"], chunk_size=min(1024, nl["samples"])),
+        "GIA": dmft.MonteCarlo(n_samples=nl["samples"], chunk_size=min(1024, nl["samples"]), responses="none"),
+        "static NTK": dmft.Lazy(discrete=True),
+        "perturbative": dmft.Perturbative(n_samples=4 * nl["samples"]),
+    }
     rows = {}
     for L in nl["depths"]:
         with timed(f"tanh L = {L}: DMFT, GIA (same key), lazy, perturbative, network N = {nl['width']}"):
@@ -101,7 +132,12 @@ def _nonlinear(nl):
 
 
 def _curves_panel(ax, sols, run, title):
-    styles = {"DMFT": ("k", "-"), "static NTK": (PALETTE[2], ":"), "GIA": (PALETTE[5], "--"), "perturbative": (PALETTE[3], "-.")}
+    styles = {
+        "DMFT": ("k", "-"),
+        "static NTK": (PALETTE[2], ":"),
+        "GIA": (PALETTE[5], "--"),
+        "perturbative": (PALETTE[3], "-."),
+    }
     ts = np.asarray(sols["DMFT"].ts)
     ax.plot(ts, paper_loss(run.loss).mean(0), color=PALETTE[1], lw=4, alpha=0.6, label="network")
     for name, sol in sols.items():
@@ -129,30 +165,73 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
     fig, ax = plt.subplots(2, 3, figsize=(13, 7.5), layout="constrained")
     _curves_panel(ax[0, 0], curves, run, rf"(a) deep linear L={cfg['L']}, $\gamma_0={cfg['gamma']}$")
     g, d = list(cfg["gammas"]), list(cfg["depths"])
-    _error_panel(ax[0, 1], g, vs_gamma, 0, r"$\gamma_0$", "max$_t$ |loss error| / loss(0)", f"(b) loss error vs DMFT, L={cfg['L']}")
-    _error_panel(ax[0, 2], g, vs_gamma, 1, r"$\gamma_0$", r"$1-\langle A(\Phi^\ell_{\rm approx}(T),\Phi^\ell(T))\rangle_\ell$",
-                 f"(c) final-kernel misalignment, L={cfg['L']}")
-    _error_panel(ax[1, 0], d, vs_depth, 0, "depth L", "max$_t$ |loss error| / loss(0)",
-                 rf"(d) linear, $\gamma_0={cfg['gamma']}$ (GIA exactly 0 at L=1)", linthresh=1e-3)
+    _error_panel(
+        ax[0, 1],
+        g,
+        vs_gamma,
+        0,
+        r"$\gamma_0$",
+        "max$_t$ |loss error| / loss(0)",
+        f"(b) loss error vs DMFT, L={cfg['L']}",
+    )
+    _error_panel(
+        ax[0, 2],
+        g,
+        vs_gamma,
+        1,
+        r"$\gamma_0$",
+        r"$1-\langle A(\Phi^\ell_{\rm approx}(T),\Phi^\ell(T))\rangle_\ell$",
+        f"(c) final-kernel misalignment, L={cfg['L']}",
+    )
+    _error_panel(
+        ax[1, 0],
+        d,
+        vs_depth,
+        0,
+        "depth L",
+        "max$_t$ |loss error| / loss(0)",
+        rf"(d) linear, $\gamma_0={cfg['gamma']}$ (GIA exactly 0 at L=1)",
+        linthresh=1e-3,
+    )
     nl, L_nl = cfg["nl"], max(cfg["nl"]["depths"])
     sols, nl_run = nl_rows[L_nl]
     _curves_panel(ax[1, 1], sols, nl_run, rf"(e) tanh L={L_nl}, $\gamma_0={nl['gamma']}$, N={nl['width']}")
     nl_err = [_errors(s) for s, _ in nl_rows.values()]
-    _error_panel(ax[1, 2], list(nl["depths"]), nl_err, 0, "depth L", "max$_t$ |loss error| / loss(0)",
-                 "(f) tanh (GIA exactly 0 at L=1)", linthresh=1e-3)
+    _error_panel(
+        ax[1, 2],
+        list(nl["depths"]),
+        nl_err,
+        0,
+        "depth L",
+        "max$_t$ |loss error| / loss(0)",
+        "(f) tanh (GIA exactly 0 at L=1)",
+        linthresh=1e-3,
+    )
     ax[1, 2].set_xticks(list(nl["depths"])), ax[1, 0].set_xticks(d)
-    fig.suptitle(f"F3: approximations vs the full DMFT. Linear: P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}; "
-                 f"tanh: P={nl['P']}, D={nl['D']}, $\\eta_0$={nl['eta0']}, T={nl['T']}, S={nl['samples']}", fontsize=9)
+    fig.suptitle(
+        f"F3: approximations vs the full DMFT. Linear: P={cfg['P']}, D={cfg['D']}, "
+        f"$\\eta_0$={cfg['eta0']}, T={cfg['T']}; "
+        f"tanh: P={nl['P']}, D={nl['D']}, $\\eta_0$={nl['eta0']}, T={nl['T']}, S={nl['samples']}",
+        fontsize=9,
+    )
     files = save(fig, out, "f3_approximations" + ("_quick" if quick else ""))
     per = lambda table, i: {n: [row[n][i] for row in table] for n in table[0]}
     return {
-        "files": files, "gammas": [float(x) for x in g], "depths": d,
-        "linear_loss_error_vs_gamma": per(vs_gamma, 0), "linear_kernel_misalignment_vs_gamma": per(vs_gamma, 1),
-        "linear_loss_error_vs_depth": per(vs_depth, 0), "linear_kernel_misalignment_vs_depth": per(vs_depth, 1),
-        "linear_final_loss": {n: float(paper_loss(s.loss)[-1]) for n, s in curves.items()} | {"network": float(paper_loss(run.loss)[0, -1])},
-        "tanh_depths": list(nl["depths"]), "tanh_loss_error_vs_depth": per(nl_err, 0),
-        "tanh_final_loss": {L: {n: float(paper_loss(s.loss)[-1]) for n, s in ss.items()} | {"network": float(paper_loss(r.loss)[0, -1])}
-                            for L, (ss, r) in nl_rows.items()},
+        "files": files,
+        "gammas": [float(x) for x in g],
+        "depths": d,
+        "linear_loss_error_vs_gamma": per(vs_gamma, 0),
+        "linear_kernel_misalignment_vs_gamma": per(vs_gamma, 1),
+        "linear_loss_error_vs_depth": per(vs_depth, 0),
+        "linear_kernel_misalignment_vs_depth": per(vs_depth, 1),
+        "linear_final_loss": {n: float(paper_loss(s.loss)[-1]) for n, s in curves.items()}
+        | {"network": float(paper_loss(run.loss)[0, -1])},
+        "tanh_depths": list(nl["depths"]),
+        "tanh_loss_error_vs_depth": per(nl_err, 0),
+        "tanh_final_loss": {
+            L: {n: float(paper_loss(s.loss)[-1]) for n, s in ss.items()} | {"network": float(paper_loss(r.loss)[0, -1])}
+            for L, (ss, r) in nl_rows.items()
+        },
     }
 
 

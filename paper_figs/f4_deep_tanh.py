@@ -23,7 +23,16 @@ import numpy as np
 
 import dmft
 from paper_figs._common import (
-    PALETTE, alignment, check_finite, notebook_problem, paper_data, paper_loss, run_cli, save, timed, train_seeds,
+    PALETTE,
+    alignment,
+    check_finite,
+    notebook_problem,
+    paper_data,
+    paper_loss,
+    run_cli,
+    save,
+    timed,
+    train_seeds,
 )
 
 FULL = dict(P=10, D=25, L=3, eta0=0.2, T=50, gammas=(0.2, 1.0), samples=2048, width=2000, seeds=1)
@@ -45,7 +54,9 @@ ACTIVATION = dmft.activations.Elementwise(_phi, _dphi, label="tanh(0.8h)/0.8")
 
 def make_problem(cfg, gamma0) -> dmft.Problem:
     """The F4 problem (also used by F5) at feature strength gamma0."""
-    return notebook_problem(paper_data(cfg["P"], cfg["D"]), dmft.MLP(cfg["L"], ACTIVATION), gamma0, cfg["eta0"], cfg["T"])
+    return notebook_problem(
+        paper_data(cfg["P"], cfg["D"]), dmft.MLP(cfg["L"], ACTIVATION), gamma0, cfg["eta0"], cfg["T"]
+    )
 
 
 def solve_dmft(cfg, gamma0, key=0):
@@ -86,7 +97,9 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
     fig, ax = plt.subplots(3, L + 1, figsize=(3.3 * (L + 1), 9), layout="constrained")
     for i, g in enumerate(cfg["gammas"]):
         ts = np.asarray(sols[g].ts)
-        ax[0, 0].plot(ts, paper_loss(runs[g].loss).mean(0), color=PALETTE[2 + 3 * i], lw=1.5, label=rf"network $\gamma_0={g}$")
+        ax[0, 0].plot(
+            ts, paper_loss(runs[g].loss).mean(0), color=PALETTE[2 + 3 * i], lw=1.5, label=rf"network $\gamma_0={g}$"
+        )
         ax[0, 0].plot(ts, paper_loss(sols[g].loss), color="k", lw=1, ls="--")
     ax[0, 0].plot([], [], "k--", label="DMFT")
     ax[0, 0].set(xlabel=r"$t=\eta_0 k$", ylabel=r"loss $\mathrm{mean}(f-y)^2$", yscale="log", title="(a) train loss")
@@ -103,14 +116,18 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
     ax[2, L].plot(np.asarray(sol.ts), np.einsum("sltmm->lt", np.asarray(run.Phi_eq)).T / cfg["seeds"], lw=1.5)
     ax[2, L].set(xlabel=r"$t$", title=r"$\sum_\mu\Phi^\ell_{\mu\mu}(t,t)$, layers (net solid, DMFT dashed)")
     ax[2, L].title.set_fontsize(8)
-    fig.suptitle(f"F4: depth {L}, tanh(0.8h)/0.8, P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}, "
-                 f"S={cfg['samples']}, N={cfg['width']} (centred)", fontsize=9)
+    fig.suptitle(
+        f"F4: depth {L}, tanh(0.8h)/0.8, P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}, "
+        f"S={cfg['samples']}, N={cfg['width']} (centred)",
+        fontsize=9,
+    )
     files = save(fig, out, "f4_deep_tanh" + ("_quick" if quick else ""))
     res = {"files": files}
     for g in cfg["gammas"]:
         s, r = sols[g], runs[g]
         res[f"gamma0={g}"] = dict(
-            dmft_final_loss=float(paper_loss(s.loss)[-1]), net_final_loss=float(paper_loss(r.loss).mean(0)[-1]),
+            dmft_final_loss=float(paper_loss(s.loss)[-1]),
+            net_final_loss=float(paper_loss(r.loss).mean(0)[-1]),
             dmft_iterations=int(s.iterations),
             Phi_alignment=[alignment(s.Phi_eq[l, -1], np.asarray(r.Phi_eq).mean(0)[l, -1]) for l in range(L)],
             G_alignment=[alignment(s.G_eq[l, -1], np.asarray(r.G_eq).mean(0)[l, -1]) for l in range(L)],

@@ -18,8 +18,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import NullFormatter
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from paper_figs import f4_deep_tanh as f4
 from paper_figs._common import PALETTE, alignment, paper_loss, run_cli, save, timed, train_seeds
@@ -75,20 +75,29 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
     _alignment_panel(ax[1], widths, a_g, r"G^\ell")
     m, sd = np.array([e.mean() for e in err]), np.array([e.std(ddof=1) for e in err])
     slope, icpt = np.polyfit(np.log(widths), np.log(m), 1)
-    ax[2].errorbar(widths, m, yerr=sd, marker="o", ms=3, capsize=2, color=PALETTE[5], label="networks (mean $\\pm$ std)")
+    ax[2].errorbar(
+        widths, m, yerr=sd, marker="o", ms=3, capsize=2, color=PALETTE[5], label="networks (mean $\\pm$ std)"
+    )
     ax[2].plot(widths, np.exp(icpt) * np.asarray(widths, float) ** slope, "k:", label=f"fit $N^{{{slope:.2f}}}$")
     _width_axis(ax[2], widths)
     ax[2].set(yscale="log", xlabel="width N", ylabel="max$_t$ |loss$_{NN}$ - loss$_{DMFT}$| / loss(0)")
     ax[2].legend(frameon=False, fontsize=7)
     for a, letter in zip(ax, "abc"):
         a.set_title(f"({letter})", loc="left")
-    fig.suptitle(f"F5: width convergence, F4 problem at $\\gamma_0$={cfg['gamma0']}, {cfg['seeds']} seeds per width, "
-                 f"DMFT S={base['samples']}", fontsize=9)
+    fig.suptitle(
+        f"F5: width convergence, F4 problem at $\\gamma_0$={cfg['gamma0']}, {cfg['seeds']} seeds per width, "
+        f"DMFT S={base['samples']}",
+        fontsize=9,
+    )
     files = save(fig, out, "f5_width_convergence" + ("_quick" if quick else ""))
     return {
-        "files": files, "widths": widths, "loss_error_mean": m.tolist(), "loss_error_std": sd.tolist(),
+        "files": files,
+        "widths": widths,
+        "loss_error_mean": m.tolist(),
+        "loss_error_std": sd.tolist(),
         "loss_error_slope": float(slope),
-        "Phi_alignment_mean": [a.mean(0).tolist() for a in a_phi], "G_alignment_mean": [a.mean(0).tolist() for a in a_g],
+        "Phi_alignment_mean": [a.mean(0).tolist() for a in a_phi],
+        "G_alignment_mean": [a.mean(0).tolist() for a in a_g],
     }
 
 

@@ -17,8 +17,9 @@ cifar-10-python.tar.gz, extracted; nothing is downloaded).
 Step size: GD on the NTK scale is stable when eta0 * lambda_max(K) / P < 2 (K the NTK, P train points).
 eta0 is set from the initial NTK's top eigenvalue (power iteration with jvp / vjp) so that
 eta0 * lambda_max(K_0) / P = STABILITY (0.25), divided by (1 + gamma0)^2 (see `eta0_for`:
-the feature dynamics, not the NTK, limit the step at large gamma0); the final NTK's eta0 lambda_max / P is measured and returned as a check, and every curve is
-checked for NaN. Paper: CIFAR, N in {250, 500}, gamma0 in {1, 5, 10}, minibatch SGD (batch 250),
+the feature dynamics, not the NTK, limit the step at large gamma0); the final NTK's
+eta0 lambda_max / P is measured and returned as a check, and every curve is checked for NaN.
+Paper: CIFAR, N in {250, 500}, gamma0 in {1, 5, 10}, minibatch SGD (batch 250),
 5000 steps, eta0 = 2e-4; here digits (P = 64 train, 128 test), N in {16, 32, 64, 128}, gamma0 in
 {0.1, 1, 5}, 200 full-batch steps, 16 seeds (with 4, the mean-curve differences between widths were
 all at the seed-noise level and could not show a trend). (At STABILITY = 0.5 and 100 steps, gamma0 = 1 ended at
@@ -40,7 +41,6 @@ import jax.random as jr
 import matplotlib.pyplot as plt
 import numpy as np
 
-import dmft.plotting
 from paper_figs._common import PALETTE, check_finite, run_cli, save, timed
 
 FULL = dict(widths=(16, 32, 64, 128), gammas=(0.1, 1.0, 5.0), depth=2, steps=200, every=20, P=64, P_test=128, seeds=16)
@@ -68,8 +68,8 @@ def digits_data(P, P_test, classes=(3, 8), seed=0):
         raise ValueError(f"need P, P_test >= 1 and P + P_test <= {len(X)} for digits {classes}; got {P}, {P_test}")
     order = np.random.default_rng(seed).permutation(len(X))
     X, y = X[order], np.where(labels[order] == classes[0], 1.0, -1.0)
-    Xtr, Xte = _standardise(X[:P], X[P:P + P_test])
-    return Xtr, y[:P], Xte, y[P:P + P_test]
+    Xtr, Xte = _standardise(X[:P], X[P : P + P_test])
+    return Xtr, y[:P], Xte, y[P : P + P_test]
 
 
 def cifar_data(cifar_dir, P, P_test=2000, classes=(0, 1)):
@@ -77,7 +77,9 @@ def cifar_data(cifar_dir, P, P_test=2000, classes=(0, 1)):
     files = [os.path.join(cifar_dir, f"data_batch_{i}") for i in range(1, 6)] + [os.path.join(cifar_dir, "test_batch")]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
-        raise ValueError(f"cifar_dir must hold the CIFAR-10 python pickles (data_batch_1..5, test_batch); missing {missing}")
+        raise ValueError(
+            f"cifar_dir must hold the CIFAR-10 python pickles (data_batch_1..5, test_batch); missing {missing}"
+        )
 
     def load(names):
         parts = [pickle.load(open(f, "rb"), encoding="bytes") for f in names]
@@ -110,8 +112,9 @@ def _conv(x, W):
     H, Wd = x.shape[2], x.shape[3]
     xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     out = sum(
-        jnp.einsum("mchw,oc->mohw", xp[:, :, dy:dy + H, dx:dx + Wd], W[:, :, dy, dx])
-        for dy in range(3) for dx in range(3)
+        jnp.einsum("mchw,oc->mohw", xp[:, :, dy : dy + H, dx : dx + Wd], W[:, :, dy, dx])
+        for dy in range(3)
+        for dx in range(3)
     )
     return out / jnp.sqrt(fan_in)
 
@@ -156,9 +159,15 @@ def train(params, data, gamma0, eta0, steps, every):
     def measure(p):
         f = output(p, Xte, gamma0) - f0_te
         phi = features(p, Xte)
-        align = yte @ (phi @ (phi.T @ yte)) / (jnp.linalg.norm(phi.T @ phi) * (yte @ yte))  # |phi phi^T|_F = |phi^T phi|_F
-        return dict(test_loss=0.5 * jnp.mean((f - yte) ** 2), test_acc=jnp.mean(jnp.sign(f) == yte),
-                    alignment=align, train_loss=loss(p))
+        align = (
+            yte @ (phi @ (phi.T @ yte)) / (jnp.linalg.norm(phi.T @ phi) * (yte @ yte))
+        )  # |phi phi^T|_F = |phi^T phi|_F
+        return dict(
+            test_loss=0.5 * jnp.mean((f - yte) ** 2),
+            test_acc=jnp.mean(jnp.sign(f) == yte),
+            alignment=align,
+            train_loss=loss(p),
+        )
 
     def chunk(p, _):
         p = jax.lax.fori_loop(0, every, lambda i, q: jax.tree.map(lambda a, g: a - rate * g, q, jax.grad(loss)(q)), p)
@@ -214,8 +223,16 @@ def run_grid(cfg, data):
         for g in cfg["gammas"]:
             eta0 = eta0_for(eta0_base, g)
             with timed(f"gamma0 = {g}, N = {N}: {cfg['seeds']} seeds x {cfg['steps']} steps"):
-                p_final, c = _train_seeds(keys, data, jnp.asarray(g), jnp.asarray(eta0), width=N, depth=cfg["depth"],
-                                          steps=cfg["steps"], every=cfg["every"])
+                p_final, c = _train_seeds(
+                    keys,
+                    data,
+                    jnp.asarray(g),
+                    jnp.asarray(eta0),
+                    width=N,
+                    depth=cfg["depth"],
+                    steps=cfg["steps"],
+                    every=cfg["every"],
+                )
             for k, v in c.items():
                 check_finite(v, f"{k} at gamma0 = {g}, N = {N}")
             runs[g, N] = {k: np.asarray(v) for k, v in c.items()}
@@ -273,11 +290,17 @@ def main(quick: bool = False, out: str = "paper_figs/out", cifar_dir: str | None
         ax[1, j].set(xlabel="GD step k", ylabel=r"$y^\top\Phi^L y/(|\Phi^L|_F|y|^2)$ (test)")
     ax[0, 0].legend(frameon=False, fontsize=7)
     name = "CIFAR-10 0 vs 1" if cifar_dir else "digits 3 vs 8"
-    fig.suptitle(f"F6: muP CNN ({cfg['depth']} conv layers, ReLU, GAP), {name}, P={cfg['P']}, full-batch GD, "
-                 f"eta0={eta0:.3g}/(1+$\\gamma_0$)$^2$ (eta0 lam_max(K0)/P={STABILITY}), seed mean +- SE of {cfg['seeds']}", fontsize=9)
+    fig.suptitle(
+        f"F6: muP CNN ({cfg['depth']} conv layers, ReLU, GAP), {name}, P={cfg['P']}, full-batch GD, "
+        f"eta0={eta0:.3g}/(1+$\\gamma_0$)$^2$ (eta0 lam_max(K0)/P={STABILITY}), seed mean +- SE of {cfg['seeds']}",
+        fontsize=9,
+    )
     files = save(fig, out, "f6_cnn_widths" + ("_quick" if quick else ""))
     return {
-        "files": files, "eta0_base": eta0, "lambda_max_K0": lam0, "final_eta0_lambda_max_over_P": stab,
+        "files": files,
+        "eta0_base": eta0,
+        "lambda_max_K0": lam0,
+        "final_eta0_lambda_max_over_P": stab,
         "test_loss_consecutive_max_diff": consecutive_differences(curves, gammas, widths, "test_loss"),
         "alignment_consecutive_max_diff": consecutive_differences(curves, gammas, widths, "alignment"),
         "test_loss_consecutive_max_z": consecutive_differences(curves, gammas, widths, "test_loss", errors),
@@ -291,8 +314,12 @@ def main(quick: bool = False, out: str = "paper_figs/out", cifar_dir: str | None
         ],
         "alignment_pair_distance": pair_distances(runs, gammas, widths, "alignment"),
         # Seed-to-seed spread of single networks (max over steps of the standard deviation), per width.
-        "test_loss_seed_sd": {g: [float(np.max(errors[g, N]["test_loss"]) * np.sqrt(cfg["seeds"])) for N in widths] for g in gammas},
-        "final": {f"gamma0={g}, N={N}": {k: float(v[-1]) for k, v in curves[g, N].items()} for g in gammas for N in widths},
+        "test_loss_seed_sd": {
+            g: [float(np.max(errors[g, N]["test_loss"]) * np.sqrt(cfg["seeds"])) for N in widths] for g in gammas
+        },
+        "final": {
+            f"gamma0={g}, N={N}": {k: float(v[-1]) for k, v in curves[g, N].items()} for g in gammas for N in widths
+        },
     }
 
 

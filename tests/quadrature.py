@@ -15,8 +15,7 @@ def _gauss(z):
 def _quad_split(fun, breaks):
     edges = [-np.inf, *sorted(set(breaks)), np.inf]
     return sum(
-        integrate.quad(fun, lo, hi, epsabs=1e-13, epsrel=1e-12, limit=200)[0]
-        for lo, hi in zip(edges[:-1], edges[1:])
+        integrate.quad(fun, lo, hi, epsabs=1e-13, epsrel=1e-12, limit=200)[0] for lo, hi in zip(edges[:-1], edges[1:])
     )
 
 

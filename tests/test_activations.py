@@ -2,12 +2,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from quadrature import kernel_matrix
 from scipy import special
 
 import dmft
 from dmft.activations import Elementwise, Erf, ErfSurrogate, Linear, ReLU, Tanh, gauss_hermite_kernels, get_activation
-
-from quadrature import kernel_matrix
 
 # A generic 3x3 covariance (not normalised, with a near-parallel pair) to exercise every branch.
 COV = np.array([[1.3, 0.4, 1.0], [0.4, 0.9, 0.2], [1.0, 0.2, 0.85]])

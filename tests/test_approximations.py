@@ -72,7 +72,9 @@ def _with_gamma0(problem, g):
 def _K2(problem, sol):
     """The O(gamma0^2) NTK coefficient of a Perturbative solution (its kernels are x0 + gamma0^2 x2)."""
     lazy = dmft.solve(problem, dmft.Lazy(discrete=True))
-    return np.asarray(sol.ntk - lazy.ntk) / float(problem.gamma0) ** 2, np.asarray(sol.stderr["ntk"]) / float(problem.gamma0) ** 2
+    return np.asarray(sol.ntk - lazy.ntk) / float(problem.gamma0) ** 2, np.asarray(sol.stderr["ntk"]) / float(
+        problem.gamma0
+    ) ** 2
 
 
 def _z(K2, se, samples, slack):
@@ -98,7 +100,9 @@ def test_nonlinear_path_on_the_identity_matches_the_linear_closure():
     eps = 0.02
     exact, truncation = fd(eps), 2 * np.abs(fd(2 * eps) - fd(eps)) / 3
     z = (np.abs(K2 - exact) - truncation)[1:] / se[1:]  # t = 0: K2 = 0 exactly, se = 0
-    print(f"identity: max |K2| {np.abs(exact).max():.3f}, max error {np.abs(K2 - exact).max():.2e}, max z {z.max():.2f}")
+    print(
+        f"identity: max |K2| {np.abs(exact).max():.3f}, max error {np.abs(K2 - exact).max():.2e}, max z {z.max():.2f}"
+    )
     assert z.max() < 5
 
 
@@ -118,8 +122,10 @@ def test_tanh_two_layer_matches_a_finite_difference_of_monte_carlo():
     fds = np.array([fd(eps, k) for k in range(8)])
     truncation = 2 * np.abs(fd(2 * eps, 0) - fds[0]) / 3
     z, se_total = _z(K2, se, fds, truncation)
-    print(f"tanh: max |K2(t_max)| {np.abs(K2[-1]).max():.3f}, max error {np.abs(K2[-1] - fds.mean(0)).max():.2e}, "
-          f"max se {se_total.max():.1e}, max z {z.max():.2f}")
+    print(
+        f"tanh: max |K2(t_max)| {np.abs(K2[-1]).max():.3f}, max error {np.abs(K2[-1] - fds.mean(0)).max():.2e}, "
+        f"max se {se_total.max():.1e}, max z {z.max():.2f}"
+    )
     assert z.max() < 7
 
 
@@ -163,7 +169,9 @@ def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L):
     eps = 0.01
     exact, truncation = fd(eps), 2 * np.abs(fd(2 * eps) - fd(eps)) / 3
     z = (np.abs(K2 - exact) - truncation)[1:] / se[1:]
-    print(f"L={L} identity: max |K2| {np.abs(exact).max():.3f}, max error {np.abs(K2 - exact).max():.2e}, max z {z.max():.2f}")
+    print(
+        f"L={L} identity: max |K2| {np.abs(exact).max():.3f}, max error {np.abs(K2 - exact).max():.2e}, max z {z.max():.2f}"
+    )
     assert z.max() < 5.5
 
 
@@ -191,7 +199,10 @@ def test_source_shift_is_the_derivative_of_the_gaussian_kernels():
     np.testing.assert_allclose((gp - gm) / (2 * e), _source_shift(jnp.asarray(dS), R3, M2, False), atol=1e-7)
     T, Z = 3, rng.normal(size=(12, 12))
     dS2, e = Z @ Z.T / 12, 1e-6
-    (pp, gp), (p0, g0) = act.kernels(jnp.asarray(np.kron(np.ones((T, T)), S) + e * dS2)), act.kernels(jnp.asarray(np.kron(np.ones((T, T)), S)))
+    (pp, gp), (p0, g0) = (
+        act.kernels(jnp.asarray(np.kron(np.ones((T, T)), S) + e * dS2)),
+        act.kernels(jnp.asarray(np.kron(np.ones((T, T)), S))),
+    )
     dS2 = jnp.asarray(dS2.reshape(T, 4, T, 4))
     np.testing.assert_allclose(((pp - p0) / e).reshape(T, 4, T, 4), _source_shift(dS2, Q, M1, True), atol=2e-5)
     np.testing.assert_allclose(((gp - g0) / e).reshape(T, 4, T, 4), _source_shift(dS2, R3, M2, True), atol=2e-5)
@@ -210,16 +221,25 @@ def test_tanh_deep_matches_a_finite_difference_of_monte_carlo(L):
     data = dmft.datasets.sphere(3, 3, 0)
     problem = dmft.Problem(data, dmft.MLP(L, "tanh"), gamma0=1.0, t_max=2.0, n_steps=4)
     K2, se = _K2(_small_gamma(problem), dmft.solve(_small_gamma(problem), dmft.Perturbative(n_samples=131072), key=0))
-    mc = dmft.MonteCarlo(n_samples=32768, chunk_size=8192, damping=1.0, rtol=1e-10, max_iters=60,
-                         responses="jacobian", sampling="antithetic")
+    mc = dmft.MonteCarlo(
+        n_samples=32768,
+        chunk_size=8192,
+        damping=1.0,
+        rtol=1e-10,
+        max_iters=60,
+        responses="jacobian",
+        sampling="antithetic",
+    )
     K = lambda g, k: np.asarray(dmft.solve(_with_gamma0(problem, g), mc, key=k).ntk[-1])
     eps, keys = 0.1, range(8)
     K0 = [K(0.0, k) for k in keys]
     fds = np.array([(K(eps, k) - K0[k]) / eps**2 for k in keys])
     truncation = 2 * np.abs((K(2 * eps, 0) - K0[0]) / (2 * eps) ** 2 - fds[0]) / 3
     z, se_total = _z(K2, se, fds, truncation)
-    print(f"L={L} tanh: K2(t_max) diag {np.diag(K2[-1]).round(4)}, Monte Carlo {np.diag(fds.mean(0)).round(4)}, "
-          f"max error {np.abs(K2[-1] - fds.mean(0)).max():.2e}, max se {se_total.max():.1e}, max z {z.max():.2f}")
+    print(
+        f"L={L} tanh: K2(t_max) diag {np.diag(K2[-1]).round(4)}, Monte Carlo {np.diag(fds.mean(0)).round(4)}, "
+        f"max error {np.abs(K2[-1] - fds.mean(0)).max():.2e}, max se {se_total.max():.1e}, max z {z.max():.2f}"
+    )
     assert z.max() < 7
 
 
@@ -251,6 +271,8 @@ def test_tanh_deep_matches_finite_networks():
 
     nets = np.array([network_K2(jr.key(s), jnp.asarray(eps)) for s in range(8)])
     z, se_total = _z(K2, se, nets, 2 * eps**2)
-    print(f"tanh L=2: K2(t_max) diag {np.diag(K2[-1]).round(4)}, networks (N = {width}) {np.diag(nets.mean(0)).round(4)}, "
-          f"max se {se_total.max():.1e}, max z {z.max():.2f}")
+    print(
+        f"tanh L=2: K2(t_max) diag {np.diag(K2[-1]).round(4)}, networks (N = {width}) {np.diag(nets.mean(0)).round(4)}, "
+        f"max se {se_total.max():.1e}, max z {z.max():.2f}"
+    )
     assert z.max() < 7

@@ -20,8 +20,10 @@ def _check(comp, bound=0.02):
     err = np.asarray(comp.max_loss_error)
     ntk = np.max(np.asarray(comp.ntk_error), axis=1)
     scale = float(np.max(np.abs(np.asarray(comp.dmft.ntk))))
-    print(f"widths {comp.widths}: max loss error / loss(0) = {err}, max NTK error = {ntk} (max |K| = {scale:.3g}), "
-          f"exponent {float(comp.exponent):.2f}")
+    print(
+        f"widths {comp.widths}: max loss error / loss(0) = {err}, max NTK error = {ntk} (max |K| = {scale:.3g}), "
+        f"exponent {float(comp.exponent):.2f}"
+    )
     assert err[-1] < err[0] and ntk[-1] < ntk[0]  # closer as width grows
     assert err[-1] < bound  # at the largest width, below 2% of the initial loss at every time
     return err
@@ -81,5 +83,7 @@ def test_nonlinear_networks_approach_monte_carlo(act, L):
         net = np.asarray(comp.runs[-1].loss).mean(0)
         err_full = np.max(np.abs(net - np.asarray(comp.dmft.loss))) / float(comp.dmft.loss[0])
         err_gia = np.max(np.abs(net - np.asarray(gia.loss))) / float(gia.loss[0])
-        print(f"{act} L={L}: loss error vs N=4096 networks: full DMFT {err_full:.4f}, gradient independence {err_gia:.4f}")
+        print(
+            f"{act} L={L}: loss error vs N=4096 networks: full DMFT {err_full:.4f}, gradient independence {err_gia:.4f}"
+        )
         assert err_gia > err_full

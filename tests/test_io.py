@@ -34,7 +34,9 @@ def test_solution_round_trip_is_exact(tmp_path):
 def test_comparison_round_trip(tmp_path):
     data = dmft.datasets.sphere(4, 3, 0)
     problem = dmft.Problem(data, dmft.MLP(1, "relu"), gamma0=1.0, t_max=2.0, n_steps=4)
-    comp = dmft.compare(problem, dmft.MonteCarlo(n_samples=1024, chunk_size=512), widths=[16, 32], seeds=2, progress=False)
+    comp = dmft.compare(
+        problem, dmft.MonteCarlo(n_samples=1024, chunk_size=512), widths=[16, 32], seeds=2, progress=False
+    )
     dmft.io.save(tmp_path / "c.npz", comp)
     back = dmft.io.load(tmp_path / "c.npz")
     _leaves_equal(comp, back)
@@ -55,7 +57,9 @@ def test_unknown_format_version_is_refused(tmp_path):
     dmft.io.save(path, _solution())
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
-    arrays["__manifest__"] = np.array(str(arrays["__manifest__"]).replace('"format_version": 1', '"format_version": 99'))
+    arrays["__manifest__"] = np.array(
+        str(arrays["__manifest__"]).replace('"format_version": 1', '"format_version": 99')
+    )
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match="format version 99"):
         dmft.io.load(path)

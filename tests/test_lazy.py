@@ -3,12 +3,11 @@ import jax.random as jr
 import numpy as np
 import pytest
 import scipy.linalg
+from quadrature import kernel_matrix
 from scipy import special
 
 import dmft
 from dmft.solvers.lazy import gradient_flow_predictions, lazy_kernels
-
-from quadrature import kernel_matrix
 
 SCALAR = {
     "linear": (lambda x: x, lambda x: 1.0, ()),

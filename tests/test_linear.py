@@ -1,6 +1,5 @@
 import equinox as eqx
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
 import pytest
 from scipy import integrate, stats
@@ -72,7 +71,11 @@ def test_two_layer_whitened_closed_form():
     ynorm = np.linalg.norm(y)
     ode = integrate.solve_ivp(
         lambda t, d: -2 / P * np.sqrt(1 + gamma0**2 * (ynorm - d) ** 2) * d,
-        (0, t_max), [ynorm], rtol=1e-12, atol=1e-14, dense_output=True,
+        (0, t_max),
+        [ynorm],
+        rtol=1e-12,
+        atol=1e-14,
+        dense_output=True,
     )
     errs = []
     for n in (50, 100, 200):
@@ -98,8 +101,12 @@ def test_perturbation_theory_ntk_correction():
         Delta0 = y - np.asarray(lazy.f)
         v = np.concatenate([np.zeros((1, len(y))), np.cumsum(Delta0[:-1], axis=0)]) * float(problem.dt) / len(y)
         Kv = v @ Kx
-        K2 = (L + 1) ** 2 * L * (L + 2) / 6 * (
-            np.einsum("ti,tj->tij", Kv, Kv) + np.einsum("ti,ti->t", v, Kv)[:, None, None] * Kx
+        K2 = (
+            (L + 1) ** 2
+            * L
+            * (L + 2)
+            / 6
+            * (np.einsum("ti,tj->tij", Kv, Kv) + np.einsum("ti,ti->t", v, Kv)[:, None, None] * Kx)
         )
         K2_closure = (np.asarray(sol.ntk) - np.asarray(lazy.ntk)) / 0.02**2
         assert np.linalg.norm(K2_closure - K2) <= 0.02 * np.linalg.norm(K2)

@@ -58,7 +58,11 @@ def test_error_shrinks_as_inverse_sqrt_samples():
     exact = float(dmft.solve(problem, dmft.LinearClosure()).loss[-1])
     sizes, rms = [256, 1024, 4096], []
     for S in sizes:
-        errs = [float(dmft.solve(problem, dmft.MonteCarlo(n_samples=S, chunk_size=S, responses="jacobian"), key=k).loss[-1]) - exact for k in range(6)]
+        errs = [
+            float(dmft.solve(problem, dmft.MonteCarlo(n_samples=S, chunk_size=S, responses="jacobian"), key=k).loss[-1])
+            - exact
+            for k in range(6)
+        ]
         rms.append(np.sqrt(np.mean(np.square(errs))))
     slope = stats.linregress(np.log(sizes), np.log(rms)).slope
     print("RMS errors", rms, "slope", slope)
@@ -91,8 +95,12 @@ def test_two_layer_whitened_closed_form():
     X, y = np.sqrt(P) * np.eye(P), np.array([1.0, -0.5, 0.8, 0.3])
     ynorm = np.linalg.norm(y)
     ode = integrate.solve_ivp(
-        lambda t, d: -2 / P * np.sqrt(1 + gamma0**2 * (ynorm - d) ** 2) * d, (0, t_max), [ynorm],
-        rtol=1e-12, atol=1e-14, dense_output=True,
+        lambda t, d: -2 / P * np.sqrt(1 + gamma0**2 * (ynorm - d) ** 2) * d,
+        (0, t_max),
+        [ynorm],
+        rtol=1e-12,
+        atol=1e-14,
+        dense_output=True,
     )
     problem = dmft.Problem(dmft.Dataset(X, y), dmft.MLP(1, "linear"), gamma0=gamma0, t_max=t_max, n_steps=120)
     mc = dmft.solve(problem, dmft.MonteCarlo(n_samples=16384, chunk_size=4096), key=0)
@@ -107,7 +115,10 @@ def test_two_layer_whitened_closed_form():
 def _stein_jacobian_none(key=0, **kwargs):
     data = dmft.datasets.sphere(4, 6, 2)
     problem = dmft.Problem(data, dmft.MLP(2, "tanh"), gamma0=1.5, t_max=3.0, n_steps=8)
-    return [dmft.solve(problem, dmft.MonteCarlo(responses=r, **MC, **kwargs), key=key) for r in ("stein", "jacobian", "none")]
+    return [
+        dmft.solve(problem, dmft.MonteCarlo(responses=r, **MC, **kwargs), key=key)
+        for r in ("stein", "jacobian", "none")
+    ]
 
 
 def test_stein_responses_are_causal_and_move_towards_the_jacobian_route():
@@ -121,7 +132,9 @@ def test_stein_responses_are_causal_and_move_towards_the_jacobian_route():
     assert np.allclose(np.asarray(stein.A) * not_before, 0) and np.allclose(np.asarray(stein.B) * after, 0)
     assert np.abs(np.asarray(stein.B) * (not_before - after)).max() > 0  # the equal-time Bbar(t, t)
     se = np.asarray(jac.stderr["loss"])[-1]
-    assert float(gia.loss[-1] - stein.loss[-1]) > 4 * se and float(stein.loss[-1] - jac.loss[-1]) < float(gia.loss[-1] - jac.loss[-1])
+    assert float(gia.loss[-1] - stein.loss[-1]) > 4 * se and float(stein.loss[-1] - jac.loss[-1]) < float(
+        gia.loss[-1] - jac.loss[-1]
+    )
 
 
 def test_stein_captures_the_response_effect():
@@ -150,7 +163,9 @@ def _one_step_responses(gamma0, key=1, **kwargs):
     state = solver.init(problem, jax.random.key(0))
     new = solver.step(problem, state, jax.random.key(key))
     root = lambda K: _factor(K.reshape(36, 36))[0]
-    return np.asarray(new.A[0].reshape(36, 36) @ root(state.G[1])), np.asarray(new.B[0].reshape(36, 36) @ root(state.Phi[0]))
+    return np.asarray(new.A[0].reshape(36, 36) @ root(state.G[1])), np.asarray(
+        new.B[0].reshape(36, 36) @ root(state.Phi[0])
+    )
 
 
 def test_antithetic_pairs_cut_the_stein_noise():
@@ -160,7 +175,9 @@ def test_antithetic_pairs_cut_the_stein_noise():
     # the response itself / sqrt(S). Likewise g = phi'(h) z is odd in r at gamma0 = 0, so in the
     # pair sum of g e_u^T (same e_u) the leading part cancels. So the spread between two keys should
     # shrink by a factor of order 1 / gamma0 = 20 (measured: 31 for Abar, 25 for Bbar); we require 4.
-    spread = lambda **kw: [np.linalg.norm(a - b) for a, b in zip(_one_step_responses(0.05, 1, **kw), _one_step_responses(0.05, 2, **kw))]
+    spread = lambda **kw: [
+        np.linalg.norm(a - b) for a, b in zip(_one_step_responses(0.05, 1, **kw), _one_step_responses(0.05, 2, **kw))
+    ]
     plain, anti = spread(sampling="plain"), spread(sampling="antithetic")
     print(f"Stein spread between two keys (Abar, Bbar): plain {plain}, antithetic {anti}")
     assert anti[0] < plain[0] / 4 and anti[1] < plain[1] / 4
@@ -186,7 +203,9 @@ def test_sobol_cuts_the_spread():
     # is seen below 2 with probability < 1%.
     data = dmft.datasets.sphere(8, 12, 0)
     problem = dmft.Problem(data, dmft.MLP(1, "tanh"), gamma0=1.0, t_max=6.0, n_steps=30)
-    spread = lambda sampling: np.std([float(dmft.solve(problem, dmft.MonteCarlo(sampling=sampling, **MC), key=k).loss[-1]) for k in range(8)], ddof=1)
+    spread = lambda sampling: np.std(
+        [float(dmft.solve(problem, dmft.MonteCarlo(sampling=sampling, **MC), key=k).loss[-1]) for k in range(8)], ddof=1
+    )
     plain, sobol = spread("plain"), spread("sobol")
     print(f"sd of the final loss over 8 keys: plain {plain:.2e}, sobol {sobol:.2e} ({plain / sobol:.1f}x)")
     assert sobol < plain / 2
@@ -203,7 +222,9 @@ def test_control_variates_match_closure(L):
     exact = dmft.solve(problem, dmft.LinearClosure())
     solver = dmft.MonteCarlo(control_variates=True, rtol=1e-5, max_iters=200, **MC)
     mean, se = _key_spread(problem, solver, range(4))
-    print(f"L={L} control variates vs closure: |err| / |SE| = {np.linalg.norm(mean - exact.loss) / np.linalg.norm(se):.2f}")
+    print(
+        f"L={L} control variates vs closure: |err| / |SE| = {np.linalg.norm(mean - exact.loss) / np.linalg.norm(se):.2f}"
+    )
     assert np.linalg.norm(mean - exact.loss) <= 4 * np.linalg.norm(se)
 
 
@@ -216,9 +237,16 @@ def test_control_variates_cut_the_spread_without_bias():
     # and a true ratio of 4.5 falls below 2 with probability ~2% (F(7, 7) > 5.1).
     data = dmft.datasets.sphere(6, 10, 0)
     problem = dmft.Problem(data, dmft.MLP(2, "tanh"), gamma0=1.0, t_max=3.0, n_steps=15)
-    final = lambda cv: np.array([float(dmft.solve(problem, dmft.MonteCarlo(control_variates=cv, rtol=1e-3, **MC), key=k).loss[-1]) for k in range(8)])
+    final = lambda cv: np.array(
+        [
+            float(dmft.solve(problem, dmft.MonteCarlo(control_variates=cv, rtol=1e-3, **MC), key=k).loss[-1])
+            for k in range(8)
+        ]
+    )
     plain, cv = final(False), final(True)
-    print(f"final loss over 8 keys: plain {plain.mean():.5f} sd {plain.std(ddof=1):.2e}, control variates {cv.mean():.5f} sd {cv.std(ddof=1):.2e}")
+    print(
+        f"final loss over 8 keys: plain {plain.mean():.5f} sd {plain.std(ddof=1):.2e}, control variates {cv.mean():.5f} sd {cv.std(ddof=1):.2e}"
+    )
     assert abs(plain.mean() - cv.mean()) <= 4 * np.sqrt((plain.var(ddof=1) + cv.var(ddof=1)) / 8)
     assert cv.std(ddof=1) < plain.std(ddof=1) / 2
 
@@ -281,7 +309,9 @@ def test_same_key_same_result_and_shapes():
     np.testing.assert_array_equal(a.loss, b.loss)
     assert a.Phi.shape == a.G.shape == (2, 7, 7, 7, 7) and a.A.shape == a.B.shape == (1, 7, 7, 7, 7)
     assert a.stderr["ntk"].shape == (7, 5, 5) and a.stderr["f_test"].shape == (7, 2)
-    sobol = dmft.solve(problem, dmft.MonteCarlo(n_samples=512, chunk_size=256, sampling="sobol", max_iters=10), key=3, throw=False)
+    sobol = dmft.solve(
+        problem, dmft.MonteCarlo(n_samples=512, chunk_size=256, sampling="sobol", max_iters=10), key=3, throw=False
+    )
     assert np.all(np.isfinite(sobol.loss)) and sobol.stderr["ntk"].shape == (7, 5, 5)
 
 

@@ -78,7 +78,9 @@ def test_rich_two_layer_relu_ntk_moves_and_widths_converge():
     widths, curves = [128, 512, 2048], []
     for N in widths:
         runs = _seeds(problem, N, 8)
-        move = np.linalg.norm(runs.ntk[:, -1] - runs.ntk[:, 0], axis=(1, 2)) / np.linalg.norm(runs.ntk[:, 0], axis=(1, 2))
+        move = np.linalg.norm(runs.ntk[:, -1] - runs.ntk[:, 0], axis=(1, 2)) / np.linalg.norm(
+            runs.ntk[:, 0], axis=(1, 2)
+        )
         assert np.mean(move) > 0.1
         curves.append((np.asarray(runs.loss.mean(0)), np.asarray(runs.ntk.mean(0))))
     d_loss = [np.max(np.abs(a[0] - b[0])) for a, b in zip(curves, curves[1:])]

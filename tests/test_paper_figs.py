@@ -10,7 +10,14 @@ import pickle
 import numpy as np
 import pytest
 
-from paper_figs import f1_two_layer_relu, f2_deep_linear, f3_approximations, f4_deep_tanh, f5_width_convergence, f6_cnn_widths
+from paper_figs import (
+    f1_two_layer_relu,
+    f2_deep_linear,
+    f3_approximations,
+    f4_deep_tanh,
+    f5_width_convergence,
+    f6_cnn_widths,
+)
 
 
 def _check_files(res):
@@ -85,8 +92,11 @@ def test_f6_cnn_widths(tmp_path):
 def test_f6_pair_distances():
     # rms over all seed pairs of the max-over-steps distance: seeds (0, 0) and (2, 2) against (0, 0)
     # twice give distances 0, 0, 2, 2, rms sqrt(2); against (1, 1) twice, 1 everywhere.
-    runs = {(1.0, 4): {"x": np.array([[0.0, 0.0], [2.0, 2.0]])}, (1.0, 8): {"x": np.zeros((2, 2))},
-            (1.0, 16): {"x": np.ones((2, 2))}}
+    runs = {
+        (1.0, 4): {"x": np.array([[0.0, 0.0], [2.0, 2.0]])},
+        (1.0, 8): {"x": np.zeros((2, 2))},
+        (1.0, 16): {"x": np.ones((2, 2))},
+    }
     d = f6_cnn_widths.pair_distances(runs, [1.0], [4, 8], "x")
     np.testing.assert_allclose(d[1.0], [np.sqrt(2.0)])
     np.testing.assert_allclose(f6_cnn_widths.pair_distances(runs, [1.0], [8, 16], "x")[1.0], [1.0])
@@ -98,7 +108,10 @@ def _fake_cifar(folder, per_batch=30):
     b"data" (n, 3072) uint8 rows of R, G, B planes and b"labels"), random pixels, labels cycling 0..9."""
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(per_batch)]}
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": [i % 10 for i in range(per_batch)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
 

@@ -50,7 +50,9 @@ def test_relu_samples_have_the_monte_carlo_kernels():
     # sol) + (T(x) - x, the solver's own sampling error at x: variance Var / n_samples) + (x - T(x),
     # the distance of the returned state from the map's image: the iteration stops at rtol, not at
     # the fixed point). The last term is computed exactly by applying the solver's map (same key).
-    state = eqx.tree_at(lambda s: (s.Phi, s.G, s.A, s.B), solver.init(problem, jr.key(0)), (sol.Phi, sol.G, sol.A, sol.B))
+    state = eqx.tree_at(
+        lambda s: (s.Phi, s.G, s.A, s.B), solver.init(problem, jr.key(0)), (sol.Phi, sol.G, sol.A, sol.B)
+    )
     Tx = solver.step(problem, state, jr.key(0))
     for l in range(2):
         phi = np.maximum(np.asarray(fs.h[l]), 0.0)

@@ -74,7 +74,7 @@ def forward(problem, params, X):
 
 def _measure(problem, params, f0):
     """Predictions, loss, NTK and equal-time kernels at `params` over train then test points."""
-    data, act, P = problem.data, problem.activation, problem.P
+    data, act = problem.data, problem.activation
     W0, W, w = params
     N = W0.shape[0]
     hs = _preactivations(problem, params, data.X_all)
@@ -111,8 +111,17 @@ def _check(problem, width, method):
         )
 
 
-def train(problem, width: int, key, *, center: bool = True, method: str = "flow", rtol: float = 1e-5,
-          atol: float = 1e-7, max_steps: int = 65536) -> Run:
+def train(
+    problem,
+    width: int,
+    key,
+    *,
+    center: bool = True,
+    method: str = "flow",
+    rtol: float = 1e-5,
+    atol: float = 1e-7,
+    max_steps: int = 65536,
+) -> Run:
     """Train one network of `width` N in the parameterisation of THEORY 1 and measure it at `problem.ts`.
 
     - `method="flow"`: gradient flow `dtheta/dt = -eta0 gamma0^2 N grad Loss`, integrated by diffrax
@@ -141,12 +150,21 @@ def train(problem, width: int, key, *, center: bool = True, method: str = "flow"
         saveat = diffrax.SaveAt(
             subs=[
                 diffrax.SubSaveAt(ts=problem.ts, fn=lambda t, p, args: _measure(problem, p, f0)),
-                diffrax.SubSaveAt(t1=True, fn=lambda t, p, args: jnp.stack(_preactivations(problem, p, problem.data.X_all))),
+                diffrax.SubSaveAt(
+                    t1=True, fn=lambda t, p, args: jnp.stack(_preactivations(problem, p, problem.data.X_all))
+                ),
             ]
         )
         sol = diffrax.diffeqsolve(
-            term, diffrax.Tsit5(), 0.0, problem.t_max, problem.dt / 4, params, saveat=saveat,
-            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
+            term,
+            diffrax.Tsit5(),
+            0.0,
+            problem.t_max,
+            problem.dt / 4,
+            params,
+            saveat=saveat,
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=max_steps,
         )
         (f, K, Phi, G), h_last = sol.ys[0], sol.ys[1][0]
     else:
@@ -163,8 +181,13 @@ def train(problem, width: int, key, *, center: bool = True, method: str = "flow"
 
     P, data = problem.P, problem.data
     run = dict(
-        ts=problem.ts, f=f[:, :P], loss=mse_loss(f[:, :P], data.y), ntk=K[:, :P, :P],
-        Phi_eq=jnp.moveaxis(Phi, 0, 1), G_eq=jnp.moveaxis(G, 0, 1), h_last=h_last,
+        ts=problem.ts,
+        f=f[:, :P],
+        loss=mse_loss(f[:, :P], data.y),
+        ntk=K[:, :P, :P],
+        Phi_eq=jnp.moveaxis(Phi, 0, 1),
+        G_eq=jnp.moveaxis(G, 0, 1),
+        h_last=h_last,
     )
     if data.X_test is not None:
         run.update(f_test=f[:, P:], ntk_test=K[:, P:, :P])

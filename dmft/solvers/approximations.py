@@ -302,11 +302,7 @@ class Perturbative(AbstractSolver):
         fields_of = lambda P2, G2_: self._fields(problem, Phi0 + g2 * P2, G0 + g2 * G2_)
         fields, Phi_eq, G_eq = fields_of(Phi2.mean(0), G2.mean(0))
         per_batch = jax.vmap(lambda P2, G2_: fields_of(P2, G2_)[0])(Phi2, G2)
-        stderr = {
-            k: jnp.std(v, axis=0, ddof=1) / np.sqrt(self.n_batches)
-            for k, v in per_batch.items()
-            if k != "ts"
-        }
+        stderr = {k: jnp.std(v, axis=0, ddof=1) / np.sqrt(self.n_batches) for k, v in per_batch.items() if k != "ts"}
         two_time = {}
         if problem.depth > 1:
             (Phi0_tt, G0_tt), (Phi2_tt, G2_tt) = state[2]
@@ -370,4 +366,3 @@ class Perturbative(AbstractSolver):
 
         x2 = jax.lax.fori_loop(0, self.linear_iters, body, half_second)
         return x0, x2
-

@@ -15,8 +15,8 @@ causal) the closure of THEORY section 6 becomes, by the Woodbury identity
 
     Abar^l     = C Mt,     Bbar^{l-1} = Mt D,
     G^l        = Mt (G^{l+1} + gamma0^2 S) Mt^T,                   S = D Phi^{l-1} D^T
-    Phi^l      = Phi^{l-1} + Abar Q + Q^T Abar^T,                 Q = gamma0^2 R + (gamma0^4 S + gamma0^2 G^{l+1}) Abar^T / 2,
-                                                                   R = D Phi^{l-1}.
+    Phi^l      = Phi^{l-1} + Abar Q + Q^T Abar^T,
+    Q          = gamma0^2 R + (gamma0^4 S + gamma0^2 G^{l+1}) Abar^T / 2,    R = D Phi^{l-1}.
 
 Two structures make a sweep cheap. (i) The backward field responds to a sample nu only through
 that sample's error signal, so `Bbar^l(t, s, nu) = beta^l(t, s) Delta_nu(s)` and `D^l = d^l (x) Delta`

@@ -167,7 +167,7 @@ def _lower_products(X, Y, T, Pa):
     (their mask keeps s <= t). ~5/8 of the full product's cost. (For the symmetric kernels the same
     staircase plus a transpose was no faster than XLA's full product, so they use that.)"""
     n = T * Pa
-    rows = [jnp.pad(X[:, t0 * Pa:t1 * Pa].T @ Y[:, :t1 * Pa], ((0, 0), (0, n - t1 * Pa))) for t0, t1 in _segments(T)]
+    rows = [jnp.pad(X[:, t0 * Pa : t1 * Pa].T @ Y[:, : t1 * Pa], ((0, 0), (0, n - t1 * Pa))) for t0, t1 in _segments(T)]
     return jnp.concatenate(rows)
 
 
@@ -379,8 +379,10 @@ class MonteCarlo(AbstractStochasticSolver):
             raise ValueError(f"sampling must be one of {_SAMPLING}, got {self.sampling!r}")
         block = self._chunk // self._slices
         if self.sampling == "antithetic" and block % 2:
-            raise ValueError(f"antithetic sampling needs even sample blocks (pairs), got {block}: "
-                             "make chunk_size (or chunk_size / n_batches) even")
+            raise ValueError(
+                f"antithetic sampling needs even sample blocks (pairs), got {block}: "
+                "make chunk_size (or chunk_size / n_batches) even"
+            )
         if self.sampling == "sobol" and self.n_samples & (self.n_samples - 1):
             raise ValueError(f"sobol sampling needs n_samples a power of 2 (a whole Sobol net), got {self.n_samples}")
         if self.control_variates and problem.activation.control() is None:
@@ -396,7 +398,9 @@ class MonteCarlo(AbstractStochasticSolver):
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
         n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
         if self.n_directions is not None and not 1 <= self.n_directions <= n:
-            raise ValueError(f"n_directions must be None or in [1, (n_steps + 1) * points = {n}], got {self.n_directions}")
+            raise ValueError(
+                f"n_directions must be None or in [1, (n_steps + 1) * points = {n}], got {self.n_directions}"
+            )
 
     # ----------------------------------------------------------------------------------------------
     def init(self, problem, key):
@@ -475,7 +479,9 @@ class MonteCarlo(AbstractStochasticSolver):
         for l in range(L):  # layer l + 1 of THEORY
             first, last = l == 0, l == L - 1
             Phi_prev = (
-                jnp.broadcast_to(Kx[:, None, :], (T, Pa, T, Pa)) if first else damped(state.Phi[l - 1], Phi_new[-1], self.damping)
+                jnp.broadcast_to(Kx[:, None, :], (T, Pa, T, Pa))
+                if first
+                else damped(state.Phi[l - 1], Phi_new[-1], self.damping)
             )
             A_prev = 0.0 if first else damped(state.A[l - 1], A_new[-1], self.damping)
             G_next = ones if last else state.G[l + 1]
