@@ -25,4 +25,3 @@ from .solvers import Lazy as Lazy
 from .solvers import LinearClosure as LinearClosure
 from .solvers import MonteCarlo as MonteCarlo
 from .solvers import Perturbative as Perturbative
-from .solvers import StaticNTK as StaticNTK

@@ -1,118 +1,161 @@
 """The `dmft` command: parse, build the Problem and solver, solve / compare, save, plot.
 
+Every option of the Python API is a key of the TOML configuration with the same default: the
+[solver] keys are the fields of the chosen solver class, the [problem] and [network] defaults those
+of `dmft.Problem` and `dmft.MLP`, the [compare] defaults those of `dmft.compare`.
+
 Exit codes: 0 success, 1 the solver failed (non-convergence, non-finite), 2 usage or configuration error.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import sys
 import time
 import tomllib
 
-EXAMPLE_CONFIG = """\
-# dmft configuration (TOML). Every section and key is optional except [solver] kind.
-[data]
-kind = "sphere"        # "sphere" (inputs on the sphere of radius sqrt(D)) or "digits" (scikit-learn)
-P = 16                 # training points
-P_test = 4             # test points
-D = 20                 # input dimension (sphere only)
-target = "teacher"     # "teacher" or "noise" (sphere only)
-seed = 0
-
-[network]
-depth = 2              # hidden layers L
-activation = "relu"    # "linear", "relu", "tanh", "erf"
-
-[problem]
-gamma0 = 1.0
-t_max = 10.0
-n_steps = 50
-eta0 = 1.0
-
-[solver]
-kind = "monte_carlo"   # "lazy", "linear", "monte_carlo"
-n_samples = 4096       # monte_carlo: n_samples, damping, rtol, max_iters, chunk_size, responses,
-                       # sampling ("plain", "antithetic", "sobol"), control_variates (true / false)
-seed = 0
-
-[compare]              # used by `dmft compare`
-widths = [256, 1024, 4096]
-seeds = 4
-method = "gd"          # "gd" or "flow"
-"""
-
-DEMO_CONFIG = {
-    "data": {"kind": "sphere", "P": 16, "P_test": 4, "D": 20, "target": "teacher", "seed": 0},
+SOLVERS = {"lazy": "Lazy", "linear": "LinearClosure", "perturbative": "Perturbative", "monte_carlo": "MonteCarlo"}
+_DATA = {"kind": "sphere", "P": 16, "P_test": 4, "D": 20, "target": "teacher", "seed": 0}
+_CHOICES = {
+    ("data", "kind"): ("sphere", "digits"),
+    ("data", "target"): ("teacher", "noise"),
+    ("network", "activation"): ("linear", "relu", "tanh", "erf"),
+    ("compare", "method"): ("gd", "flow"),
+    ("solver", "kind"): tuple(SOLVERS),
+}
+_DEMO = {
+    "data": {"P": 16, "P_test": 4, "D": 20},
     "network": {"depth": 2, "activation": "relu"},
-    "problem": {"gamma0": 1.0, "t_max": 10.0, "n_steps": 50, "eta0": 1.0},
-    # rtol 3e-2: relu's common-random-number map is only piecewise continuous, so the residual stalls
-    # at a Monte Carlo floor ~ S^-1/2 (1.1-1.5% at S = 4096-8192 with the causal Stein responses).
-    "solver": {"kind": "monte_carlo", "n_samples": 8192, "chunk_size": 2048, "rtol": 3e-2, "seed": 0},
-    "compare": {"widths": [256, 1024, 4096], "seeds": 4, "method": "gd"},
+    "problem": {"gamma0": 1.0, "t_max": 10.0, "n_steps": 50},
+    "solver": {"kind": "monte_carlo", "n_samples": 8192},
+    "compare": {"widths": [256, 1024, 4096], "seeds": 4},
 }
-QUICK_OVERRIDES = {
-    "problem": {"n_steps": 30},
-    "solver": {"n_samples": 4096, "chunk_size": 1024},
-    "compare": {"widths": [128, 512], "seeds": 2},
-}
-
-_SCHEMA = {
-    "data": {
-        "kind": ("sphere", "digits"),
-        "P": int,
-        "P_test": int,
-        "D": int,
-        "target": ("teacher", "noise"),
-        "seed": int,
-    },
-    "network": {"depth": int, "activation": ("linear", "relu", "tanh", "erf")},
-    "problem": {"gamma0": float, "t_max": float, "n_steps": int, "eta0": float},
-    "solver": {
-        "kind": ("lazy", "linear", "monte_carlo"),
-        "n_samples": int,
-        "damping": float,
-        "rtol": float,
-        "max_iters": int,
-        "chunk_size": int,
-        "responses": ("stein", "jacobian", "none"),
-        "seed": int,
-    },
-    "compare": {"widths": list, "seeds": int, "method": ("gd", "flow")},
-}
+_QUICK = {"problem": {"n_steps": 30}, "solver": {"n_samples": 4096}, "compare": {"widths": [128, 512], "seeds": 2}}
 
 
 class ConfigError(ValueError):
     """A configuration or usage error (exit code 2)."""
 
 
+def _signature_defaults(fn, skip=()):
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in skip
+    }
+
+
+def _solver_class(kind):
+    import dmft
+
+    return getattr(dmft, SOLVERS[kind])
+
+
+def _solver_fields(kind):
+    """`{name: (default, type annotation)}` of the solver class of `kind`."""
+    return {f.name: (f.default, str(f.type)) for f in dataclasses.fields(_solver_class(kind)) if f.init}
+
+
+def defaults() -> dict:
+    """The default of every section except [solver] (whose defaults are its class's fields)."""
+    import dmft
+
+    return {
+        "data": dict(_DATA),
+        "network": _signature_defaults(dmft.MLP.__init__),
+        "problem": _signature_defaults(dmft.Problem.__init__),
+        "compare": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in _signature_defaults(dmft.compare, skip=("key", "center", "progress")).items()
+        },
+    }
+
+
+def _line(key, value, comment):
+    return f"{key} = {value}".ljust(34) + f"# {comment}"
+
+
+def example_config() -> str:
+    """The demo problem written out in full: every key, its value and its default (printed by --help).
+    The keys of the solvers other than monte_carlo are commented out."""
+    demo = demo_config()
+    lines = ["# dmft configuration (TOML): every key is optional except [solver] kind."]
+    for section, body in defaults().items():
+        lines.append(f"\n[{section}]" + ("  # used by `dmft compare`" if section == "compare" else ""))
+        for key, default in body.items():
+            value = demo.get(section, {}).get(key, default)
+            lines.append(_line(key, _toml(value), f"default {_toml(default)}"))
+    lines.append("\n[solver]")
+    lines.append(_line("kind", '"monte_carlo"', "required: " + ", ".join(SOLVERS)))
+    lines.append(_line("seed", "0", "default 0: the key of solvers that sample"))
+    for kind in SOLVERS:
+        for name, (default, annotation) in _solver_fields(kind).items():
+            value = demo["solver"].get(name, default) if kind == "monte_carlo" else default
+            text = "omit for None" if value is None else _toml(value)
+            prefix = "" if kind == "monte_carlo" and value is not None else "# "
+            lines.append(_line(prefix + name, text, f"{kind}: {annotation}, default {_toml(default)}"))
+    return "\n".join(lines) + "\n"
+
+
+def _toml(v):
+    if v is None:
+        return "None"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def _check(section, key, value, default, annotation=None):
+    choices = _CHOICES.get((section, key))
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"{section}.{key} = {value!r} is not allowed; use one of {list(choices)}")
+        return
+    kind = type(default).__name__ if default is not None else (annotation or "").split("|")[0].strip()
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list": isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value),
+        "tuple": isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value),
+    }.get(kind, True)
+    if not ok:
+        widths = "a non-empty list of positive integers"
+        what = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+        raise ConfigError(f"{section}.{key} must be {what.get(kind, widths)}, got {value!r}")
+
+
 def validate_config(config: dict) -> dict:
-    """Check every section, key and value against the schema; return the config unchanged."""
+    """Check every section, key and value type; the library checks the values themselves."""
+    known = defaults()
     for section, body in config.items():
-        if section not in _SCHEMA:
-            raise ConfigError(f"unknown section [{section}]; allowed: {sorted(_SCHEMA)}")
+        if section not in (*known, "solver"):
+            raise ConfigError(f"unknown section [{section}]; allowed: {sorted((*known, 'solver'))}")
         if not isinstance(body, dict):
             raise ConfigError(f"[{section}] must be a table")
-        for key, value in body.items():
-            allowed = _SCHEMA[section].get(key)
-            if allowed is None:
-                raise ConfigError(f"unknown key {section}.{key}; allowed keys: {sorted(_SCHEMA[section])}")
-            if isinstance(allowed, tuple):
-                if value not in allowed:
-                    raise ConfigError(f"{section}.{key} = {value!r} is not allowed; use one of {list(allowed)}")
-            elif allowed is float:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"{section}.{key} must be a number, got {value!r}")
-            elif allowed is int:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ConfigError(f"{section}.{key} must be an integer, got {value!r}")
-            elif allowed is list:
-                if not (isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value)):
-                    raise ConfigError(f"{section}.{key} must be a non-empty list of positive integers, got {value!r}")
-    if "kind" not in config.get("solver", {}):
-        raise ConfigError("[solver] kind is required; use one of ['lazy', 'linear', 'monte_carlo']")
+    solver = dict(config.get("solver", {}))
+    if "kind" not in solver:
+        raise ConfigError(f"[solver] kind is required; use one of {list(SOLVERS)}")
+    _check("solver", "kind", solver.pop("kind"), None)
+    fields = _solver_fields(config["solver"]["kind"]) | {"seed": (0, "int")}
+    for key, value in solver.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown key solver.{key} for kind {config['solver']['kind']!r}; allowed keys: {sorted(fields)}"
+            )
+        _check("solver", key, value, *fields[key])
+    for section, body in known.items():
+        for key, value in config.get(section, {}).items():
+            if key not in body:
+                raise ConfigError(f"unknown key {section}.{key}; allowed keys: {sorted(body)}")
+            _check(section, key, value, body[key])
     return config
 
 
@@ -126,26 +169,23 @@ def read_config(path) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
 
 
+def _section(config, name):
+    return defaults()[name] | config.get(name, {})
+
+
 def build(config: dict):
-    """`(problem, solver, key)` from a validated config (numbers checked again by the library)."""
+    """`(problem, solver, seed)` from a validated config (values checked again by the library)."""
     import dmft
 
-    d = {"kind": "sphere", "P": 16, "P_test": 0, "D": 20, "target": "teacher", "seed": 0} | config.get("data", {})
+    d = _section(config, "data")
     if d["kind"] == "sphere":
         data = dmft.datasets.sphere(d["P"], d["D"], d["seed"], P_test=d["P_test"], target=d["target"])
     else:
         data = dmft.datasets.digits(d["P"], d["seed"], P_test=d["P_test"])
-    net = dmft.MLP(**({"depth": 1, "activation": "relu"} | config.get("network", {})))
-    problem = dmft.Problem(data, net, **config.get("problem", {}))
+    problem = dmft.Problem(data, dmft.MLP(**_section(config, "network")), **_section(config, "problem"))
     options = dict(config["solver"])
     kind, seed = options.pop("kind"), options.pop("seed", 0)
-    if kind == "lazy":
-        solver = dmft.Lazy()
-    elif kind == "linear":
-        solver = dmft.LinearClosure(**{k: v for k, v in options.items() if k in ("damping", "rtol", "max_iters")})
-    else:
-        solver = dmft.MonteCarlo(**options)
-    return problem, solver, seed
+    return problem, _solver_class(kind)(**options), seed
 
 
 def _out_dir(path):
@@ -158,22 +198,38 @@ def _out_dir(path):
     return path
 
 
+def _atomic(path, write):
+    """`write(tmp)` then rename onto `path`: an interrupted run never leaves a half-written file."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _write_json(path, payload):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(payload, fh, indent=2)
+
+    _atomic(path, write)
 
 
 def _solution_summary(sol):
     import dmft
 
-    return {
+    summary = {
         "final_loss": float(sol.loss[-1]),
         "initial_loss": float(sol.loss[0]),
         "iterations": int(sol.iterations),
         "converged": bool(sol.result == dmft.RESULTS.successful),
     }
+    if sol.stderr is not None:
+        summary["final_loss_stderr"] = float(sol.stderr["loss"][-1])
+    return summary
 
 
 def _comparison_report(comp, runtime):
@@ -190,17 +246,19 @@ def _comparison_report(comp, runtime):
     }
 
 
-def _dmft_samples(problem, comp, kind, seed, out):
+def _dmft_samples(problem, comp, seed, out):
     """DMFT preactivation samples `h (L, S, Pa)` for the histograms, saved to `samples.npz` so that
-    `dmft plot` redraws them without the data; None for the lazy solver (no feature learning)."""
+    `dmft plot` redraws them without the data; None when the solution has no fields to sample
+    (lazy, perturbative: no responses)."""
     import numpy as np
 
     import dmft
 
-    if kind == "lazy":
+    sol = comp.dmft
+    if sol.iterations == 0 or (problem.depth > 1 and sol.A is None):
         return None
-    h = np.asarray(dmft.field_samples(problem, comp.dmft, n_samples=4096, key=seed + 1).h, np.float32)
-    np.savez_compressed(os.path.join(out, "samples.npz"), h=h)
+    h = np.asarray(dmft.field_samples(problem, sol, n_samples=4096, key=seed + 1).h, np.float32)
+    _atomic(os.path.join(out, "samples.npz"), lambda tmp: np.savez_compressed(tmp, h=h))
     return h
 
 
@@ -212,113 +270,130 @@ def _figure(comp, y, out, samples=None):
 
     fig = plotting.comparison_figure(comp, y, samples)
     for ext in ("png", "pdf"):
-        fig.savefig(os.path.join(out, f"comparison.{ext}"), dpi=150)
+        _atomic(os.path.join(out, f"comparison.{ext}"), lambda tmp: fig.savefig(tmp, dpi=150))
 
 
 def run_compare(config, out, progress=True):
     import dmft
 
     problem, solver, seed = build(config)
-    c = {"widths": [256, 1024], "seeds": 4, "method": "gd"} | config.get("compare", {})
+    c = _section(config, "compare")
     start = time.perf_counter()
     comp = dmft.compare(problem, solver, c["widths"], c["seeds"], key=seed, method=c["method"], progress=progress)
     report = _comparison_report(comp, time.perf_counter() - start)
     # The targets travel with the result: re-plotting must not depend on regenerating the data.
     meta = {"config": config, "y": [float(v) for v in problem.data.y]}
     dmft.io.save(os.path.join(out, "comparison.npz"), comp, metadata=meta)
-    samples = _dmft_samples(problem, comp, config["solver"]["kind"], seed, out)
+    samples = _dmft_samples(problem, comp, seed, out)
     _figure(comp, problem.data.y, out, samples)
     _write_json(os.path.join(out, "report.json"), report)
     return comp, report
 
 
-def main(argv=None) -> int:
+def demo_config(quick=False) -> dict:
+    """The embedded default problem of `dmft demo` (a complete, validated config)."""
+    config = {k: dict(v) for k, v in _DEMO.items()}
+    for k, v in (_QUICK if quick else {}).items():
+        config[k].update(v)
+    return validate_config(config)
+
+
+def _parser():
+    epilog = "example config:\n\n" + example_config()
     parser = argparse.ArgumentParser(
         prog="dmft",
         description="Solve the DMFT of wide networks and compare with finite networks.",
-        epilog="example config:\n\n" + EXAMPLE_CONFIG,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="DMFT vs lazy vs finite widths on the embedded default problem")
-    demo.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
-    demo.add_argument("--out", default="dmft_out")
     quiet_help = "no progress bars on stderr (DMFT iterations, finite widths)"
-    demo.add_argument("--quiet", action="store_true", help=quiet_help)
+    debug_help = "on an error, show the full Python traceback"
+    demo = sub.add_parser("demo", help="DMFT vs lazy vs finite widths on the embedded default problem")
+    demo.add_argument("--quick", action="store_true", help="smaller sizes (about 30 s)")
+    demo.add_argument("--out", default="dmft_out")
     for name, helptext in (
         ("solve", "solve a configured problem"),
         ("compare", "solve and compare with finite networks"),
     ):
-        p = sub.add_parser(
-            name,
-            help=helptext,
-            epilog="example config:\n\n" + EXAMPLE_CONFIG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        p = sub.add_parser(name, help=helptext, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config")
         p.add_argument("--out", required=True)
-        p.add_argument("--x64", action="store_true", help="compute in float64")
-        p.add_argument("--quiet", action="store_true", help=quiet_help)
+        p.add_argument("--x64", action="store_true", help="compute in float64 (default: JAX's float32)")
     plot = sub.add_parser("plot", help="re-draw the figure of an output directory")
     plot.add_argument("dir")
-    args = parser.parse_args(argv)
+    for p in sub.choices.values():
+        p.add_argument("--quiet", action="store_true", help=quiet_help)
+        p.add_argument("--debug", action="store_true", help=debug_help)
+    return parser
 
+
+def _plot(directory):
+    import numpy as np
+
+    import dmft
+
+    path = os.path.join(directory, "comparison.npz")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{directory} has no comparison.npz (written by `dmft compare` or `dmft demo`)")
+    comp, meta = dmft.io.load(path, with_metadata=True)
+    samples_path = os.path.join(directory, "samples.npz")
+    samples = np.load(samples_path)["h"] if os.path.isfile(samples_path) else None
+    _figure(comp, meta["y"], directory, samples)
+    print(f"wrote {directory}/comparison.png and comparison.pdf")
+
+
+def _run(args):
     import jax
 
-    try:
-        if args.command == "demo":
-            jax.config.update("jax_enable_x64", True)
-            config = {k: dict(v) for k, v in DEMO_CONFIG.items()}
-            if args.quick:
-                for k, v in QUICK_OVERRIDES.items():
-                    config[k].update(v)
-            out = _out_dir(args.out)
-            _, report = run_compare(config, out, progress=not args.quiet)
-            print(json.dumps(report, indent=2))
-            print(f"wrote {out}/comparison.png, comparison.pdf, report.json, comparison.npz, samples.npz")
-            return 0
-        if args.command == "plot":
-            import numpy as np
-
-            import dmft
-
-            path = os.path.join(args.dir, "comparison.npz")
-            if not os.path.isfile(path):
-                raise ConfigError(f"{args.dir} has no comparison.npz (written by `dmft compare` or `dmft demo`)")
-            comp, meta = dmft.io.load(path, with_metadata=True)
-            samples_path = os.path.join(args.dir, "samples.npz")
-            samples = np.load(samples_path)["h"] if os.path.isfile(samples_path) else None
-            _figure(comp, meta["y"], args.dir, samples)
-            print(f"wrote {args.dir}/comparison.png and comparison.pdf")
-            return 0
-        if args.x64:
-            jax.config.update("jax_enable_x64", True)
-        config = read_config(args.config)
-        out = _out_dir(args.out)
-        if args.command == "compare":
-            _, report = run_compare(config, out, progress=not args.quiet)
-            print(json.dumps(report, indent=2))
-            return 0
-        import dmft
-
-        problem, solver, seed = build(config)
-        sol = dmft.solve(problem, solver, key=seed, throw=False, progress=not args.quiet)
-        dmft.io.save(os.path.join(out, "solution.npz"), sol, metadata={"config": config})
-        summary = _solution_summary(sol)
-        _write_json(os.path.join(out, "summary.json"), summary)
-        print(json.dumps(summary, indent=2))
-        if not summary["converged"]:
-            print(f"dmft: the solver did not succeed: {sol.result}", file=sys.stderr)
-            return 1
+    if args.command == "plot":
+        _plot(args.dir)
         return 0
-    except ConfigError as err:
+    if args.command == "demo":
+        jax.config.update("jax_enable_x64", True)
+        out = _out_dir(args.out)
+        _, report = run_compare(demo_config(args.quick), out, progress=not args.quiet)
+        print(json.dumps(report, indent=2))
+        print(f"wrote {out}/comparison.png, comparison.pdf, report.json, comparison.npz, samples.npz")
+        return 0
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    config = read_config(args.config)
+    out = _out_dir(args.out)
+    if args.command == "compare":
+        _, report = run_compare(config, out, progress=not args.quiet)
+        print(json.dumps(report, indent=2))
+        return 0
+    import dmft
+
+    problem, solver, seed = build(config)
+    sol = dmft.solve(problem, solver, key=seed, throw=False, progress=not args.quiet)
+    dmft.io.save(os.path.join(out, "solution.npz"), sol, metadata={"config": config})
+    summary = _solution_summary(sol)
+    _write_json(os.path.join(out, "summary.json"), summary)
+    print(json.dumps(summary, indent=2))
+    if not summary["converged"]:
+        print(f"dmft: the solver did not succeed: {sol.result}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ValueError as err:  # configuration errors and the library's own validation
+        if args.debug:
+            raise
         print(f"dmft: error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # invalid values caught by the library's own validation
-        print(f"dmft: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # solver failures raised inside JAX (non-convergence, non-finite)
-        print(f"dmft: the computation failed: {err}", file=sys.stderr)
+    except Exception as err:  # failures inside the computation (non-convergence raised by JAX, ...)
+        if args.debug:
+            raise
+        print(
+            f"dmft: the computation failed: {type(err).__name__}: {err} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -9,6 +9,7 @@ import jax.random as jr
 import numpy as np
 
 from . import networks
+from ._keys import as_key
 from .solution import Solution
 from .solve import solve
 from .solvers import Lazy
@@ -67,7 +68,7 @@ def compare(
         raise ValueError(f"widths must be a non-empty list of positive integers, got {widths!r}")
     if seeds < 2:
         raise ValueError(f"seeds must be >= 2 (standard errors need a spread), got {seeds}")
-    key = jr.key(key) if isinstance(key, int) else key
+    key = as_key(key)
     k_solve, k_nets = jr.split(key)
     sol = solve(problem, solver, key=k_solve, progress=progress)
     lazy = solve(problem, Lazy(discrete=method == "gd"))

@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+from ._keys import as_key
 from .problem import Dataset
 
 __all__ = ["sphere", "digits"]
 
 
 def _key(key):
-    return jr.key(key) if isinstance(key, int) else key
+    return as_key(key)
 
 
 def _on_sphere(X):

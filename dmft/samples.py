@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from ._keys import as_key
 from .problem import Problem
+from .single_site import fields, memory
 from .solution import Solution
-from .solvers.monte_carlo import _factor, _fields, _sources
+from .solvers._sampling import SAMPLINGS, SOBOL_MAX_DIM, factor, normals, sources
 
 __all__ = ["FieldSamples", "field_samples"]
 
@@ -51,57 +53,49 @@ def _check(problem, sol):
         )
 
 
-def _response(R, T, Pa):
-    """A response as `(T, Pa, T, Pa)`. A size-1 source axis (LinearClosure's `A`) holds the response to
-    a source shared by all points, i.e. the sum over the source point nu of the per-point response:
-    spread it evenly over nu, so that `sum_nu A_{mu nu} g_nu` is unchanged (g is shared too)."""
-    shared = R.shape[-1] == 1 and Pa > 1
-    return jnp.broadcast_to(R / Pa if shared else R, (T, Pa, T, Pa))
-
-
 def _layer_inputs(problem, sol, l):
     """`(Phi^{l}, Abar^{l}, G^{l+2}, Bbar^{l+1})` for THEORY layer l + 1, all broadcast to `(T, Pa, T, Pa)`."""
     L, Kx = problem.depth, problem.data.Kx
     T, Pa = problem.n_steps + 1, Kx.shape[0]
     full = lambda X: jnp.broadcast_to(X, (T, Pa, T, Pa))
     Phi_prev = full(Kx[:, None, :]) if l == 0 else full(sol.Phi[l - 1])
-    A_prev = 0.0 if l == 0 else _response(sol.A[l - 1], T, Pa)
+    A_prev = 0.0 if l == 0 else full(sol.A[l - 1])
     G_next = full(jnp.ones((), Kx.dtype)) if l == L - 1 else full(sol.G[l + 1])
-    B_l = 0.0 if l == L - 1 else _response(sol.B[l], T, Pa)
+    B_l = 0.0 if l == L - 1 else full(sol.B[l])
     return Phi_prev, A_prev, G_next, B_l
 
 
-def _draw_sources(key, Phi_prev, G_next, n_samples, first, last):
+def _draw_sources(key, Phi_prev, G_next, n_samples, sampling, first, last):
     """`u ~ N(0, Phi^{l-1})`, `r ~ N(0, G^{l+1})`, each `(S, T, Pa)`, by MonteCarlo's own map from
-    standard normals to sources (layer 1: u constant in time; layer L: r one scalar per sample)."""
+    standard normals to sources (layer 1: u constant in time; layer L: r one scalar per sample).
+    Quasi-random coordinates go along the eigenvectors of the covariances, largest first; S need
+    not be a power of 2 (the first S points of the next net are taken)."""
     T, Pa = Phi_prev.shape[:2]
-    ku, kr = jr.split(key)
-    Lu = _factor(Phi_prev[0, :, 0, :] if first else Phi_prev.reshape(T * Pa, T * Pa))[0]
-    Lr = None if last else _factor(G_next.reshape(T * Pa, T * Pa))[0]
-    e_u = jr.normal(ku, (n_samples, Pa if first else T * Pa))
-    e_r = jr.normal(kr, (n_samples,) if last else (n_samples, T * Pa))
-    return _sources(e_u, e_r, Lu, Lr, T, Pa, first, last)
+    M_u, V_u = factor(Phi_prev[0, :, 0, :] if first else Phi_prev.reshape(T * Pa, T * Pa))
+    M_r, V_r = (None, None) if last else factor(G_next.reshape(T * Pa, T * Pa))
+    du, dr = V_u.shape[0], 1 if last else V_r.shape[0]
+    if sampling == "sobol" and du + dr > SOBOL_MAX_DIM:
+        sampling = "plain"  # beyond scipy's Sobol dimensions
+    axes = (V_u[:, ::-1], None if last else V_r[:, ::-1])
+    n_net = 1 << (n_samples - 1).bit_length()
+    e_u, e_r = normals(sampling, key, 0, n_samples, n_net, du, dr, axes, Phi_prev.dtype)
+    return sources(e_u, e_r, M_u, M_r, T, Pa, first, last)
 
 
-def _layer(problem, sol, l, Delta, key, n_samples, time):
+def _layer(problem, sol, l, Delta, key, n_samples, sampling, time):
     """Samples `(h, z, g)` of THEORY layer l + 1 at time index `time`, each `(S, Pa)`."""
-    T, Pa = Delta.shape
     c = problem.dt * problem.eta0 / problem.P
-    mask = jnp.tril(jnp.ones((T, T), Delta.dtype), -1)[:, None, :, None]
     Phi_prev, A_prev, G_next, B_l = _layer_inputs(problem, sol, l)
-    C = A_prev + c * mask * Phi_prev * Delta[None, None]
-    D = B_l + c * mask * G_next * Delta[None, None]
-    u, r = _draw_sources(key, Phi_prev, G_next, n_samples, l == 0, l == problem.depth - 1)
-    gamma0 = problem.gamma0
-    phis, gs = _fields(problem.activation, gamma0, u, r, C, D)
-    # h(t) = u(t) + gamma0 sum_{s<t} C g(s) and z(t) = r(t) + gamma0 sum_{s<=t} D phi(h(s)) (D holds the
-    # equal-time Bbar) are recovered exactly from the g and phi the pass returns, without changing it.
-    h = u + gamma0 * (gs @ C.reshape(T * Pa, T * Pa).T).reshape(u.shape)
-    z = r + gamma0 * (phis @ D.reshape(T * Pa, T * Pa).T).reshape(r.shape)
+    C = memory(A_prev, Phi_prev * Delta[None, None], c)
+    D = memory(B_l, G_next * Delta[None, None], c)
+    u, r = _draw_sources(key, Phi_prev, G_next, n_samples, sampling, l == 0, l == problem.depth - 1)
+    _, gs, h, z = fields(problem.activation, problem.gamma0, u, r, C, D, full=True)
     return h[:, time], z[:, time], gs.reshape(u.shape)[:, time]
 
 
-def field_samples(problem: Problem, sol: Solution, *, n_samples: int, key, time: int = -1) -> FieldSamples:
+def field_samples(
+    problem: Problem, sol: Solution, *, n_samples: int, key, time: int = -1, sampling: str = "sobol"
+) -> FieldSamples:
     """Draw `n_samples` single-site samples of `h^l`, `z^l`, `g^l` for every layer l = 1..L at time
     index `time` (of `sol.ts`), at the order parameters of `sol` (see the module docstring).
 
@@ -110,6 +104,7 @@ def field_samples(problem: Problem, sol: Solution, *, n_samples: int, key, time:
     `(L-1, n+1, Pa, n+1, Pa)` (size-1 sample axes broadcast, as `LinearClosure` stores them).
     Returns a `FieldSamples` with `(L, n_samples, Pa)` arrays; the sample covariance of
     `phi(h^l)` converges to `sol.Phi_eq[l-1, time]` as `n_samples` grows. Memory O(S (n+1) Pa).
+    `sampling`: `"sobol"` (randomised quasi-Monte Carlo, as `MonteCarlo`), `"plain"` or `"antithetic"`.
     """
     _check(problem, sol)
     if not isinstance(n_samples, int) or n_samples < 1:
@@ -117,14 +112,17 @@ def field_samples(problem: Problem, sol: Solution, *, n_samples: int, key, time:
     T = problem.n_steps + 1
     if not -T <= time < T:
         raise ValueError(f"time must be an index into sol.ts (-{T} <= time < {T}), got {time}")
-    key = jr.key(key) if isinstance(key, int) else key
-    return _draw(problem, sol, key, n_samples, time)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    return _draw(problem, sol, as_key(key), n_samples, sampling, time)
 
 
 @eqx.filter_jit
-def _draw(problem, sol, key, n_samples, time):
+def _draw(problem, sol, key, n_samples, sampling, time):
     P, Pa, T = problem.P, problem.data.Kx.shape[0], problem.n_steps + 1
     Delta = jnp.zeros((T, Pa), sol.f.dtype).at[:, :P].set(problem.data.y - sol.f)
-    layers = [_layer(problem, sol, l, Delta, jr.fold_in(key, l), n_samples, time) for l in range(problem.depth)]
+    layers = [
+        _layer(problem, sol, l, Delta, jr.fold_in(key, l), n_samples, sampling, time) for l in range(problem.depth)
+    ]
     h, z, g = (jnp.stack(x) for x in zip(*layers))
     return FieldSamples(h, z, g)

@@ -38,13 +38,16 @@ class Solution(eqx.Module):
     - `Phi_eq`, `G_eq (L, n+1, Pa, Pa)`: equal-time kernels `Phi^l(t, t)`, `G^l(t, t)`, l = 1..L.
     - `Phi`, `G (L, n+1, Pa, n+1, Pa)`: two-time kernels, or None for solvers that only track equal
       times (the lazy limit, where they are constant, and the two-layer fast path).
-    - `A`, `B (L-1, n+1, Pa, n+1, Pa)`: discrete response functions `Abar^l`, `Bbar^l` (l = 1..L-1,
-      THEORY section 4; they carry the dt), or None. `LinearClosure` stores `A (L-1, n+1, Pa, n+1, 1)`:
-      the response to the source shared by all points, which is the SUM over nu of the per-point
-      response (per point: `A / Pa`, broadcast), and `B (L-1, n+1, 1, n+1, Pa)`, which broadcasts.
-    - `result`: a `RESULTS` item; `iterations`: iterations taken; `residuals (max_iters,)`: relative
-      change per iteration, NaN-padded past `iterations`.
-    - `stderr`: Monte Carlo standard errors `{"f", "loss", "ntk", ...}` (same shapes), or None.
+    - `A`, `B (L-1, n+1, Pa, n+1, Pa)`: the discrete response functions `Abar^l`, `Bbar^l` (l = 1..L-1,
+      THEORY section 4; they carry the dt) per pair of points: entry `(t, mu, s, nu)` is the response
+      of the field of point mu at time t to the source of point nu at time s. None for solvers
+      without responses. Size-1 axes broadcast as above (`LinearClosure`'s `A (L-1, n+1, Pa, n+1, 1)`,
+      `B (L-1, n+1, 1, n+1, Pa)`).
+    - `result`: a `RESULTS` item. Iterative solvers: `iterations` taken and `residuals (max_iters,)`,
+      the relative change per iteration (NaN-padded); closed forms: 0 and None.
+    - `stderr`: Monte Carlo standard errors `{"f", "loss", "ntk", ...}` (same shapes) of solvers that
+      sample, or None; `noise_floor`: the relative Monte Carlo standard error of the kernels at the
+      last iteration of `MonteCarlo` (its stopping rule compares the residual with it), or None.
     """
 
     ts: jax.Array
@@ -64,3 +67,4 @@ class Solution(eqx.Module):
     iterations: jax.Array | int = 0
     residuals: jax.Array | None = None
     stderr: dict | None = None
+    noise_floor: jax.Array | None = None

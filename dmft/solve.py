@@ -1,78 +1,86 @@
 """`dmft.solve`: the one entry point, and the solver protocol it drives (THEORY section 10).
 
-A solver is an `equinox.Module` with
+Two kinds of solver, both `equinox.Module`s:
 
-* `validate(problem)`: raise `ValueError` when the solver does not apply to the problem;
-* `init(problem, key) -> state`: the initial order parameters (a pytree of arrays);
-* `step(problem, state, key) -> state`: one application of the self-consistent map `T`;
-* `postprocess(problem, state, key) -> dict`: the `Solution` fields for a state;
-* `max_iters`, `damping` (beta), `rtol`;
-* optionally `monitor(state)`: the part of the state whose change decides convergence, and
-  `damping_at(change)`: the beta of the next update given the current relative change (default: `damping`).
-
-`solve` owns the damped iteration `state <- (1 - beta) state + beta T(state)`, stopping when the
-relative Frobenius change `max_leaf |T(x) - x| / |T(x)|` is at most `rtol`, and the result codes.
-A solver with `max_iters = 0` (closed forms such as `Lazy`) goes straight to `postprocess`.
+* `AbstractSolver`, a closed form (`Lazy`, `Perturbative`): `validate(problem)` raises `ValueError`
+  when the solver does not apply, `samples(problem)` says whether it draws random numbers (then
+  `solve` needs an explicit `key`), `init(problem, key)` computes the order parameters and
+  `postprocess(problem, state, key)` turns them into the fields of a `Solution`.
+* `AbstractIterativeSolver`, a self-consistent iteration (`LinearClosure`, `MonteCarlo`): adds
+  `step(problem, state, key)`, one application of the map `T`, and the fields `max_iters`,
+  `damping` (beta) and `rtol`. `solve` owns the damped iteration
+  `state <- (1 - beta) state + beta T(state)` and stops when the relative Frobenius change
+  `|T(x) - x| / |T(x)|` of every leaf of `monitor(state)` is at most the tolerance of
+  `tolerance(T(x))` (default `rtol`; a sampling solver derives it from its own Monte Carlo error,
+  leaf by leaf), or at most its stall tolerance once the change has stopped falling (not halved in
+  5 iterations). `damping_at(change)` may adapt beta to the largest change.
 
 Progress (`progress=True`): ordered `jax.debug.callback`s from inside the compiled loop drive one tqdm
 bar on the host (opened before the loop, advanced by every iteration with its residual, closed after
-it), so the report is live, works under `jit` and `vmap` (one bar; each member's iteration advances
-it) and leaves the computation, hence the result, unchanged.
+it), so the report is live, works under `jit` and `vmap` and leaves the result unchanged.
 """
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 
+from ._keys import as_key
 from .problem import Problem
 from .solution import RESULTS, Solution
 
-__all__ = ["AbstractSolver", "AbstractStochasticSolver", "solve"]
+__all__ = ["AbstractSolver", "AbstractIterativeSolver", "solve", "damped"]
 
 
 class AbstractSolver(eqx.Module):
-    """Base class of every DMFT solver (see the module docstring for the protocol)."""
-
-    max_iters: eqx.AbstractVar[int]
-    damping: eqx.AbstractVar[float]
-    rtol: eqx.AbstractVar[float]
+    """A DMFT solver in closed form: `init` computes the order parameters, `postprocess` the fields."""
 
     def validate(self, problem: Problem) -> None:
         """Raise `ValueError` (saying what to change) when this solver cannot solve `problem`."""
 
+    def samples(self, problem: Problem) -> bool:
+        """Whether solving `problem` draws random numbers (then `solve` requires an explicit `key`)."""
+        return False
+
     def init(self, problem: Problem, key):
         raise NotImplementedError
 
-    def step(self, problem: Problem, state, key):
+    def postprocess(self, problem: Problem, state, key) -> dict:
         raise NotImplementedError
 
-    def postprocess(self, problem: Problem, state, key) -> dict:
+
+class AbstractIterativeSolver(AbstractSolver):
+    """A DMFT solver by damped self-consistent iteration (see the module docstring)."""
+
+    max_iters: eqx.AbstractVar[int]
+    damping: eqx.AbstractVar[float]
+    rtol: eqx.AbstractVar[float | None]
+
+    def step(self, problem: Problem, state, key):
         raise NotImplementedError
 
     def monitor(self, state):
         """The part of the state whose relative change decides convergence (default: all of it)."""
         return state
 
+    def tolerance(self, state):
+        """`(tol, stall_tol)`: the iteration has converged when the relative change of every monitored
+        leaf is at most `tol`, or at most `stall_tol` once the change has stopped falling (a map that is
+        only piecewise continuous, such as a Monte Carlo map of relu networks, cannot go lower).
+        Scalars or one per leaf of `monitor`; default `(rtol, rtol)`."""
+        return self.rtol, self.rtol
+
     def damping_at(self, change):
         """The damping beta of the update that follows an iteration with relative change `change`."""
         return self.damping
 
-    def needs_key(self, problem: Problem) -> bool:
-        """Whether solving `problem` samples, so that `solve` must be given an explicit `key`."""
-        return isinstance(self, AbstractStochasticSolver)
-
-
-class AbstractStochasticSolver(AbstractSolver):
-    """Marker: a solver that samples, so `solve` requires an explicit `key`."""
-
 
 def _relative_change(new, old):
+    """Relative Frobenius change `|new - old| / |new|` of every leaf, `(n_leaves,)`."""
     changes = [
-        jnp.linalg.norm((a - b).ravel()) / jnp.maximum(jnp.linalg.norm(a.ravel()), 1e-300)
+        jnp.linalg.norm((a - b).ravel()) / jnp.maximum(jnp.linalg.norm(a.ravel()), jnp.finfo(a.dtype).tiny)
         for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old))
     ]
-    return jnp.max(jnp.stack(changes))
+    return jnp.stack(changes)
 
 
 _BAR = None  # the host-side tqdm bar of the solve in progress (progress=True only)
@@ -110,41 +118,58 @@ def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+_STALL = 5  # iterations over which a change that has not halved counts as stalled
+
+
+def _iterate(problem, solver, state, key, progress):
+    """The damped fixed-point loop: `(state, iterations, residuals, converged)`."""
+    n = solver.max_iters
+
+    def cond(carry):
+        it, _, _, done, bad = carry
+        return (it < n) & ~done & ~bad
+
+    def body(carry):
+        it, state, residuals, _, _ = carry
+        new = solver.step(problem, state, key)
+        changes = _relative_change(solver.monitor(new), solver.monitor(state))
+        change = jnp.max(changes)
+        tol, stall_tol = solver.tolerance(new)
+        earlier = jnp.where(it >= _STALL, residuals[jnp.maximum(it - _STALL, 0)], jnp.inf)
+        stalled = change > 0.5 * earlier
+        done = jnp.all(changes <= tol) | (stalled & jnp.all(changes <= stall_tol))
+        mixed = damped(state, new, solver.damping_at(change))
+        if progress:
+            jax.debug.callback(_bar_step, it, change, ordered=True)
+        return it + 1, mixed, residuals.at[it].set(change), done, ~jnp.isfinite(change)
+
+    residuals = jnp.full((n,), jnp.nan, problem.data.Kx.dtype)
+    carry = (jnp.array(0), state, residuals, jnp.array(False), jnp.array(False))
+    if progress:
+        jax.debug.callback(lambda: _bar_open(n), ordered=True)
+    iterations, state, residuals, converged, _ = jax.lax.while_loop(cond, body, carry)
+    if progress:
+        jax.debug.callback(_bar_close, ordered=True)
+    return state, iterations, residuals, converged
+
+
 @eqx.filter_jit
 def _solve(problem, solver, key, throw, progress):
+    # A traced gamma0 (under jit or vmap) escapes the Problem's own check.
+    gamma0 = eqx.error_if(problem.gamma0, problem.gamma0 < 0, "gamma0 must be >= 0 (0 is the lazy limit)")
+    problem = eqx.tree_at(lambda p: p.gamma0, problem, gamma0)
     state = solver.init(problem, key)
-    n = solver.max_iters
-    residuals = jnp.full((max(n, 1),), jnp.nan)
-    if n == 0:
-        iterations, converged = jnp.array(0), jnp.array(True)
-    else:
-
-        def cond(carry):
-            it, _, _, done, bad = carry
-            return (it < n) & ~done & ~bad
-
-        def body(carry):
-            it, state, residuals, _, _ = carry
-            new = solver.step(problem, state, key)
-            change = _relative_change(solver.monitor(new), solver.monitor(state))
-            mixed = damped(state, new, solver.damping_at(change))
-            bad = ~jnp.isfinite(change)
-            if progress:
-                jax.debug.callback(_bar_step, it, change, ordered=True)
-            return it + 1, mixed, residuals.at[it].set(change), change <= solver.rtol, bad
-
-        carry = (jnp.array(0), state, residuals, jnp.array(False), jnp.array(False))
-        if progress:
-            jax.debug.callback(lambda: _bar_open(n), ordered=True)
-        iterations, state, residuals, converged, _ = jax.lax.while_loop(cond, body, carry)
-        if progress:
-            jax.debug.callback(_bar_close, ordered=True)
+    extra = {}
+    converged = jnp.array(True)
+    if isinstance(solver, AbstractIterativeSolver):
+        state, iterations, residuals, converged = _iterate(problem, solver, state, key, progress)
+        extra = dict(iterations=iterations, residuals=residuals)
     fields = solver.postprocess(problem, state, key)
     finite = _all_finite({k: v for k, v in fields.items() if k != "ts"}) & _all_finite(state)
     result = RESULTS.where(
         ~finite, RESULTS.nonfinite, RESULTS.where(converged, RESULTS.successful, RESULTS.max_iters_reached)
     )
-    sol = Solution(**fields, result=result, iterations=iterations, residuals=residuals)
+    sol = Solution(**fields, **extra, result=result)
     if throw:
         sol = result.error_if(sol, result != RESULTS.successful)
     return sol
@@ -158,14 +183,15 @@ def solve(
     **Arguments:**
 
     - `problem`: a `dmft.Problem` (data, network, gamma0, time grid).
-    - `solver`: `dmft.Lazy()`, `dmft.LinearClosure()`, `dmft.MonteCarlo(n_samples=...)`, ...
-    - `key`: a JAX PRNG key or an int seed; required by sampling solvers, ignored by the others.
+    - `solver`: `dmft.Lazy()`, `dmft.LinearClosure()`, `dmft.MonteCarlo(...)`, `dmft.Perturbative()`.
+    - `key`: an integer seed or a JAX PRNG key; required by solvers that sample (`MonteCarlo`,
+      `Perturbative` of a nonlinear network), ignored by the others.
     - `throw`: raise when the iteration does not converge or goes non-finite. Under `jax.vmap`
       (e.g. over gamma0) a failure of any member raises; pass `throw=False` and inspect
       `sol.result` instead.
     - `progress`: show a tqdm bar on stderr with the iteration number and the current residual
       (relative change), live from inside the compiled loop. Silent by default; the result is the
-      same either way. Solvers without iterations (`Lazy`) show nothing.
+      same either way. Closed-form solvers show nothing.
 
     Runs under `equinox.filter_jit`: `gamma0` and `eta0` are traced (a sweep does not recompile),
     shapes (`depth`, `n_steps`, data sizes, sample counts) are static.
@@ -174,17 +200,15 @@ def solve(
         raise ValueError(f"problem must be a dmft.Problem, got {type(problem).__name__}")
     if not isinstance(solver, AbstractSolver):
         raise ValueError(
-            f"solver must be a dmft solver (dmft.Lazy(), dmft.LinearClosure(), dmft.MonteCarlo(...)), "
-            f"got {type(solver).__name__}"
+            "solver must be a dmft solver (dmft.Lazy(), dmft.LinearClosure(), dmft.MonteCarlo(...), "
+            f"dmft.Perturbative()), got {type(solver).__name__}"
         )
     solver.validate(problem)
     if key is None:
-        if solver.needs_key(problem):
-            raise ValueError(f"{type(solver).__name__} samples here: pass key=<int or jax.random.key>")
-        key = jr.key(0)
-    elif isinstance(key, int):
-        key = jr.key(key)
-    sol = _solve(problem, solver, key, throw, progress)
+        if solver.samples(problem):
+            raise ValueError(f"{type(solver).__name__} samples random numbers here: pass key=<int or jax.random.key>")
+        key = 0
+    sol = _solve(problem, solver, as_key(key), throw, progress)
     if progress:
         jax.effects_barrier()  # the bar is closed (and flushed) before solve returns
     return sol

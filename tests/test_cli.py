@@ -1,13 +1,16 @@
 import json
 import os
+import re
+import tomllib
 
 import pytest
 
-from dmft.cli import EXAMPLE_CONFIG, main
+from dmft.cli import SOLVERS, build, demo_config, example_config, main, validate_config
 
 TINY = """
 [data]
 P = 4
+P_test = 1
 D = 3
 [network]
 depth = 1
@@ -26,20 +29,49 @@ def _write(tmp_path, text, name="c.toml"):
     return str(path)
 
 
-def test_solve_happy_path(tmp_path, capsys):
+def _solve(tmp_path, text, *flags):
     out = tmp_path / "out"
-    assert main(["solve", _write(tmp_path, TINY), "--out", str(out), "--x64"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["converged"] and summary["final_loss"] < summary["initial_loss"]
-    assert (out / "solution.npz").is_file()
+    code = main(["solve", _write(tmp_path, text), "--out", str(out), "--quiet", *flags])
+    return code, (json.loads((out / "summary.json").read_text()) if code == 0 else None)
 
 
-def test_example_config_is_valid():
-    import tomllib
+def test_solve_happy_path(tmp_path):
+    code, summary = _solve(tmp_path, TINY, "--x64")
+    assert code == 0 and summary["converged"] and summary["final_loss"] < summary["initial_loss"]
+    assert (tmp_path / "out" / "solution.npz").is_file()
 
-    from dmft.cli import validate_config
 
-    validate_config(tomllib.loads(EXAMPLE_CONFIG))
+def test_example_config_lists_every_key_and_each_is_accepted():
+    text = example_config()
+    config = validate_config(tomllib.loads(text))
+    for section, body in demo_config().items():  # the example is the demo problem, written out
+        assert {k: config[section][k] for k in body} == body
+    # Every commented solver key of every kind is accepted by that kind (and only it builds it).
+    for kind in SOLVERS:
+        keys = re.findall(rf"^#? ?(\w+) = .*# {kind}: ", text, flags=re.M)
+        assert keys, kind
+        lines = [line.lstrip("# ") for line in text.splitlines() if f"# {kind}: " in line and "omit" not in line]
+        solver = "\n".join(["[solver]", f'kind = "{kind}"', *lines])
+        parsed = validate_config(tomllib.loads(solver))
+        problem, obj, _ = build(parsed | {"network": {"activation": "linear"}})
+        assert type(obj).__name__ == SOLVERS[kind]
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        'kind = "lazy"\ndiscrete = true',
+        'kind = "linear"',
+        'kind = "linear"\nresponses = false',
+        'kind = "perturbative"',
+        'kind = "monte_carlo"\nn_samples = 256\nsampling = "plain"\ncontrol_variates = false\nresponses = "none"',
+    ],
+)
+def test_every_solver_is_reachable_in_float32(tmp_path, solver):
+    # No --x64: JAX's default float32 must work for every kind (linear network, depth 2).
+    text = TINY.replace('kind = "lazy"', solver).replace("depth = 1", "depth = 2").replace('"relu"', '"linear"')
+    code, summary = _solve(tmp_path, text)
+    assert code == 0 and summary["final_loss"] < summary["initial_loss"]
 
 
 @pytest.mark.parametrize(
@@ -50,13 +82,22 @@ def test_example_config_is_valid():
         (TINY.replace('"relu"', '"swish"'), "network.activation = 'swish' is not allowed"),
         (TINY.replace("n_steps = 4", "n_steps = 4.5"), "problem.n_steps must be an integer"),
         (TINY.replace('kind = "lazy"', 'kind = "exact"'), "solver.kind = 'exact' is not allowed"),
+        (TINY.replace('kind = "lazy"', 'kind = "lazy"\nn_samples = 4'), "unknown key solver.n_samples for kind"),
+        (TINY.replace('kind = "lazy"', 'kind = "linear"\nresponses = "none"'), "solver.responses must be true or false"),
         (TINY.replace("t_max = 2.0", "t_max = -1.0"), "t_max must be a finite scalar > 0"),
         ("[data]\nP = [\n", "is not valid TOML"),
+        ("[data]\nP = 4\n", "[solver] kind is required"),
     ],
 )
 def test_config_errors(tmp_path, capsys, text, message):
     assert main(["solve", _write(tmp_path, text), "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_debug_keeps_the_traceback(tmp_path):
+    text = TINY.replace("t_max = 2.0", "t_max = -1.0")
+    with pytest.raises(ValueError, match="t_max must be"):
+        main(["solve", _write(tmp_path, text), "--out", str(tmp_path / "o"), "--debug"])
 
 
 def test_missing_config_file(tmp_path, capsys):
@@ -79,16 +120,17 @@ def test_output_path_that_is_a_file(tmp_path, capsys):
     assert "cannot create output directory" in capsys.readouterr().err
 
 
-def test_compare_and_plot(tmp_path, capsys):
-    text = TINY.replace('kind = "lazy"', 'kind = "monte_carlo"\nn_samples = 1024\nchunk_size = 512')
+def test_compare_and_plot(tmp_path):
+    text = TINY.replace('kind = "lazy"', 'kind = "monte_carlo"\nn_samples = 1024')
     text += "\n[compare]\nwidths = [16, 32]\nseeds = 2\n"
     out = tmp_path / "cmp"
-    assert main(["compare", _write(tmp_path, text), "--out", str(out), "--x64"]) == 0
+    assert main(["compare", _write(tmp_path, text), "--out", str(out), "--x64", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["widths"] == [16, 32] and "fitted_exponent_error_vs_width" in report
     import numpy as np
 
-    assert np.load(out / "samples.npz")["h"].shape == (1, 4096, 4)  # DMFT histogram samples (L, S, P)
+    assert np.load(out / "samples.npz")["h"].shape == (1, 4096, 5)  # DMFT histogram samples (L, S, Pa)
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # every file written whole, then renamed
     os.remove(out / "comparison.png")
     assert main(["plot", str(out)]) == 0
     assert (out / "comparison.png").stat().st_size > 10_000
@@ -104,7 +146,7 @@ def test_help_shows_example_config(capsys):
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "comparison.pdf").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dmft"]["converged"]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+from .._keys import as_key
 from ..dynamics import mse_loss
 
 __all__ = ["Run", "train", "init_params", "forward"]
@@ -139,7 +140,7 @@ def train(
     O(1 / (gamma0 sqrt N)) numbers.
     """
     _check(problem, width, method)
-    key = jr.key(key) if isinstance(key, int) else key
+    key = as_key(key)
     params = init_params(problem, width, key)
     f0 = forward(problem, params, problem.data.X_all) * center
     loss = _loss(problem, f0[: problem.P])

@@ -59,23 +59,11 @@ class Lazy(AbstractSolver):
     `discrete=False` (default) integrates gradient flow exactly; `discrete=True` takes the explicit
     Euler steps of the discrete DMFT (THEORY section 4), i.e. the gamma0 -> 0 limit of the iterative
     solvers on the same grid, so that their deviation from it is purely O(gamma0^2).
-    `problem.gamma0` is ignored. No iteration: `Solution.iterations == 0`.
+    `problem.gamma0` is ignored, so this is also the static-NTK approximation of the literature
+    (THEORY 9) at any gamma0.
     """
 
     discrete: bool = eqx.field(static=True, default=False)
-
-    # A closed form: no self-consistent iteration.
-    @property
-    def max_iters(self) -> int:
-        return 0
-
-    @property
-    def damping(self) -> float:
-        return 1.0
-
-    @property
-    def rtol(self) -> float:
-        return 0.0
 
     def init(self, problem, key):
         return lazy_kernels(problem)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from ..activations import Linear
 from ..dynamics import error_signal, euler_predictions, ntk_from_kernels, prediction_fields
-from ..solve import AbstractSolver
+from ..solve import AbstractIterativeSolver
 
 __all__ = ["LinearClosure"]
 
@@ -259,7 +259,7 @@ def _factorise(problem, Abar, G, d, b, Delta):
     return _State(A=Abar, Q=jnp.stack(Q), G=G, beta=b[1:])
 
 
-class LinearClosure(AbstractSolver):
+class LinearClosure(AbstractIterativeSolver):
     """Exact DMFT of deep linear networks (activation `"linear"`), any depth, train and test points.
 
     Solves the discrete-time closure of THEORY sections 4 and 6 (left-point rule, Euler predictions,
@@ -272,16 +272,18 @@ class LinearClosure(AbstractSolver):
     docstring; no (T Pa) x (T Pa) matrix is inverted.
 
     **Arguments:** `damping` (beta in (0, 1]: `new = (1 - beta) old + beta T(old)`), `rtol` (stop when
-    the relative change of every order parameter is at most this), `max_iters`, `responses`
-    (`False`: the gradient independence approximation, A = B = 0 in the fields; THEORY 9), `start`
-    (`"march"` or `"lazy"`).
+    the relative change of every order parameter is at most this; None: `1000 eps` of the dtype,
+    round-off level in float32 and float64), `max_iters`, `responses` (`False`: the gradient
+    independence approximation, A = B = 0 in the fields; THEORY 9), `start` (`"march"` or `"lazy"`).
 
     `Solution.G` has shape `(L, T, 1, T, 1)`, `A` `(L-1, T, Pa, T, 1)`, `B` `(L-1, T, 1, T, Pa)`: the
-    size-1 axes are sample indices on which these kernels do not depend.
+    size-1 axes are sample indices on which these kernels do not depend (they broadcast). `A` is the
+    per-point response: the closure tracks the response to the source `r` shared by all points,
+    and spreads it evenly over them.
     """
 
     damping: float = 1.0
-    rtol: float = 1e-10
+    rtol: float | None = None
     max_iters: int = eqx.field(static=True, default=200)
     responses: bool = eqx.field(static=True, default=True)
     start: str = eqx.field(static=True, default="march")
@@ -298,6 +300,11 @@ class LinearClosure(AbstractSolver):
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
         if self.start not in ("march", "lazy"):
             raise ValueError(f'start must be "march" or "lazy", got {self.start!r}')
+        if self.rtol is not None and not self.rtol >= 0:
+            raise ValueError(f"rtol must be None or >= 0, got {self.rtol}")
+
+    def tolerance(self, state):
+        return 1000 * jnp.finfo(state.G.dtype).eps if self.rtol is None else self.rtol
 
     def init(self, problem, key):
         if self.start == "march":
@@ -329,6 +336,6 @@ class LinearClosure(AbstractSolver):
             G=state.G[:, :, None, :, None],
             Phi_eq=_equal_time_Phi(Kx, state.A, state.Q),
             G_eq=jnp.broadcast_to(G_eq, (L, T, Pa, Pa)),
-            A=state.A[:-1, ..., None],
+            A=state.A[:-1, ..., None] / Pa,
             B=state.beta[:, :, None, :, None] * Delta,
         )

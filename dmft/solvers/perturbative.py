@@ -1,10 +1,8 @@
-"""Approximation schemes of the literature as solvers (THEORY section 9).
+"""Leading-order perturbation theory in gamma0 around the lazy solution (THEORY section 9).
 
-* `StaticNTK`: the kernels frozen at t = 0. They do not depend on gamma0, so at any gamma0 this is
-  the lazy solution: `StaticNTK` is `Lazy`, under the name the literature uses.
-* Gradient independence: `LinearClosure(responses=False)`, `MonteCarlo(responses="none")`.
-* `Perturbative`: leading-order perturbation theory in gamma0 around the lazy solution (linear
-  networks and smooth nonlinear networks of any depth).
+The other approximations of the literature are options of the full solvers: the static NTK is
+`Lazy` (its kernels do not depend on gamma0), gradient independence is
+`LinearClosure(responses=False)` or `MonteCarlo(responses="none")`.
 """
 
 from __future__ import annotations
@@ -17,14 +15,14 @@ import numpy as np
 
 from ..activations import Linear, gauss_hermite_pairs
 from ..dynamics import equal_time, error_signal, euler_predictions, ntk_from_kernels, prediction_fields
+from ..single_site import fields, memory, two_layer_fields
 from ..solve import AbstractSolver
-from .lazy import Lazy, lazy_kernels
+from . import _sampling
+from ._sampling import factor
+from .lazy import lazy_kernels
 from .linear import LinearClosure
-from .monte_carlo import _factor, _fields
 
-__all__ = ["StaticNTK", "Perturbative"]
-
-StaticNTK = Lazy
+__all__ = ["Perturbative"]
 
 
 def _with_gamma0(problem, g):
@@ -34,25 +32,6 @@ def _with_gamma0(problem, g):
 # Probabilists' Gauss-Hermite rule with 3 nodes: exact for E[p(r)], r ~ N(0, 1), p of degree <= 5.
 _R_NODES = np.array([-np.sqrt(3.0), 0.0, np.sqrt(3.0)])
 _R_WEIGHTS = np.array([1 / 6, 2 / 3, 1 / 6])
-
-
-def _two_layer_kernels(act, gamma0, c, Kx, u, r, w, Delta):
-    """Weighted sums `sum_s w_s phi(h_s(t)) phi(h_s(t))^T` and the same for g, each `(T, Pa, Pa)`.
-
-    The discrete two-layer single site (THEORY 4 and 7; left-point rule, as `MonteCarlo`'s fast path):
-    `h(t) = u + gamma0 c sum_{s<t} Kx (Delta(s) g(s))`, `z(t) = r + gamma0 c sum_{s<t} Delta(s) . phi(h(s))`,
-    `g = phi'(h) z`, with `c = eta0 dt / P`. `u (S, Pa)`, `r (S,)`, `w (S,)`, `Delta (T, Pa)` fixed.
-    """
-
-    def step(carry, Delta_t):
-        h_mem, z = carry
-        h = u + h_mem
-        phi, g = act.fn(h), act.dfn(h) * z[:, None]
-        h_mem = h_mem + gamma0 * c * (Delta_t * g) @ Kx
-        z = z + gamma0 * c * phi @ Delta_t
-        return (h_mem, z), ((w[:, None] * phi).T @ phi, (w[:, None] * g).T @ g)
-
-    return jax.lax.scan(step, (jnp.zeros_like(u), r), Delta)[1]
 
 
 def _taylor2(F, gamma0):
@@ -108,10 +87,10 @@ def _lazy_limit(problem):
     M1, M2, Q, R3 = gauss_hermite_pairs(pairs, Su, getattr(act, "degree", 128))
     Delta0 = error_signal(problem, jnp.broadcast_to(K0, (T, Pa, Pa)))
     c = problem.dt * problem.eta0 / problem.P
-    mask = jnp.tril(jnp.ones((T, T), Kx.dtype), -1)[:, None, :, None]
-    # The Delta terms of C and D: c [s < t] S(mu, nu) Delta_nu(s).
-    memory = lambda S: c * mask * S[:, None, :, None, :] * Delta0[None, None, None]
-    C, D = _lazy_responses(memory(Su), memory(Sr), M1, M2, Q, R3, Sr)
+    # The Delta terms of C and D, c [s < t] S(mu, nu) Delta_nu(s), per layer.
+    full = lambda S: jnp.broadcast_to(S[:, None, :] * Delta0[None, None], (T, Pa, T, Pa))
+    delta_terms = jax.vmap(lambda S: memory(0.0, full(S), c))
+    C, D = _lazy_responses(delta_terms(Su), delta_terms(Sr), M1, M2, Q, R3, Sr)
     return _Lazy(Su, Sr, M1, M2, Q, R3, C, D)
 
 
@@ -144,35 +123,31 @@ def _lazy_responses(C_delta, D_delta, M1, M2, Q, R3, Sr):
     return jnp.stack(C), jnp.stack(D)
 
 
-def _field_term(problem, lazy, key, l, chunk, n_chunks):
+def _field_term(problem, lazy, key, l, solver):
     """The O(gamma0^2) kernels of layer l (0-based) at fixed (lazy) sources and memory kernels:
-    `(1/2) d^2/dgamma0^2 <phi phi^T>, <g g^T>` through `MonteCarlo`'s own causal single-site pass,
-    sample means over `u ~ N(0, Su)`, `r ~ N(0, Sr)` (both constant in time at gamma0 = 0).
+    `(1/2) d^2/dgamma0^2 <phi phi^T>, <g g^T>` through the causal single-site pass, sample means over
+    `u ~ N(0, Su)`, `r ~ N(0, Sr)` (both constant in time at gamma0 = 0).
 
-    Returns the two-time sums over all samples, `(T Pa, T Pa)` each, and the equal-time means per
-    chunk, `(n_chunks, T, Pa, Pa)` each.
+    Returns the two-time means over all samples, `(T Pa, T Pa)` each, and the equal-time means per
+    replica, `(R, T, Pa, Pa)` each.
     """
     act, gamma0 = problem.activation, problem.gamma0
     T, Pa = lazy.C.shape[1:3]
     last = l == problem.depth - 1
-    root_u, root_r = _factor(lazy.Su[l])[0], _factor(lazy.Sr[l])[0]
-    static = lambda x: jnp.broadcast_to(x[:, None, :], (chunk, T, Pa))
+    (M_u, V_u), (M_r, V_r) = factor(lazy.Su[l]), factor(lazy.Sr[l])
+    axes = (V_u[:, ::-1], None if last else V_r[:, ::-1])
+    static = lambda x: jnp.broadcast_to(x[:, None, :], (x.shape[0], T, Pa))
 
-    def one_chunk(acc, i):
-        ku, kr = jr.split(jr.fold_in(key, i))
-        u = static(jr.normal(ku, (chunk, Pa), root_u.dtype) @ root_u.T)
-        if last:
-            r = static(jnp.broadcast_to(jr.normal(kr, (chunk, 1), root_u.dtype), (chunk, Pa)))
-        else:
-            r = static(jr.normal(kr, (chunk, Pa), root_u.dtype) @ root_r.T)
-        x0, x1, x2 = _taylor2(lambda g: _fields(act, g, u, r, lazy.C[l], lazy.D[l]), gamma0)
+    def one_chunk(key, i):
+        e_u, e_r = solver._normals(key, i, Pa, 1 if last else Pa, axes, M_u.dtype)
+        u, r = static(e_u @ M_u.T), static(jnp.broadcast_to(e_r, e_u.shape) if last else e_r @ M_r.T)
+        x0, x1, x2 = _taylor2(lambda g: fields(act, g, u, r, lazy.C[l], lazy.D[l]), gamma0)
         second = lambda a0, a1, a2: a1.T @ a1 + a0.T @ a2 + a2.T @ a0  # gamma0^2 coefficient of a^T a
-        kern = [second(a0, a1, a2) for a0, a1, a2 in zip(x0, x1, x2)]
-        eq = [equal_time(k.reshape(T, Pa, T, Pa)) / chunk for k in kern]
-        return jax.tree.map(jnp.add, acc, kern), eq
+        return [second(a0, a1, a2) for a0, a1, a2 in zip(x0, x1, x2)]
 
-    zeros = [jnp.zeros((T * Pa, T * Pa), lazy.C.dtype)] * 2
-    return jax.lax.scan(one_chunk, zeros, jnp.arange(n_chunks))
+    sums = solver._replica_sums(key, one_chunk)  # [(R, T Pa, T Pa)] * 2
+    eq = [equal_time(x.reshape(-1, T, Pa, T, Pa)) / solver._per_replica for x in sums]
+    return [x.sum(0) / solver.n_samples for x in sums], eq
 
 
 def _source_shift(dS, F, M, two_time):
@@ -228,7 +203,7 @@ class Perturbative(AbstractSolver):
       first- and second-order fields h1, z1, h2, z2 of the notes, in discrete time). The Gaussian
       average over `r ~ N(0, 1)` is exact (3-node Gauss-Hermite: the integrand is a polynomial of
       degree <= 4 in r), over `u ~ N(0, Kx)` Monte Carlo with `n_samples` draws (pass `key`); the
-      lazy kernels `x0` are exact. `Solution.stderr` holds batch-means standard errors (`n_batches`)
+      lazy kernels `x0` are exact. `Solution.stderr` holds standard errors over `n_replicas`
       of `f`, `loss`, `ntk` (and test fields). Kernels: equal-time only (`Phi = None`).
     * **Smooth nonlinear networks of depth >= 2.** Two kinds of O(gamma0^2) terms, both about the
       lazy state, where every source is Gaussian and constant in time:
@@ -246,28 +221,37 @@ class Perturbative(AbstractSolver):
     `dmft.Lazy` instead).
     """
 
-    linear_iters: int = eqx.field(static=True, default=64)  # iterations of the linear x2 equation
-    n_samples: int = eqx.field(static=True, default=16384)  # source draws (nonlinear networks)
+    linear_iters: int = eqx.field(static=True, default=64)
+    n_samples: int = eqx.field(static=True, default=16384)
+    n_replicas: int = eqx.field(static=True, default=8)
+    sampling: str = eqx.field(static=True, default="sobol")
     chunk_size: int = eqx.field(static=True, default=2048)
-    n_batches: int = eqx.field(static=True, default=8)  # batch means for Solution.stderr
+
+    @property
+    def _per_replica(self):
+        return self.n_samples // self.n_replicas
 
     @property
     def _chunk(self):
-        return max(min(self.chunk_size, self.n_samples // self.n_batches), 1)
+        return min(self.chunk_size, self._per_replica)
 
-    @property
-    def max_iters(self):
-        return 0
+    def _normals(self, key, i, du, dr, axes, dtype):
+        """Standard normals of chunk i of the replica of `key` (`_sampling.normals`)."""
+        n = self._chunk
+        return _sampling.normals(self.sampling, key, i * n, n, self._per_replica, du, dr, axes, dtype)
 
-    @property
-    def damping(self):
-        return 1.0
+    def _replica_sums(self, key, one_chunk):
+        """Sums over every replica's samples of `one_chunk(replica_key, i)` (a list of arrays), stacked
+        over the replicas."""
 
-    @property
-    def rtol(self):
-        return 0.0
+        def replica(k):
+            total = lambda acc, i: (jax.tree.map(jnp.add, acc, one_chunk(k, i)), None)
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(one_chunk, k, 0))
+            return jax.lax.scan(total, zeros, jnp.arange(self._per_replica // self._chunk))[0]
 
-    def needs_key(self, problem):
+        return jax.lax.map(replica, jax.vmap(lambda r: jr.fold_in(key, r))(jnp.arange(self.n_replicas)))
+
+    def samples(self, problem):
         return not isinstance(problem.activation, Linear)
 
     def validate(self, problem):
@@ -280,11 +264,16 @@ class Perturbative(AbstractSolver):
                 "none (piecewise linear). Use a smooth activation (tanh, erf), or compare dmft.MonteCarlo "
                 "at small gamma0 with dmft.Lazy"
             )
-        if self.n_batches < 2 or self.n_samples % (self.n_batches * self._chunk):
+        S, R = self.n_samples, self.n_replicas
+        if R < 2 or S % R or self._per_replica % self._chunk:
             raise ValueError(
-                f"n_samples ({self.n_samples}) must be a multiple of n_batches ({self.n_batches} >= 2) "
-                f"times the chunk size ({self._chunk} = min(chunk_size, n_samples // n_batches))"
+                f"n_replicas must be >= 2 and divide n_samples, and chunk_size the samples per replica; got "
+                f"n_samples={S}, n_replicas={R}, chunk_size={self.chunk_size}"
             )
+        if self.sampling not in _sampling.SAMPLINGS:
+            raise ValueError(f"sampling must be one of {_sampling.SAMPLINGS}, got {self.sampling!r}")
+        if self.sampling == "sobol" and self._per_replica & (self._per_replica - 1):
+            raise ValueError(f'sampling="sobol" needs n_samples / n_replicas a power of 2, got {S} / {R}')
 
     def init(self, problem, key):
         if isinstance(problem.activation, Linear):
@@ -296,13 +285,13 @@ class Perturbative(AbstractSolver):
         g2 = problem.gamma0**2
         if isinstance(problem.activation, Linear):
             return LinearClosure().postprocess(problem, jax.tree.map(lambda a, b: a + g2 * b, x0, x2), key)
-        # Nonlinear: x0 = (Phi0, G0) (L, 1, Pa, Pa), x2 = equal-time (Phi2, G2) per sample batch
-        # (n_batches, L, T, Pa, Pa); deep networks add the two-time kernels.
+        # Nonlinear: x0 = (Phi0, G0) (L, 1, Pa, Pa), x2 = equal-time (Phi2, G2) per replica
+        # (R, L, T, Pa, Pa); deep networks add the two-time kernels.
         (Phi0, G0), (Phi2, G2) = x0, x2
         fields_of = lambda P2, G2_: self._fields(problem, Phi0 + g2 * P2, G0 + g2 * G2_)
         fields, Phi_eq, G_eq = fields_of(Phi2.mean(0), G2.mean(0))
-        per_batch = jax.vmap(lambda P2, G2_: fields_of(P2, G2_)[0])(Phi2, G2)
-        stderr = {k: jnp.std(v, axis=0, ddof=1) / np.sqrt(self.n_batches) for k, v in per_batch.items() if k != "ts"}
+        per_replica = jax.vmap(lambda P2, G2_: fields_of(P2, G2_)[0])(Phi2, G2)
+        stderr = _sampling.stderr({k: v for k, v in per_replica.items() if k != "ts"})
         two_time = {}
         if problem.depth > 1:
             (Phi0_tt, G0_tt), (Phi2_tt, G2_tt) = state[2]
@@ -317,38 +306,36 @@ class Perturbative(AbstractSolver):
         return prediction_fields(problem, K, f), Phi_eq, G_eq
 
     def _two_layer(self, problem, key):
-        """`x0 = (Phi0, G0) (1, Pa, Pa)` (exact lazy kernels) and `x2 = (Phi2, G2)` per sample batch,
-        `(n_batches, T, Pa, Pa)` (their mean is the estimate)."""
+        """`x0 = (Phi0, G0) (1, Pa, Pa)` (exact lazy kernels) and `x2 = (Phi2, G2)` per replica,
+        `(R, 1, T, Pa, Pa)` (their mean is the estimate)."""
         Phi0, G0, K0 = lazy_kernels(problem)
         Kx, T = problem.data.Kx, problem.n_steps + 1
         Delta0 = error_signal(problem, jnp.broadcast_to(K0, (T, *K0.shape)))
         c = problem.dt * problem.eta0 / problem.P
-        chunk = self._chunk
-        root = _factor(Kx)[0]  # root @ root.T = Kx
-        r = jnp.repeat(jnp.asarray(_R_NODES, Kx.dtype)[None], chunk, 0).ravel()
-        w = jnp.repeat(jnp.asarray(_R_WEIGHTS, Kx.dtype)[None], chunk, 0).ravel() / chunk
+        M_u, V_u = factor(Kx)
+        r = jnp.tile(jnp.asarray(_R_NODES, Kx.dtype), self._chunk)
+        w = jnp.tile(jnp.asarray(_R_WEIGHTS, Kx.dtype), self._chunk)
+        weighted = lambda phi, g: ((w[:, None] * phi).T @ phi, (w[:, None] * g).T @ g)
 
-        def one_chunk(_, i):
-            u = jnp.repeat(jr.normal(jr.fold_in(key, i), (chunk, Kx.shape[0]), Kx.dtype) @ root.T, 3, axis=0)
-            F = lambda g: _two_layer_kernels(problem.activation, g, c, Kx, u, r, w, Delta0)
-            return None, _half_second_derivative(F, problem.gamma0)
+        def one_chunk(k, i):
+            e_u = self._normals(k, i, Kx.shape[0], 0, (V_u[:, ::-1], None), Kx.dtype)[0]
+            u = jnp.repeat(e_u @ M_u.T, 3, axis=0)  # each u with the 3 nodes of r
+            F = lambda g: two_layer_fields(problem.activation, g, c, Kx, u, r, Delta0, weighted)
+            return _half_second_derivative(F, problem.gamma0)
 
-        _, (Phi2, G2) = jax.lax.scan(one_chunk, None, jnp.arange(self.n_samples // chunk))
-        per_batch = lambda x: x.reshape(self.n_batches, -1, 1, *x.shape[1:]).mean(1)
-        return (Phi0[:, None], G0[:, None]), (per_batch(Phi2), per_batch(G2))
+        Phi2, G2 = (x[:, None] / self._per_replica for x in self._replica_sums(key, one_chunk))
+        return (Phi0[:, None], G0[:, None]), (Phi2, G2)
 
     def _deep(self, problem, key):
         """Depth >= 2: the field term of every layer (`_field_term`, sampled) plus the shift of its
-        sources (`_propagate`), two-time over all samples and equal-time per sample batch."""
+        sources (`_propagate`), two-time over all samples and equal-time per replica."""
         Phi0, G0 = lazy_kernels(problem)[:2]
         lazy = _lazy_limit(problem)
         L, T, Pa = problem.depth, problem.n_steps + 1, Phi0.shape[-1]
-        n_chunks = self.n_samples // self._chunk
-        batches = lambda x: x.reshape(self.n_batches, -1, *x.shape[1:]).mean(1)
-        sums, eqs = zip(*(_field_term(problem, lazy, jr.fold_in(key, l), l, self._chunk, n_chunks) for l in range(L)))
-        two_time = lambda x: x.reshape(T, Pa, T, Pa) / self.n_samples
+        sums, eqs = zip(*(_field_term(problem, lazy, jr.fold_in(key, l), l, self) for l in range(L)))
+        two_time = lambda x: x.reshape(T, Pa, T, Pa)
         Phi_tt, G_tt = _propagate(lazy, [two_time(s[0]) for s in sums], [two_time(s[1]) for s in sums], True)
-        Phi_eq, G_eq = _propagate(lazy, [batches(e[0]) for e in eqs], [batches(e[1]) for e in eqs], False)
+        Phi_eq, G_eq = _propagate(lazy, [e[0] for e in eqs], [e[1] for e in eqs], False)
         tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, Pa, T, Pa))
         x0, x2 = (Phi0[:, None], G0[:, None]), (jnp.stack(Phi_eq, 1), jnp.stack(G_eq, 1))
         return x0, x2, ((tile(Phi0), tile(G0)), (jnp.stack(Phi_tt), jnp.stack(G_tt)))

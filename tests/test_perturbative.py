@@ -48,11 +48,6 @@ def test_gradient_independence_exact_at_depth_one_and_worse_deeper():
     assert errors[2, 1.0] > errors[2, 0.5] and errors[3, 1.0] > errors[3, 0.5]  # grows with gamma0
 
 
-def test_static_ntk_is_the_lazy_solution():
-    problem = _problem(2, 1.0)
-    np.testing.assert_array_equal(dmft.solve(problem, dmft.StaticNTK()).loss, dmft.solve(problem, dmft.Lazy()).loss)
-
-
 # ---- smooth nonlinear two-layer networks ---------------------------------------------------------
 
 
@@ -183,7 +178,7 @@ def test_source_shift_is_the_derivative_of_the_gaussian_kernels():
     import jax.numpy as jnp
 
     from dmft.activations import gauss_hermite_pairs
-    from dmft.solvers.approximations import _derivative, _source_shift
+    from dmft.solvers.perturbative import _derivative, _source_shift
 
     act = dmft.activations.Tanh()
     rng = np.random.default_rng(0)

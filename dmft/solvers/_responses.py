@@ -1,0 +1,63 @@
+"""Response functions of the Monte Carlo DMFT from single-site samples (THEORY section 5).
+
+`Abar^l = gamma0^{-1} <d phi(h^l) / d r^l>` (strictly causal) and `Bbar^{l-1} = gamma0^{-1} <d g^l / d u^l>`
+(causal, with the equal-time block Bbar(t, t)), over (time, point) pairs, `(T Pa, T Pa)`:
+
+* `stein`: Gaussian integration by parts, `<f r^T> = <df/dr> K` for a source r of covariance K,
+  solved as a causal regression (`causal_stein`). Cheap: O(S (T Pa)^2) moments, O((T Pa)^3) solves.
+* `jacobian`: forward-mode derivative of the sample mean of the fields with respect to a common shift
+  of the source (`jacobian`), exact per sample; ~T Pa forward passes, for validation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..single_site import segments
+
+__all__ = ["RESPONSES", "time_mask", "lower_products", "causal_stein", "jacobian"]
+
+RESPONSES = ("stein", "jacobian", "none")
+
+
+def time_mask(T, Pa, lag, dtype):
+    """`(T Pa, T Pa)`: 1 where the column time s <= row time t - lag."""
+    return jnp.kron(jnp.tril(jnp.ones((T, T), dtype), -lag), jnp.ones((Pa, Pa), dtype))
+
+
+def lower_products(X, Y, T, Pa):
+    """`X^T Y (T Pa, T Pa)` on the time-block lower staircase of `segments` only (rows of the segment
+    ending at t1 against columns of times < t1), zero above: all the causal Stein moments need
+    (their mask keeps s <= t), at about 5/8 of the full product's cost."""
+    n = T * Pa
+    rows = [jnp.pad(X[:, t0 * Pa : t1 * Pa].T @ Y[:, : t1 * Pa], ((0, 0), (0, n - t1 * Pa))) for t0, t1 in segments(T)]
+    return jnp.concatenate(rows)
+
+
+def causal_stein(b, K, rcond, T, Pa, lag):
+    """The causal response R from the Stein moments `b = <f r^T> (T Pa, T Pa)` of a field f and a source
+    r of covariance K: `R[t, P] = b[t, P] K[P, P]^{-1}` with P = {s <= t - lag}, the regression of f(t)
+    on the sources it depends on (Stein: `<f(t) r(s)> = sum_{s' in P} R(t, s') K(s', s)`). lag = 1 for
+    Abar (phi(h(t)) depends on r(s < t)); lag = 0 for Bbar (g(t) also depends on u(t)).
+
+    With the time-ordered Cholesky factor `K + eps I = C C^T` (eps = rcond * mean eigenvalue), the
+    leading block of C factors every past block, so all rows take two masked triangular solves:
+    `R = mask(mask(b) C^{-T}) C^{-1}`. (A ridge inverse of the whole K instead would spread part of the
+    response onto s >= t, which the causal mask then deletes.)
+    """
+    n = T * Pa
+    mask = time_mask(T, Pa, lag, b.dtype)
+    C = jnp.linalg.cholesky(K + rcond * jnp.trace(K) / n * jnp.eye(n, dtype=b.dtype))
+    Y = jax.scipy.linalg.solve_triangular(C, (b * mask).T, lower=True).T
+    return jax.scipy.linalg.solve_triangular(C.T, (Y * mask).T, lower=False).T
+
+
+def jacobian(mean_field, V, k):
+    """`(R V_k) V_k^T (n, n)`: the Jacobian R at 0 of `mean_field: (n,) -> (n,)` (the sample mean of a
+    field as a function of a common shift of its source) along the last k columns of V (the
+    eigenvectors of the source covariance with the largest eigenvalues). A response acts only on
+    fields in the range of that covariance, so the dropped directions carry at most their
+    eigenvalues' share of the field's variance."""
+    V = V[:, -k:]
+    return jax.jacfwd(lambda a: mean_field(V @ a))(jnp.zeros(k, V.dtype)) @ V.T

@@ -1,0 +1,142 @@
+"""How `MonteCarlo` draws its Gaussian sources and averages over them.
+
+* Standard normals (`normals`): `"sobol"`, a randomised quasi-Monte Carlo net (one random digital
+  shift per replica; its leading coordinates along the directions of largest source variance,
+  `sobol_axes`); `"plain"`, independent pseudo-random normals; `"antithetic"`, pairs `(e_u, +-e_r)`.
+  Every sample is a fixed function of the key and its index, so a result never depends on how the
+  samples are cut into chunks.
+* Sources from normals (`factor`, `sources`): `u = M_u e_u ~ N(0, Phi^{l-1})`, `r = M_r e_r ~ N(0, G^{l+1})`
+  with `M` the symmetric square root of the covariance (negative eigenvalues clipped), which is
+  continuous in the covariance: the common-random-number map stays continuous.
+* Control variates (`gram`): subtract from a sample moment the same moment of the lazy fields
+  `psi(u)`, `chi(u) r` of the same sources; the solver adds back their exact (closed-form) means,
+  `E[psi psi^T] = ctrl.kernels(Su)[0]` and `E[chi r (chi r)^T] = ctrl.kernels(Su)[1] * Sr`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import scipy.stats
+from jax.scipy.special import ndtri
+
+__all__ = ["SAMPLINGS", "SOBOL_MAX_DIM", "factor", "sobol_axes", "normals", "sources", "gram", "stderr"]
+
+SAMPLINGS = ("sobol", "plain", "antithetic")
+SOBOL_MAX_DIM = 21201  # scipy.stats.qmc.Sobol's direction numbers (Joe & Kuo)
+
+
+def factor(K):
+    """`(M, V)`: the symmetric square root `M = K^{1/2}` of a covariance `(n, n)` (negative eigenvalues
+    clipped) and its eigenvectors V in increasing eigenvalue order.
+
+    The symmetric root is unique and continuous in K; a factor `V sqrt(lam)` is not (eigenvectors of
+    (near-)degenerate eigenvalues rotate and flip sign between iterations), which would make the
+    common-random-number map discontinuous and the iteration cycle.
+    """
+    lam, V = jnp.linalg.eigh(K)
+    return (V * jnp.sqrt(jnp.maximum(lam, 0.0))) @ V.T, V
+
+
+def sobol_axes(K0, T):
+    """Fixed orthonormal axes `(T M, T M)` for the quasi-random coordinates of a source over T times
+    and M points, in decreasing expected variance: time cosine modes (DCT-II) times the eigenvectors
+    of the lazy kernel `K0 (M, M)`, column `(k, j)` weighted `lam_j / (1 + k)^2` (two-time kernels are
+    smooth in time, so their variance sits in the slow modes). The axes must not change between
+    iterations (the current kernels' eigenvectors rotate and flip), or the map is not deterministic.
+    """
+    lam, V = jnp.linalg.eigh(K0)
+    k = np.arange(T)
+    dct = np.sqrt(2.0 / T) * np.cos(np.pi * (k[:, None] + 0.5) * k[None, :] / T)  # column k: mode k
+    dct[:, 0] /= np.sqrt(2.0)
+    axes = jnp.kron(jnp.asarray(dct, K0.dtype), V)
+    weight = jnp.kron(1.0 / (1.0 + k) ** 2, jnp.maximum(lam, 0.0))
+    return axes[:, jnp.argsort(-weight)]
+
+
+@functools.lru_cache(maxsize=8)
+def _sobol_points(n, d):
+    """`(n, d)` uint32: the first n (a power of 2) points of the unscrambled Sobol sequence, as
+    integers `x * 2^32` (exact: scipy's coordinates are multiples of 2^-30). Host side, cached."""
+    from scipy.stats import qmc
+
+    x = qmc.Sobol(d, scramble=False).random_base2(int(n).bit_length() - 1)
+    return np.ldexp(x, 32).astype(np.uint32)
+
+
+def _interleave(du, dr):
+    """Columns of u and r in the Sobol coordinate order u_1, r_1, u_2, r_2, ... (best first)."""
+    order = sorted([(k, 0) for k in range(du)] + [(k, 1) for k in range(dr)])
+    return tuple(np.array([j for j, o in enumerate(order) if o[1] == side]) for side in (0, 1))
+
+
+def _sobol(key, start, n, n_total, du, dr, dtype):
+    """Rows `[start, start + n)` of a digitally shifted Sobol net of `n_total` points in `du + dr`
+    dimensions, mapped to standard normals `(e_u (n, du), e_r (n, dr))`.
+
+    One random XOR shift per coordinate keeps every point uniform (unbiased) and every aligned
+    power-of-2 block a net. The uniforms are the centres of `2^-bits` cells, with `bits` such that
+    the largest is below 1 in the dtype (float32 cannot resolve 2^-32: ndtri(1) = inf).
+    """
+    table = jnp.asarray(_sobol_points(n_total, du + dr))
+    x = jax.lax.dynamic_slice_in_dim(table, start, n) ^ jr.bits(key, (du + dr,), jnp.uint32)
+    bits = min(32, jnp.finfo(dtype).nmant)
+    e = ndtri(((x >> (32 - bits)).astype(dtype) + 0.5) * 2.0**-bits)
+    cols_u, cols_r = _interleave(du, dr)
+    return e[:, cols_u], e[:, cols_r]
+
+
+def normals(sampling, key, start, n, n_total, du, dr, axes, dtype):
+    """Standard normals `(e_u (n, du), e_r (n, dr))` of samples `[start, start + n)` out of `n_total`.
+
+    `axes = (V_u, V_r)`: the Sobol axes (`sobol_axes`, or None for a coordinate that has none); the
+    quasi-random coordinates are rotated onto them, `e = V e'`.
+    """
+    if sampling == "sobol":
+        e_u, e_r = _sobol(key, start, n, n_total, du, dr, dtype)
+        rotate = lambda e, V: e if V is None else e @ V.T
+        return rotate(e_u, axes[0]), rotate(e_r, axes[1])
+    pairs = sampling == "antithetic"
+    index = (start + jnp.arange(n)) // (2 if pairs else 1)
+    draw = jax.vmap(lambda i: jr.normal(jr.fold_in(key, i), (du + dr,), dtype))(index)
+    e_u, e_r = draw[:, :du], draw[:, du:]
+    if pairs:  # (e_u, e_r), (e_u, -e_r): consecutive samples, so aligned even blocks keep pairs whole
+        e_r = e_r * jnp.where((start + jnp.arange(n)) % 2 == 0, 1.0, -1.0).astype(dtype)[:, None]
+    return e_u, e_r
+
+
+def sources(e_u, e_r, M_u, M_r, T, Pa, first, last):
+    """Sources `(u, r)`, each `(S, T, Pa)`, from normals: `u = M_u e_u` (layer 1: e_u `(S, Pa)`, u
+    constant in time) and `r = M_r e_r` (layer L: e_r `(S, 1)`, one scalar per sample)."""
+    S = e_u.shape[0]
+    u = e_u @ M_u.T
+    u = jnp.broadcast_to(u[:, None, :], (S, T, Pa)) if first else u.reshape(S, T, Pa)
+    r = jnp.broadcast_to(e_r[:, :, None], (S, T, Pa)) if last else (e_r @ M_r.T).reshape(S, T, Pa)
+    return u, r
+
+
+def gram(X, X0=None):
+    """`X^T X - X0^T X0` for samples `X, X0 (S, M)` in one product: the symmetric part of
+    `(X - X0)^T (X + X0)` (X0 None: `X^T X`)."""
+    if X0 is None:
+        return X.T @ X
+    M = (X - X0).T @ (X + X0)
+    return 0.5 * (M + M.T)
+
+
+def stderr(per_replica):
+    """Standard errors of the means over the leading (replica) axis of every array in a dict:
+    `sd / sqrt(R)` scaled by `t_{R-1}(0.977) / 2`, so that +-2 stderr is a 95.4% interval (Student's t
+    with R - 1 degrees of freedom) despite the few replicas. Entries that are None are dropped."""
+    out = {}
+    for k, v in per_replica.items():
+        if v is None:
+            continue
+        R = v.shape[0]
+        scale = scipy.stats.t.ppf(scipy.stats.norm.cdf(2.0), R - 1) / 2.0 / np.sqrt(R)
+        out[k] = scale * jnp.std(v, axis=0, ddof=1)
+    return out
