@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 import dmft
-from dmft.networks.train import _measure
+from dmft.networks.train import _fields, _measure
 
 
 def _problem(L=2, act="relu", gamma0=1.0, P=6, P_test=2, t_max=4.0, n_steps=20, seed=0):
@@ -24,7 +24,7 @@ def test_ntk_formula_matches_autodiff():
     params = dmft.networks.init_params(problem, 32, jr.key(0))
     jac = jax.jacobian(lambda th: dmft.networks.forward(problem, th, problem.data.X_all))(params)
     J = jnp.concatenate([j.reshape(j.shape[0], -1) for j in jac], axis=1)
-    _, K, _, _ = _measure(problem, params, 0.0)
+    _, K, _, _ = _measure(problem, *_fields(problem, params, 0.0))
     np.testing.assert_allclose(K, 0.7**2 * 32 * J @ J.T, atol=1e-12)
 
 
@@ -147,3 +147,20 @@ def test_bad_arguments(kwargs, match):
 def test_networks_need_positive_gamma0():
     with pytest.raises(ValueError, match="gamma0 > 0"):
         dmft.networks.train(_problem(gamma0=0.0), 8, 0)
+
+
+@pytest.mark.parametrize("L, act", [(1, "relu"), (2, "tanh"), (3, "relu")])
+def test_gd_step_from_fields_equals_autodiff(L, act):
+    # The GD update is written from the measured fields (g = gamma0 N df/dh); it must be the step
+    # theta - eta0 dt gamma0^2 N grad Loss of jax.grad, to round-off.
+    from dmft.networks.train import _gd_update, _loss, forward, init_params
+
+    problem = dmft.Problem(dmft.datasets.sphere(5, 4, 0, P_test=2), dmft.MLP(L, act), gamma0=1.3, n_steps=4)
+    params = init_params(problem, 32, jr.key(1))
+    params = _gd_update(problem, params, *_fields(problem, params, 0.0))  # away from the symmetric start
+    f0 = forward(problem, params, problem.data.X_all)
+    step = problem.eta0 * problem.dt * problem.gamma0**2 * 32
+    expected = jax.tree.map(lambda x, g: x - step * g, params, jax.grad(_loss(problem, f0[:5]))(params))
+    got = _gd_update(problem, params, *_fields(problem, params, f0))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

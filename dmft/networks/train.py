@@ -73,23 +73,47 @@ def forward(problem, params, X):
     return problem.activation.fn(h_L) @ params[2] / (problem.gamma0 * params[0].shape[0])
 
 
-def _measure(problem, params, f0):
-    """Predictions, loss, NTK and equal-time kernels at `params` over train then test points."""
-    data, act = problem.data, problem.activation
-    W0, W, w = params
+def _fields(problem, params, f0):
+    """Activations `phi(h^l)` and backward fields `g^l = gamma0 N df/dh^l` (lists over l, each (Pa, N))
+    and the centred output `f (Pa,)`, over train then test points."""
+    act, W0, W, w = problem.activation, *params
     N = W0.shape[0]
-    hs = _preactivations(problem, params, data.X_all)
+    hs = _preactivations(problem, params, problem.data.X_all)
     phis = [act.fn(h) for h in hs]
     f = phis[-1] @ w / (problem.gamma0 * N) - f0
     gs = [act.dfn(hs[-1]) * w]  # g^L; then g^l = phi'(h^l) * (g^{l+1} W^l) / sqrt(N)
     for l in reversed(range(problem.depth - 1)):
         gs.insert(0, act.dfn(hs[l]) * (gs[0] @ W[l]) / jnp.sqrt(N))
+    return phis, gs, f
+
+
+def _measure(problem, phis, gs, f):
+    """Predictions, NTK and equal-time kernels from the fields of `_fields`."""
+    N = phis[0].shape[1]
     Phi = jnp.stack([p @ p.T / N for p in phis])
     G = jnp.stack([g @ g.T / N for g in gs])
-    K = G[0] * data.Kx + Phi[-1]
+    K = G[0] * problem.data.Kx + Phi[-1]
     if problem.depth > 1:
         K = K + jnp.sum(G[1:] * Phi[:-1], axis=0)
     return f, K, Phi, G
+
+
+def _gd_update(problem, params, phis, gs, f):
+    """One gradient-descent step `theta - eta0 dt gamma0^2 N grad Loss` from the fields at `params`:
+    with `g = gamma0 N df/dh` the gradients are outer products of the fields of the train points,
+    `dw = c Delta phi^L`, `dW^l = c / sqrt(N) (Delta g^{l+1})^T phi^l`, `dW0 = c / sqrt(D) (Delta g^1)^T x`,
+    `c = eta0 dt gamma0 / P`, so each weight matrix is read once for the step (as `jax.grad` would
+    need a second forward and backward pass)."""
+    W0, W, w = params
+    P, X = problem.P, problem.data.X
+    c = problem.eta0 * problem.dt * problem.gamma0 / P
+    Delta = problem.data.y - f[:P]
+    train = lambda x: x[:P] * Delta[:, None]
+    w = w + c * Delta @ phis[-1][:P]
+    if W.shape[0]:
+        W = jnp.stack([W[l] + c / jnp.sqrt(W0.shape[0]) * train(gs[l + 1]).T @ phis[l][:P] for l in range(len(W))])
+    W0 = W0 + c / jnp.sqrt(X.shape[1]) * train(gs[0]).T @ X
+    return W0, W, w
 
 
 def _loss(problem, f0_train):
@@ -150,7 +174,7 @@ def train(
         term = diffrax.ODETerm(lambda t, p, args: jax.tree.map(lambda g: -rate * g, jax.grad(loss)(p)))
         saveat = diffrax.SaveAt(
             subs=[
-                diffrax.SubSaveAt(ts=problem.ts, fn=lambda t, p, args: _measure(problem, p, f0)),
+                diffrax.SubSaveAt(ts=problem.ts, fn=lambda t, p, args: _measure(problem, *_fields(problem, p, f0))),
                 diffrax.SubSaveAt(
                     t1=True, fn=lambda t, p, args: jnp.stack(_preactivations(problem, p, problem.data.X_all))
                 ),
@@ -169,14 +193,13 @@ def train(
         )
         (f, K, Phi, G), h_last = sol.ys[0], sol.ys[1][0]
     else:
-        step = problem.eta0 * problem.dt * problem.gamma0**2 * width
 
         def gd(p, _):
-            out = _measure(problem, p, f0)
-            return jax.tree.map(lambda x, g: x - step * g, p, jax.grad(loss)(p)), out
+            fields = _fields(problem, p, f0)
+            return _gd_update(problem, p, *fields), _measure(problem, *fields)
 
         final, (f, K, Phi, G) = jax.lax.scan(gd, params, None, length=problem.n_steps)
-        last = _measure(problem, final, f0)
+        last = _measure(problem, *_fields(problem, final, f0))
         f, K, Phi, G = (jnp.concatenate([a, b[None]]) for a, b in zip((f, K, Phi, G), last))
         h_last = jnp.stack(_preactivations(problem, final, problem.data.X_all))
 

@@ -304,7 +304,8 @@ class LinearClosure(AbstractIterativeSolver):
             raise ValueError(f"rtol must be None or >= 0, got {self.rtol}")
 
     def tolerance(self, state):
-        return 1000 * jnp.finfo(state.G.dtype).eps if self.rtol is None else self.rtol
+        rtol = 1000 * jnp.finfo(state.G.dtype).eps if self.rtol is None else self.rtol
+        return rtol, rtol
 
     def init(self, problem, key):
         if self.start == "march":
