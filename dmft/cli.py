@@ -309,7 +309,7 @@ def _parser():
     sub = parser.add_subparsers(dest="command", required=True)
     quiet_help = "no progress bars on stderr (DMFT iterations, finite widths)"
     debug_help = "on an error, show the full Python traceback"
-    demo = sub.add_parser("demo", help="DMFT vs lazy vs finite widths on the embedded default problem")
+    demo = sub.add_parser("demo", help="DMFT vs lazy vs finite widths on the embedded default problem (float64)")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (about 30 s)")
     demo.add_argument("--out", default="dmft_out")
     for name, helptext in (
@@ -349,15 +349,18 @@ def _run(args):
     if args.command == "plot":
         _plot(args.dir)
         return 0
+    # Scoped, not global: `main` may be called from a process (a test, a notebook) with its own setting.
+    with jax.enable_x64(args.command == "demo" or args.x64):
+        return _compute(args)
+
+
+def _compute(args):
     if args.command == "demo":
-        jax.config.update("jax_enable_x64", True)
         out = _out_dir(args.out)
         _, report = run_compare(demo_config(args.quick), out, progress=not args.quiet)
         print(json.dumps(report, indent=2))
         print(f"wrote {out}/comparison.png, comparison.pdf, report.json, comparison.npz, samples.npz")
         return 0
-    if args.x64:
-        jax.config.update("jax_enable_x64", True)
     config = read_config(args.config)
     out = _out_dir(args.out)
     if args.command == "compare":

@@ -83,7 +83,10 @@ def test_every_solver_is_reachable_in_float32(tmp_path, solver):
         (TINY.replace("n_steps = 4", "n_steps = 4.5"), "problem.n_steps must be an integer"),
         (TINY.replace('kind = "lazy"', 'kind = "exact"'), "solver.kind = 'exact' is not allowed"),
         (TINY.replace('kind = "lazy"', 'kind = "lazy"\nn_samples = 4'), "unknown key solver.n_samples for kind"),
-        (TINY.replace('kind = "lazy"', 'kind = "linear"\nresponses = "none"'), "solver.responses must be true or false"),
+        (
+            TINY.replace('kind = "lazy"', 'kind = "linear"\nresponses = "none"'),
+            "solver.responses must be true or false",
+        ),
         (TINY.replace("t_max = 2.0", "t_max = -1.0"), "t_max must be a finite scalar > 0"),
         ("[data]\nP = [\n", "is not valid TOML"),
         ("[data]\nP = 4\n", "[solver] kind is required"),

@@ -57,8 +57,6 @@ def _two_layer(activation, gamma0=1.0):
 
 
 def _with_gamma0(problem, g):
-    # tree_at bypasses Problem's gamma0 >= 0 check: the single-site map is defined for gamma0 < 0
-    # too, and K(-eps) with the same samples cancels the odd orders of the sampled kernels exactly.
     import equinox as eqx
 
     return eqx.tree_at(lambda p: p.gamma0, problem, g)
@@ -74,7 +72,7 @@ def _K2(problem, sol):
 
 def _z(K2, se, samples, slack):
     """Deviation of the sampled K2(t_max) from the mean of independent `samples` (keys or seeds) in
-    units of the combined standard error (spread of the samples and K2's batch means), after
+    units of the combined standard error (spread of the samples and K2.s replicas), after
     subtracting the truncation `slack`."""
     se_total = np.sqrt(samples.var(0, ddof=1) / len(samples) + se[-1] ** 2)
     return (np.abs(K2[-1] - samples.mean(0)) - slack) / se_total, se_total
@@ -83,7 +81,7 @@ def _z(K2, se, samples, slack):
 def test_nonlinear_path_on_the_identity_matches_the_linear_closure():
     # The identity as a generic smooth activation runs the nonlinear two-layer path (forward-mode
     # second derivative of the sampled single site); the exact closure's finite difference
-    # (K(eps) - K(0)) / eps^2 = K2 + eps^2 K4 + ... gives K2 without sampling. Tolerance: 5 batch-means
+    # (K(eps) - K(0)) / eps^2 = K2 + eps^2 K4 + ... gives K2 without sampling. Tolerance: 5 replica
     # standard errors of the sampled K2 plus the eps^2 K4 truncation, estimated by Richardson from
     # eps and 2 eps (difference = 3 eps^2 K4), doubled.
     problem = _two_layer(dmft.activations.Elementwise(lambda h: h, label="identity"))
@@ -102,20 +100,20 @@ def test_nonlinear_path_on_the_identity_matches_the_linear_closure():
 
 
 def test_tanh_two_layer_matches_a_finite_difference_of_monte_carlo():
-    # With common random numbers (same key) the symmetric difference [K(eps) + K(-eps) - 2 K(0)] / (2 eps^2)
-    # of MonteCarlo solves is that solver's own sampled K2 (odd orders cancel sample by sample) plus
-    # eps^2 K4. Its sampling error is estimated from the spread over 8 keys (t distribution with 7
-    # degrees of freedom: |t| > 7 has probability 2e-4 per entry; 10 distinct entries of K2(t_max) are
-    # tested), combined with Perturbative's batch-means standard error; eps = 0.05 makes eps^2 K4
-    # ~ 3e-3 |K4|, below the ~3e-2 noise, and its Richardson estimate is added as slack as above.
+    # With common random numbers (same key) the second difference [K(2 eps) - 2 K(eps) + K(0)] / (2 eps^2)
+    # of MonteCarlo solves is that solver's own sampled K2 plus 3 eps K3 (K3, odd in gamma0, is zero in
+    # expectation but not sample by sample) + O(eps^2). Its sampling error is estimated from the spread
+    # over 8 keys (t distribution with 7 degrees of freedom: |t| > 7 has probability 2e-4 per entry; 10
+    # distinct entries of K2(t_max) are tested), combined with Perturbative's replica standard error;
+    # the truncation 3 eps K3 is estimated by fd(2 eps) - fd(eps) = 3 eps K3 + O(eps^2) and added as slack.
     problem = _two_layer("tanh")
     K2, se = _K2(problem, dmft.solve(problem, dmft.Perturbative(n_samples=8192), key=0))
-    mc = dmft.MonteCarlo(n_samples=8192, chunk_size=4096, damping=1.0, rtol=1e-13, max_iters=50)
+    mc = dmft.MonteCarlo(n_samples=8192, chunk_size=1024, damping=1.0, rtol=1e-13, max_iters=50)
     K = lambda g, k: np.asarray(dmft.solve(_with_gamma0(problem, g), mc, key=k).ntk[-1])
-    fd = lambda e, k: (K(e, k) + K(-e, k) - 2 * K(0.0, k)) / (2 * e**2)
+    fd = lambda e, k: (K(2 * e, k) - 2 * K(e, k) + K(0.0, k)) / (2 * e**2)
     eps = 0.05
     fds = np.array([fd(eps, k) for k in range(8)])
-    truncation = 2 * np.abs(fd(2 * eps, 0) - fds[0]) / 3
+    truncation = np.abs(fd(2 * eps, 0) - fds[0])
     z, se_total = _z(K2, se, fds, truncation)
     print(
         f"tanh: max |K2(t_max)| {np.abs(K2[-1]).max():.3f}, max error {np.abs(K2[-1] - fds.mean(0)).max():.2e}, "
@@ -132,7 +130,7 @@ def test_perturbative_rejects_what_it_cannot_do():
         dmft.solve(deep, dmft.Perturbative(), key=0)
     with pytest.raises(ValueError, match="pass key"):
         dmft.solve(_two_layer("tanh"), dmft.Perturbative())
-    with pytest.raises(ValueError, match="multiple of n_batches"):
+    with pytest.raises(ValueError, match="n_replicas must be >= 2 and divide n_samples"):
         dmft.solve(_two_layer("tanh"), dmft.Perturbative(n_samples=1001), key=0)
 
 
@@ -151,12 +149,12 @@ def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L):
     # The identity as a generic smooth activation runs the deep nonlinear path: lazy responses, field
     # terms through the sampled single site, source shifts propagated across layers. The closure's
     # (K(eps) - K(0)) / eps^2 = K2 + eps^2 K4 gives K2 exactly (Richardson slack as above). Tolerance:
-    # 5.5 batch-means standard errors with 16 batches (t with 15 degrees of freedom: P(|t| > 5.5)
+    # 5.5 standard errors over 16 replicas (t with 15 degrees of freedom: P(|t| > 5.5)
     # = 7e-5 per entry, < 1% over the ~100 distinct entries tested).
     data = dmft.datasets.sphere(4, 3, 0, P_test=1)
     ident = dmft.activations.Elementwise(lambda h: h, label="identity")
     problem = _small_gamma(dmft.Problem(data, dmft.MLP(L, ident), gamma0=1.0, t_max=3.0, n_steps=10))
-    K2, se = _K2(problem, dmft.solve(problem, dmft.Perturbative(n_samples=32768, n_batches=16), key=0))
+    K2, se = _K2(problem, dmft.solve(problem, dmft.Perturbative(n_samples=32768, n_replicas=16), key=0))
     linear = dmft.Problem(data, dmft.MLP(L, "linear"), gamma0=1.0, t_max=3.0, n_steps=10)
     K0 = np.asarray(dmft.solve(linear, dmft.Lazy(discrete=True)).ntk)
     closure = dmft.LinearClosure(rtol=1e-13, max_iters=400)
@@ -165,7 +163,8 @@ def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L):
     exact, truncation = fd(eps), 2 * np.abs(fd(2 * eps) - fd(eps)) / 3
     z = (np.abs(K2 - exact) - truncation)[1:] / se[1:]
     print(
-        f"L={L} identity: max |K2| {np.abs(exact).max():.3f}, max error {np.abs(K2 - exact).max():.2e}, max z {z.max():.2f}"
+        f"L={L} identity: max |K2| {np.abs(exact).max():.3f}, max error {np.abs(K2 - exact).max():.2e}, "
+        f"max z {z.max():.2f}"
     )
     assert z.max() < 5.5
 
@@ -267,7 +266,8 @@ def test_tanh_deep_matches_finite_networks():
     nets = np.array([network_K2(jr.key(s), jnp.asarray(eps)) for s in range(8)])
     z, se_total = _z(K2, se, nets, 2 * eps**2)
     print(
-        f"tanh L=2: K2(t_max) diag {np.diag(K2[-1]).round(4)}, networks (N = {width}) {np.diag(nets.mean(0)).round(4)}, "
+        f"tanh L=2: K2(t_max) diag {np.diag(K2[-1]).round(4)}, "
+        f"networks (N = {width}) {np.diag(nets.mean(0)).round(4)}, "
         f"max se {se_total.max():.1e}, max z {z.max():.2f}"
     )
     assert z.max() < 7

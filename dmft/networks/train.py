@@ -46,15 +46,12 @@ class Run(eqx.Module):
 
 
 def init_params(problem, width, key):
-    """N(0, 1) parameters `(W0 (N, D), W (L-1, N, N), w (N,))`."""
+    """N(0, 1) parameters `(W0 (N, D), W (L-1, N, N), w (N,))` in the problem's dtype, drawn in float32
+    so that a key gives the same network in float32 and float64."""
     k0, k1, k2 = jr.split(key, 3)
     L, D = problem.depth, problem.data.D
-    dtype = problem.data.X.dtype
-    return (
-        jr.normal(k0, (width, D), dtype),
-        jr.normal(k1, (L - 1, width, width), dtype),
-        jr.normal(k2, (width,), dtype),
-    )
+    draw = lambda k, shape: jr.normal(k, shape, jnp.float32).astype(problem.data.X.dtype)
+    return draw(k0, (width, D)), draw(k1, (L - 1, width, width)), draw(k2, (width,))
 
 
 def _preactivations(problem, params, X):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ..single_site import segments
 
-__all__ = ["RESPONSES", "time_mask", "lower_products", "causal_stein", "jacobian"]
+__all__ = ["RESPONSES", "time_mask", "lower_products", "causal_stein", "jacobian", "jacobian_moments"]
 
 RESPONSES = ("stein", "jacobian", "none")
 
@@ -61,3 +61,19 @@ def jacobian(mean_field, V, k):
     eigenvalues' share of the field's variance."""
     V = V[:, -k:]
     return jax.jacfwd(lambda a: mean_field(V @ a))(jnp.zeros(k, V.dtype)) @ V.T
+
+
+def jacobian_moments(mean_over_samples, field_fn, eigvecs, k, T, Pa, first, last):
+    """`{"A_jac": <d phi(h) / d r>, "B_jac": <d g / d u>}` `(T Pa, T Pa)` (A not for the last layer, B not
+    for the first) by `jacobian` along the top k eigenvectors `eigvecs = (V_u, V_r)` of the sources.
+
+    `field_fn(u, r) -> (phi, g)` maps a chunk of sources `(S, T, Pa)` to its fields `(S, T Pa)`;
+    `mean_over_samples(fn)` averages `fn(u, r) (T Pa,)`, the chunk sum, over all sources."""
+    out = {}
+    if not last:
+        shift_r = lambda d: mean_over_samples(lambda u, r: field_fn(u, r + d.reshape(T, Pa))[0].sum(0))
+        out["A_jac"] = jacobian(shift_r, eigvecs[1], k)
+    if not first:
+        shift_u = lambda d: mean_over_samples(lambda u, r: field_fn(u + d.reshape(T, Pa), r)[1].sum(0))
+        out["B_jac"] = jacobian(shift_u, eigvecs[0], k)
+    return out

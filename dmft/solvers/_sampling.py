@@ -71,7 +71,7 @@ def _sobol_points(n, d):
 def _interleave(du, dr):
     """Columns of u and r in the Sobol coordinate order u_1, r_1, u_2, r_2, ... (best first)."""
     order = sorted([(k, 0) for k in range(du)] + [(k, 1) for k in range(dr)])
-    return tuple(np.array([j for j, o in enumerate(order) if o[1] == side]) for side in (0, 1))
+    return tuple(np.array([j for j, o in enumerate(order) if o[1] == side], dtype=int) for side in (0, 1))
 
 
 def _sobol(key, start, n, n_total, du, dr, dtype):

@@ -327,28 +327,17 @@ class MonteCarlo(AbstractIterativeSolver):
         return {k: v / self._per_replica for k, v in acc.items()}
 
     def _jacobians(self, problem, key, l, factors, eigvecs, axes, C, D, first, last):
-        """`<d phi(h)/d r>` and `<d g/d u>` by forward mode (`_responses.jacobian`)."""
-        act, gamma0 = problem.activation, problem.gamma0
+        """`<d phi(h)/d r>` and `<d g/d u>` by forward mode (`_responses.jacobian_moments`)."""
         T, Pa = C.shape[:2]
-        k = self.n_directions or T * Pa
         key = jr.fold_in(key, l)
 
         def mean_over_samples(fn):
-            def total(i):
-                return fn(*self._sources(key, i, factors, axes, T, Pa, first, last, C.dtype))
-
+            total = lambda i: fn(*self._sources(key, i, factors, axes, T, Pa, first, last, C.dtype))
             return jax.lax.map(total, jnp.arange(self._per_replica // self._chunk)).sum(0) / self._per_replica
 
-        phi_sum = lambda u, r: fields(act, gamma0, u, r, C, D)[0].sum(0)
-        g_sum = lambda u, r: fields(act, gamma0, u, r, C, D)[1].sum(0)
-        out = {}
-        if not last:
-            shift_r = lambda d: mean_over_samples(lambda u, r: phi_sum(u, r + d.reshape(T, Pa)))
-            out["A_jac"] = _responses.jacobian(shift_r, eigvecs[1], k)
-        if not first:
-            shift_u = lambda d: mean_over_samples(lambda u, r: g_sum(u + d.reshape(T, Pa), r))
-            out["B_jac"] = _responses.jacobian(shift_u, eigvecs[0], k)
-        return out
+        field_fn = lambda u, r: fields(problem.activation, problem.gamma0, u, r, C, D)
+        k = self.n_directions or T * Pa
+        return _responses.jacobian_moments(mean_over_samples, field_fn, eigvecs, k, T, Pa, first, last)
 
     def _two_layer(self, problem, state, key, axes):
         """THEORY 7: u ~ N(0, Kx) constant, r scalar, equal-time kernels only (O(S Pa^2) memory)."""

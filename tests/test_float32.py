@@ -1,0 +1,85 @@
+"""The core of the library in float32 (JAX's default and the GPU's): every solver reaches its default
+tolerance and agrees with the same solve in float64 (the rest of the suite runs in float64).
+
+Tolerances: float32 has eps = 1.2e-7. The deterministic paths (lazy, linear closure, networks) are
+short chains of well-conditioned products and solves over T <= 21 times, so their round-off is a few
+hundred eps; we allow 1e-4 relative to the initial loss (~800 eps). The Monte Carlo solve differs from
+the float64 one by its sampling (float32 Sobol points carry 24 instead of 32 bits), so the two agree
+within 4 combined standard errors.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+import dmft
+from dmft.cli import main
+
+
+def _both(fn):
+    """`fn()` in float32 and in float64."""
+    with jax.enable_x64(False):
+        lo = fn()
+    return lo, fn()
+
+
+# One data set for both precisions (random draws differ between float32 and float64), built in float64.
+_DATA = [np.asarray(x) for x in jax.tree.leaves(dmft.datasets.sphere(6, 5, 0, P_test=2))]
+
+
+def _problem(depth, act, n_steps=20):
+    data = dmft.Dataset(*_DATA)  # in the precision of the caller
+    return dmft.Problem(data, dmft.MLP(depth, act), gamma0=1.0, t_max=4.0, n_steps=n_steps)
+
+
+def _close(lo, hi, scale, tol=1e-4):
+    assert lo.dtype == np.float32 and hi.dtype == np.float64
+    assert np.abs(np.asarray(lo, np.float64) - np.asarray(hi)).max() <= tol * scale
+
+
+@pytest.mark.parametrize("solver", [dmft.Lazy(), dmft.Lazy(discrete=True)])
+def test_lazy(solver):
+    lo, hi = _both(lambda: dmft.solve(_problem(3, "relu"), solver))
+    _close(lo.loss, hi.loss, float(hi.loss[0]))
+    _close(lo.ntk, hi.ntk, float(np.abs(hi.ntk).max()))
+
+
+@pytest.mark.parametrize("depth, responses", [(1, True), (3, True), (3, False)])
+def test_linear_closure_reaches_its_default_tolerance(depth, responses):
+    lo, hi = _both(lambda: dmft.solve(_problem(depth, "linear"), dmft.LinearClosure(responses=responses)))
+    assert lo.result == dmft.RESULTS.successful
+    _close(lo.loss, hi.loss, float(hi.loss[0]))
+
+
+@pytest.mark.parametrize("depth, act", [(1, "relu"), (2, "tanh")])
+def test_monte_carlo_at_its_defaults(depth, act):
+    lo, hi = _both(lambda: dmft.solve(_problem(depth, act, n_steps=10), dmft.MonteCarlo(n_samples=1024), key=0))
+    assert lo.result == dmft.RESULTS.successful and lo.loss.dtype == np.float32
+    se = np.hypot(np.asarray(lo.stderr["loss"], np.float64), np.asarray(hi.stderr["loss"]))
+    assert np.all(np.abs(np.asarray(lo.loss, np.float64) - np.asarray(hi.loss)) <= 4 * se + 1e-6)
+
+
+def test_networks():
+    # The same key draws the same initial weights in both precisions (drawn in float32).
+    lo, hi = _both(lambda: dmft.networks.train(_problem(2, "tanh", n_steps=10), 64, 0, method="gd"))
+    _close(lo.loss, hi.loss, float(hi.loss[0]))
+
+
+def test_io_round_trip_keeps_float32(tmp_path):
+    with jax.enable_x64(False):
+        sol = dmft.solve(_problem(2, "linear"), dmft.LinearClosure())
+    dmft.io.save(tmp_path / "sol.npz", sol)
+    back = dmft.io.load(tmp_path / "sol.npz")
+    assert back.loss.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(back.ntk), np.asarray(sol.ntk))
+
+
+def test_cli_solve_without_x64_computes_in_float32(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[data]\nP = 4\nD = 3\n[network]\ndepth = 2\nactivation = "tanh"\n[problem]\nn_steps = 4\n'
+        '[solver]\nkind = "monte_carlo"\nn_samples = 256\n'
+    )
+    assert main(["solve", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert dmft.io.load(tmp_path / "out" / "solution.npz").loss.dtype == np.float32
+    assert jax.config.jax_enable_x64  # the CLI scoped its precision: the caller's setting is intact
