@@ -29,6 +29,7 @@ def _check(comp, bound=0.02):
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("L", [2, 3])
 def test_linear_networks_approach_closure(L):
     comp = dmft.compare(_problem(L, "linear", 1.0), dmft.LinearClosure(), widths=[128, 1024], seeds=4, progress=False)
@@ -46,6 +47,7 @@ def test_linear_networks_approach_closure_sweep(L, gamma0):
     _check(comp)
 
 
+@pytest.mark.slow
 def test_tanh_networks_approach_monte_carlo():
     solver = dmft.MonteCarlo(n_samples=8192, chunk_size=2048)
     comp = dmft.compare(_problem(2, "tanh", 1.0), solver, widths=[128, 1024], seeds=4, progress=False)

@@ -49,6 +49,7 @@ def test_converged_solve_is_a_fixed_point():
             assert np.linalg.norm(a - b) <= 1e-10 * np.linalg.norm(a)
 
 
+@pytest.mark.slow
 def test_dt_convergence_is_first_order():
     # The left-point rule is first order: error(dt) = c1 dt + c2 dt^2. Reference: Richardson
     # extrapolation 2 x(dt_min) - x(2 dt_min) (removes the O(dt) term). The grids are fine enough
@@ -87,6 +88,7 @@ def test_two_layer_whitened_closed_form():
     assert abs(_slope([50, 100, 200], errs) + 1) < 0.2  # error ~ dt
 
 
+@pytest.mark.slow
 def test_perturbation_theory_ntk_correction():
     # PAPER_NOTES 9.3 (checked there against the exact closure): for deep linear networks
     # K2(t) = (L+1)^2 L (L+2)/6 [Kx v v^T Kx + (v^T Kx v) Kx], v(t) = (eta0/P) int_0^t Delta_lazy.

@@ -135,6 +135,7 @@ def test_antithetic_pairs_cut_the_stein_noise():
     assert anti[0] < plain[0] / 4 and anti[1] < plain[1] / 4
 
 
+@pytest.mark.slow
 def test_jacobian_directions():
     # Along all (n+1) Pa eigenvectors, (R V) V^T = R: the full Jacobian up to rounding. Along fewer,
     # the dropped directions are those of least source variance, so the action on the fields
@@ -167,7 +168,7 @@ def test_same_key_same_result_whatever_the_chunks(sampling):
     data = dmft.datasets.sphere(5, 4, 0, P_test=2)
     problem = dmft.Problem(data, dmft.MLP(2, "relu"), gamma0=1.0, t_max=2.0, n_steps=6)
     solve = lambda chunk: dmft.solve(
-        problem, dmft.MonteCarlo(n_samples=512, chunk_size=chunk, sampling=sampling, max_iters=10), key=3, throw=False
+        problem, dmft.MonteCarlo(n_samples=512, chunk_size=chunk, sampling=sampling, max_iters=3), key=3, throw=False
     )
     a, b = solve(64), solve(16)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-12)

@@ -57,6 +57,7 @@ def _lazy_tracking_error(width):
 # flow up to its random-kernel fluctuation (O(1/sqrt N) per network) and, since the loss is convex in
 # the kernel, an O(1/N) bias of the seed mean. Measured seed-mean errors (4 seeds): 2.4%, 1.4%,
 # 0.86% of L(0) at N = 1024, 2048, 4096.
+@pytest.mark.slow
 def test_small_gamma0_approaches_lazy_with_width():
     errs = [_lazy_tracking_error(N) for N in (512, 2048)]
     print("seed-mean |loss - lazy| / loss(0):", errs)

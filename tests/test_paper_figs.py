@@ -39,6 +39,7 @@ def test_f1_two_layer_relu(tmp_path):
     assert res["gamma0=3.0"]["Phi_target_alignment"] > res["gamma0=0.2"]["Phi_target_alignment"]
 
 
+@pytest.mark.slow
 def test_f2_deep_linear(tmp_path):
     res = f2_deep_linear.main(quick=True, out=str(tmp_path))
     _check_files(res)
@@ -48,6 +49,7 @@ def test_f2_deep_linear(tmp_path):
     assert max(res["max_abs_loss_diff"]) < 0.05
 
 
+@pytest.mark.slow
 def test_f3_approximations(tmp_path):
     res = f3_approximations.main(quick=True, out=str(tmp_path))
     _check_files(res)
@@ -69,6 +71,7 @@ def test_f4_deep_tanh(tmp_path):
     assert min(rich["Phi_alignment"]) > 0.9  # width 200 vs S = 256 samples: ~10% noise allowed
 
 
+@pytest.mark.slow
 def test_f5_width_convergence(tmp_path):
     res = f5_width_convergence.main(quick=True, out=str(tmp_path))
     _check_files(res)
@@ -78,6 +81,7 @@ def test_f5_width_convergence(tmp_path):
     assert res["Phi_alignment_mean"][-1][-1] > res["Phi_alignment_mean"][0][-1]
 
 
+@pytest.mark.slow
 def test_f6_cnn_widths(tmp_path):
     res = f6_cnn_widths.main(quick=True, out=str(tmp_path))
     _check_files(res)
@@ -116,6 +120,7 @@ def _fake_cifar(folder, per_batch=30):
             pickle.dump(batch, f)
 
 
+@pytest.mark.slow
 def test_f6_cifar_path(tmp_path):
     # The CIFAR-10 route of F6 on a stand-in copy (no data is shipped or downloaded): classes 0 / 1
     # only, labels +-1, images (3, 32, 32) standardised on the training set, and a tiny CNN trains on them.

@@ -30,6 +30,7 @@ def test_perturbation_theory_error_is_order_gamma0_four(L):
     assert abs(stats.linregress(np.log(gammas), np.log(err_lazy)).slope - 2) < 0.2
 
 
+@pytest.mark.slow
 def test_gradient_independence_exact_at_depth_one_and_worse_deeper():
     # Depth 1 has no response functions, so dropping them changes nothing (to round-off).
     p1 = _problem(1, 1.5)
@@ -237,6 +238,7 @@ def test_tanh_deep_matches_a_finite_difference_of_monte_carlo(L):
     assert z.max() < 7
 
 
+@pytest.mark.slow
 def test_tanh_deep_matches_finite_networks():
     # A finite network is a deterministic function of gamma0 for given initial weights, and gamma0 ->
     # -gamma0 is w -> -w for the read-out, so [K_N(eps) + K_N(-eps) - 2 K_N(init)] / (2 eps^2) with one
