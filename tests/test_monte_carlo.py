@@ -89,6 +89,7 @@ def _stein_jacobian_none(key=0, **kwargs):
     ]
 
 
+@pytest.mark.slow
 def test_stein_responses_are_causal_and_match_the_jacobian_route():
     # Same sources (same key) for all three. Abar is strictly causal (s < t), Bbar causal (s <= t),
     # and the Stein route's distance to the exact-per-sample Jacobian route must be a small fraction
@@ -120,6 +121,7 @@ def _one_step_responses(gamma0, key=1, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_antithetic_pairs_cut_the_stein_noise():
     # At gamma0 = 0.05, phi(h) depends on r only through the O(gamma0) feedback. The Stein sum
     # <phi e_r^T> carries the even part of phi (then divided by gamma0), which the pairs (e_u, +-e_r)
@@ -170,8 +172,11 @@ def test_same_key_same_result_whatever_the_chunks(sampling):
     solve = lambda chunk: dmft.solve(
         problem, dmft.MonteCarlo(n_samples=512, chunk_size=chunk, sampling=sampling, max_iters=3), key=3, throw=False
     )
+    # Chunks change only the order of the float64 sums (relative round-off ~1e-16 x sqrt(chunks)),
+    # which the Stein regressions amplify by up to their condition number ~1 / rcond = 1e3 per
+    # iteration: 1e-10 is far above that and far below any sampling difference (~S^-1/2 = 4e-2).
     a, b = solve(64), solve(16)
-    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-12)
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-10)
     np.testing.assert_array_equal(a.loss, solve(64).loss)
     assert a.Phi.shape == a.G.shape == (2, 7, 7, 7, 7) and a.A.shape == a.B.shape == (1, 7, 7, 7, 7)
     assert a.stderr["ntk"].shape == (7, 5, 5) and a.stderr["f_test"].shape == (7, 2)

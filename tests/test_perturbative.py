@@ -10,7 +10,7 @@ def _problem(L, gamma0, n_steps=30):
     return dmft.Problem(data, dmft.MLP(L, "linear"), gamma0=gamma0, t_max=3.0, n_steps=n_steps)
 
 
-@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("L", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_perturbation_theory_error_is_order_gamma0_four(L):
     # The O(gamma0^2) term is exact for the discrete scheme and there are no odd orders, so the
     # remainder is O(gamma0^4): fitted slope 4 over gamma0 in [0.05, 0.4] (curvature from the
@@ -100,6 +100,7 @@ def test_nonlinear_path_on_the_identity_matches_the_linear_closure():
     assert z.max() < 5
 
 
+@pytest.mark.slow
 def test_tanh_two_layer_matches_a_finite_difference_of_monte_carlo():
     # With common random numbers (same key) the second difference [K(2 eps) - 2 K(eps) + K(0)] / (2 eps^2)
     # of MonteCarlo solves is that solver's own sampled K2 plus 3 eps K3 (K3, odd in gamma0, is zero in
@@ -145,7 +146,7 @@ def _small_gamma(problem, g=1e-3):
     return _with_gamma0(problem, g)
 
 
-@pytest.mark.parametrize("L", [2, 3])
+@pytest.mark.parametrize("L", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L):
     # The identity as a generic smooth activation runs the deep nonlinear path: lazy responses, field
     # terms through the sampled single site, source shifts propagated across layers. The closure's

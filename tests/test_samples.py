@@ -42,6 +42,7 @@ def test_linear_samples_have_the_closure_kernels(depth):
         assert _max_z(np.asarray(fs.g[l]), G, _gaussian_var(G, S)) < 5, l
 
 
+@pytest.mark.slow
 def test_relu_samples_have_the_monte_carlo_kernels():
     problem = dmft.Problem(_data(), dmft.MLP(2, "relu"), gamma0=1.0, t_max=3.0, n_steps=5)
     solver = dmft.MonteCarlo(n_samples=4096, chunk_size=2048)
