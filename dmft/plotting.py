@@ -31,10 +31,17 @@ def _axes(ax):
     return ax.figure, ax
 
 
+def alignment(K1, K2):
+    """Kernel alignment `<K1, K2>_F / (|K1|_F |K2|_F)` over the last two axes (1: equal up to scale)."""
+    K1, K2 = np.asarray(K1), np.asarray(K2)
+    norm = lambda K: np.linalg.norm(K, axis=(-2, -1))
+    return np.sum(K1 * K2, axis=(-2, -1)) / (norm(K1) * norm(K2))
+
+
 def target_alignment(K, y):
-    """`y^T K y / (|K|_F |y|^2)` over the last two axes of K."""
-    K, y = np.asarray(K), np.asarray(y)
-    return np.einsum("...ij,i,j->...", K, y, y) / (np.linalg.norm(K, axis=(-2, -1)) * (y @ y))
+    """`alignment(K, y y^T) = y^T K y / (|K|_F |y|^2)` over the last two axes of K."""
+    y = np.asarray(y)
+    return alignment(K, np.outer(y, y))
 
 
 def _width_colour(i):

@@ -88,9 +88,8 @@ def paper_loss(loss):
 
 
 def alignment(K1, K2):
-    """Kernel alignment `<K1, K2>_F / (|K1|_F |K2|_F)` over all axes (1 = same up to scale)."""
-    K1, K2 = np.asarray(K1).ravel(), np.asarray(K2).ravel()
-    return float(K1 @ K2 / (np.linalg.norm(K1) * np.linalg.norm(K2)))
+    """`dmft.plotting.alignment` over all axes (1 = same up to scale), as a float."""
+    return float(dmft.plotting.alignment(np.ravel(K1)[None], np.ravel(K2)[None]))
 
 
 def layer_alignment(A, B):
