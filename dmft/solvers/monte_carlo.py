@@ -61,7 +61,10 @@ class MonteCarlo(AbstractIterativeSolver):
     **Arguments:**
 
     - `n_samples`: single-site samples S per layer and iteration, over all replicas (error ~ S^-1/2,
-      like a network of width S; quasi-random sources do better).
+      like a network of width S; quasi-random sources do better). Each replica solves with S / R
+      samples, and the feedback of its sampling noise through the nonlinear self-consistency biases
+      it by O(T Pa R / S) (T times, Pa points), a bias the error bar does not contain: on long grids
+      with relu, raise `n_samples` (`benchmarks/RESULTS.md` has the measured sizes).
     - `n_replicas`: R independent replicas (see the module docstring), each with S / R samples.
       `Solution.stderr` is the standard error of the replica mean, `sd / sqrt(R)`, scaled by
       `t_{R-1}(0.977) / 2` so that +-2 stderr is a 95% interval despite the few replicas.
@@ -95,7 +98,7 @@ class MonteCarlo(AbstractIterativeSolver):
     sampling: str = eqx.field(static=True, default="sobol")
     control_variates: bool | None = eqx.field(static=True, default=None)
     responses: str = eqx.field(static=True, default="stein")
-    rcond: float = 1e-3
+    rcond: float = 1e-2
     rtol: float | None = None
     damping: float = 0.5
     max_iters: int = eqx.field(static=True, default=100)
