@@ -76,7 +76,7 @@ def defaults() -> dict:
 
 
 def _line(key, value, comment):
-    return f"{key} = {value}".ljust(34) + f"# {comment}"
+    return f"{key} = {value}".ljust(33) + f" # {comment}"
 
 
 def example_config() -> str:
