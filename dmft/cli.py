@@ -30,11 +30,11 @@ _CHOICES = {
 _DEMO = {
     "data": {"P": 16, "P_test": 4, "D": 20},
     "network": {"depth": 2, "activation": "relu"},
-    "problem": {"gamma0": 1.0, "t_max": 10.0, "n_steps": 50},
+    "problem": {"gamma0": 1.0, "t_max": 10.0, "n_steps": 30},
     "solver": {"kind": "monte_carlo", "n_samples": 8192},
     "compare": {"widths": [256, 1024, 4096], "seeds": 4},
 }
-_QUICK = {"problem": {"n_steps": 30}, "solver": {"n_samples": 4096}, "compare": {"widths": [128, 512], "seeds": 2}}
+_QUICK = {"problem": {"n_steps": 20}, "solver": {"n_samples": 4096}, "compare": {"widths": [128, 512], "seeds": 2}}
 
 
 class ConfigError(ValueError):
