@@ -146,7 +146,8 @@ def _small_gamma(problem, g=1e-3):
     return _with_gamma0(problem, g)
 
 
-@pytest.mark.parametrize("L", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("L", [2, 3])
 def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L):
     # The identity as a generic smooth activation runs the deep nonlinear path: lazy responses, field
     # terms through the sampled single site, source shifts propagated across layers. The closure's
