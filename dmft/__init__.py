@@ -4,7 +4,7 @@ Bordelon & Pehlevan, "Self-Consistent Dynamical Field Theory of Kernel Evolution
 Networks", NeurIPS 2022 (arXiv:2205.09653). Conventions: THEORY.md, summarised in the README.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import activations as activations
 from . import datasets as datasets
