@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -24,10 +25,28 @@ import numpy as np
 import scipy.stats
 from jax.scipy.special import ndtri
 
-__all__ = ["SAMPLINGS", "SOBOL_MAX_DIM", "factor", "sobol_axes", "normals", "sources", "gram", "stderr"]
+__all__ = ["SAMPLINGS", "SOBOL_MAX_DIM", "Replicated", "factor", "sobol_axes", "normals", "sources", "gram", "stderr"]
 
 SAMPLINGS = ("sobol", "plain", "antithetic")
 SOBOL_MAX_DIM = 21201  # scipy.stats.qmc.Sobol's direction numbers (Joe & Kuo)
+
+
+class Replicated(eqx.Module):
+    """How a sampling solver cuts its `n_samples` into `n_replicas` replicas and each replica into
+    chunks of at most `chunk_size`; the subclass declares those fields and `sampling`."""
+
+    @property
+    def _per_replica(self):
+        return self.n_samples // self.n_replicas
+
+    @property
+    def _chunk(self):
+        return min(self.chunk_size, self._per_replica)
+
+    def _normals(self, key, i, du, dr, axes, dtype):
+        """Standard normals of chunk i of the replica of `key` (`normals`): the same in every iteration."""
+        n = self._chunk
+        return normals(self.sampling, key, i * n, n, self._per_replica, du, dr, axes, dtype)
 
 
 def factor(K):

@@ -55,7 +55,7 @@ class _State(eqx.Module):
     B: jax.Array
 
 
-class MonteCarlo(AbstractIterativeSolver):
+class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     """Alternating Monte Carlo DMFT for any depth and activation (relu via its a.e. derivative).
 
     **Arguments:**
@@ -105,14 +105,6 @@ class MonteCarlo(AbstractIterativeSolver):
     undamped_above: float | None = None
     chunk_size: int = eqx.field(static=True, default=1024)
     n_directions: int | None = eqx.field(static=True, default=None)
-
-    @property
-    def _per_replica(self):
-        return self.n_samples // self.n_replicas
-
-    @property
-    def _chunk(self):
-        return min(self.chunk_size, self._per_replica)
 
     def _control(self, problem):
         """The control pair of the activation, or None when control variates are off."""
@@ -238,11 +230,6 @@ class MonteCarlo(AbstractIterativeSolver):
         T = 1 if problem.depth == 1 else problem.n_steps + 1
         axes_u = _sampling.sobol_axes(problem.data.Kx, 1) if l == 0 else _sampling.sobol_axes(Phi0[l - 1], T)
         return axes_u, None if l == problem.depth - 1 else _sampling.sobol_axes(G0[l + 1], T)
-
-    def _normals(self, key, i, du, dr, axes, dtype):
-        """Standard normals of chunk i of a replica: the same in every iteration."""
-        n = self._chunk
-        return _sampling.normals(self.sampling, key, i * n, n, self._per_replica, du, dr, axes, dtype)
 
     def _deep(self, problem, state, key, axes):
         L, Kx = problem.depth, problem.data.Kx

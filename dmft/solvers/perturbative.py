@@ -184,7 +184,7 @@ def _propagate(lazy, Phi_f, G_f, two_time):
     return Phi, G
 
 
-class Perturbative(AbstractSolver):
+class Perturbative(AbstractSolver, _sampling.Replicated):
     """O(gamma0^2) perturbation theory around the lazy solution, exact for the discrete scheme.
 
     Kernels are even in gamma0 (no odd orders), `x = x0 + gamma0^2 x2 + O(gamma0^4)` with `x0` the lazy
@@ -226,19 +226,6 @@ class Perturbative(AbstractSolver):
     n_replicas: int = eqx.field(static=True, default=8)
     sampling: str = eqx.field(static=True, default="sobol")
     chunk_size: int = eqx.field(static=True, default=2048)
-
-    @property
-    def _per_replica(self):
-        return self.n_samples // self.n_replicas
-
-    @property
-    def _chunk(self):
-        return min(self.chunk_size, self._per_replica)
-
-    def _normals(self, key, i, du, dr, axes, dtype):
-        """Standard normals of chunk i of the replica of `key` (`_sampling.normals`)."""
-        n = self._chunk
-        return _sampling.normals(self.sampling, key, i * n, n, self._per_replica, du, dr, axes, dtype)
 
     def _replica_sums(self, key, one_chunk):
         """Sums over every replica's samples of `one_chunk(replica_key, i)` (a list of arrays), stacked
