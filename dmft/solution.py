@@ -43,8 +43,9 @@ class Solution(eqx.Module):
       of the field of point mu at time t to the source of point nu at time s. None for solvers
       without responses. Size-1 axes broadcast as above (`LinearClosure`'s `A (L-1, n+1, Pa, n+1, 1)`,
       `B (L-1, n+1, 1, n+1, Pa)`).
-    - `result`: a `RESULTS` item. Iterative solvers: `iterations` taken and `residuals (max_iters,)`,
-      the relative change per iteration (NaN-padded); closed forms: 0 and None.
+    - `result`: a `RESULTS` item. Iterative solvers: `iterations` taken and `residuals`, the
+      relative change per iteration, `(max_iters,)` per stage (`MonteCarlo` has two), the stages' in
+      order and NaN-padded at the end; closed forms: 0 and None.
     - `stderr`: Monte Carlo standard errors `{"f", "loss", "ntk", ...}` (same shapes) of solvers that
       sample, or None; `noise_floor`: the relative Monte Carlo standard error of the kernels at the
       last iteration of `MonteCarlo` (its stopping rule compares the residual with it), or None.

@@ -13,7 +13,10 @@ Two kinds of solver, both `equinox.Module`s:
   `|T(x) - x| / |T(x)|` of every leaf of `monitor(state)` is at most the tolerance of
   `tolerance(T(x))` (default `rtol`; a sampling solver derives it from its own Monte Carlo error,
   leaf by leaf), or at most its stall tolerance once the change has stopped falling (not halved in
-  5 iterations). `damping_at(change)` may adapt beta to the largest change.
+  5 iterations). `damping_at(change)` may adapt beta to the largest change. A solver may iterate in
+  `stages()`: each stage is an iterative solver of its own, entered with `stage.enter(problem,
+  state)` from the state the previous stage converged to; the Solution counts the iterations of all
+  stages and converges only when every stage did.
 
 Progress (`progress=True`): ordered `jax.debug.callback`s from inside the compiled loop drive one tqdm
 bar on the host (opened before the loop, advanced by every iteration with its residual, closed after
@@ -72,6 +75,14 @@ class AbstractIterativeSolver(AbstractSolver):
     def damping_at(self, change):
         """The damping beta of the update that follows an iteration with relative change `change`."""
         return self.damping
+
+    def stages(self):
+        """The iterations run one after the other (default: this solver's own)."""
+        return (self,)
+
+    def enter(self, problem: Problem, state):
+        """The state this stage starts from, given the state the previous stage ended in (or `init`'s)."""
+        return state
 
 
 def _relative_change(new, old):
@@ -162,7 +173,14 @@ def _solve(problem, solver, key, throw, progress):
     extra = {}
     converged = jnp.array(True)
     if isinstance(solver, AbstractIterativeSolver):
-        state, iterations, residuals, converged = _iterate(problem, solver, state, key, progress)
+        iterations, residuals = jnp.array(0), jnp.zeros((0,), problem.data.Kx.dtype)
+        for stage in solver.stages():
+            state = stage.enter(problem, state)
+            state, its, res, conv = _iterate(problem, stage, state, key, progress)
+            # The residuals of all stages in order, NaN-padded at the end.
+            residuals = jnp.concatenate([residuals, jnp.full_like(res, jnp.nan)])
+            residuals = jax.lax.dynamic_update_slice(residuals, res, (iterations,))
+            iterations, converged = iterations + its, converged & conv
         extra = dict(iterations=iterations, residuals=residuals)
     fields = solver.postprocess(problem, state, key)
     finite = _all_finite({k: v for k, v in fields.items() if k != "ts"}) & _all_finite(state)

@@ -113,11 +113,12 @@ def _one_step_responses(gamma0, key=1, **kwargs):
     data = dmft.datasets.sphere(4, 6, 2)
     problem = dmft.Problem(data, dmft.MLP(2, "tanh"), gamma0=gamma0, t_max=3.0, n_steps=8)
     solver = dmft.MonteCarlo(n_samples=8192, **kwargs)
-    state = solver.init(problem, jax.random.key(0))
-    new = jax.tree.map(lambda x: x[0], solver.step(problem, state, jax.random.key(key)))
+    lazy = solver.init(problem, jax.random.key(0)).q
+    replicas = solver.enter(problem, solver.init(problem, jax.random.key(0)))
+    new = jax.tree.map(lambda x: x[0], solver.step(problem, replicas, jax.random.key(key)).reps)
     root = lambda K: np.real(__import__("scipy").linalg.sqrtm(np.asarray(K).reshape(36, 36)))
-    return np.asarray(new.A[0]).reshape(36, 36) @ root(state.G[0, 1]), np.asarray(new.B[0]).reshape(36, 36) @ root(
-        state.Phi[0, 0]
+    return np.asarray(new.A[0]).reshape(36, 36) @ root(lazy.G[1]), np.asarray(new.B[0]).reshape(36, 36) @ root(
+        lazy.Phi[0]
     )
 
 
@@ -183,14 +184,21 @@ def test_same_key_same_result_whatever_the_chunks(sampling):
 
 
 def test_explicit_rtol_and_the_noise_floor():
-    # Default: stop when the change is a quarter of the noise floor (or the floor itself once the
-    # change stalls); an explicit rtol replaces the floor.
+    # Default: the pooled stage stops when the change is a quarter of the noise floor (or the floor
+    # itself once the change stalls), then the replica stage converges the error bars to a tenth;
+    # an explicit rtol replaces the floor.
     problem = _linear_problem(2, 1.0)
-    sol = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0)
+    solver = dmft.MonteCarlo(**MC)
+    sol = dmft.solve(problem, solver, key=0)
+    short = dmft.solve(problem, dmft.MonteCarlo(**MC | dict(max_iters=1)), key=0, throw=False)
+    assert 0 < float(sol.noise_floor) < 0.1
+    res = np.asarray(sol.residuals)
     it = int(sol.iterations)
-    assert np.asarray(sol.residuals)[it - 1] <= float(sol.noise_floor)
+    assert np.isnan(res[it:]).all() and np.isfinite(res[:it]).sum() == it
+    assert res[it - 1] <= 0.1  # the replica stage's tolerance on the deviations
     loose = dmft.solve(problem, dmft.MonteCarlo(rtol=0.05, **MC), key=0)
-    assert int(loose.iterations) < it and np.asarray(loose.residuals)[int(loose.iterations) - 1] <= 0.05
+    assert int(loose.iterations) < it
+    assert short.result == dmft.RESULTS.max_iters_reached  # one iteration per stage is not enough
 
 
 def test_control_variates_fall_back_for_a_custom_activation():

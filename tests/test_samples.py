@@ -1,6 +1,4 @@
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
@@ -50,17 +48,12 @@ def test_relu_samples_have_the_monte_carlo_kernels():
     S = 2**14
     fs = dmft.field_samples(problem, sol, n_samples=S, key=1, time=-1)
     # sample covariance - sol.Phi_eq = (sampling error of the S samples at the order parameters x of
-    # sol) + (T(x) - x, the solver's own sampling error at x: variance Var / n_samples over all
-    # replicas) + (x - T(x), x the replica mean of their fixed points and T the replica-mean map: the
-    # replicas stop at the noise floor, and the mean of fixed points is not the map's fixed point).
-    # The last term is computed exactly by applying the solver's map (same key) to x in every replica.
-    every = lambda x: jnp.broadcast_to(x, (solver.n_replicas, *x.shape))
-    state = eqx.tree_at(
-        lambda s: (s.Phi, s.G, s.A, s.B),
-        solver.init(problem, jr.key(0)),
-        tuple(map(every, (sol.Phi, sol.G, sol.A, sol.B))),
-    )
-    Tx = jax.tree.map(lambda x: x.mean(0), solver.step(problem, state, jr.key(0)))
+    # sol) + (T(x) - x, the solver's own sampling error at x: variance Var / n_samples over the
+    # pooled samples) + (x - T(x), the pooled stage stops at its noise floor, not at T's fixed point).
+    # The last term is computed exactly by applying the solver's pooled map (same key) to x.
+    x = solver.init(problem, jr.key(0)).q
+    x = eqx.tree_at(lambda s: (s.Phi, s.G, s.A, s.B), x, (sol.Phi, sol.G, sol.A, sol.B))
+    Tx = solver._map(problem, x, solver._keys(jr.key(0)))[0]
     for l in range(2):
         phi = np.maximum(np.asarray(fs.h[l]), 0.0)
         prod_var = (phi[:, :, None] * phi[:, None, :]).var(0)  # Var(phi_mu phi_nu), not Gaussian

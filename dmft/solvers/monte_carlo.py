@@ -10,11 +10,19 @@ Abar^{l-1}, damped as `solve` damps them, and the previous iterate's G^{l+1}, Bb
 3. the kernels `Phi^l = <phi phi^T>`, `G^l = <g g^T>` (with control variates: minus the moments of
    the lazy fields, plus their exact means) and the responses `Abar^l`, `Bbar^{l-1}` (`_responses`).
 
-**Replicas.** The samples are split into `n_replicas` independent replicas (independent shifts of the
-Sobol net, or independent keys), each a complete self-consistent solve of its own, iterated side by
-side. The reported order parameters are the replica means; their spread gives error bars that include
-the feedback of the sampling noise through the self-consistency, and the noise floor at which the
-iteration stops.
+**Two stages.** The samples are split into `n_replicas` independent replicas (independent shifts of
+the Sobol net, or independent keys).
+
+1. Pooled: the map with all S samples (the square roots and Stein regressions computed once per
+   layer), iterated from the lazy kernels to its noise floor. Its fixed point is the reported answer:
+   the feedback of the sampling noise through the nonlinear self-consistency biases a solve with S
+   samples by O(T Pa / S), the least the samples allow.
+2. Replicas: every replica, started at the pooled fixed point, iterates the map with its own S / R
+   samples until the replicas' spread has converged (to a tenth, or has stopped changing for relu,
+   whose per-replica maps jitter). The spread of the replicas' answers over sqrt(R) is the error
+   bar: it contains the feedback of the noise (each replica's noise propagated through the
+   self-consistency) and is blind to their common O(T Pa R / S) bias, which the pooled answer does
+   not have.
 
 **The equal-time response (a correction to THEORY 4, which masks D to s < t).** In the network,
 `z^l(t) = W^l(t)^T g^{l+1}(t) / sqrt(N)` and `g^{l+1}(t)` depends on `W^l(0)` through
@@ -23,9 +31,9 @@ iteration stops.
 gamma0^{-1} <phi''(h(t)) z(t) + phi'(h(t)) dz(t)/du(t)>` (layer l + 1). It vanishes for linear
 networks and is O(1), not O(dt), for nonlinear ones. Abar stays strictly causal.
 
-Cost per iteration: O(L S T^2 Pa^2) for the fields and kernels plus O(L R (T Pa)^3) for the square
-roots and the Stein regressions (S samples in R replicas, T = n + 1 times, Pa points); memory
-O(L R (T Pa)^2 + R chunk T Pa).
+Cost per iteration: O(L S T^2 Pa^2) for the fields and kernels plus O(L (T Pa)^3) (pooled stage) or
+O(L R (T Pa)^3) (replica stage) for the square roots and the Stein regressions (S samples in R
+replicas, T = n + 1 times, Pa points); memory O(L R (T Pa)^2 + chunk T Pa).
 """
 
 from __future__ import annotations
@@ -43,16 +51,58 @@ from .lazy import lazy_kernels
 
 __all__ = ["MonteCarlo"]
 
+_ERRORBAR_RTOL = 0.1  # the replica stage's relative change of the replica spread at convergence
+
 
 class _State(eqx.Module):
-    """Order parameters of every replica (leading axis R): `Phi`, `G (R, L, T, Pa, T, Pa)` and `A`, `B
-    (R, L-1, T, Pa, T, Pa)` (Abar^l, Bbar^l for l = 1..L-1). Depth 1 (THEORY 7) tracks equal times only:
-    `Phi`, `G (R, 1, T, Pa, Pa)`, `A`, `B` empty."""
+    """Order parameters: `Phi`, `G (L, T, Pa, T, Pa)` and `A`, `B (L-1, T, Pa, T, Pa)` (Abar^l, Bbar^l for
+    l = 1..L-1), with a leading replica axis R in `_Replicas.reps`. Depth 1 (THEORY 7) tracks equal
+    times only: `Phi`, `G (1, T, Pa, Pa)`, `A`, `B` empty."""
 
     Phi: jax.Array
     G: jax.Array
     A: jax.Array
     B: jax.Array
+
+
+class _Pooled(eqx.Module):
+    """The pooled stage's state: the order parameters `q` (a `_State` without the replica axis) and the
+    relative standard errors `floor (2,)` of its Phi, G over the replicas' samples (without feedback)."""
+
+    q: _State
+    floor: jax.Array
+
+
+class _Replicas(eqx.Module):
+    """The replica stage's state: every replica's order parameters `reps` (a `_State`, leading axis R)
+    and `center`, the pooled fixed point they started from (the reported answer)."""
+
+    reps: _State
+    center: _State
+
+
+class _PooledStage(AbstractIterativeSolver):
+    """The first stage of `MonteCarlo`: the map with all replicas' samples pooled, iterated to its noise
+    floor (the spread of the replicas' kernels at the current iterate, which leaves out the feedback
+    and so stops a little late rather than early)."""
+
+    mc: MonteCarlo
+
+    max_iters = property(lambda self: self.mc.max_iters)
+    damping = property(lambda self: self.mc.damping)
+    rtol = property(lambda self: self.mc.rtol)
+
+    def step(self, problem, state, key):
+        return _Pooled(*self.mc._map(problem, state.q, self.mc._keys(key)))
+
+    def monitor(self, state):
+        return state.q.Phi, state.q.G
+
+    def tolerance(self, state):
+        return self.mc._tolerances(state.floor)
+
+    def damping_at(self, change):
+        return self.mc._damping(change)
 
 
 class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
@@ -61,13 +111,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     **Arguments:**
 
     - `n_samples`: single-site samples S per layer and iteration, over all replicas (error ~ S^-1/2,
-      like a network of width S; quasi-random sources do better). Each replica solves with S / R
-      samples, and the feedback of its sampling noise through the nonlinear self-consistency biases
-      it by O(T Pa R / S) (T times, Pa points), a bias the error bar does not contain: on long grids
-      with relu, raise `n_samples` (`benchmarks/RESULTS.md` has the measured sizes).
-    - `n_replicas`: R independent replicas (see the module docstring), each with S / R samples.
-      `Solution.stderr` is the standard error of the replica mean, `sd / sqrt(R)`, scaled by
-      `t_{R-1}(0.977) / 2` so that +-2 stderr is a 95% interval despite the few replicas.
+      like a network of width S; quasi-random sources do better; the feedback bias is O(T Pa / S)
+      for T times and Pa points).
+    - `n_replicas`: R independent replicas of S / R samples each (see the module docstring).
+      `Solution.stderr` is their spread over sqrt(R), `sd / sqrt(R)`, scaled by `t_{R-1}(0.977) / 2`
+      so that +-2 stderr is a 95% interval despite the few replicas.
     - `sampling`: `"sobol"` (default: randomised quasi-Monte Carlo, S / R a power of 2), `"plain"`
       or `"antithetic"` (pairs `(e_u, +-e_r)`, which cancel the leading noise of the Stein sums at
       small gamma0).
@@ -80,13 +128,15 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       validation; for relu it misses the delta(h) part of the equal-time Bbar(t, t)) or `"none"`
       (A = B = 0: the gradient independence approximation). `rcond`: ridge of the Stein regression,
       relative to the mean eigenvalue of the source covariance.
-    - `rtol`: None (default) stops when the relative change of the replica-mean kernels Phi, G per
-      iteration is at most a quarter of their Monte Carlo standard error (`Solution.noise_floor`), so
-      that the iteration adds little to the error bar, or at most the standard error itself once the
-      change has stopped falling (relu's map is only piecewise continuous: it stalls); a number stops
-      at that relative change.
-    - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve`. `undamped_above`: undamped
-      steps (beta = 1) while the relative change is above this, then `damping`.
+    - `rtol`: None (default) stops the pooled stage when the relative change of the kernels Phi, G per
+      iteration is at most a quarter of their Monte Carlo standard error without feedback (the
+      spread of the replicas' kernels at the current iterate), so that the iteration adds little to
+      the error bar, or at most that standard error once the change has stopped falling (relu's
+      map is only piecewise continuous: it stalls); a number stops it at that relative change.
+      `Solution.noise_floor` is the relative standard error of the kernels from the replicas.
+    - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve` (per stage).
+      `undamped_above`: undamped pooled steps (beta = 1) while the relative
+      change is above this, then `damping`.
     - `chunk_size`: samples of a replica processed at once (memory O(R chunk T Pa)); must divide
       S / R. The result does not depend on it.
 
@@ -158,61 +208,81 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 f"n_directions must be None or in [1, (n_steps + 1) * points = {n}], got {self.n_directions}"
             )
 
-    # -- the iteration protocol ----------------------------------------------------------------------
+    # -- the iteration protocol: a pooled stage, then the replicas ------------------------------------
     def init(self, problem, key):
         Phi, G, _ = lazy_kernels(problem)
-        R, L, T, Pa = self.n_replicas, problem.depth, problem.n_steps + 1, Phi.shape[-1]
+        L, T, Pa = problem.depth, problem.n_steps + 1, Phi.shape[-1]
+        floor = jnp.zeros((2,), Phi.dtype)
         if L == 1:
-            tile = lambda X: jnp.broadcast_to(X[None, :, None], (R, 1, T, Pa, Pa))
-            empty = jnp.zeros((R, 0, T, Pa, Pa), Phi.dtype)
-            return _State(tile(Phi), tile(G), empty, empty)
-        tile = lambda X: jnp.broadcast_to(X[None, :, None, :, None, :], (R, L, T, Pa, T, Pa))
-        zeros = jnp.zeros((R, L - 1, T, Pa, T, Pa), Phi.dtype)
-        return _State(tile(Phi), tile(G), zeros, zeros)
+            tile = lambda X: jnp.broadcast_to(X[:, None], (1, T, Pa, Pa))
+            empty = jnp.zeros((0, T, Pa, Pa), Phi.dtype)
+            return _Pooled(_State(tile(Phi), tile(G), empty, empty), floor)
+        tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, Pa, T, Pa))
+        zeros = jnp.zeros((L - 1, T, Pa, T, Pa), Phi.dtype)
+        return _Pooled(_State(tile(Phi), tile(G), zeros, zeros), floor)
+
+    def stages(self):
+        return (_PooledStage(self), self)
+
+    def enter(self, problem, state):
+        reps = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_replicas, *x.shape)), state.q)
+        return _Replicas(reps, state.q)
 
     def step(self, problem, state, key):
-        keys = jax.vmap(lambda r: jr.fold_in(key, r))(jnp.arange(self.n_replicas))
-        one = self._two_layer if problem.depth == 1 else self._deep
-        axes = [self._layer_axes(problem, l) for l in range(problem.depth)]
         # One replica after the other (lax.map, not vmap): batched LAPACK kernels (eigh, cholesky,
         # triangular solves) split their batch over XLA's CPU thread pool and wait for it, and two of
         # them running side by side deadlocked the pool (jaxlib 0.10.2, 2 cores).
-        return jax.lax.map(lambda sk: one(problem, *sk, axes), (state, keys))
+        one = lambda sk: self._map(problem, sk[0], sk[1][None])[0]
+        return _Replicas(jax.lax.map(one, (state.reps, self._keys(key))), state.center)
+
+    def _keys(self, key):
+        """The replicas' keys `(R,)`: replica r draws the same samples in both stages."""
+        return jax.vmap(lambda r: jr.fold_in(key, r))(jnp.arange(self.n_replicas))
 
     def monitor(self, state):
-        # Convergence is judged on the replica-mean kernels; the responses are auxiliary.
-        return state.Phi.mean(0), state.G.mean(0)
+        # The replicas converge when their spread, the error bar, has: their deviations from the
+        # replica mean (the mean itself drifts to the replicas' common bias, which is not reported).
+        spread = lambda X: X - X.mean(0)
+        return spread(state.reps.Phi), spread(state.reps.G)
 
     def noise_floor(self, state):
         """Relative Monte Carlo standard errors `(2,)` of the replica-mean Phi and G (Frobenius norms)."""
         R = self.n_replicas
         rel = lambda X: jnp.linalg.norm(X.std(0, ddof=1)) / jnp.sqrt(R) / jnp.linalg.norm(X.mean(0))
-        return jnp.stack([rel(state.Phi), rel(state.G)])
+        return jnp.stack([rel(state.reps.Phi), rel(state.reps.G)])
 
     def tolerance(self, state):
+        # The error bars to a tenth of themselves (they are uncertain by ~25% with 8 replicas anyway),
+        # or, for a map that stalls (relu: the replicas jitter by about their own deviation), once
+        # the deviations have stopped growing: the jitter is independent between replicas and
+        # enters the spread.
+        return _ERRORBAR_RTOL, 1.0
+
+    def _tolerances(self, floor):
         if self.rtol is not None:
             return self.rtol, self.rtol
         # A quarter of the noise floor: the iteration error left then adds at most a few per cent to
         # the error bar. A map that stalls (relu) stops at the floor itself: its jitter is independent
         # between replicas, so their spread includes it.
-        floor = self.noise_floor(state)
         return 0.25 * floor, floor
 
     def damping_at(self, change):
+        return self.damping
+
+    def _damping(self, change):
         if self.undamped_above is None:
             return self.damping
         return jnp.where(change > self.undamped_above, 1.0, self.damping)
 
     def postprocess(self, problem, state, key):
-        mean = jax.tree.map(lambda x: x.mean(0), state)
-        fields_, kernels = self._fields(problem, mean)
-        per_replica = jax.vmap(lambda s: self._fields(problem, s)[0])(state)
+        fields_, kernels = self._fields(problem, state.center)
+        per_replica = jax.vmap(lambda s: self._fields(problem, s)[0])(state.reps)
         stderr = _sampling.stderr({k: v for k, v in per_replica.items() if k != "ts"})
         floor = jnp.max(self.noise_floor(state))
         return dict(**fields_, **kernels, stderr=stderr, noise_floor=floor)
 
     def _fields(self, problem, s):
-        """Prediction fields and kernels of one replica's (or the mean) order parameters."""
+        """Prediction fields and kernels of one set of order parameters (a replica's or the answer)."""
         depth1 = problem.depth == 1
         Phi_eq, G_eq = (s.Phi, s.G) if depth1 else (equal_time(s.Phi), equal_time(s.G))
         K = ntk_from_kernels(problem.data.Kx, Phi_eq, G_eq)
@@ -220,7 +290,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         two_time = {} if depth1 else dict(Phi=s.Phi, G=s.G, A=s.A, B=s.B)
         return prediction_fields(problem, K, f), dict(Phi_eq=Phi_eq, G_eq=G_eq, **two_time)
 
-    # -- one replica's map ---------------------------------------------------------------------------
+    # -- the map, for one replica or pooled ----------------------------------------------------------
     def _layer_axes(self, problem, l):
         """`(axes of u, axes of r)` of THEORY layer l + 1 for quasi-random sources (`_sampling.sobol_axes`,
         from Kx and the lazy kernels; None for the scalar r of the last layer); None unless sobol."""
@@ -231,7 +301,15 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         axes_u = _sampling.sobol_axes(problem.data.Kx, 1) if l == 0 else _sampling.sobol_axes(Phi0[l - 1], T)
         return axes_u, None if l == problem.depth - 1 else _sampling.sobol_axes(G0[l + 1], T)
 
-    def _deep(self, problem, state, key, axes):
+    def _map(self, problem, state, keys):
+        """One application of the map to `state` (no replica axis) with the samples of the replicas
+        `keys (K,)` pooled: `(new state, floor (2,))`, floor the relative standard errors of the new Phi
+        and G from the spread of the K replicas' kernels (0 when K = 1)."""
+        axes = [self._layer_axes(problem, l) for l in range(problem.depth)]
+        one = self._two_layer if problem.depth == 1 else self._deep
+        return one(problem, state, keys, axes)
+
+    def _deep(self, problem, state, keys, axes):
         L, Kx = problem.depth, problem.data.Kx
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
@@ -239,6 +317,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         cols = Delta[None, None]
         ctrl = self._control(problem)
         Phi_new, G_new, A_new, B_new = [], [], [], []
+        means, variances = [], []
         for l in range(L):  # layer l + 1 of THEORY
             first, last = l == 0, l == L - 1
             if first:
@@ -254,21 +333,25 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             M_u, V_u = _sampling.factor(Kx if first else Phi_prev.reshape(T * Pa, T * Pa))
             M_r, V_r = (None, None) if last else _sampling.factor(G_next.reshape(T * Pa, T * Pa))
             Su, Sr = M_u @ M_u, 1.0 if last else M_r @ M_r  # covariances the sources really have
-            m = self._moments(problem, jr.fold_in(key, l), (M_u, M_r), axes[l], C, D, first, last)
+            layer_keys = jax.vmap(jr.fold_in, in_axes=(0, None))(keys, l)
+            m, var = self._moments(problem, layer_keys, (M_u, M_r), axes[l], C, D, first, last)
             if ctrl is not None:  # the exact means of the control variates subtracted in `_moments`
                 E_psi, E_chi = ctrl.kernels(Su)
                 if first:  # u of layer 1 is constant in time
                     E_psi, E_chi = jnp.tile(E_psi, (T, T)), jnp.tile(E_chi, (T, T))
                 m["Phi"], m["G"] = m["Phi"] + E_psi, m["G"] + E_chi * Sr
+            means.append(m)
+            variances.append(var)
             if self.responses == "jacobian":
-                m |= self._jacobians(problem, key, l, (M_u, M_r), (V_u, V_r), axes[l], C, D, first, last)
+                m |= self._jacobians(problem, layer_keys, (M_u, M_r), (V_u, V_r), axes[l], C, D, first, last)
             Phi_new.append(m["Phi"].reshape(T, Pa, T, Pa))
             G_new.append(m["G"].reshape(T, Pa, T, Pa))
             if not last:
                 A_new.append(self._response(problem, m, "A", Sr, T, Pa))
             if not first:
                 B_new.append(self._response(problem, m, "B", Su, T, Pa))
-        return _State(jnp.stack(Phi_new), jnp.stack(G_new), jnp.stack(A_new), jnp.stack(B_new))
+        new = _State(jnp.stack(Phi_new), jnp.stack(G_new), jnp.stack(A_new), jnp.stack(B_new))
+        return new, _floor(means, variances, keys.shape[0])
 
     def _response(self, problem, m, name, K, T, Pa):
         """Abar (name "A") or Bbar ("B") from the moments m; K: covariance of the differentiated source."""
@@ -287,9 +370,10 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         e_u, e_r = self._normals(key, i, du, dr, axes, dtype)
         return _sampling.sources(e_u, e_r, *factors, T, Pa, first, last)
 
-    def _moments(self, problem, key, factors, axes, C, D, first, last):
-        """Sample means over one replica of one layer, over (T Pa): `<phi phi^T>`, `<g g^T>` and the Stein
-        moments `<phi r^T>`, `<g u^T>` (lower time blocks only), control variates subtracted."""
+    def _moments(self, problem, keys, factors, axes, C, D, first, last):
+        """Sample means over the replicas `keys (K,)` of one layer, over (T Pa): `<phi phi^T>`, `<g g^T>` and
+        the Stein moments `<phi r^T>`, `<g u^T>` (lower time blocks only), control variates subtracted;
+        and the variances over the replicas of the Phi and G moments, entry by entry (`_over_replicas`)."""
         act, gamma0 = problem.activation, problem.gamma0
         T, Pa = C.shape[:2]
         chunk, n = self._chunk, T * Pa
@@ -297,8 +381,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         need_A = not last and self.responses == "stein"
         need_B = not first and self.responses == "stein"
 
-        def one_chunk(acc, i):
-            u, r = self._sources(key, i, factors, axes, T, Pa, first, last, C.dtype)
+        def one_chunk(acc, key_i):
+            u, r = self._sources(*key_i, factors, axes, T, Pa, first, last, C.dtype)
             phis, gs = fields(act, gamma0, u, r, C, D)
             phi0 = g0 = None
             if ctrl is not None:  # the lazy fields of the same sources
@@ -312,24 +396,25 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             return jax.tree.map(jnp.add, acc, out), None
 
         names = ["Phi", "G"] + ["A"] * need_A + ["B"] * need_B
-        acc0 = {k: jnp.zeros((n, n), C.dtype) for k in names}
-        acc, _ = jax.lax.scan(one_chunk, acc0, jnp.arange(self._per_replica // chunk))
-        return {k: v / self._per_replica for k, v in acc.items()}
+        zeros = {k: jnp.zeros((n, n), C.dtype) for k in names}
+        return _over_replicas(keys, zeros, one_chunk, self._per_replica, chunk)
 
-    def _jacobians(self, problem, key, l, factors, eigvecs, axes, C, D, first, last):
-        """`<d phi(h)/d r>` and `<d g/d u>` by forward mode (`_responses.jacobian_moments`)."""
+    def _jacobians(self, problem, keys, factors, eigvecs, axes, C, D, first, last):
+        """`<d phi(h)/d r>` and `<d g/d u>` by forward mode (`_responses.jacobian_moments`) over the
+        samples of the replicas `keys (K,)` of this layer."""
         T, Pa = C.shape[:2]
-        key = jr.fold_in(key, l)
+        chunks = jnp.arange(self._per_replica // self._chunk)
 
         def mean_over_samples(fn):
-            total = lambda i: fn(*self._sources(key, i, factors, axes, T, Pa, first, last, C.dtype))
-            return jax.lax.map(total, jnp.arange(self._per_replica // self._chunk)).sum(0) / self._per_replica
+            total = lambda key, i: fn(*self._sources(key, i, factors, axes, T, Pa, first, last, C.dtype))
+            per_key = lambda key: jax.lax.map(lambda i: total(key, i), chunks).sum(0)
+            return jax.lax.map(per_key, keys).sum(0) / (keys.shape[0] * self._per_replica)
 
         field_fn = lambda u, r: fields(problem.activation, problem.gamma0, u, r, C, D)
         k = self.n_directions or T * Pa
         return _responses.jacobian_moments(mean_over_samples, field_fn, eigvecs, k, T, Pa, first, last)
 
-    def _two_layer(self, problem, state, key, axes):
+    def _two_layer(self, problem, state, keys, axes):
         """THEORY 7: u ~ N(0, Kx) constant, r scalar, equal-time kernels only (O(S Pa^2) memory)."""
         Kx, act, gamma0 = problem.data.Kx, problem.activation, problem.gamma0
         T, Pa = state.Phi.shape[1:3]
@@ -338,22 +423,49 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         M_u = _sampling.factor(Kx)[0]
         ctrl = self._control(problem)
 
-        def one_chunk(acc, i):
-            e_u, e_r = self._normals(key, i, Pa, 1, axes[0], Kx.dtype)
+        def one_chunk(acc, key_i):
+            e_u, e_r = self._normals(*key_i, Pa, 1, axes[0], Kx.dtype)
             u, r = e_u @ M_u.T, e_r[:, 0]
             gram = lambda phi, g: (phi.T @ phi, g.T @ g)
             Phi, G = two_layer_fields(act, gamma0, c, Kx, u, r, Delta, gram)
             if ctrl is not None:  # control variates (see `_moments`): the lazy fields, constant in time
                 Phi, G = Phi - _sampling.gram(ctrl.fn(u)), G - _sampling.gram(ctrl.dfn(u) * r[:, None])
-            return (acc[0] + Phi, acc[1] + G), None
+            return {"Phi": acc["Phi"] + Phi, "G": acc["G"] + G}, None
 
-        zeros = jnp.zeros((T, Pa, Pa), Kx.dtype)
-        (Phi, G), _ = jax.lax.scan(one_chunk, (zeros, zeros), jnp.arange(self._per_replica // self._chunk))
-        Phi, G = Phi / self._per_replica, G / self._per_replica
+        zeros = dict.fromkeys(["Phi", "G"], jnp.zeros((T, Pa, Pa), Kx.dtype))
+        m, var = _over_replicas(keys, zeros, one_chunk, self._per_replica, self._chunk)
         if ctrl is not None:
             E_psi, E_chi = ctrl.kernels(M_u @ M_u)
-            Phi, G = Phi + E_psi, G + E_chi
-        return _State(Phi[None], G[None], state.A, state.B)
+            m = {"Phi": m["Phi"] + E_psi, "G": m["G"] + E_chi}
+        new = _State(m["Phi"][None], m["G"][None], state.A, state.B)
+        return new, _floor([m], [var], keys.shape[0])
+
+
+def _over_replicas(keys, zeros, one_chunk, per_replica, chunk):
+    """Sample means `{name: (...)}` over every chunk of every replica `keys (K,)`, accumulated by
+    `one_chunk(acc, (key, i)) -> (acc, None)` from `zeros`, and the variances across the K replicas
+    of the replica means of "Phi" and "G", entry by entry (zero when K = 1)."""
+
+    def one_replica(carry, key):
+        total, squares = carry
+        acc, _ = jax.lax.scan(lambda a, i: one_chunk(a, (key, i)), zeros, jnp.arange(per_replica // chunk))
+        m = {k: v / per_replica for k, v in acc.items()}
+        squares = {k: squares[k] + m[k] ** 2 for k in squares}
+        return (jax.tree.map(jnp.add, total, m), squares), None
+
+    K = keys.shape[0]
+    squares = {k: zeros[k] for k in ("Phi", "G")}
+    (total, squares), _ = jax.lax.scan(one_replica, (zeros, squares), keys)
+    mean = {k: v / K for k, v in total.items()}
+    var = {k: (squares[k] - K * mean[k] ** 2) / max(K - 1, 1) for k in squares}
+    return mean, var
+
+
+def _floor(means, variances, K):
+    """Relative standard errors `(2,)` of Phi and G pooled over K replicas, Frobenius norms over the
+    layers of `means` and `variances` (lists of the `_over_replicas` outputs, exact means added)."""
+    rel = lambda k: jnp.sqrt(sum(v[k].sum() for v in variances) / K / sum((m[k] ** 2).sum() for m in means))
+    return jnp.stack([rel("Phi"), rel("G")])
 
 
 def _minus(X, X0):
