@@ -1,9 +1,10 @@
 """MonteCarlo at its defaults: speed, memory, and whether its error bars hold.
 
 Prints
-* seconds per iteration (depth-3 tanh, P = 10, S = 1024) at 20 and 40 steps, against the authors'
-  notebook (27 s and 113 s per iteration at 1000 samples on a 2-core machine), and how the cost grows
-  with the number of steps, points, samples and layers;
+* seconds per iteration of the pooled stage (and of the replica stage) for depth-3 tanh, P = 10,
+  S = 1024, at 20 and 40 steps, against the authors' notebook (27 s and 113 s per iteration at 1000
+  samples on a 2-core machine), and how the cost grows with the number of steps, points, samples
+  and layers;
 * the converged depth-3 solve at 100 steps and S = 4096 (target: <= 40 s on 2 cores, compilation
   included): iterations, final loss with its standard error, and XLA's memory analysis of it;
 * for tanh and relu at depth 2 (30 steps, S = 4096): the spread of the final loss and NTK over 16
@@ -31,17 +32,28 @@ def problem(P=10, n_steps=40, depth=3, act="tanh"):
 
 
 def per_iteration(p, S, **kwargs):
+    """Seconds per compiled iteration (mean of 3) of the pooled stage and of the replica stage."""
     solver = dmft.MonteCarlo(n_samples=S, **kwargs)
     solver.validate(p)
     key = jr.key(0)
     state = solver.init(p, key)
-    step = eqx.filter_jit(lambda s: solver.step(p, s, key))
-    jax.block_until_ready(step(state))
-    start = time.perf_counter()
-    for _ in range(3):
-        state = step(state)
-    jax.block_until_ready(state)
-    return (time.perf_counter() - start) / 3
+    seconds = []
+    for stage in solver.stages():
+        state = stage.enter(p, state)
+        step = eqx.filter_jit(lambda s, stage=stage: stage.step(p, s, key))
+        jax.block_until_ready(step(state))
+        start = time.perf_counter()
+        for _ in range(3):
+            state = step(state)
+        jax.block_until_ready(state)
+        seconds.append((time.perf_counter() - start) / 3)
+    return seconds
+
+
+def _replica_stage(sol):
+    """Iterations of the replica stage: its first residual is 1 (the spread grows from zero)."""
+    res = np.asarray(sol.residuals)[: int(sol.iterations)]
+    return int(sol.iterations) - int(np.flatnonzero(res == 1.0)[-1])
 
 
 def full_solve(p, solver):
@@ -69,11 +81,10 @@ def key_spread(p, keys, **kwargs):
 
 if __name__ == "__main__":
     keys = 4 if "--quick" in sys.argv else 16
-    base = per_iteration(problem(n_steps=20), 1024)
-    t40 = per_iteration(problem(n_steps=40), 1024)
+    (base, base_r), (t40, t40_r) = per_iteration(problem(n_steps=20), 1024), per_iteration(problem(n_steps=40), 1024)
     print(
-        f"tanh L=3 P=10 S=1024: {base:.3f} s/iter at 20 steps (notebook 27 s: {27 / base:.0f}x), "
-        f"{t40:.3f} s/iter at 40 steps (notebook 113 s: {113 / t40:.0f}x)"
+        f"tanh L=3 P=10 S=1024, pooled stage: {base:.3f} s/iter at 20 steps (notebook 27 s: {27 / base:.0f}x), "
+        f"{t40:.3f} s/iter at 40 steps (notebook 113 s: {113 / t40:.0f}x); replica stage {base_r:.3f} / {t40_r:.3f}"
     )
     for label, p, S in (
         ("n x2 (80 steps)", problem(n_steps=80), 1024),
@@ -81,14 +92,15 @@ if __name__ == "__main__":
         ("S x2 (2048)", problem(), 2048),
         ("L x2 -> depth 6", problem(depth=6), 1024),
     ):
-        t = per_iteration(p, S)
-        print(f"{label:>18}: {t:.3f} s/iter, ratio to the 40-step baseline {t / t40:.2f}")
+        t, t_r = per_iteration(p, S)
+        print(f"{label:>18}: {t:.3f} s/iter, ratio to the 40-step baseline {t / t40:.2f} (replica stage {t_r:.3f})")
 
     p100, solver = problem(n_steps=100), dmft.MonteCarlo(n_samples=4096)
     sol, seconds = full_solve(p100, solver)
     print(
         f"converged depth-3 tanh, 100 steps, S = 4096, defaults: {seconds:.1f} s including compilation, "
-        f"{int(sol.iterations)} iterations, {sol.result}, final loss {float(sol.loss[-1]):.5f} "
+        f"{int(sol.iterations)} iterations ({_replica_stage(sol)} in the replica stage), {sol.result}, "
+        f"final loss {float(sol.loss[-1]):.5f} "
         f"+- {float(sol.stderr['loss'][-1]):.5f}, noise floor {float(sol.noise_floor):.2e}"
     )
     memory = eqx.filter_jit(lambda p: dmft.solve(p, solver, key=0)).lower(p100).compile().compiled.memory_analysis()

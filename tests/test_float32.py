@@ -51,7 +51,7 @@ def test_linear_closure_reaches_its_default_tolerance(depth, responses):
     _close(lo.loss, hi.loss, float(hi.loss[0]))
 
 
-@pytest.mark.parametrize("depth, act", [(1, "relu"), (2, "tanh")])
+@pytest.mark.parametrize("depth, act", [(1, "relu"), pytest.param(2, "tanh", marks=pytest.mark.slow)])
 def test_monte_carlo_at_its_defaults(depth, act):
     lo, hi = _both(lambda: dmft.solve(_problem(depth, act, n_steps=10), dmft.MonteCarlo(n_samples=1024), key=0))
     assert lo.result == dmft.RESULTS.successful and lo.loss.dtype == np.float32

@@ -31,6 +31,7 @@ def test_small_gamma0_deviation_from_lazy_is_order_gamma0_squared(L):
     assert abs(_slope(gammas, dev_ntk) - 2) < 0.2
 
 
+@pytest.mark.slow
 def test_converged_solve_is_a_fixed_point():
     problem = _problem(L=3, gamma0=1.2)
     solver = dmft.LinearClosure(rtol=1e-13, max_iters=400)

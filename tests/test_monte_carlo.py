@@ -33,7 +33,7 @@ def _within(sol, exact, fields=("loss", "ntk"), bound=4.0):
     return max(ratios) <= bound
 
 
-@pytest.mark.parametrize("L, gamma0", [(1, 1.0), (2, 1.0), (3, 1.5)])
+@pytest.mark.parametrize("L, gamma0", [(1, 1.0), (2, 1.0), pytest.param(3, 1.5, marks=pytest.mark.slow)])
 def test_linear_activation_matches_closure(L, gamma0):
     # Monte Carlo with phi = identity estimates exactly what the closure computes, on the fast path
     # (depth 1) and the deep path (layer 1 u constant in time, layer L r scalar, middle both two-time).
@@ -44,7 +44,7 @@ def test_linear_activation_matches_closure(L, gamma0):
     assert _within(sol, exact)
 
 
-@pytest.mark.parametrize("L, act", [(1, "relu"), (2, "tanh"), (3, "relu")])
+@pytest.mark.parametrize("L, act", [(1, "relu"), (2, "tanh"), pytest.param(3, "relu", marks=pytest.mark.slow)])
 def test_small_gamma0_reproduces_lazy(L, act):
     # At gamma0 = 1e-3 the kernels are the lazy ones up to O(gamma0^2) = 1e-6 plus Monte Carlo noise.
     data = dmft.datasets.sphere(6, 8, 1, P_test=2)
@@ -165,7 +165,10 @@ def test_gradient_independence_is_worse_at_depth():
     assert err_gia - err_full > 4 * np.max(np.asarray(full.stderr["loss"]))
 
 
-@pytest.mark.parametrize("sampling", ["sobol", "plain", "antithetic"])
+@pytest.mark.parametrize(
+    "sampling",
+    ["sobol", pytest.param("plain", marks=pytest.mark.slow), pytest.param("antithetic", marks=pytest.mark.slow)],
+)
 def test_same_key_same_result_whatever_the_chunks(sampling):
     # chunk_size is a memory knob: every sample is a fixed function of the key and its index.
     data = dmft.datasets.sphere(5, 4, 0, P_test=2)

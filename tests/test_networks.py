@@ -106,6 +106,7 @@ def test_rich_two_layer_relu_widths_to_4096():
     assert d_loss[1] < d_loss[0] and d_ntk[1] < d_ntk[0]
 
 
+@pytest.mark.slow
 def test_gd_converges_to_flow_at_first_order():
     # Discrete GD with step eta0 dt differs from gradient flow by O(dt) (Euler's local error dt^2).
     problem = _problem(L=2, act="tanh", t_max=3.0, n_steps=8, P_test=0)

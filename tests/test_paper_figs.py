@@ -63,6 +63,7 @@ def test_f3_approximations(tmp_path):
     assert res["linear_loss_error_vs_gamma"]["perturbative"][0] < res["linear_loss_error_vs_gamma"]["static NTK"][0]
 
 
+@pytest.mark.slow
 def test_f4_deep_tanh(tmp_path):
     res = f4_deep_tanh.main(quick=True, out=str(tmp_path))
     _check_files(res)
