@@ -47,8 +47,8 @@ class Solution(eqx.Module):
       relative change per iteration, `(max_iters,)` per stage (`MonteCarlo` has two), the stages' in
       order and NaN-padded at the end; closed forms: 0 and None.
     - `stderr`: Monte Carlo standard errors `{"f", "loss", "ntk", ...}` (same shapes) of solvers that
-      sample, or None; `noise_floor`: the relative Monte Carlo standard error of the kernels at the
-      last iteration of `MonteCarlo` (its stopping rule compares the residual with it), or None.
+      sample, or None; `noise_floor`: the relative Monte Carlo standard error of the kernels of
+      `MonteCarlo`, from the spread of its replicas (the level its pooled stage stops at), or None.
     """
 
     ts: jax.Array
