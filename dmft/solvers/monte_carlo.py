@@ -102,7 +102,7 @@ class _PooledStage(AbstractIterativeSolver):
         return self.mc._tolerances(state.floor)
 
     def damping_at(self, change):
-        return self.mc._damping(change)
+        return self.mc._pooled_damping(change)
 
 
 class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
@@ -137,7 +137,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve` (per stage).
       `undamped_above`: undamped pooled steps (beta = 1) while the relative
       change is above this, then `damping`.
-    - `chunk_size`: samples of a replica processed at once (memory O(R chunk T Pa)); must divide
+    - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
       S / R. The result does not depend on it.
 
     Depth 1 uses the equal-time fast path of THEORY 7 (`Solution.Phi = None`).
@@ -269,7 +269,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     def damping_at(self, change):
         return self.damping
 
-    def _damping(self, change):
+    def _pooled_damping(self, change):
         if self.undamped_above is None:
             return self.damping
         return jnp.where(change > self.undamped_above, 1.0, self.damping)
