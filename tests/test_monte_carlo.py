@@ -273,13 +273,14 @@ def test_error_bars_cover_the_exact_answer(L):
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 def test_error_bars_match_the_spread_over_keys(act):
     # The mean reported stderr of the final loss against the standard deviation of the final loss
-    # over 16 keys: within a factor 1.5 (the sd over 16 keys is itself uncertain by ~18%, the stderr's
-    # t scaling is 1.19 and its mean over 16 keys is precise to ~7%).
+    # over 32 keys: within a factor 1.5 (the stderr's t scaling is 1.19). 32 keys, not 16: the answers
+    # of Sobol + control-variate solves have heavy tails over keys, and the sd over 16 keys is far less
+    # precise than the Gaussian ~18% (tanh: 3.98e-4 over keys 0-15, 8.34e-4 over keys 16-31).
     data = dmft.datasets.sphere(8, 12, 0)
     problem = dmft.Problem(data, dmft.MLP(2, act), gamma0=1.0, t_max=4.0, n_steps=20)
-    sols = [dmft.solve(problem, dmft.MonteCarlo(n_samples=4096), key=k) for k in range(16)]
+    sols = [dmft.solve(problem, dmft.MonteCarlo(n_samples=4096), key=k) for k in range(32)]
     final = np.array([float(s.loss[-1]) for s in sols])
     reported = np.mean([float(s.stderr["loss"][-1]) for s in sols])
     ratio = reported / final.std(ddof=1)
-    print(f"{act}: mean stderr {reported:.2e}, sd over 16 keys {final.std(ddof=1):.2e}, ratio {ratio:.2f}")
+    print(f"{act}: mean stderr {reported:.2e}, sd over 32 keys {final.std(ddof=1):.2e}, ratio {ratio:.2f}")
     assert 1 / 1.5 <= ratio <= 1.5
