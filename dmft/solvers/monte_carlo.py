@@ -99,10 +99,16 @@ class _PooledStage(AbstractIterativeSolver):
         return state.q.Phi, state.q.G
 
     def tolerance(self, state):
-        return self.mc._tolerances(state.floor)
+        if self.rtol is not None:
+            return self.rtol, self.rtol
+        # A quarter of the noise floor: the iteration error left then adds at most a few per cent to
+        # the error bar. A map that stalls (relu) stops at the floor itself.
+        return 0.25 * state.floor, state.floor
 
     def damping_at(self, change):
-        return self.mc._pooled_damping(change)
+        if self.mc.undamped_above is None:
+            return self.damping
+        return jnp.where(change > self.mc.undamped_above, 1.0, self.damping)
 
 
 class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
@@ -257,22 +263,6 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # the deviations have stopped growing: the jitter is independent between replicas and
         # enters the spread.
         return _ERRORBAR_RTOL, 1.0
-
-    def _tolerances(self, floor):
-        if self.rtol is not None:
-            return self.rtol, self.rtol
-        # A quarter of the noise floor: the iteration error left then adds at most a few per cent to
-        # the error bar. A map that stalls (relu) stops at the floor itself: its jitter is independent
-        # between replicas, so their spread includes it.
-        return 0.25 * floor, floor
-
-    def damping_at(self, change):
-        return self.damping
-
-    def _pooled_damping(self, change):
-        if self.undamped_above is None:
-            return self.damping
-        return jnp.where(change > self.undamped_above, 1.0, self.damping)
 
     def postprocess(self, problem, state, key):
         fields_, kernels = self._fields(problem, state.center)
