@@ -88,7 +88,8 @@ def example_config() -> str:
         lines.append(f"\n[{section}]" + ("  # used by `dmft compare`" if section == "compare" else ""))
         for key, default in body.items():
             value = demo.get(section, {}).get(key, default)
-            lines.append(_line(key, _toml(value), f"default {_toml(default)}"))
+            prefix, text = ("# ", "omit for None") if value is None else ("", _toml(value))
+            lines.append(_line(prefix + key, text, f"default {_toml(default)}"))
     lines.append("\n[solver]")
     lines.append(_line("kind", '"monte_carlo"', "required: " + ", ".join(SOLVERS)))
     lines.append(_line("seed", "0", "default 0: the key of solvers that sample"))
@@ -279,7 +280,9 @@ def run_compare(config, out, progress=True):
     problem, solver, seed = build(config)
     c = _section(config, "compare")
     start = time.perf_counter()
-    comp = dmft.compare(problem, solver, c["widths"], c["seeds"], key=seed, method=c["method"], progress=progress)
+    comp = dmft.compare(
+        problem, solver, c["widths"], c["seeds"], key=seed, method=c["method"], mesh=c["mesh"], progress=progress
+    )
     report = _comparison_report(comp, time.perf_counter() - start)
     # The targets travel with the result: re-plotting must not depend on regenerating the data.
     meta = {"config": config, "y": [float(v) for v in problem.data.y]}

@@ -41,10 +41,6 @@ class Comparison(eqx.Module):
     exponent: jax.Array
 
 
-def _train_seeds(problem, width, keys, center, method):
-    return jax.vmap(lambda k: networks.train(problem, width, k, center=center, method=method))(keys)
-
-
 def compare(
     problem,
     solver,
@@ -54,9 +50,11 @@ def compare(
     key=0,
     center: bool = True,
     method: str = "gd",
+    mesh=None,
     progress: bool = True,
 ) -> Comparison:
-    """Solve `problem` with `solver` and train `seeds` networks at each width (vmapped over seeds).
+    """Solve `problem` with `solver` and train `seeds` networks at each width (`networks.ensemble`:
+    vmapped over seeds, the seeds spread over the devices of `mesh`, see there).
 
     `method="gd"` (default) trains by gradient descent with step `eta0 dt`: the discrete DMFT is its
     exact infinite-width limit apart from the Euler prediction rule, and it is far cheaper than
@@ -77,7 +75,8 @@ def compare(
         from tqdm.auto import tqdm
 
         iterator = tqdm(widths, desc="finite widths", unit="width")
-    runs = tuple(_train_seeds(problem, N, jr.split(jr.fold_in(k_nets, N), seeds), center, method) for N in iterator)
+    train = lambda N, keys: networks.ensemble(problem, N, keys, mesh=mesh, center=center, method=method)
+    runs = tuple(train(N, jr.split(jr.fold_in(k_nets, N), seeds)) for N in iterator)
     loss_error = jnp.stack([r.loss.mean(0) - sol.loss for r in runs])
     loss_se = jnp.stack([r.loss.std(0, ddof=1) / np.sqrt(seeds) for r in runs])
     f_error = jnp.stack([jnp.max(jnp.abs(r.f.mean(0) - sol.f), axis=-1) for r in runs])

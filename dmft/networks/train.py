@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+from .. import _mesh
 from .._keys import as_key
 from ..dynamics import mse_loss
 
-__all__ = ["Run", "train", "init_params", "forward"]
+__all__ = ["Run", "train", "ensemble", "init_params", "forward"]
 
 _METHODS = ("flow", "gd")
 
@@ -215,3 +216,15 @@ def train(
         if data.y_test is not None:
             run["loss_test"] = mse_loss(f[:, P:], data.y_test)
     return Run(**run)
+
+
+def ensemble(problem, width: int, keys, *, mesh=None, **kwargs) -> Run:
+    """`train` for every key of `keys (n_seeds,)` (e.g. `jr.split(key, 64)`), vmapped, with the seeds
+    spread over the devices of `mesh`: None (default) the largest number of `jax.devices()` that
+    divides n_seeds, an int d the first d devices, or a `jax.sharding.Mesh` whose size divides
+    n_seeds. `kwargs` go to `train`. Returns a `Run` with a leading seed axis; a seed's network does
+    not depend on the mesh (up to the rounding of batched products)."""
+    _check(problem, width, kwargs.get("method", "flow"))
+    run = jax.vmap(lambda k: train(problem, width, k, **kwargs))
+    mesh = _mesh.resolve(mesh, keys.shape[0], "the number of seeds")
+    return run(keys) if mesh is None else _mesh.shard(run, mesh)(keys)

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from .. import _mesh
 from ..dynamics import equal_time, error_signal, euler_predictions, ntk_from_kernels, prediction_fields
 from ..single_site import fields, memory, two_layer_fields
 from ..solve import AbstractIterativeSolver, damped
@@ -93,7 +94,7 @@ class _PooledStage(AbstractIterativeSolver):
     rtol = property(lambda self: self.mc.rtol)
 
     def step(self, problem, state, key):
-        return _Pooled(*self.mc._map(problem, state.q, self.mc._keys(key)))
+        return _Pooled(*self.mc._map(problem, state.q, self.mc._keys(key), self.mc._devices()))
 
     def monitor(self, state):
         return state.q.Phi, state.q.G
@@ -145,6 +146,12 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       change is above this, then `damping`.
     - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
       S / R. The result does not depend on it.
+    - `mesh`: the devices the replicas are spread over, each device its R / d replicas (pooled stage:
+      their sample sums, added across devices; replica stage: their maps). None (default): the
+      largest number d of `jax.devices()` (all processes after `jax.distributed.initialize`) that
+      divides R; an int d: the first d devices; or a `jax.sharding.Mesh` (all axes flattened) whose
+      size divides R. A key gives the same result on any number of devices, up to the order of the
+      sums over replicas (float reassociation).
 
     Depth 1 uses the equal-time fast path of THEORY 7 (`Solution.Phi = None`).
     """
@@ -161,6 +168,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     undamped_above: float | None = None
     chunk_size: int = eqx.field(static=True, default=1024)
     n_directions: int | None = eqx.field(static=True, default=None)
+    mesh: int | jax.sharding.Mesh | None = eqx.field(static=True, default=None)
 
     def _control(self, problem):
         """The control pair of the activation, or None when control variates are off."""
@@ -209,6 +217,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             raise ValueError(f"damping must be in (0, 1], got {self.damping}")
         if self.max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
+        self._devices()
         if self.n_directions is not None and not 1 <= self.n_directions <= n:
             raise ValueError(
                 f"n_directions must be None or in [1, (n_steps + 1) * points = {n}], got {self.n_directions}"
@@ -238,8 +247,15 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # One replica after the other (lax.map, not vmap): batched LAPACK kernels (eigh, cholesky,
         # triangular solves) split their batch over XLA's CPU thread pool and wait for it, and two of
         # them running side by side deadlocked the pool (jaxlib 0.10.2, 2 cores).
-        one = lambda sk: self._map(problem, sk[0], sk[1][None])[0]
-        return _Replicas(jax.lax.map(one, (state.reps, self._keys(key))), state.center)
+        one = lambda sk: self._map(problem, sk[0], sk[1][None], None)[0]
+        run = lambda reps, keys: jax.lax.map(one, (reps, keys))
+        mesh = self._devices()
+        run = run if mesh is None else _mesh.shard(run, mesh)
+        return _Replicas(run(state.reps, self._keys(key)), state.center)
+
+    def _devices(self):
+        """The mesh the replicas are spread over (`mesh`), or None for one device."""
+        return _mesh.resolve(self.mesh, self.n_replicas, "n_replicas")
 
     def _keys(self, key):
         """The replicas' keys `(R,)`: replica r draws the same samples in both stages."""
@@ -291,15 +307,16 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         axes_u = _sampling.sobol_axes(problem.data.Kx, 1) if l == 0 else _sampling.sobol_axes(Phi0[l - 1], T)
         return axes_u, None if l == problem.depth - 1 else _sampling.sobol_axes(G0[l + 1], T)
 
-    def _map(self, problem, state, keys):
+    def _map(self, problem, state, keys, mesh):
         """One application of the map to `state` (no replica axis) with the samples of the replicas
-        `keys (K,)` pooled: `(new state, floor (2,))`, floor the relative standard errors of the new Phi
-        and G from the spread of the K replicas' kernels (0 when K = 1)."""
+        `keys (K,)` pooled, spread over the devices of `mesh` (None: one device): `(new state, floor
+        (2,))`, floor the relative standard errors of the new Phi and G from the spread of the K
+        replicas' kernels (0 when K = 1)."""
         axes = [self._layer_axes(problem, l) for l in range(problem.depth)]
         one = self._two_layer if problem.depth == 1 else self._deep
-        return one(problem, state, keys, axes)
+        return one(problem, state, keys, axes, mesh)
 
-    def _deep(self, problem, state, keys, axes):
+    def _deep(self, problem, state, keys, axes, mesh):
         L, Kx = problem.depth, problem.data.Kx
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
@@ -324,7 +341,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             M_r, V_r = (None, None) if last else _sampling.factor(G_next.reshape(T * Pa, T * Pa))
             Su, Sr = M_u @ M_u, 1.0 if last else M_r @ M_r  # covariances the sources really have
             layer_keys = jax.vmap(jr.fold_in, in_axes=(0, None))(keys, l)
-            m, var = self._moments(problem, layer_keys, (M_u, M_r), axes[l], C, D, first, last)
+            m, var = self._moments(problem, layer_keys, (M_u, M_r), axes[l], C, D, first, last, mesh)
             if ctrl is not None:  # the exact means of the control variates subtracted in `_moments`
                 E_psi, E_chi = ctrl.kernels(Su)
                 if first:  # u of layer 1 is constant in time
@@ -360,7 +377,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         e_u, e_r = self._normals(key, i, du, dr, axes, dtype)
         return _sampling.sources(e_u, e_r, *factors, T, Pa, first, last)
 
-    def _moments(self, problem, keys, factors, axes, C, D, first, last):
+    def _moments(self, problem, keys, factors, axes, C, D, first, last, mesh):
         """Sample means over the replicas `keys (K,)` of one layer, over (T Pa): `<phi phi^T>`, `<g g^T>` and
         the Stein moments `<phi r^T>`, `<g u^T>` (lower time blocks only), control variates subtracted;
         and the variances over the replicas of the Phi and G moments, entry by entry (`_over_replicas`)."""
@@ -387,7 +404,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
 
         names = ["Phi", "G"] + ["A"] * need_A + ["B"] * need_B
         zeros = {k: jnp.zeros((n, n), C.dtype) for k in names}
-        return _over_replicas(keys, zeros, one_chunk, self._per_replica, chunk)
+        return _over_replicas(keys, zeros, one_chunk, self._per_replica, chunk, mesh)
 
     def _jacobians(self, problem, keys, factors, eigvecs, axes, C, D, first, last):
         """`<d phi(h)/d r>` and `<d g/d u>` by forward mode (`_responses.jacobian_moments`) over the
@@ -404,7 +421,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         k = self.n_directions or T * Pa
         return _responses.jacobian_moments(mean_over_samples, field_fn, eigvecs, k, T, Pa, first, last)
 
-    def _two_layer(self, problem, state, keys, axes):
+    def _two_layer(self, problem, state, keys, axes, mesh):
         """THEORY 7: u ~ N(0, Kx) constant, r scalar, equal-time kernels only (O(S Pa^2) memory)."""
         Kx, act, gamma0 = problem.data.Kx, problem.activation, problem.gamma0
         T, Pa = state.Phi.shape[1:3]
@@ -423,7 +440,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             return {"Phi": acc["Phi"] + Phi, "G": acc["G"] + G}, None
 
         zeros = dict.fromkeys(["Phi", "G"], jnp.zeros((T, Pa, Pa), Kx.dtype))
-        m, var = _over_replicas(keys, zeros, one_chunk, self._per_replica, self._chunk)
+        m, var = _over_replicas(keys, zeros, one_chunk, self._per_replica, self._chunk, mesh)
         if ctrl is not None:
             E_psi, E_chi = ctrl.kernels(M_u @ M_u)
             m = {"Phi": m["Phi"] + E_psi, "G": m["G"] + E_chi}
@@ -431,10 +448,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return new, _floor([m], [var], keys.shape[0])
 
 
-def _over_replicas(keys, zeros, one_chunk, per_replica, chunk):
+def _over_replicas(keys, zeros, one_chunk, per_replica, chunk, mesh):
     """Sample means `{name: (...)}` over every chunk of every replica `keys (K,)`, accumulated by
     `one_chunk(acc, (key, i)) -> (acc, None)` from `zeros`, and the variances across the K replicas
-    of the replica means of "Phi" and "G", entry by entry (zero when K = 1)."""
+    of the replica means of "Phi" and "G", entry by entry (zero when K = 1). The replicas are spread
+    over the devices of `mesh` (None: one device), each summing its own."""
 
     def one_replica(carry, key):
         total, squares = carry
@@ -443,9 +461,12 @@ def _over_replicas(keys, zeros, one_chunk, per_replica, chunk):
         squares = {k: squares[k] + m[k] ** 2 for k in squares}
         return (jax.tree.map(jnp.add, total, m), squares), None
 
+    def sums(keys):
+        squares = {k: zeros[k] for k in ("Phi", "G")}
+        return jax.lax.scan(one_replica, (zeros, squares), keys)[0]
+
     K = keys.shape[0]
-    squares = {k: zeros[k] for k in ("Phi", "G")}
-    (total, squares), _ = jax.lax.scan(one_replica, (zeros, squares), keys)
+    total, squares = sums(keys) if mesh is None else _mesh.shard(sums, mesh, reduce=True)(keys)
     mean = {k: v / K for k, v in total.items()}
     var = {k: (squares[k] - K * mean[k] ** 2) / max(K - 1, 1) for k in squares}
     return mean, var

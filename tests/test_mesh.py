@@ -1,0 +1,137 @@
+"""Solves spread over devices (`mesh`) and processes (`jax.distributed`) give the one-device answer.
+
+The device counts are forced on the CPU (`--xla_force_host_platform_device_count`), which must be set
+before JAX starts, so the multi-device runs are subprocesses.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import dmft
+
+# A sum over replicas (seeds) done in another order rounds differently, ~1e-16 relative per sum; the
+# fixed-point iteration carries that through ~20 applications of the map, each amplifying a
+# perturbation by at most O(10) (the damped map's gain), and the answers were measured to agree to
+# 3e-12 at depth 3. 1e-10 is that with margin, and 1e6 times below the Monte Carlo error.
+RTOL = 1e-10
+
+_PROBLEM = """
+import jax, json, sys
+jax.config.update("jax_enable_x64", True)
+import dmft, numpy as np
+data = dmft.datasets.sphere(6, 10, 0, target="noise")
+def problem(depth):
+    return dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=1.0, t_max=1.0, n_steps=6)
+def rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+"""
+
+_DEVICES = (
+    _PROBLEM
+    + """
+out = {}
+for depth, meshes in ((1, (1, 4)), (2, (1, 2, 4))):
+    sols = [dmft.solve(problem(depth), dmft.MonteCarlo(n_samples=512, mesh=d), key=3) for d in meshes]
+    for name in ("loss", "ntk", "f"):
+        out[f"mc{depth}_{name}"] = max(rel(getattr(s, name), getattr(sols[0], name)) for s in sols[1:])
+    # The error bar is a spread of replica answers; they agree to RTOL of their size, not of the spread.
+    out[f"mc{depth}_stderr"] = max(rel(s.stderr["loss"], sols[0].stderr["loss"]) for s in sols[1:]) * float(
+        np.max(sols[0].stderr["loss"]) / np.max(np.abs(sols[0].loss))
+    )
+    out[f"mc{depth}_iterations"] = [int(s.iterations) for s in sols]
+keys = jax.random.split(jax.random.key(1), 4)
+runs = [dmft.networks.ensemble(problem(2), 32, keys, mesh=d, method="gd") for d in (1, 4)]
+out["nets_loss"] = max(rel(r.loss, runs[0].loss) for r in runs[1:])
+out["nets_ntk"] = max(rel(r.ntk, runs[0].ntk) for r in runs[1:])
+out["default_devices"] = dmft.MonteCarlo()._devices().size
+errors = []
+for bad in (dict(n_replicas=6, n_samples=384, mesh=4), dict(mesh=5), dict(mesh="all")):
+    try:
+        dmft.solve(problem(1), dmft.MonteCarlo(**bad), key=0)
+    except ValueError as e:
+        errors.append(str(e))
+out["errors"] = errors
+print(json.dumps(out))
+"""
+)
+
+
+def _run(script, env=None, timeout=600):
+    env = {**os.environ, **(env or {})}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_same_key_same_answer_on_1_2_4_devices():
+    out = json.loads(_run(_DEVICES, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}).splitlines()[-1])
+    for depth in (1, 2):  # depth 1 and deeper networks sum their samples in different code paths
+        assert len(set(out[f"mc{depth}_iterations"])) == 1, out
+        for name in ("loss", "ntk", "f", "stderr"):
+            assert out[f"mc{depth}_{name}"] < RTOL, (depth, name, out[f"mc{depth}_{name}"])
+    # Networks: every seed is computed whole on one device; only batched products may round differently.
+    assert out["nets_loss"] < RTOL and out["nets_ntk"] < RTOL, out
+    assert out["default_devices"] == 4  # the default mesh: all devices (4 divides n_replicas = 8)
+    msgs = out["errors"]
+    assert len(msgs) == 3
+    assert "n_replicas (6) must be a multiple of the number of devices in the mesh (4)" in msgs[0]
+    assert "mesh = 5 devices, but there are 4" in msgs[1]
+    assert "mesh must be None, a number of devices or a jax.sharding.Mesh" in msgs[2]
+
+
+_SOLVE = """
+print(json.dumps(dmft.solve(problem(2), dmft.MonteCarlo(n_samples=512), key=3).loss.tolist()))
+"""
+
+_PROCESS = (
+    _PROBLEM.replace(
+        'jax.config.update("jax_enable_x64", True)',
+        'jax.config.update("jax_enable_x64", True)\n'
+        'jax.config.update("jax_cpu_collectives_implementation", "gloo")\n'
+        "jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))",
+    )
+    + """
+assert len(jax.devices()) == 2 and len(jax.local_devices()) == 1
+"""
+    + _SOLVE
+)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_answer():
+    """One solve as two processes on this machine (`jax.distributed.initialize`, loopback coordinator,
+    CPU collectives over gloo): the default mesh spans both, each process runs half the replicas."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "XLA_FLAGS": ""}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROCESS, address, str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err.decode()[-3000:]
+    single = _run(_PROBLEM + _SOLVE)
+    for stdout, _ in outs:
+        np.testing.assert_allclose(json.loads(stdout.decode().splitlines()[-1]), json.loads(single), rtol=RTOL)
+
+
+def test_bad_mesh_raises_in_process():
+    with pytest.raises(ValueError, match="but there are"):
+        dmft.MonteCarlo(mesh=len(jax.devices()) + 1).validate(
+            dmft.Problem(dmft.datasets.sphere(4, 5, 0), dmft.MLP(1, "tanh"), gamma0=1.0, t_max=1.0, n_steps=4)
+        )
