@@ -7,11 +7,14 @@ Networks", NeurIPS 2022 (arXiv:2205.09653). Conventions: THEORY.md, summarised i
 __version__ = "0.2.0"
 
 from . import activations as activations
+from . import costs as costs
 from . import datasets as datasets
 from . import io as io
 from . import networks as networks
 from .compare import Comparison as Comparison
 from .compare import compare as compare
+from .costs import Estimate as Estimate
+from .costs import estimate as estimate
 from .problem import MLP as MLP
 from .problem import Dataset as Dataset
 from .problem import Problem as Problem

@@ -5,7 +5,8 @@ Two kinds of solver, both `equinox.Module`s:
 * `AbstractSolver`, a closed form (`Lazy`, `Perturbative`): `validate(problem)` raises `ValueError`
   when the solver does not apply, `samples(problem)` says whether it draws random numbers (then
   `solve` needs an explicit `key`), `init(problem, key)` computes the order parameters and
-  `postprocess(problem, state, key)` turns them into the fields of a `Solution`.
+  `postprocess(problem, state, key)` turns them into the fields of a `Solution`; `sized(problem)`
+  fixes what the solver leaves open (chunk sizes) within its memory budget, before anything runs.
 * `AbstractIterativeSolver`, a self-consistent iteration (`LinearClosure`, `MonteCarlo`): adds
   `step(problem, state, key)`, one application of the map `T`, and the fields `max_iters`,
   `damping` (beta) and `rtol`. `solve` owns the damped iteration
@@ -43,6 +44,11 @@ class AbstractSolver(eqx.Module):
     def samples(self, problem: Problem) -> bool:
         """Whether solving `problem` draws random numbers (then `solve` requires an explicit `key`)."""
         return False
+
+    def sized(self, problem: Problem) -> "AbstractSolver":
+        """This solver with the sizes it leaves open (chunks) chosen for `problem` within its memory
+        budget; raise `ValueError` when the solve cannot fit (default: unchanged)."""
+        return self
 
     def init(self, problem: Problem, key):
         raise NotImplementedError
@@ -222,6 +228,7 @@ def solve(
             f"dmft.Perturbative()), got {type(solver).__name__}"
         )
     solver.validate(problem)
+    solver = solver.sized(problem)
     if key is None:
         if solver.samples(problem):
             raise ValueError(f"{type(solver).__name__} samples random numbers here: pass key=<int or jax.random.key>")

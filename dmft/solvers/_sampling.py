@@ -41,7 +41,8 @@ class Replicated(eqx.Module):
 
     @property
     def _chunk(self):
-        return min(self.chunk_size, self._per_replica)
+        """Samples per chunk: `chunk_size`, or 1024 when it is None (`MonteCarlo.sized` may lower it)."""
+        return min(1024 if self.chunk_size is None else self.chunk_size, self._per_replica)
 
     def _normals(self, key, i, du, dr, axes, dtype):
         """Standard normals of chunk i of the replica of `key` (`normals`): the same in every iteration."""

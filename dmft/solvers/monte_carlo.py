@@ -38,12 +38,14 @@ replicas, T = n + 1 times, Pa points); memory O(L R (T Pa)^2 + chunk T Pa).
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-from .. import _mesh
+from .. import _mesh, costs
 from ..dynamics import equal_time, error_signal, euler_predictions, ntk_from_kernels, prediction_fields
 from ..single_site import fields, memory, two_layer_fields
 from ..solve import AbstractIterativeSolver, damped
@@ -145,7 +147,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       `undamped_above`: undamped pooled steps (beta = 1) while the relative
       change is above this, then `damping`.
     - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
-      S / R. The result does not depend on it.
+      S / R. The result does not depend on it. None (default): up to 1024, halved until the solve
+      fits the memory budget.
+    - `memory`: the budget of one device (bytes, `"8GB"`, or a fraction of the device; None: half a
+      device; `dmft.costs`). `dmft.solve` refuses, before allocating anything, a solve whose
+      `dmft.estimate` exceeds it, saying what it needs.
     - `mesh`: the devices the replicas are spread over, each device its R / d replicas (pooled stage:
       their sample sums, added across devices; replica stage: their maps). None (default): the
       largest number d of `jax.devices()` (all processes after `jax.distributed.initialize`) that
@@ -166,7 +172,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     damping: float = 0.5
     max_iters: int = eqx.field(static=True, default=100)
     undamped_above: float | None = None
-    chunk_size: int = eqx.field(static=True, default=1024)
+    chunk_size: int | None = eqx.field(static=True, default=None)
+    memory: float | str | None = eqx.field(static=True, default=None)
     n_directions: int | None = eqx.field(static=True, default=None)
     mesh: int | jax.sharding.Mesh | None = eqx.field(static=True, default=None)
 
@@ -184,6 +191,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 f"n_replicas must be >= 2 (error bars need a spread) and divide n_samples into replicas of "
                 f">= 2 samples; got n_samples={S}, n_replicas={R}"
             )
+        costs.budget_bytes(self.memory)
         if self._per_replica % self._chunk:
             raise ValueError(f"chunk_size {self.chunk_size} must divide the samples per replica ({self._per_replica})")
         if self.sampling not in _sampling.SAMPLINGS:
@@ -222,6 +230,43 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             raise ValueError(
                 f"n_directions must be None or in [1, (n_steps + 1) * points = {n}], got {self.n_directions}"
             )
+
+    # -- memory and work -------------------------------------------------------------------------------
+    def estimate(self, problem):
+        """`dmft.Estimate` of a solve: a model of XLA's buffers (temporaries and outputs) fitted to
+        its memory analysis of compiled solves (within 3%, `benchmarks/scale.py`), and the leading
+        flop counts per iteration (fields and moments ~12 S (T Pa)^2 per layer; square roots and
+        Stein regressions ~23 (T Pa)^3 per layer, once pooled, R times in the replica stage)."""
+        L, T, Pa = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0]
+        R, S, chunk = self.n_replicas, self.n_samples, self._chunk
+        local = R // _mesh.resolve_size(self.mesh, R)  # replicas per device
+        if L == 1:  # equal-time kernels (T, Pa, Pa)
+            m = T * Pa * Pa
+            elements = 7.0 * local * m + 5.3 * m + 0.4 * chunk * Pa
+            flops = {"pooled": 8.0 * S * m, "replicas": 8.0 * S * m}
+        else:  # (L, T Pa, T Pa) kernels and responses: 4 L - 2 of them per replica
+            n, k = T * Pa, 4 * L - 2
+            elements = (2.7 * local * k + 1.2 * k + 12.0) * n * n + 2.75 * chunk * n
+            samples, factors = 12.0 * S * n * n, 23.0 * n**3
+            flops = {"pooled": L * (samples + factors), "replicas": L * (samples + R * factors)}
+        sizes = {"T Pa": T * Pa, "depth": L, "samples": S, "chunk": chunk, "replicas per device": local}
+        item = problem.data.Kx.dtype.itemsize
+        return costs.Estimate(int(elements * item), costs.budget_bytes(self.memory), flops, sizes)
+
+    def sized(self, problem):
+        solver = self
+        if self.chunk_size is None:  # halve the chunk (a divisor of the replica's samples) until it fits
+            while not solver.estimate(problem).fits and solver._chunk > 2:
+                solver = dataclasses.replace(solver, chunk_size=solver._chunk // 2)
+        estimate = solver.estimate(problem)
+        if not estimate.fits:
+            sizes = ", ".join(f"{k} = {v}" for k, v in estimate.sizes.items())
+            raise ValueError(
+                f"this solve needs {estimate.memory / 1e9:.3g} GB on one device, more than its memory budget "
+                f"of {estimate.budget / 1e9:.3g} GB ({sizes}): raise memory=, spread the replicas over more "
+                "devices (mesh=), or use fewer replicas, steps or points"
+            )
+        return solver
 
     # -- the iteration protocol: a pooled stage, then the replicas ------------------------------------
     def init(self, problem, key):

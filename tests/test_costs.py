@@ -1,0 +1,80 @@
+"""`dmft.estimate` against XLA's own memory analysis, memory budgets, and the refusal of a solve that
+does not fit."""
+
+import equinox as eqx
+import jax
+import pytest
+
+import dmft
+from dmft._keys import as_key
+from dmft.solve import _solve
+
+
+def _problem(depth, P, n_steps):
+    data = dmft.datasets.sphere(P, 10, 0, target="noise")
+    return dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=1.0, t_max=1.0, n_steps=n_steps)
+
+
+def _xla_bytes(problem, solver):
+    """Peak bytes of the compiled solve by XLA's buffer assignment: arguments, outputs, temporaries."""
+    solver = solver.sized(problem)
+    compiled = _solve.lower(problem, solver, as_key(0), True, False).compile().compiled
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+
+
+# Configurations outside the ones the model's coefficients were fitted on (benchmarks/scale.py).
+@pytest.mark.parametrize(
+    "depth, P, n_steps, S, R, chunk, x64",
+    [
+        (1, 12, 30, 2048, 8, None, True),
+        (2, 8, 30, 2048, 8, 64, True),
+        (3, 6, 25, 1024, 4, None, True),
+        (2, 8, 30, 2048, 16, None, False),
+    ],
+)
+def test_estimate_is_within_25_percent_of_xla(depth, P, n_steps, S, R, chunk, x64):
+    with jax.enable_x64(x64):
+        problem = _problem(depth, P, n_steps)
+        solver = dmft.MonteCarlo(n_samples=S, n_replicas=R, chunk_size=chunk)
+        estimate = dmft.estimate(problem, solver)
+        xla = _xla_bytes(problem, solver)
+    assert abs(estimate.memory / xla - 1) <= 0.25, (estimate.memory, xla)
+    assert set(estimate.flops) == {"pooled", "replicas"} and estimate.flops["replicas"] >= estimate.flops["pooled"] > 0
+    assert estimate.fits and estimate.sizes["T Pa"] == (n_steps + 1) * P
+
+
+def test_budgets():
+    assert dmft.costs.budget_bytes("8GB") == 8 * 10**9
+    assert dmft.costs.budget_bytes("512MiB") == 512 * 2**20
+    assert dmft.costs.budget_bytes(2e9) == 2 * 10**9
+    device = dmft.costs.device_memory()
+    assert dmft.costs.budget_bytes(None) == device // 2 and dmft.costs.budget_bytes(0.25) == int(0.25 * device)
+    for bad in ("lots", "8 parsecs", -1, 0, True):
+        with pytest.raises(ValueError, match="memory must"):
+            dmft.costs.budget_bytes(bad)
+    with pytest.raises(ValueError, match="memory must"):
+        dmft.solve(_problem(1, 4, 4), dmft.MonteCarlo(memory="lots"), key=0)
+
+
+def test_solve_over_budget_is_refused_with_the_numbers():
+    problem = _problem(3, 10, 100)
+    need = dmft.estimate(problem, dmft.MonteCarlo()).memory
+    with pytest.raises(ValueError, match=r"needs 1\.\d+ GB on one device, more than its memory budget of 0\.5 GB"):
+        dmft.solve(problem, dmft.MonteCarlo(memory="500MB"), key=0)
+    assert 1e9 < need < 1e10
+
+
+def test_chunk_is_halved_to_fit_the_budget():
+    problem = _problem(2, 4, 10)
+    big, small = (dmft.estimate(problem, dmft.MonteCarlo(n_samples=8192, chunk_size=c)).memory for c in (1024, 64))
+    solver = dmft.MonteCarlo(n_samples=8192, memory=(big + small) // 2).sized(problem)
+    assert 64 <= solver.chunk_size < 1024 and dmft.estimate(problem, solver).fits
+    with pytest.raises(ValueError, match="more than its memory budget"):  # an explicit chunk is kept
+        dmft.MonteCarlo(n_samples=8192, chunk_size=1024, memory=(big + small) // 2).sized(problem)
+
+
+def test_solvers_without_a_cost_model_say_so():
+    with pytest.raises(ValueError, match="has no cost model"):
+        dmft.estimate(_problem(2, 4, 4), dmft.Lazy())
+    assert isinstance(dmft.estimate(_problem(1, 4, 4), dmft.MonteCarlo()), eqx.Module)
