@@ -69,7 +69,8 @@ def largest_fitting(solver, depth=2, P=10):
 def monte_carlo(sizes):
     solver = dmft.MonteCarlo(n_samples=4096)
     print("MonteCarlo, depth 2 tanh, S = 4096, R = 8, P = 10, float64")
-    print(f"{'T Pa':>6} {'est GB':>7} {'XLA GB':>7} {'pooled GF':>9} {'compile s':>9} {'pooled s':>9} {'replica s':>9} {'ratio':>11}")
+    columns = ("T Pa", "est GB", "XLA GB", "pooled GF", "compile s", "pooled s", "replica s", "ratio")
+    print(" ".join(f"{c:>{w}}" for c, w in zip(columns, (6, 7, 7, 9, 9, 9, 9, 11))))
     previous = None
     for T_Pa in sizes:
         p = problem(T_Pa // 10 - 1)

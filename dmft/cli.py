@@ -118,19 +118,21 @@ def _check(section, key, value, default, annotation=None):
         if value not in choices:
             raise ConfigError(f"{section}.{key} = {value!r} is not allowed; use one of {list(choices)}")
         return
-    kind = type(default).__name__ if default is not None else (annotation or "").split("|")[0].strip()
-    ok = {
-        "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "list": isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value),
-        "tuple": isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value),
-    }.get(kind, True)
-    if not ok:
+    # The default's type, or any TOML-expressible type of the annotation (`float | str | None`).
+    kinds = [type(default).__name__] if default is not None else [k.strip() for k in (annotation or "").split("|")]
+    checks = {
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "list": lambda v: isinstance(v, list) and v and all(isinstance(x, int) and x > 0 for x in v),
+        "tuple": lambda v: isinstance(v, list) and v and all(isinstance(x, int) and x > 0 for x in v),
+    }
+    kinds = [k for k in kinds if k in checks]
+    if kinds and not any(checks[k](value) for k in kinds):
         widths = "a non-empty list of positive integers"
         what = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
-        raise ConfigError(f"{section}.{key} must be {what.get(kind, widths)}, got {value!r}")
+        raise ConfigError(f"{section}.{key} must be {' or '.join(what.get(k, widths) for k in kinds)}, got {value!r}")
 
 
 def validate_config(config: dict) -> dict:

@@ -88,6 +88,14 @@ def test_every_solver_is_reachable_in_float32(tmp_path, solver):
             "solver.responses must be true or false",
         ),
         (TINY.replace("t_max = 2.0", "t_max = -1.0"), "t_max must be a finite scalar > 0"),
+        (
+            TINY.replace('kind = "lazy"', 'kind = "monte_carlo"\nmemory = [1]'),
+            "solver.memory must be a number or a string, got [1]",
+        ),
+        (
+            TINY.replace('kind = "lazy"', 'kind = "monte_carlo"\nmemory = "1kB"'),
+            "more than its memory budget of 1e-06 GB",
+        ),
         ("[data]\nP = [\n", "is not valid TOML"),
         ("[data]\nP = 4\n", "[solver] kind is required"),
     ],
