@@ -255,9 +255,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
 
     def sized(self, problem):
         solver = self
-        if self.chunk_size is None:  # halve the chunk (a divisor of the replica's samples) until it fits
-            while not solver.estimate(problem).fits and solver._chunk > 2:
-                solver = dataclasses.replace(solver, chunk_size=solver._chunk // 2)
+        if self.chunk_size is None:  # about halve the chunk until it fits; it must divide a replica's samples
+            pairs = 2 if self.sampling == "antithetic" else 1
+            while not solver.estimate(problem).fits and solver._chunk > 2 * pairs:
+                fits = [c for c in range(pairs, solver._chunk // 2 + 1, pairs) if self._per_replica % c == 0]
+                solver = dataclasses.replace(solver, chunk_size=fits[-1])
         estimate = solver.estimate(problem)
         if not estimate.fits:
             sizes = ", ".join(f"{k} = {v}" for k, v in estimate.sizes.items())
