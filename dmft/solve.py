@@ -14,10 +14,10 @@ Two kinds of solver, both `equinox.Module`s:
   `|T(x) - x| / |T(x)|` of every leaf of `monitor(state)` is at most the tolerance of
   `tolerance(T(x))` (default `rtol`; a sampling solver derives it from its own Monte Carlo error,
   leaf by leaf), or at most its stall tolerance once the change has stopped falling (not halved in
-  5 iterations). `damping_at(change)` may adapt beta to the largest change. A solver may iterate in
-  `stages()`: each stage is an iterative solver of its own, entered with `stage.enter(problem,
-  state)` from the state the previous stage converged to; the Solution counts the iterations of all
-  stages and converges only when every stage did.
+  5 iterations). `damping_at(problem, change)` may adapt beta to the problem and the largest change.
+  A solver may iterate in `stages()`: each stage is an iterative solver of its own, entered with
+  `stage.enter(problem, state)` from the state the previous stage converged to; the Solution counts
+  the iterations of all stages and converges only when every stage did.
 
 Progress (`progress=True`): ordered `jax.debug.callback`s from inside the compiled loop drive one tqdm
 bar on the host (opened before the loop, advanced by every iteration with its residual, closed after
@@ -78,7 +78,7 @@ class AbstractIterativeSolver(AbstractSolver):
         Scalars or one per leaf of `monitor`; default `(rtol, rtol)`."""
         return self.rtol, self.rtol
 
-    def damping_at(self, change):
+    def damping_at(self, problem: Problem, change):
         """The damping beta of the update that follows an iteration with relative change `change`."""
         return self.damping
 
@@ -155,7 +155,7 @@ def _iterate(problem, solver, state, key, progress):
         earlier = jnp.where(it >= _STALL, residuals[jnp.maximum(it - _STALL, 0)], jnp.inf)
         stalled = change > 0.5 * earlier
         done = jnp.all(changes <= tol) | (stalled & jnp.all(changes <= stall_tol))
-        mixed = damped(state, new, solver.damping_at(change))
+        mixed = damped(state, new, solver.damping_at(problem, change))
         if progress:
             jax.debug.callback(_bar_step, it, change, ordered=True)
         return it + 1, mixed, residuals.at[it].set(change), done, ~jnp.isfinite(change)

@@ -226,7 +226,7 @@ def test_control_variates_fall_back_for_a_custom_activation():
         (dict(sampling="qmc"), "sampling must be one of"),
         (dict(n_samples=1000), "power of 2"),
         (dict(sampling="antithetic", n_samples=24, n_replicas=8), "even chunk_size"),
-        (dict(damping=1.5), "damping must be in"),
+        (dict(damping=1.5), "damping must be None"),
         (dict(rtol=-1.0), "rtol must be None"),
     ],
 )

@@ -96,7 +96,8 @@ class _PooledStage(AbstractIterativeSolver):
     rtol = property(lambda self: self.mc.rtol)
 
     def step(self, problem, state, key):
-        return _Pooled(*self.mc._map(problem, state.q, self.mc._keys(key), self.mc._devices()))
+        mc = self.mc
+        return _Pooled(*mc._map(problem, state.q, mc._keys(key), mc._devices(), mc._beta(problem, pooled=True)))
 
     def monitor(self, state):
         return state.q.Phi, state.q.G
@@ -108,10 +109,11 @@ class _PooledStage(AbstractIterativeSolver):
         # the error bar. A map that stalls (relu) stops at the floor itself.
         return 0.25 * state.floor, state.floor
 
-    def damping_at(self, change):
+    def damping_at(self, problem, change):
+        beta = self.mc._beta(problem, pooled=True)
         if self.mc.undamped_above is None:
-            return self.damping
-        return jnp.where(change > self.mc.undamped_above, 1.0, self.damping)
+            return beta
+        return jnp.where(change > self.mc.undamped_above, 1.0, beta)
 
 
 class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
@@ -143,9 +145,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       the error bar, or at most that standard error once the change has stopped falling (relu's
       map is only piecewise continuous: it stalls); a number stops it at that relative change.
       `Solution.noise_floor` is the relative standard error of the kernels from the replicas.
-    - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve` (per stage).
-      `undamped_above`: undamped pooled steps (beta = 1) while the relative
-      change is above this, then `damping`.
+    - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve` (per stage). None
+      (default): the pooled stage undamped (beta = 1), and the replica stage undamped for a smooth
+      activation and at beta = 0.5 for relu (its per-replica maps jitter; undamped, their spread
+      did not settle at depth 3). `undamped_above`: undamped pooled steps while the relative change
+      is above this, then `damping`.
     - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
       S / R. The result does not depend on it. None (default): up to 1024, halved until the solve
       fits the memory budget.
@@ -169,7 +173,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     responses: str = eqx.field(static=True, default="stein")
     rcond: float = 1e-2
     rtol: float | None = None
-    damping: float = 0.5
+    damping: float | None = None
     max_iters: int = eqx.field(static=True, default=100)
     undamped_above: float | None = None
     chunk_size: int | None = eqx.field(static=True, default=None)
@@ -221,8 +225,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             raise ValueError(f"rtol must be None (stop at the noise floor) or >= 0, got {self.rtol}")
         if self.undamped_above is not None and not self.undamped_above > 0:
             raise ValueError(f"undamped_above must be None or > 0, got {self.undamped_above}")
-        if not 0 < self.damping <= 1:
-            raise ValueError(f"damping must be in (0, 1], got {self.damping}")
+        if self.damping is not None and not 0 < self.damping <= 1:
+            raise ValueError(f"damping must be None (automatic) or in (0, 1], got {self.damping}")
         if self.max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
         self._devices()
@@ -294,11 +298,21 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # One replica after the other (lax.map, not vmap): batched LAPACK kernels (eigh, cholesky,
         # triangular solves) split their batch over XLA's CPU thread pool and wait for it, and two of
         # them running side by side deadlocked the pool (jaxlib 0.10.2, 2 cores).
-        one = lambda sk: self._map(problem, sk[0], sk[1][None], None)[0]
+        beta = self._beta(problem, pooled=False)
+        one = lambda sk: self._map(problem, sk[0], sk[1][None], None, beta)[0]
         run = lambda reps, keys: jax.lax.map(one, (reps, keys))
         mesh = self._devices()
         run = run if mesh is None else _mesh.shard(run, mesh)
         return _Replicas(run(state.reps, self._keys(key)), state.center)
+
+    def damping_at(self, problem, change):
+        return self._beta(problem, pooled=False)
+
+    def _beta(self, problem, pooled):
+        """The damping beta of the pooled or the replica stage (see `damping`)."""
+        if self.damping is not None:
+            return self.damping
+        return 1.0 if pooled or problem.activation.smooth else 0.5
 
     def _devices(self):
         """The mesh the replicas are spread over (`mesh`), or None for one device."""
@@ -354,16 +368,18 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         axes_u = _sampling.sobol_axes(problem.data.Kx, 1) if l == 0 else _sampling.sobol_axes(Phi0[l - 1], T)
         return axes_u, None if l == problem.depth - 1 else _sampling.sobol_axes(G0[l + 1], T)
 
-    def _map(self, problem, state, keys, mesh):
+    def _map(self, problem, state, keys, mesh, beta):
         """One application of the map to `state` (no replica axis) with the samples of the replicas
-        `keys (K,)` pooled, spread over the devices of `mesh` (None: one device): `(new state, floor
-        (2,))`, floor the relative standard errors of the new Phi and G from the spread of the K
-        replicas' kernels (0 when K = 1)."""
+        `keys (K,)` pooled, spread over the devices of `mesh` (None: one device), in a sweep that mixes
+        each new layer as `solve` will, with damping `beta`: `(new state, floor (2,))`, floor the
+        relative standard errors of the new Phi and G from the spread of the K replicas' kernels (0
+        when K = 1)."""
         axes = [self._layer_axes(problem, l) for l in range(problem.depth)]
-        one = self._two_layer if problem.depth == 1 else self._deep
-        return one(problem, state, keys, axes, mesh)
+        if problem.depth == 1:
+            return self._two_layer(problem, state, keys, axes, mesh)
+        return self._deep(problem, state, keys, axes, mesh, beta)
 
-    def _deep(self, problem, state, keys, axes, mesh):
+    def _deep(self, problem, state, keys, axes, mesh, beta):
         L, Kx = problem.depth, problem.data.Kx
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
@@ -377,8 +393,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             if first:
                 Phi_prev, A_prev = jnp.broadcast_to(Kx[:, None, :], (T, Pa, T, Pa)), 0.0
             else:  # this sweep's layer below, mixed as `solve` will mix it
-                Phi_prev = damped(state.Phi[l - 1], Phi_new[-1], self.damping)
-                A_prev = damped(state.A[l - 1], A_new[-1], self.damping)
+                Phi_prev = damped(state.Phi[l - 1], Phi_new[-1], beta)
+                A_prev = damped(state.A[l - 1], A_new[-1], beta)
             G_next = jnp.ones((T, Pa, T, Pa), Kx.dtype) if last else state.G[l + 1]
             C = memory(A_prev, Phi_prev * cols, c)
             D = memory(0.0 if last else state.B[l], G_next * cols, c)
