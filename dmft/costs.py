@@ -51,8 +51,9 @@ class Estimate(eqx.Module):
 
     - `memory`: peak bytes on one device (XLA's temporaries plus the outputs).
     - `budget`: the bytes the solver may use (its `memory` option); `fits` when `memory <= budget`.
-    - `flops`: floating-point operations per iteration of each stage (`{"pooled": ..., "replicas": ...}`
-      for `MonteCarlo`), or of the whole solve for a closed form (`{"solve": ...}`).
+    - `flops`: leading floating-point operation counts by part: per iteration of each stage for
+      `MonteCarlo` (`{"pooled": ..., "replicas": ...}`), per sweep and for materialising the
+      two-time kernels for `LinearClosure` (`{"sweep": ..., "materialise": ...}`).
     - `sizes`: what they grow with (`T Pa`, depth, samples, chunk, replicas per device, ...).
     """
 
@@ -69,7 +70,7 @@ class Estimate(eqx.Module):
         sizes = ", ".join(f"{k} = {v}" for k, v in self.sizes.items())
         flops = ", ".join(f"{v:.2g} {k}" for k, v in self.flops.items())
         budget = f"{self.memory / 1e9:.3g} GB of a {self.budget / 1e9:.3g} GB budget"
-        return f"{budget}; flops per iteration: {flops} ({sizes})"
+        return f"{budget}; flops: {flops} ({sizes})"
 
 
 def estimate(problem: Problem, solver) -> Estimate:
@@ -80,5 +81,7 @@ def estimate(problem: Problem, solver) -> Estimate:
         raise ValueError(f"problem must be a dmft.Problem, got {type(problem).__name__}")
     solver.validate(problem)
     if not hasattr(solver, "estimate"):
-        raise ValueError(f"{type(solver).__name__} has no cost model; dmft.estimate supports MonteCarlo")
+        raise ValueError(
+            f"{type(solver).__name__} has no cost model; dmft.estimate supports MonteCarlo and LinearClosure"
+        )
     return solver.estimate(problem)

@@ -44,6 +44,16 @@ def test_estimate_is_within_25_percent_of_xla(depth, P, n_steps, S, R, chunk, x6
     assert estimate.fits and estimate.sizes["T Pa"] == (n_steps + 1) * P
 
 
+@pytest.mark.parametrize("depth, P, n_steps, P_test", [(1, 12, 50, 0), (3, 8, 40, 4), (6, 10, 25, 0)])
+def test_linear_closure_estimate_is_within_25_percent_of_xla(depth, P, n_steps, P_test):
+    data = dmft.datasets.sphere(P, 10, 0, target="noise", P_test=P_test)
+    problem = dmft.Problem(data, dmft.MLP(depth, "linear"), gamma0=1.0, t_max=1.0, n_steps=n_steps)
+    estimate = dmft.estimate(problem, dmft.LinearClosure())
+    xla = _xla_bytes(problem, dmft.LinearClosure())
+    assert abs(estimate.memory / xla - 1) <= 0.25, (estimate.memory, xla)
+    assert estimate.flops["sweep"] > 0 and estimate.budget == dmft.costs.device_memory()
+
+
 def test_budgets():
     assert dmft.costs.budget_bytes("8GB") == 8 * 10**9
     assert dmft.costs.budget_bytes("512MiB") == 512 * 2**20
