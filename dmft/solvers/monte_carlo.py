@@ -97,7 +97,7 @@ class _PooledStage(AbstractIterativeSolver):
 
     def step(self, problem, state, key):
         mc = self.mc
-        return _Pooled(*mc._map(problem, state.q, mc._keys(key), mc._devices(), mc._beta(problem, pooled=True)))
+        return _Pooled(*mc._map(problem, state.q, mc._keys(key), mc._devices(), mc._beta(problem)))
 
     def monitor(self, state):
         return state.q.Phi, state.q.G
@@ -110,7 +110,7 @@ class _PooledStage(AbstractIterativeSolver):
         return 0.25 * state.floor, state.floor
 
     def damping_at(self, problem, change):
-        beta = self.mc._beta(problem, pooled=True)
+        beta = self.mc._beta(problem)
         if self.mc.undamped_above is None:
             return beta
         return jnp.where(change > self.mc.undamped_above, 1.0, beta)
@@ -146,10 +146,10 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       map is only piecewise continuous: it stalls); a number stops it at that relative change.
       `Solution.noise_floor` is the relative standard error of the kernels from the replicas.
     - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve` (per stage). None
-      (default): the pooled stage undamped (beta = 1), and the replica stage undamped for a smooth
-      activation and at beta = 0.5 for relu (its per-replica maps jitter; undamped, their spread
-      did not settle at depth 3). `undamped_above`: undamped pooled steps while the relative change
-      is above this, then `damping`.
+      (default): undamped (beta = 1) for a smooth activation, 0.5 for relu (its Monte Carlo map is
+      piecewise constant and jitters; undamped, the pooled stage stalled above its noise floor and
+      the replicas' spread did not settle at depth 3). `undamped_above`: undamped pooled steps while
+      the relative change is above this, then `damping`.
     - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
       S / R. The result does not depend on it. None (default): up to 1024, halved until the solve
       fits the memory budget.
@@ -298,7 +298,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # One replica after the other (lax.map, not vmap): batched LAPACK kernels (eigh, cholesky,
         # triangular solves) split their batch over XLA's CPU thread pool and wait for it, and two of
         # them running side by side deadlocked the pool (jaxlib 0.10.2, 2 cores).
-        beta = self._beta(problem, pooled=False)
+        beta = self._beta(problem)
         one = lambda sk: self._map(problem, sk[0], sk[1][None], None, beta)[0]
         run = lambda reps, keys: jax.lax.map(one, (reps, keys))
         mesh = self._devices()
@@ -306,13 +306,13 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return _Replicas(run(state.reps, self._keys(key)), state.center)
 
     def damping_at(self, problem, change):
-        return self._beta(problem, pooled=False)
+        return self._beta(problem)
 
-    def _beta(self, problem, pooled):
-        """The damping beta of the pooled or the replica stage (see `damping`)."""
+    def _beta(self, problem):
+        """The damping beta of both stages (see `damping`)."""
         if self.damping is not None:
             return self.damping
-        return 1.0 if pooled or problem.activation.smooth else 0.5
+        return 1.0 if problem.activation.smooth else 0.5
 
     def _devices(self):
         """The mesh the replicas are spread over (`mesh`), or None for one device."""
