@@ -147,9 +147,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       `Solution.noise_floor` is the relative standard error of the kernels from the replicas.
     - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve` (per stage). None
       (default): undamped (beta = 1) for a smooth activation, 0.5 for relu (its Monte Carlo map is
-      piecewise constant and jitters; undamped, the pooled stage stalled above its noise floor and
-      the replicas' spread did not settle at depth 3). `undamped_above`: undamped pooled steps while
-      the relative change is above this, then `damping`.
+      piecewise constant, and undamped iterates jitter instead of settling). `undamped_above`:
+      undamped pooled steps while the relative change is above this, then `damping`.
     - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
       S / R. The result does not depend on it. None (default): up to 1024, halved until the solve
       fits the memory budget.
