@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
-__all__ = ["resolve", "resolve_size", "shard"]
+__all__ = ["resolve", "shard"]
 
 
 def resolve(mesh, n, what):
@@ -37,12 +37,6 @@ def resolve(mesh, n, what):
         return None
     # Auto axes: the items are split inside the solve, from arrays jit has not sharded.
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
-def resolve_size(mesh, n):
-    """The number of devices `resolve` spreads n items over."""
-    mesh = resolve(mesh, n, "the number of items")
-    return 1 if mesh is None else mesh.size
 
 
 def shard(fn, mesh, reduce=False):

@@ -224,7 +224,6 @@ def ensemble(problem, width: int, keys, *, mesh=None, **kwargs) -> Run:
     divides n_seeds, an int d the first d devices, or a `jax.sharding.Mesh` whose size divides
     n_seeds. `kwargs` go to `train`. Returns a `Run` with a leading seed axis; a seed's network does
     not depend on the mesh (up to the rounding of batched products)."""
-    _check(problem, width, kwargs.get("method", "flow"))
     run = jax.vmap(lambda k: train(problem, width, k, **kwargs))
     mesh = _mesh.resolve(mesh, keys.shape[0], "the number of seeds")
     return run(keys) if mesh is None else _mesh.shard(run, mesh)(keys)

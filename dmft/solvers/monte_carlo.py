@@ -242,7 +242,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         Stein regressions ~23 (T Pa)^3 per layer, once pooled, R times in the replica stage)."""
         L, T, Pa = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0]
         R, S, chunk = self.n_replicas, self.n_samples, self._chunk
-        local = R // _mesh.resolve_size(self.mesh, R)  # replicas per device
+        mesh = self._devices()
+        local = R if mesh is None else R // mesh.size  # replicas per device
         if L == 1:  # equal-time kernels (T, Pa, Pa)
             m = T * Pa * Pa
             elements = 7.0 * local * m + 5.3 * m + 0.4 * chunk * Pa
@@ -261,8 +262,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         if self.chunk_size is None:  # about halve the chunk until it fits; it must divide a replica's samples
             pairs = 2 if self.sampling == "antithetic" else 1
             while not solver.estimate(problem).fits and solver._chunk > 2 * pairs:
-                fits = [c for c in range(pairs, solver._chunk // 2 + 1, pairs) if self._per_replica % c == 0]
-                solver = dataclasses.replace(solver, chunk_size=fits[-1])
+                divisors = [c for c in range(pairs, solver._chunk // 2 + 1, pairs) if self._per_replica % c == 0]
+                solver = dataclasses.replace(solver, chunk_size=divisors[-1])
         estimate = solver.estimate(problem)
         if not estimate.fits:
             sizes = ", ".join(f"{k} = {v}" for k, v in estimate.sizes.items())
