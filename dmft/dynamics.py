@@ -18,14 +18,16 @@ def equal_time(X):
     return jnp.moveaxis(diag, -1, -3)
 
 
-def ntk_from_kernels(Kx, Phi_eq, G_eq):
-    """`K(t) = sum_{l=0..L} G^{l+1}(t,t) * Phi^l(t,t)` with `Phi^0 = Kx`, `G^{L+1} = 1`.
+def ntk_from_kernels(net, Kx, Phi_eq, G_eq):
+    """`K(t) = sum_{l=0..L} G^{l+1}(t,t) * Phi~^l(t,t)` with `Phi^0 = Kx`, `G^{L+1} = 1` and
+    `Phi~ = sigma_w^2 Phi + sigma_b^2` (`net.preactivation_kernel`: weights and biases of every layer).
 
     `Kx (Pa, Pa)`, `Phi_eq`, `G_eq (L, n+1, Pa, Pa)` (G may have size-1 sample axes) -> `(n+1, Pa, Pa)`.
     """
-    K = G_eq[0] * Kx + Phi_eq[-1]
+    pre = net.preactivation_kernel
+    K = G_eq[0] * pre(Kx) + pre(Phi_eq[-1])
     if Phi_eq.shape[0] > 1:
-        K = K + jnp.sum(G_eq[1:] * Phi_eq[:-1], axis=0)
+        K = K + jnp.sum(G_eq[1:] * pre(Phi_eq[:-1]), axis=0)
     return K
 
 

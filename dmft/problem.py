@@ -23,6 +23,16 @@ def _concrete(x):
     return np.asarray(x)
 
 
+def _check_scalar(name, value, lower, strict):
+    """Raise unless a concrete `value` is a finite scalar above `lower` (or equal, unless `strict`)."""
+    v = _concrete(value)
+    if v is None:
+        return
+    if v.shape != () or not np.isfinite(v) or v < lower or (strict and v == lower):
+        bound = f"> {lower:g}" if strict else f">= {lower:g}"
+        raise ValueError(f"{name} must be a finite scalar {bound}; got {value!r}")
+
+
 def _as_inputs(X, name):
     arr = np.asarray(X) if not isinstance(X, jax.core.Tracer) else None
     if arr is not None:
@@ -99,16 +109,41 @@ class Dataset(eqx.Module):
 
 
 class MLP(eqx.Module):
-    """A fully connected network with `depth = L` hidden layers of equal width, no biases (THEORY 1)."""
+    """A fully connected network with `depth = L` hidden layers of equal width (THEORY 1, 11).
+
+    Every layer, the read-out included, multiplies its N(0, 1) weights by `sigma_w` and adds N(0, 1)
+    biases times `sigma_b` (the convention of neural-tangents' `stax.Dense(W_std, b_std)`):
+    `h^1 = sigma_w W^0 x / sqrt(D) + sigma_b b^0`, `h^{l+1} = sigma_w W^l phi(h^l) / sqrt(N) + sigma_b b^l`,
+    `f = (sigma_w w . phi(h^L) / N + sigma_b b^L / sqrt(N)) / gamma0`; every tensor, biases included,
+    trains with the rate `eta0 gamma0^2 N`. The defaults (1, 0) are the bias-free network of the paper.
+    `sigma_w`, `sigma_b` are traced (vmappable) scalars.
+    """
 
     depth: int = eqx.field(static=True)
     activation: AbstractActivation
+    sigma_w: jax.Array = eqx.field(converter=jnp.asarray)
+    sigma_b: jax.Array = eqx.field(converter=jnp.asarray)
 
-    def __init__(self, depth: int = 1, activation="relu"):
+    def __init__(self, depth: int = 1, activation="relu", sigma_w=1.0, sigma_b=0.0):
         if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
             raise ValueError(f"depth must be an integer >= 1 (hidden layers); got {depth!r}")
+        _check_scalar("sigma_w", sigma_w, 0.0, strict=True)
+        _check_scalar("sigma_b", sigma_b, 0.0, strict=False)
         self.depth = int(depth)
         self.activation = get_activation(activation)
+        self.sigma_w = jnp.asarray(sigma_w, dtype=float)
+        self.sigma_b = jnp.asarray(sigma_b, dtype=float)
+
+    @property
+    def sw2(self) -> jax.Array:
+        """`sigma_w^2`: the variance of the backward sources `r^l` per unit of `G^{l+1}`, and the factor
+        of the responses and of the backward memory (THEORY 11)."""
+        return self.sigma_w**2
+
+    def preactivation_kernel(self, Phi):
+        """`Phi~ = sigma_w^2 Phi + sigma_b^2`: the covariance of the next layer's preactivation source
+        given the kernel `Phi` of this layer's activations (or the input kernel), any shape (THEORY 11)."""
+        return self.sigma_w**2 * Phi + self.sigma_b**2
 
 
 class Problem(eqx.Module):
@@ -137,17 +172,9 @@ class Problem(eqx.Module):
             raise ValueError(f"net must be a dmft.MLP, got {type(net).__name__}")
         if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
             raise ValueError(f"n_steps must be an integer >= 1; got {n_steps!r}")
-        for name, value, lower, strict in (
-            ("gamma0", gamma0, 0.0, False),
-            ("t_max", t_max, 0.0, True),
-            ("eta0", eta0, 0.0, True),
-        ):
-            v = _concrete(value)
-            if v is None:
-                continue
-            if v.shape != () or not np.isfinite(v) or v < lower or (strict and v == lower):
-                bound = "> 0" if strict else ">= 0"
-                raise ValueError(f"{name} must be a finite scalar {bound}; got {value!r}")
+        _check_scalar("gamma0", gamma0, 0.0, strict=False)
+        _check_scalar("t_max", t_max, 0.0, strict=True)
+        _check_scalar("eta0", eta0, 0.0, strict=True)
         self.data, self.net, self.n_steps = data, net, int(n_steps)
         self.gamma0 = jnp.asarray(gamma0, dtype=float)
         self.t_max = jnp.asarray(t_max, dtype=float)

@@ -22,7 +22,7 @@ import jax.random as jr
 
 from ._keys import as_key
 from .problem import Problem
-from .single_site import fields, memory
+from .single_site import fields, layer_memory
 from .solution import Solution
 from .solvers._sampling import SAMPLINGS, SOBOL_MAX_DIM, factor, normals, sources
 
@@ -66,13 +66,13 @@ def _layer_inputs(problem, sol, l):
 
 
 def _draw_sources(key, Phi_prev, G_next, n_samples, sampling, first, last):
-    """`u ~ N(0, Phi^{l-1})`, `r ~ N(0, G^{l+1})`, each `(S, T, Pa)`, by MonteCarlo's own map from
-    standard normals to sources (layer 1: u constant in time; layer L: r one scalar per sample).
-    Quasi-random coordinates go along the eigenvectors of the covariances, largest first; S need
+    """`u ~ N(0, Phi_prev)`, `r ~ N(0, G_next)` (the source covariances), each `(S, T, Pa)`, by
+    MonteCarlo's own map from standard normals to sources (layer 1: u constant in time; layer L: r
+    one scalar per sample). Quasi-random coordinates go along the eigenvectors of the covariances, largest first; S need
     not be a power of 2 (the first S points of the next net are taken)."""
     T, Pa = Phi_prev.shape[:2]
     M_u, V_u = factor(Phi_prev[0, :, 0, :] if first else Phi_prev.reshape(T * Pa, T * Pa))
-    M_r, V_r = (None, None) if last else factor(G_next.reshape(T * Pa, T * Pa))
+    M_r, V_r = (jnp.sqrt(G_next[0, 0, 0, 0]), None) if last else factor(G_next.reshape(T * Pa, T * Pa))
     du, dr = V_u.shape[0], 1 if last else V_r.shape[0]
     if sampling == "sobol" and du + dr > SOBOL_MAX_DIM:
         sampling = "plain"  # beyond scipy's Sobol dimensions
@@ -85,10 +85,8 @@ def _draw_sources(key, Phi_prev, G_next, n_samples, sampling, first, last):
 def _layer(problem, sol, l, Delta, key, n_samples, sampling, time):
     """Samples `(h, z, g)` of THEORY layer l + 1 at time index `time`, each `(S, Pa)`."""
     c = problem.dt * problem.eta0 / problem.P
-    Phi_prev, A_prev, G_next, B_l = _layer_inputs(problem, sol, l)
-    C = memory(A_prev, Phi_prev * Delta[None, None], c)
-    D = memory(B_l, G_next * Delta[None, None], c)
-    u, r = _draw_sources(key, Phi_prev, G_next, n_samples, sampling, l == 0, l == problem.depth - 1)
+    Su, Sr, C, D = layer_memory(problem.net, *_layer_inputs(problem, sol, l), Delta, c)
+    u, r = _draw_sources(key, Su, Sr, n_samples, sampling, l == 0, l == problem.depth - 1)
     _, gs, h, z = fields(problem.activation, problem.gamma0, u, r, C, D, full=True)
     return h[:, time], z[:, time], gs.reshape(u.shape)[:, time]
 

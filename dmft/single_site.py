@@ -7,11 +7,12 @@ Every neuron of layer l is an independent draw of
 
 over the grid of (time, point) pairs, with the memory kernels (`memory`)
 
-    C^l = Abar^{l-1} + c [s < t] Phi^{l-1} Delta,      D^l = Bbar^l + c [s < t] G^{l+1} Delta,
+    C^l = sw2 Abar^{l-1} + c [s < t] Phi~^{l-1} Delta,      D^l = sw2 Bbar^l + c [s < t] sw2 G^{l+1} Delta,
 
-`c = dt eta0 / P` and `Delta` on the column (source) index. C is strictly causal and D causal (its
-equal-time block is the equal-time response Bbar(t, t), see `MonteCarlo`), so ONE pass forward in time
-solves the fields of a sample exactly: at time t, h(t) first, then z(t), then g(t).
+`c = dt eta0 / P`, `Delta` on the column (source) index, `sw2 = sigma_w^2` and `Phi~ = sigma_w^2 Phi +
+sigma_b^2` (THEORY 11; the sources are `u ~ N(0, Phi~^{l-1})`, `r ~ N(0, sw2 G^{l+1})`). C is strictly
+causal and D causal (its equal-time block is the equal-time response Bbar(t, t), see `MonteCarlo`), so
+ONE pass forward in time solves the fields of a sample exactly: at time t, h(t) first, then z(t), then g(t).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["memory", "segments", "fields", "two_layer_fields"]
+__all__ = ["memory", "layer_memory", "segments", "fields", "two_layer_fields"]
 
 
 def memory(R, K_Delta, c):
@@ -33,6 +34,15 @@ def memory(R, K_Delta, c):
     if K_Delta.ndim > 2:
         mask = mask[:, None, :] if K_Delta.ndim == 3 else mask[:, None, :, None]
     return R + c * mask * K_Delta
+
+
+def layer_memory(net, Phi_prev, A_prev, G_next, B, Delta, c):
+    """The source covariances `Su = Phi~^{l-1}`, `Sr = sw2 G^{l+1}` and memory kernels `C^l`, `D^l` of a
+    layer from its neighbours' kernels `Phi^{l-1}` (Kx for layer 1), `Abar^{l-1}`, `G^{l+1}` (1 for
+    layer L), `Bbar^l` (0 where absent), all `(T, Pa, T, Pa)` or broadcastable, and `Delta (T, Pa)`."""
+    Su, Sr = net.preactivation_kernel(Phi_prev), net.sw2 * G_next
+    cols = Delta[None, None]
+    return Su, Sr, memory(net.sw2 * A_prev, Su * cols, c), memory(net.sw2 * B, Sr * cols, c)
 
 
 def segments(T, n=4):
@@ -75,9 +85,10 @@ def fields(act, gamma0, u, r, C, D, full=False):
     return phis, gs, h, z
 
 
-def two_layer_fields(act, gamma0, c, Kx, u, r, Delta, reduce):
-    """The depth-1 single site (THEORY 7): `u (S, Pa)` constant in time, `r (S,)` the read-out weight,
-    `h(t) = u + gamma0 c sum_{s<t} Kx (Delta(s) g(s))`, `z(t) = r + gamma0 c sum_{s<t} Delta(s) . phi(h(s))`.
+def two_layer_fields(act, gamma0, c, Su, sw2, u, r, Delta, reduce):
+    """The depth-1 single site (THEORY 7, 11): `u (S, Pa)` constant in time with covariance
+    `Su = sigma_w^2 Kx + sigma_b^2`, `r (S,)` the read-out weight times sigma_w (variance `sw2`),
+    `h(t) = u + gamma0 c sum_{s<t} Su (Delta(s) g(s))`, `z(t) = r + gamma0 c sw2 sum_{s<t} Delta(s) . phi(h(s))`.
 
     Returns `reduce(phi(h(t)), g(t))` stacked over the T times of `Delta (T, Pa)` (memory O(S Pa)).
     """
@@ -86,8 +97,8 @@ def two_layer_fields(act, gamma0, c, Kx, u, r, Delta, reduce):
         h_mem, z = carry
         h = u + h_mem
         phi, g = act.fn(h), act.dfn(h) * z[:, None]
-        h_mem = h_mem + gamma0 * c * (Delta_t * g) @ Kx
-        z = z + gamma0 * c * phi @ Delta_t
+        h_mem = h_mem + gamma0 * c * (Delta_t * g) @ Su
+        z = z + gamma0 * c * sw2 * phi @ Delta_t
         return (h_mem, z), reduce(phi, g)
 
     return jax.lax.scan(step, (jnp.zeros_like(u), r), Delta)[1]

@@ -7,24 +7,26 @@ from scipy import integrate, stats
 import dmft
 
 
-def _problem(L=2, gamma0=1.0, P=6, D=8, P_test=2, t_max=3.0, n_steps=30, seed=0):
+def _problem(L=2, gamma0=1.0, P=6, D=8, P_test=2, t_max=3.0, n_steps=30, seed=0, sigmas=(1.0, 0.0)):
     data = dmft.datasets.sphere(P, D, seed, P_test=P_test)
-    return dmft.Problem(data, dmft.MLP(L, "linear"), gamma0=gamma0, t_max=t_max, n_steps=n_steps)
+    net = dmft.MLP(L, "linear", sigma_w=sigmas[0], sigma_b=sigmas[1])
+    return dmft.Problem(data, net, gamma0=gamma0, t_max=t_max, n_steps=n_steps)
 
 
 def _slope(x, y):
     return stats.linregress(np.log(x), np.log(y)).slope
 
 
-@pytest.mark.parametrize("L", [1, 2, 3])
-def test_small_gamma0_deviation_from_lazy_is_order_gamma0_squared(L):
+@pytest.mark.parametrize("L, sigmas", [(1, (1.0, 0.0)), (2, (1.0, 0.0)), (3, (1.0, 0.0)), (3, (0.9, 0.4))])
+def test_small_gamma0_deviation_from_lazy_is_order_gamma0_squared(L, sigmas):
     # Kernel changes are even in gamma0 (THEORY 9): |DMFT - Lazy(discrete)| = c gamma0^2 + O(gamma0^4),
-    # so over [0.01, 0.1] the log-log slope is 2 up to a relative O(gamma0^2) <= 1% curvature.
+    # so over [0.01, 0.1] the log-log slope is 2 up to a relative O(gamma0^2) <= 1% curvature. With
+    # weight and bias variances the lazy limit is the independent recursion of `lazy_kernels`.
     gammas = np.geomspace(0.01, 0.1, 5)
-    lazy = dmft.solve(_problem(L), dmft.Lazy(discrete=True))
+    lazy = dmft.solve(_problem(L, sigmas=sigmas), dmft.Lazy(discrete=True))
     dev_loss, dev_ntk = [], []
     for g in gammas:
-        sol = dmft.solve(_problem(L, gamma0=g), dmft.LinearClosure())
+        sol = dmft.solve(_problem(L, gamma0=g, sigmas=sigmas), dmft.LinearClosure())
         dev_loss.append(np.max(np.abs(sol.loss - lazy.loss)))
         dev_ntk.append(np.max(np.abs(sol.ntk - lazy.ntk)))
     assert abs(_slope(gammas, dev_loss) - 2) < 0.2
@@ -162,12 +164,16 @@ def test_nonconvergence_is_reported():
         dmft.solve(_problem(), dmft.LinearClosure(start="warm"))
 
 
-@pytest.mark.parametrize("L, responses", [(1, True), (2, True), (3, True), (3, False)])
-def test_causal_march_is_the_fixed_point_of_the_iteration(L, responses):
+@pytest.mark.parametrize(
+    "L, responses, sigmas",
+    [(1, True, (1.0, 0.0)), (2, True, (1.0, 0.0)), (3, True, (1.0, 0.0)), (3, False, (1.0, 0.0))]
+    + [(3, True, (0.9, 0.4))],
+)
+def test_causal_march_is_the_fixed_point_of_the_iteration(L, responses, sigmas):
     # The one-pass causal solution must be the fixed point the damped Jacobi iteration converges to
     # from the lazy start: both are exact solutions of the same closure, so they agree to round-off
     # amplified by the iteration's conditioning (measured ~1e-14; 1e-11 leaves three decades).
-    problem = _problem(L=L, gamma0=1.5)
+    problem = _problem(L=L, gamma0=1.5, sigmas=sigmas)
     marched = dmft.solve(problem, dmft.LinearClosure(responses=responses, rtol=1e-13))
     iterated = dmft.solve(problem, dmft.LinearClosure(responses=responses, rtol=1e-13, max_iters=400, start="lazy"))
     # The march is already converged: the first sweep changes nothing beyond round-off.

@@ -18,9 +18,10 @@ import dmft
 MC = dict(n_samples=2048)
 
 
-def _linear_problem(L, gamma0, n_steps=12, P=6, P_test=2):
+def _linear_problem(L, gamma0, n_steps=12, P=6, P_test=2, sigmas=(1.0, 0.0)):
     data = dmft.datasets.sphere(P, 8, 0, P_test=P_test)
-    return dmft.Problem(data, dmft.MLP(L, "linear"), gamma0=gamma0, t_max=3.0, n_steps=n_steps)
+    net = dmft.MLP(L, "linear", sigma_w=sigmas[0], sigma_b=sigmas[1])
+    return dmft.Problem(data, net, gamma0=gamma0, t_max=3.0, n_steps=n_steps)
 
 
 def _within(sol, exact, fields=("loss", "ntk"), bound=4.0):
@@ -33,11 +34,22 @@ def _within(sol, exact, fields=("loss", "ntk"), bound=4.0):
     return max(ratios) <= bound
 
 
-@pytest.mark.parametrize("L, gamma0", [(1, 1.0), (2, 1.0), pytest.param(3, 1.5, marks=pytest.mark.slow)])
-def test_linear_activation_matches_closure(L, gamma0):
+@pytest.mark.parametrize(
+    "L, gamma0, sigmas",
+    [
+        (1, 1.0, (1.0, 0.0)),
+        (2, 1.0, (1.0, 0.0)),
+        pytest.param(3, 1.5, (1.0, 0.0), marks=pytest.mark.slow),
+        (1, 1.0, (0.8, 0.5)),
+        (2, 1.0, (1.2, 0.5)),
+    ],
+)
+def test_linear_activation_matches_closure(L, gamma0, sigmas):
     # Monte Carlo with phi = identity estimates exactly what the closure computes, on the fast path
-    # (depth 1) and the deep path (layer 1 u constant in time, layer L r scalar, middle both two-time).
-    problem = _linear_problem(L, gamma0)
+    # (depth 1) and the deep path (layer 1 u constant in time, layer L r scalar, middle both two-time),
+    # with and without weight and bias variances (THEORY 11: two independent implementations of the
+    # sigma_w^2, sigma_b^2 factors).
+    problem = _linear_problem(L, gamma0, sigmas=sigmas)
     exact = dmft.solve(problem, dmft.LinearClosure())
     sol = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0)
     assert sol.result == dmft.RESULTS.successful and 0 < float(sol.noise_floor) < 0.1

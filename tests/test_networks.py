@@ -9,18 +9,24 @@ import dmft
 from dmft.networks.train import _fields, _measure
 
 
-def _problem(L=2, act="relu", gamma0=1.0, P=6, P_test=2, t_max=4.0, n_steps=20, seed=0):
+def _problem(L=2, act="relu", gamma0=1.0, P=6, P_test=2, t_max=4.0, n_steps=20, seed=0, sigmas=(1.0, 0.0)):
     data = dmft.datasets.sphere(P, 10, seed, P_test=P_test)
-    return dmft.Problem(data, dmft.MLP(L, act), gamma0=gamma0, t_max=t_max, n_steps=n_steps)
+    net = dmft.MLP(L, act, sigma_w=sigmas[0], sigma_b=sigmas[1])
+    return dmft.Problem(data, net, gamma0=gamma0, t_max=t_max, n_steps=n_steps)
+
+
+BIASED = (1.3, 0.4)  # sigma_w, sigma_b of the tests with weight and bias variances
 
 
 def _seeds(problem, width, n, method="gd", **kw):
     return jax.vmap(lambda k: dmft.networks.train(problem, width, k, method=method, **kw))(jr.split(jr.key(1), n))
 
 
-def test_ntk_formula_matches_autodiff():
-    # K = sum_l G^{l+1} * Phi^l (THEORY 2) is the Gram matrix gamma0^2 N grad f . grad f.
-    problem = _problem(L=3, act="erf", gamma0=0.7)
+@pytest.mark.parametrize("sigmas", [(1.0, 0.0), BIASED])
+def test_ntk_formula_matches_autodiff(sigmas):
+    # K = sum_l G^{l+1} * Phi~^l (THEORY 2, 11) is the Gram matrix gamma0^2 N grad f . grad f over all
+    # weights and biases.
+    problem = _problem(L=3, act="erf", gamma0=0.7, sigmas=sigmas)
     params = dmft.networks.init_params(problem, 32, jr.key(0))
     jac = jax.jacobian(lambda th: dmft.networks.forward(problem, th, problem.data.X_all))(params)
     J = jnp.concatenate([j.reshape(j.shape[0], -1) for j in jac], axis=1)
@@ -28,15 +34,16 @@ def test_ntk_formula_matches_autodiff():
     np.testing.assert_allclose(K, 0.7**2 * 32 * J @ J.T, atol=1e-12)
 
 
-@pytest.mark.parametrize("act", ["relu", "erf"])
-@pytest.mark.parametrize("L", [1, 2, 3])
-def test_initial_ntk_matches_lazy(act, L):
+@pytest.mark.parametrize(
+    "act, L, sigmas", [(a, L, (1.0, 0.0)) for a in ("relu", "erf") for L in (1, 2, 3)] + [("relu", 2, BIASED)]
+)
+def test_initial_ntk_matches_lazy(act, L, sigmas):
     # The NTK at t = 0 of a random network is an average over N neurons: the seed average converges
     # to the lazy NTK, with a 1/N bias (negligible here) and seed-to-seed spread ~1/sqrt(N).
     # Each entry must lie within 3 standard errors of the seed mean (SE = sd / sqrt(seeds)); entries
     # on one row are correlated, so the tolerance is applied to the worst entry over the whole matrix
     # with 3.5 SE allowed for the ~P^2/2 = 30 distinct entries (Bonferroni at ~1%).
-    problem = _problem(L, act, n_steps=1, t_max=0.1)
+    problem = _problem(L, act, n_steps=1, t_max=0.1, sigmas=sigmas)
     runs = _seeds(problem, 256, 16)
     K0 = np.asarray(runs.ntk[:, 0])
     mean, se = K0.mean(0), K0.std(0, ddof=1) / np.sqrt(16)
@@ -151,13 +158,14 @@ def test_networks_need_positive_gamma0():
         dmft.networks.train(_problem(gamma0=0.0), 8, 0)
 
 
-@pytest.mark.parametrize("L, act", [(1, "relu"), (2, "tanh"), (3, "relu")])
-def test_gd_step_from_fields_equals_autodiff(L, act):
+@pytest.mark.parametrize("L, act, sigmas", [(1, "relu", BIASED), (2, "tanh", (1.0, 0.0)), (3, "relu", BIASED)])
+def test_gd_step_from_fields_equals_autodiff(L, act, sigmas):
     # The GD update is written from the measured fields (g = gamma0 N df/dh); it must be the step
     # theta - eta0 dt gamma0^2 N grad Loss of jax.grad, to round-off.
     from dmft.networks.train import _gd_update, _loss, forward, init_params
 
-    problem = dmft.Problem(dmft.datasets.sphere(5, 4, 0, P_test=2), dmft.MLP(L, act), gamma0=1.3, n_steps=4)
+    net = dmft.MLP(L, act, sigma_w=sigmas[0], sigma_b=sigmas[1])
+    problem = dmft.Problem(dmft.datasets.sphere(5, 4, 0, P_test=2), net, gamma0=1.3, n_steps=4)
     params = init_params(problem, 32, jr.key(1))
     params = _gd_update(problem, params, *_fields(problem, params, 0.0))  # away from the symmetric start
     f0 = forward(problem, params, problem.data.X_all)

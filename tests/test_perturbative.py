@@ -5,20 +5,24 @@ from scipy import stats
 import dmft
 
 
-def _problem(L, gamma0, n_steps=30):
+def _problem(L, gamma0, n_steps=30, sigmas=(1.0, 0.0)):
     data = dmft.datasets.sphere(6, 8, 0, P_test=2)
-    return dmft.Problem(data, dmft.MLP(L, "linear"), gamma0=gamma0, t_max=3.0, n_steps=n_steps)
+    net = dmft.MLP(L, "linear", sigma_w=sigmas[0], sigma_b=sigmas[1])
+    return dmft.Problem(data, net, gamma0=gamma0, t_max=3.0, n_steps=n_steps)
 
 
-@pytest.mark.parametrize("L", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
-def test_perturbation_theory_error_is_order_gamma0_four(L):
+@pytest.mark.parametrize(
+    "L, sigmas",
+    [(1, (1.0, 0.0)), (2, (1.0, 0.0)), (2, (0.9, 0.4)), pytest.param(3, (1.0, 0.0), marks=pytest.mark.slow)],
+)
+def test_perturbation_theory_error_is_order_gamma0_four(L, sigmas):
     # The O(gamma0^2) term is exact for the discrete scheme and there are no odd orders, so the
     # remainder is O(gamma0^4): fitted slope 4 over gamma0 in [0.05, 0.4] (curvature from the
     # gamma0^6 term bends it by at most ~0.2 at the upper end). The lazy limit's error has slope 2.
     gammas = np.geomspace(0.05, 0.4, 5)
     err_pt, err_lazy = [], []
     for g in gammas:
-        problem = _problem(L, g)
+        problem = _problem(L, g, sigmas=sigmas)
         exact = dmft.solve(problem, dmft.LinearClosure(rtol=1e-13, max_iters=400))
         pt = dmft.solve(problem, dmft.Perturbative())
         lazy = dmft.solve(problem, dmft.Lazy(discrete=True))
@@ -52,9 +56,10 @@ def test_gradient_independence_exact_at_depth_one_and_worse_deeper():
 # ---- smooth nonlinear two-layer networks ---------------------------------------------------------
 
 
-def _two_layer(activation, gamma0=1.0):
+def _two_layer(activation, gamma0=1.0, sigmas=(1.0, 0.0)):
     data = dmft.datasets.sphere(4, 3, 0, P_test=1)
-    return dmft.Problem(data, dmft.MLP(1, activation), gamma0=gamma0, t_max=3.0, n_steps=10)
+    net = dmft.MLP(1, activation, sigma_w=sigmas[0], sigma_b=sigmas[1])
+    return dmft.Problem(data, net, gamma0=gamma0, t_max=3.0, n_steps=10)
 
 
 def _with_gamma0(problem, g):
@@ -79,15 +84,16 @@ def _z(K2, se, samples, slack):
     return (np.abs(K2[-1] - samples.mean(0)) - slack) / se_total, se_total
 
 
-def test_nonlinear_path_on_the_identity_matches_the_linear_closure():
+@pytest.mark.parametrize("sigmas", [(1.0, 0.0), (0.9, 0.4)])
+def test_nonlinear_path_on_the_identity_matches_the_linear_closure(sigmas):
     # The identity as a generic smooth activation runs the nonlinear two-layer path (forward-mode
     # second derivative of the sampled single site); the exact closure's finite difference
     # (K(eps) - K(0)) / eps^2 = K2 + eps^2 K4 + ... gives K2 without sampling. Tolerance: 5 replica
     # standard errors of the sampled K2 plus the eps^2 K4 truncation, estimated by Richardson from
     # eps and 2 eps (difference = 3 eps^2 K4), doubled.
-    problem = _two_layer(dmft.activations.Elementwise(lambda h: h, label="identity"))
+    problem = _two_layer(dmft.activations.Elementwise(lambda h: h, label="identity"), sigmas=sigmas)
     K2, se = _K2(problem, dmft.solve(problem, dmft.Perturbative(n_samples=8192), key=0))
-    linear = _two_layer("linear")
+    linear = _two_layer("linear", sigmas=sigmas)
     K0 = np.asarray(dmft.solve(linear, dmft.Lazy(discrete=True)).ntk)
     closure = dmft.LinearClosure(rtol=1e-13, max_iters=400)
     fd = lambda e: (np.asarray(dmft.solve(_with_gamma0(linear, e), closure).ntk) - K0) / e**2
@@ -147,8 +153,8 @@ def _small_gamma(problem, g=1e-3):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("L", [2, 3])
-def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L):
+@pytest.mark.parametrize("L, sigmas", [(2, (1.0, 0.0)), (3, (1.0, 0.0)), (2, (0.9, 0.4))])
+def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L, sigmas):
     # The identity as a generic smooth activation runs the deep nonlinear path: lazy responses, field
     # terms through the sampled single site, source shifts propagated across layers. The closure's
     # (K(eps) - K(0)) / eps^2 = K2 + eps^2 K4 gives K2 exactly (Richardson slack as above). Tolerance:
@@ -156,9 +162,10 @@ def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L):
     # = 7e-5 per entry, < 1% over the ~100 distinct entries tested).
     data = dmft.datasets.sphere(4, 3, 0, P_test=1)
     ident = dmft.activations.Elementwise(lambda h: h, label="identity")
-    problem = _small_gamma(dmft.Problem(data, dmft.MLP(L, ident), gamma0=1.0, t_max=3.0, n_steps=10))
+    mlp = lambda act: dmft.MLP(L, act, sigma_w=sigmas[0], sigma_b=sigmas[1])
+    problem = _small_gamma(dmft.Problem(data, mlp(ident), gamma0=1.0, t_max=3.0, n_steps=10))
     K2, se = _K2(problem, dmft.solve(problem, dmft.Perturbative(n_samples=32768, n_replicas=16), key=0))
-    linear = dmft.Problem(data, dmft.MLP(L, "linear"), gamma0=1.0, t_max=3.0, n_steps=10)
+    linear = dmft.Problem(data, mlp("linear"), gamma0=1.0, t_max=3.0, n_steps=10)
     K0 = np.asarray(dmft.solve(linear, dmft.Lazy(discrete=True)).ntk)
     closure = dmft.LinearClosure(rtol=1e-13, max_iters=400)
     fd = lambda e: (np.asarray(dmft.solve(_with_gamma0(linear, e), closure).ntk) - K0) / e**2

@@ -100,3 +100,16 @@ def test_digits_dataset():
     np.testing.assert_allclose(np.diag(data.Kx), 1.0, rtol=1e-12)
     with pytest.raises(ValueError, match="P \\+ P_test <="):
         dmft.datasets.digits(1000, 0)
+
+
+def test_weight_and_bias_variances_are_checked():
+    net = dmft.MLP(2, "relu", sigma_w=1.5, sigma_b=0.2)
+    assert float(net.sw2) == 2.25 and float(net.preactivation_kernel(1.0)) == 2.25 + 0.04
+    for kwargs, match in (
+        (dict(sigma_w=-1.0), "sigma_w must be a finite scalar > 0"),
+        (dict(sigma_w=0.0), "sigma_w must be a finite scalar > 0"),
+        (dict(sigma_b=-0.1), "sigma_b must be a finite scalar >= 0"),
+        (dict(sigma_b=np.inf), "sigma_b must be a finite scalar"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dmft.MLP(2, "relu", **kwargs)

@@ -1,7 +1,8 @@
 """Finite-width networks in the DMFT parameterisation (THEORY section 1), trained and measured.
 
-Parameters `(W0 (N, D), W (L-1, N, N), w (N,))`, all N(0, 1) at t = 0;
-`h^1 = W0 x / sqrt(D)`, `h^{l+1} = W^l phi(h^l) / sqrt(N)`, `f = w . phi(h^L) / (gamma0 N)`.
+Parameters `(W0 (N, D), W (L-1, N, N), w (N,), b (L, N), b_out ())`, all N(0, 1) at t = 0;
+`h^1 = sigma_w W0 x / sqrt(D) + sigma_b b[0]`, `h^{l+1} = sigma_w W^l phi(h^l) / sqrt(N) + sigma_b b[l]`,
+`f = (sigma_w w . phi(h^L) / N + sigma_b b_out / sqrt(N)) / gamma0` (`dmft.MLP`).
 Training minimises `0.5 mean_mu (f_mu - y_mu)^2` over training points with the width-scaled rate
 `eta0 gamma0^2 N` for every tensor.
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 from .. import _mesh
 from .._keys import as_key
-from ..dynamics import mse_loss
+from ..dynamics import mse_loss, ntk_from_kernels
 
 __all__ = ["Run", "train", "ensemble", "init_params", "forward"]
 
@@ -47,41 +48,50 @@ class Run(eqx.Module):
 
 
 def init_params(problem, width, key):
-    """N(0, 1) parameters `(W0 (N, D), W (L-1, N, N), w (N,))` in the problem's dtype, drawn in float32
-    so that a key gives the same network in float32 and float64."""
+    """N(0, 1) parameters `(W0 (N, D), W (L-1, N, N), w (N,), b (L, N), b_out ())` in the problem's dtype,
+    drawn in float32 so that a key gives the same network in float32 and float64 (the weights do not
+    depend on whether the network has biases)."""
     k0, k1, k2 = jr.split(key, 3)
+    kb, kb_out = jr.split(jr.fold_in(key, 3))
     L, D = problem.depth, problem.data.D
     draw = lambda k, shape: jr.normal(k, shape, jnp.float32).astype(problem.data.X.dtype)
-    return draw(k0, (width, D)), draw(k1, (L - 1, width, width)), draw(k2, (width,))
+    weights = draw(k0, (width, D)), draw(k1, (L - 1, width, width)), draw(k2, (width,))
+    return (*weights, draw(kb, (L, width)), draw(kb_out, ()))
 
 
 def _preactivations(problem, params, X):
     """`[h^1, ..., h^L]`, each (M, N), for inputs X (M, D)."""
-    W0, W, _ = params
-    act, N = problem.activation, W0.shape[0]
-    hs = [X @ W0.T / jnp.sqrt(X.shape[1])]
+    W0, W, _, b, _ = params
+    net, N = problem.net, W0.shape[0]
+    hs = [net.sigma_w * X @ W0.T / jnp.sqrt(X.shape[1]) + net.sigma_b * b[0]]
     for l in range(problem.depth - 1):
-        hs.append(act.fn(hs[-1]) @ W[l].T / jnp.sqrt(N))
+        hs.append(net.sigma_w * net.activation.fn(hs[-1]) @ W[l].T / jnp.sqrt(N) + net.sigma_b * b[l + 1])
     return hs
+
+
+def _readout(problem, params, phi_L):
+    """`f = (sigma_w w . phi(h^L) / N + sigma_b b_out / sqrt(N)) / gamma0` for `phi_L (M, N)`."""
+    net, w, b_out, N = problem.net, params[2], params[4], params[0].shape[0]
+    return (net.sigma_w * phi_L @ w / N + net.sigma_b * b_out / jnp.sqrt(N)) / problem.gamma0
 
 
 def forward(problem, params, X):
     """Network output `f (M,)` for inputs X (M, D) (uncentred)."""
     h_L = _preactivations(problem, params, X)[-1]
-    return problem.activation.fn(h_L) @ params[2] / (problem.gamma0 * params[0].shape[0])
+    return _readout(problem, params, problem.activation.fn(h_L))
 
 
 def _fields(problem, params, f0):
     """Activations `phi(h^l)` and backward fields `g^l = gamma0 N df/dh^l` (lists over l, each (Pa, N))
     and the centred output `f (Pa,)`, over train then test points."""
-    act, W0, W, w = problem.activation, *params
+    act, sw, (W0, W, w, _, _) = problem.activation, problem.net.sigma_w, params
     N = W0.shape[0]
     hs = _preactivations(problem, params, problem.data.X_all)
     phis = [act.fn(h) for h in hs]
-    f = phis[-1] @ w / (problem.gamma0 * N) - f0
-    gs = [act.dfn(hs[-1]) * w]  # g^L; then g^l = phi'(h^l) * (g^{l+1} W^l) / sqrt(N)
+    f = _readout(problem, params, phis[-1]) - f0
+    gs = [sw * act.dfn(hs[-1]) * w]  # g^L; then g^l = phi'(h^l) * sigma_w (g^{l+1} W^l) / sqrt(N)
     for l in reversed(range(problem.depth - 1)):
-        gs.insert(0, act.dfn(hs[l]) * (gs[0] @ W[l]) / jnp.sqrt(N))
+        gs.insert(0, sw * act.dfn(hs[l]) * (gs[0] @ W[l]) / jnp.sqrt(N))
     return phis, gs, f
 
 
@@ -90,28 +100,29 @@ def _measure(problem, phis, gs, f):
     N = phis[0].shape[1]
     Phi = jnp.stack([p @ p.T / N for p in phis])
     G = jnp.stack([g @ g.T / N for g in gs])
-    K = G[0] * problem.data.Kx + Phi[-1]
-    if problem.depth > 1:
-        K = K + jnp.sum(G[1:] * Phi[:-1], axis=0)
-    return f, K, Phi, G
+    return f, ntk_from_kernels(problem.net, problem.data.Kx, Phi, G), Phi, G
 
 
 def _gd_update(problem, params, phis, gs, f):
     """One gradient-descent step `theta - eta0 dt gamma0^2 N grad Loss` from the fields at `params`:
     with `g = gamma0 N df/dh` the gradients are outer products of the fields of the train points,
-    `dw = c Delta phi^L`, `dW^l = c / sqrt(N) (Delta g^{l+1})^T phi^l`, `dW0 = c / sqrt(D) (Delta g^1)^T x`,
-    `c = eta0 dt gamma0 / P`, so each weight matrix is read once for the step (as `jax.grad` would
-    need a second forward and backward pass)."""
-    W0, W, w = params
-    P, X = problem.P, problem.data.X
+    `dw = c sw Delta phi^L`, `dW^l = c sw / sqrt(N) (Delta g^{l+1})^T phi^l`, `dW0 = c sw / sqrt(D)
+    (Delta g^1)^T x`, `db^l = c sb Delta g^{l+1}`, `db_out = c sb sqrt(N) sum Delta`, `c = eta0 dt gamma0 / P`,
+    so each weight matrix is read once for the step (as `jax.grad` would need a second forward and
+    backward pass)."""
+    W0, W, w, b, b_out = params
+    sw, sb = problem.net.sigma_w, problem.net.sigma_b
+    P, X, N = problem.P, problem.data.X, W0.shape[0]
     c = problem.eta0 * problem.dt * problem.gamma0 / P
     Delta = problem.data.y - f[:P]
     train = lambda x: x[:P] * Delta[:, None]
-    w = w + c * Delta @ phis[-1][:P]
+    w = w + c * sw * Delta @ phis[-1][:P]
     if W.shape[0]:
-        W = jnp.stack([W[l] + c / jnp.sqrt(W0.shape[0]) * train(gs[l + 1]).T @ phis[l][:P] for l in range(len(W))])
-    W0 = W0 + c / jnp.sqrt(X.shape[1]) * train(gs[0]).T @ X
-    return W0, W, w
+        W = jnp.stack([W[l] + c * sw / jnp.sqrt(N) * train(gs[l + 1]).T @ phis[l][:P] for l in range(len(W))])
+    W0 = W0 + c * sw / jnp.sqrt(X.shape[1]) * train(gs[0]).T @ X
+    b = b + c * sb * jnp.stack([train(g).sum(0) for g in gs])
+    b_out = b_out + c * sb * jnp.sqrt(N) * Delta.sum()
+    return W0, W, w, b, b_out
 
 
 def _loss(problem, f0_train):

@@ -14,22 +14,23 @@ __all__ = ["Lazy", "lazy_kernels", "gradient_flow_predictions"]
 def lazy_kernels(problem):
     """The NNGP / NTK recursion at initialisation over train then test points.
 
-    Returns `Phi (L, Pa, Pa)` (`Phi^l`, l = 1..L), `G (L, Pa, Pa)` (`G^l`, with `G^{L+1} = 1`) and
-    the NTK `K (Pa, Pa) = sum_{l=0..L} G^{l+1} * Phi^l`.
+    Returns `Phi (L, Pa, Pa)` (`Phi^l = E[phi(u) phi(u)^T]`, `u ~ N(0, Phi~^{l-1})`, l = 1..L),
+    `G (L, Pa, Pa)` (`G^l = sigma_w^2 G^{l+1} * E[phi'(u) phi'(u)^T]`, `G^{L+1} = 1`) and the NTK
+    `K (Pa, Pa) = sum_{l=0..L} G^{l+1} * Phi~^l`, with `Phi~ = sigma_w^2 Phi + sigma_b^2` (THEORY 8, 11).
     """
-    act, Kx = problem.activation, problem.data.Kx
-    Phi, Gdot, prev = [], [], Kx
+    net, Kx = problem.net, problem.data.Kx
+    Phi, Gdot, prev = [], [], net.preactivation_kernel(Kx)
     for _ in range(problem.depth):
-        phi, dphi = act.kernels(prev)
+        phi, dphi = net.activation.kernels(prev)
         Phi.append(phi)
         Gdot.append(dphi)
-        prev = phi
+        prev = net.preactivation_kernel(phi)
     G, upper = [], jnp.ones_like(Kx)
     for dphi in reversed(Gdot):
-        upper = upper * dphi
+        upper = net.sw2 * upper * dphi
         G.insert(0, upper)
     Phi, G = jnp.stack(Phi), jnp.stack(G)
-    return Phi, G, ntk_from_kernels(Kx, Phi[:, None], G[:, None])[0]
+    return Phi, G, ntk_from_kernels(net, Kx, Phi[:, None], G[:, None])[0]
 
 
 def gradient_flow_predictions(K, y, ts, eta0):

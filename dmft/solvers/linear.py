@@ -77,22 +77,33 @@ def _psi_increment(A, Q, Delta):
     return jnp.einsum("tmr,rs->tms", A, QD) + jnp.einsum("rtm,sr->tms", Q, AD)
 
 
-def _psi(Kx, A, Q, Delta):
-    """`Psi^l = Phi^l Dc^T`, l = 0..L-1 -> (L, T, Pa, T): `Psi^l[t, mu, s] = sum_nu Phi^l_{mu nu}(t, s) Delta_nu(s)`,
-    from the factors of every layer below (a cumulative sum: O(L T^3 Pa))."""
+def _psi(net, Kx, A, Q, Delta):
+    """`Psi~^l = Phi~^l Dc^T`, l = 0..L-1 -> (L, T, Pa, T): `Psi~^l[t, mu, s] = sum_nu Phi~^l_{mu nu}(t, s) Delta_nu(s)`
+    with `Phi~^l = sw2 (Phi~^{l-1} + U W + W^T U^T) + sb2`, from the factors of every layer below
+    (O(L T^3 Pa))."""
     L, T, Pa, _ = A.shape
-    psi0 = jnp.broadcast_to((Delta @ Kx).T, (1, T, Pa, T))
-    inc = jax.vmap(_psi_increment, in_axes=(0, 0, None))(A[:-1], Q[:-1], Delta)
-    return jnp.concatenate([psi0, psi0 + jnp.cumsum(inc, axis=0)])
+    psi = [jnp.broadcast_to((Delta @ net.preactivation_kernel(Kx)).T, (T, Pa, T))]
+    for l in range(L - 1):
+        psi.append(_next_psi(net, psi[-1] + _psi_increment(A[l], Q[l], Delta), Delta))
+    return jnp.stack(psi)
 
 
-def _equal_time_Phi(Kx, A, Q):
-    """`Phi^l(t, t)` for l = 1..L -> (L, T, Pa, Pa): cumulative sums of the factor products."""
+def _next_psi(net, psi, Delta):
+    """`Psi~^l` from `Psi^l = Phi^l Dc^T (..., T)`: `sw2 Psi^l + sb2 sum_nu Delta_nu(s)`."""
+    return net.sw2 * psi + net.sigma_b**2 * Delta.sum(1)
+
+
+def _equal_time_Phi(net, Kx, A, Q):
+    """`Phi^l(t, t) = Phi~^{l-1}(t, t) + (U W + W^T U^T)(t, t)` for l = 1..L -> (L, T, Pa, Pa)."""
     E = jnp.einsum("ktms,kstn->ktmn", A, Q)
-    return Kx + jnp.cumsum(E + jnp.swapaxes(E, -1, -2), axis=0)
+    Phi, prev = [], net.preactivation_kernel(Kx)
+    for l in range(A.shape[0]):
+        Phi.append(prev + E[l] + jnp.swapaxes(E[l], -1, -2))
+        prev = net.preactivation_kernel(Phi[-1])
+    return jnp.stack(Phi)
 
 
-def _full_Phi(Kx, A, Q):
+def _full_Phi(net, Kx, A, Q):
     """Two-time `Phi^l(t, s)` for l = 1..L -> (L, T, Pa, T, Pa) (materialised once, after the solve).
 
     One rank-2T product per layer, `[U, W^T] [W; U^T]`, accumulated in a scan whose outputs are
@@ -101,18 +112,18 @@ def _full_Phi(Kx, A, Q):
     """
     L, T, Pa, _ = A.shape
 
-    def layer(Phi, factors):
+    def layer(prev, factors):
         U, W = factors[0].reshape(T * Pa, T), factors[1].reshape(T, T * Pa)
-        Phi = Phi + jnp.concatenate([U, W.T], axis=1) @ jnp.concatenate([W, U.T], axis=0)
-        return Phi, Phi
+        Phi = prev + jnp.concatenate([U, W.T], axis=1) @ jnp.concatenate([W, U.T], axis=0)
+        return net.preactivation_kernel(Phi), Phi
 
-    _, Phi = jax.lax.scan(layer, jnp.tile(Kx, (T, T)), (A, Q))
+    _, Phi = jax.lax.scan(layer, jnp.tile(net.preactivation_kernel(Kx), (T, T)), (A, Q))
     return Phi.reshape(L, T, Pa, T, Pa)
 
 
-def _ntk(Kx, state):
+def _ntk(net, Kx, state):
     G_eq = jnp.diagonal(state.G, axis1=1, axis2=2)[..., None, None]  # (L, T, 1, 1)
-    return ntk_from_kernels(Kx, _equal_time_Phi(Kx, state.A, state.Q), G_eq)
+    return ntk_from_kernels(net, Kx, _equal_time_Phi(net, Kx, state.A, state.Q), G_eq)
 
 
 def _unit_lower_inverse(N):
@@ -160,15 +171,16 @@ def _Q_factor(g2, d, Psi_prev, G_next, Abar, Delta):
 
 def _sweep(problem, state, responses=True):
     """One Jacobi sweep: every layer from the previous iterate of its neighbours and the new Delta."""
-    Kx = problem.data.Kx
-    Delta = error_signal(problem, _ntk(Kx, state))
+    net, Kx = problem.net, problem.data.Kx
+    Delta = error_signal(problem, _ntk(net, Kx, state))
     c = problem.dt * problem.eta0 / problem.P
-    on = float(responses)  # gradient independence: Abar = Bbar = 0 in the fields
+    # `_layer` takes the neighbours as the sources see them: sw2 Abar, sw2 G, sw2 beta, Psi~ (THEORY 11).
+    on = float(responses) * net.sw2  # gradient independence: Abar = Bbar = 0 in the fields
     A_prev = on * jnp.concatenate([jnp.zeros_like(state.A[:1]), state.A[:-1]])
-    G_next = jnp.concatenate([state.G[1:], jnp.ones_like(state.G[:1])])
+    G_next = net.sw2 * jnp.concatenate([state.G[1:], jnp.ones_like(state.G[:1])])
     beta = on * jnp.concatenate([state.beta, jnp.zeros_like(state.G[:1])])
     layer = lambda *args: _layer(problem.gamma0**2, c, Delta, *args)
-    A, Q, G, beta = jax.vmap(layer)(A_prev, _psi(Kx, state.A, state.Q, Delta), G_next, beta)
+    A, Q, G, beta = jax.vmap(layer)(A_prev, _psi(net, Kx, state.A, state.Q, Delta), G_next, beta)
     return _State(A=A, Q=Q, G=G, beta=beta[1:])
 
 
@@ -183,10 +195,11 @@ def _march(problem, responses=True):
     Psi^l rows (s <= t) and Phi^l(t, t); then the Euler step gives Delta(t + 1). Cost O(L T^3 Pa) for
     the whole solve, no iteration. Returns the fixed point as the iteration's `_State`.
     """
-    Kx, y, P, L = problem.data.Kx, problem.data.y, problem.P, problem.depth
+    net, Kx, y, P, L = problem.net, problem.data.Kx, problem.data.y, problem.P, problem.depth
     T, Pa = problem.n_steps + 1, Kx.shape[0]
-    g2, c = problem.gamma0**2, problem.dt * problem.eta0 / problem.P
-    on = float(responses)
+    g2, c, sw2 = problem.gamma0**2, problem.dt * problem.eta0 / problem.P, net.sw2
+    Kt = net.preactivation_kernel(Kx)
+    on = float(responses) * sw2
     z = lambda *shape: jnp.zeros(shape, Kx.dtype)
     small = ("DC", "DCb", "d", "Mt", "b", "G", "Sigma")  # (L, T, T) each; rows < t are final
     carry = dict(f=z(Pa), Delta=z(T, Pa), **{name: z(L, T, T) for name in small})
@@ -198,7 +211,7 @@ def _march(problem, responses=True):
     def backward_rows(k, t, before):
         """Rows t of d^l, Mt^l, b^l and G^l, from the last layer down (d^l needs b^{l+1}, G^{l+1})."""
         for l in reversed(range(L)):
-            G_next = k["G"][l + 1] if l + 1 < L else ones
+            G_next = sw2 * (k["G"][l + 1] if l + 1 < L else ones)
             b_next = on * k["b"][l + 1, t] if l + 1 < L else 0.0
             d_row = b_next + c * before * G_next[t]
             d = k["d"][l].at[t].set(d_row)
@@ -213,8 +226,8 @@ def _march(problem, responses=True):
     def forward_rows(k, t, before, Dt):
         """Rows t of C^l, Abar^l, Psi^l (s <= t) and Phi^l(t, t), from the first layer up."""
         upto = jnp.arange(T) <= t
-        psi = (k["Delta"] @ Kx).T  # row t of Psi^0, (Pa, T)
-        Phi_eq, Abar = [Kx], []
+        psi = (k["Delta"] @ Kt).T  # row t of Psi~^0, (Pa, T)
+        Phi_eq, Abar, prev = [], [], Kt
         for l in range(L):
             C_row = (on * Abar[-1] if l else 0.0) + c * before * psi
             DC_row = Dt @ C_row
@@ -223,21 +236,23 @@ def _march(problem, responses=True):
             k["DCb"] = k["DCb"].at[l, t].set(DC_row @ k["b"][l])
             Abar.append(C_row @ k["Mt"][l])
             CG = C_row @ k["G"][l]
-            Phi_eq.append(Phi_eq[-1] + g2 * (psi @ Cb.T + Cb @ psi.T + CG @ C_row.T))
+            Phi_eq.append(prev + g2 * (psi @ Cb.T + Cb @ psi.T + CG @ C_row.T))
+            prev = net.preactivation_kernel(Phi_eq[-1])
             if l + 1 < L:
-                psi = upto * (psi + g2 * (psi @ k["DCb"][l].T + Cb @ k["Sigma"][l] + CG @ k["DC"][l].T))
+                psi = psi + g2 * (psi @ k["DCb"][l].T + Cb @ k["Sigma"][l] + CG @ k["DC"][l].T)
+                psi = upto * _next_psi(net, psi, k["Delta"])
                 k["Sigma"] = k["Sigma"].at[l + 1].set(set_sym(k["Sigma"][l + 1], t, Dt @ psi))
-        return k, jnp.stack(Phi_eq[1:]), jnp.stack(Abar)
+        return k, jnp.stack(Phi_eq), jnp.stack(Abar)
 
     def step(k, t):
         k = dict(k)
         Dt = jnp.zeros(Pa, Kx.dtype).at[:P].set(y - k["f"][:P])
         k["Delta"] = k["Delta"].at[t].set(Dt)
-        k["Sigma"] = k["Sigma"].at[0].set(set_sym(k["Sigma"][0], t, k["Delta"] @ Kx @ Dt))
+        k["Sigma"] = k["Sigma"].at[0].set(set_sym(k["Sigma"][0], t, k["Delta"] @ Kt @ Dt))
         before = jnp.arange(T) < t
         k, Phi_eq, Abar = forward_rows(backward_rows(k, t, before), t, before, Dt)
         G_eq = jnp.diagonal(k["G"], axis1=1, axis2=2)[:, t]
-        K = ntk_from_kernels(Kx, Phi_eq[:, None], G_eq[:, None, None, None])[0]
+        K = ntk_from_kernels(net, Kx, Phi_eq[:, None], G_eq[:, None, None, None])[0]
         k["f"] = k["f"] + c * K[:, :P] @ Dt[:P]  # Euler: f(t + 1)
         return k, Abar
 
@@ -247,16 +262,16 @@ def _march(problem, responses=True):
 
 def _factorise(problem, Abar, G, d, b, Delta):
     """The iteration's factored `_State` from the marched Abar, G, d, b: `Q^l` needs the full Psi^{l-1}."""
-    Kx, L = problem.data.Kx, problem.depth
+    net, Kx, L = problem.net, problem.data.Kx, problem.depth
     T, Pa = Delta.shape
     g2 = problem.gamma0**2
-    psi = jnp.broadcast_to((Delta @ Kx).T, (T, Pa, T))
+    psi = jnp.broadcast_to((Delta @ net.preactivation_kernel(Kx)).T, (T, Pa, T))
     Q = []
     for l in range(L):
-        G_next = G[l + 1] if l + 1 < L else jnp.ones((T, T), Kx.dtype)
+        G_next = net.sw2 * (G[l + 1] if l + 1 < L else jnp.ones((T, T), Kx.dtype))
         Q.append(_Q_factor(g2, d[l], psi, G_next, Abar[l], Delta)[0])
         if l + 1 < L:
-            psi = psi + _psi_increment(Abar[l], Q[l], Delta)
+            psi = _next_psi(net, psi + _psi_increment(Abar[l], Q[l], Delta), Delta)
     return _State(A=Abar, Q=jnp.stack(Q), G=G, beta=b[1:])
 
 
@@ -338,8 +353,8 @@ class LinearClosure(AbstractIterativeSolver):
         return _sweep(problem, state, self.responses)
 
     def postprocess(self, problem, state, key):
-        Kx = problem.data.Kx
-        K = _ntk(Kx, state)
+        net, Kx = problem.net, problem.data.Kx
+        K = _ntk(net, Kx, state)
         f = euler_predictions(K, problem.data.y, problem.dt, problem.eta0)
         Delta = error_signal(problem, K)
         L, T = state.G.shape[:2]
@@ -347,9 +362,9 @@ class LinearClosure(AbstractIterativeSolver):
         G_eq = jnp.diagonal(state.G, axis1=1, axis2=2)[..., None, None]
         return dict(
             **prediction_fields(problem, K, f),
-            Phi=_full_Phi(Kx, state.A, state.Q),
+            Phi=_full_Phi(net, Kx, state.A, state.Q),
             G=state.G[:, :, None, :, None],
-            Phi_eq=_equal_time_Phi(Kx, state.A, state.Q),
+            Phi_eq=_equal_time_Phi(net, Kx, state.A, state.Q),
             G_eq=jnp.broadcast_to(G_eq, (L, T, Pa, Pa)),
             A=state.A[:-1, ..., None] / Pa,
             B=state.beta[:, :, None, :, None] * Delta,

@@ -47,7 +47,7 @@ import jax.random as jr
 
 from .. import _mesh, costs
 from ..dynamics import equal_time, error_signal, euler_predictions, ntk_from_kernels, prediction_fields
-from ..single_site import fields, memory, two_layer_fields
+from ..single_site import fields, layer_memory, two_layer_fields
 from ..solve import AbstractIterativeSolver, damped
 from . import _responses, _sampling
 from .lazy import lazy_kernels
@@ -352,7 +352,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         """Prediction fields and kernels of one set of order parameters (a replica's or the answer)."""
         depth1 = problem.depth == 1
         Phi_eq, G_eq = (s.Phi, s.G) if depth1 else (equal_time(s.Phi), equal_time(s.G))
-        K = ntk_from_kernels(problem.data.Kx, Phi_eq, G_eq)
+        K = ntk_from_kernels(problem.net, problem.data.Kx, Phi_eq, G_eq)
         f = euler_predictions(K, problem.data.y, problem.dt, problem.eta0)
         two_time = {} if depth1 else dict(Phi=s.Phi, G=s.G, A=s.A, B=s.B)
         return prediction_fields(problem, K, f), dict(Phi_eq=Phi_eq, G_eq=G_eq, **two_time)
@@ -365,7 +365,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             return None
         Phi0, G0 = lazy_kernels(problem)[:2]
         T = 1 if problem.depth == 1 else problem.n_steps + 1
-        axes_u = _sampling.sobol_axes(problem.data.Kx, 1) if l == 0 else _sampling.sobol_axes(Phi0[l - 1], T)
+        Su = problem.net.preactivation_kernel(problem.data.Kx if l == 0 else Phi0[l - 1])
+        axes_u = _sampling.sobol_axes(Su, 1 if l == 0 else T)
         return axes_u, None if l == problem.depth - 1 else _sampling.sobol_axes(G0[l + 1], T)
 
     def _map(self, problem, state, keys, mesh, beta):
@@ -383,8 +384,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         L, Kx = problem.depth, problem.data.Kx
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
-        Delta = error_signal(problem, ntk_from_kernels(Kx, equal_time(state.Phi), equal_time(state.G)))
-        cols = Delta[None, None]
+        Delta = error_signal(problem, ntk_from_kernels(problem.net, Kx, equal_time(state.Phi), equal_time(state.G)))
         ctrl = self._control(problem)
         Phi_new, G_new, A_new, B_new = [], [], [], []
         means, variances = [], []
@@ -396,13 +396,14 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 Phi_prev = damped(state.Phi[l - 1], Phi_new[-1], beta)
                 A_prev = damped(state.A[l - 1], A_new[-1], beta)
             G_next = jnp.ones((T, Pa, T, Pa), Kx.dtype) if last else state.G[l + 1]
-            C = memory(A_prev, Phi_prev * cols, c)
-            D = memory(0.0 if last else state.B[l], G_next * cols, c)
+            B = 0.0 if last else state.B[l]
+            Su, Sr, C, D = layer_memory(problem.net, Phi_prev, A_prev, G_next, B, Delta, c)
             # The covariances the sources really have (negative eigenvalues clipped); u of layer 1 is
             # constant in time, r of layer L one scalar.
-            M_u, V_u = _sampling.factor(Kx if first else Phi_prev.reshape(T * Pa, T * Pa))
-            M_r, V_r = (None, None) if last else _sampling.factor(G_next.reshape(T * Pa, T * Pa))
-            Su, Sr = M_u @ M_u, 1.0 if last else M_r @ M_r  # covariances the sources really have
+            M_u, V_u = _sampling.factor(Su[0, :, 0, :] if first else Su.reshape(T * Pa, T * Pa))
+            sw = problem.net.sigma_w
+            M_r, V_r = (sw, None) if last else _sampling.factor(Sr.reshape(T * Pa, T * Pa))
+            Su, Sr = M_u @ M_u, sw**2 if last else M_r @ M_r
             layer_keys = jax.vmap(jr.fold_in, in_axes=(0, None))(keys, l)
             m, var = self._moments(problem, layer_keys, (M_u, M_r), axes[l], C, D, first, last, mesh)
             if ctrl is not None:  # the exact means of the control variates subtracted in `_moments`
@@ -489,15 +490,17 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         Kx, act, gamma0 = problem.data.Kx, problem.activation, problem.gamma0
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
-        Delta = error_signal(problem, ntk_from_kernels(Kx, state.Phi, state.G))
-        M_u = _sampling.factor(Kx)[0]
+        net = problem.net
+        Delta = error_signal(problem, ntk_from_kernels(net, Kx, state.Phi, state.G))
+        Su = net.preactivation_kernel(Kx)
+        M_u = _sampling.factor(Su)[0]
         ctrl = self._control(problem)
 
         def one_chunk(acc, key_i):
             e_u, e_r = self._normals(*key_i, Pa, 1, axes[0], Kx.dtype)
-            u, r = e_u @ M_u.T, e_r[:, 0]
+            u, r = e_u @ M_u.T, net.sigma_w * e_r[:, 0]
             gram = lambda phi, g: (phi.T @ phi, g.T @ g)
-            Phi, G = two_layer_fields(act, gamma0, c, Kx, u, r, Delta, gram)
+            Phi, G = two_layer_fields(act, gamma0, c, Su, net.sw2, u, r, Delta, gram)
             if ctrl is not None:  # control variates (see `_moments`): the lazy fields, constant in time
                 Phi, G = Phi - _sampling.gram(ctrl.fn(u)), G - _sampling.gram(ctrl.dfn(u) * r[:, None])
             return {"Phi": acc["Phi"] + Phi, "G": acc["G"] + G}, None
@@ -506,7 +509,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         m, var = _over_replicas(keys, zeros, one_chunk, self._per_replica, self._chunk, mesh)
         if ctrl is not None:
             E_psi, E_chi = ctrl.kernels(M_u @ M_u)
-            m = {"Phi": m["Phi"] + E_psi, "G": m["G"] + E_chi}
+            m = {"Phi": m["Phi"] + E_psi, "G": m["G"] + E_chi * net.sw2}
         new = _State(m["Phi"][None], m["G"][None], state.A, state.B)
         return new, _floor([m], [var], keys.shape[0])
 

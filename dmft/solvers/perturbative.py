@@ -80,8 +80,9 @@ def _lazy_limit(problem):
     act, Kx = problem.activation, problem.data.Kx
     Phi0, G0, K0 = lazy_kernels(problem)
     T, Pa = problem.n_steps + 1, Kx.shape[0]
-    Su = jnp.concatenate([Kx[None], Phi0[:-1]])
-    Sr = jnp.concatenate([G0[1:], jnp.ones_like(Kx)[None]])
+    net = problem.net
+    Su = net.preactivation_kernel(jnp.concatenate([Kx[None], Phi0[:-1]]))
+    Sr = net.sw2 * jnp.concatenate([G0[1:], jnp.ones_like(Kx)[None]])
     d2 = _derivative(act.dfn)
     pairs = ((act.dfn, act.dfn), (d2, d2), (d2, act.fn), (_derivative(d2), act.dfn))
     M1, M2, Q, R3 = gauss_hermite_pairs(pairs, Su, getattr(act, "degree", 128))
@@ -90,12 +91,12 @@ def _lazy_limit(problem):
     # The Delta terms of C and D, c [s < t] S(mu, nu) Delta_nu(s), per layer.
     full = lambda S: jnp.broadcast_to(S[:, None, :] * Delta0[None, None], (T, Pa, T, Pa))
     delta_terms = jax.vmap(lambda S: memory(0.0, full(S), c))
-    C, D = _lazy_responses(delta_terms(Su), delta_terms(Sr), M1, M2, Q, R3, Sr)
+    C, D = _lazy_responses(delta_terms(Su), delta_terms(Sr), M1, M2, Q, R3, Sr, net.sw2)
     return _Lazy(Su, Sr, M1, M2, Q, R3, C, D)
 
 
-def _lazy_responses(C_delta, D_delta, M1, M2, Q, R3, Sr):
-    """The memory kernels `C^l = Abar^{l-1} + C_delta^l`, `D^l = Bbar^l + D_delta^l`, `(L, T, Pa, T, Pa)`,
+def _lazy_responses(C_delta, D_delta, M1, M2, Q, R3, Sr, sw2):
+    """The memory kernels `C^l = sw2 Abar^{l-1} + C_delta^l`, `D^l = sw2 Bbar^l + D_delta^l`, `(L, T, Pa, T, Pa)`,
     with the gamma0 -> 0 limits of the responses (moments `(L, Pa, Pa)`, broadcast over times):
 
     * `Abar^l(t, s) = gamma0^{-1} <d phi(h(t)) / d r(s)> -> M1 * C^l(t, s)`: at first order
@@ -112,14 +113,14 @@ def _lazy_responses(C_delta, D_delta, M1, M2, Q, R3, Sr):
     grid = lambda X: X[:, None, :]  # (Pa, Pa) -> (Pa, 1, Pa): broadcast over (T, Pa, T, Pa)
     C = [C_delta[0]]
     for l in range(1, L):
-        C.append(grid(M1[l - 1]) * C[l - 1] + C_delta[l])
+        C.append(sw2 * grid(M1[l - 1]) * C[l - 1] + C_delta[l])
     D = [D_delta[L - 1]]
     eye = jnp.einsum("ts,mn->tmsn", jnp.eye(T, dtype=C_delta.dtype), jnp.eye(Pa, dtype=C_delta.dtype))
     for m in range(L - 1, 0, -1):
         Cm, Dm = C[m], D[0]
         diag = jnp.einsum("tmsn,mn->tm", Cm, R3[m] * Sr[m]) + jnp.einsum("tmsn,mn->tm", Dm, Q[m])
         B = grid(M2[m] * Sr[m]) * Cm + grid(M1[m]) * Dm + diag[:, :, None, None] * eye
-        D.insert(0, B + D_delta[m - 1])
+        D.insert(0, sw2 * B + D_delta[m - 1])
     return jnp.stack(C), jnp.stack(D)
 
 
@@ -140,7 +141,8 @@ def _field_term(problem, lazy, key, l, solver):
 
     def one_chunk(key, i):
         e_u, e_r = solver._normals(key, i, Pa, 1 if last else Pa, axes, M_u.dtype)
-        u, r = static(e_u @ M_u.T), static(jnp.broadcast_to(e_r, e_u.shape) if last else e_r @ M_r.T)
+        r = problem.net.sigma_w * jnp.broadcast_to(e_r, e_u.shape) if last else e_r @ M_r.T
+        u, r = static(e_u @ M_u.T), static(r)
         x0, x1, x2 = _taylor2(lambda g: fields(act, g, u, r, lazy.C[l], lazy.D[l]), gamma0)
         second = lambda a0, a1, a2: a1.T @ a1 + a0.T @ a2 + a2.T @ a0  # gamma0^2 coefficient of a^T a
         return [second(a0, a1, a2) for a0, a1, a2 in zip(x0, x1, x2)]
@@ -163,7 +165,7 @@ def _source_shift(dS, F, M, two_time):
     return 0.5 * (d[..., :, None] * F + d[..., None, :] * F.T) + dS * M
 
 
-def _propagate(lazy, Phi_f, G_f, two_time):
+def _propagate(lazy, sw2, Phi_f, G_f, two_time):
     """Total O(gamma0^2) kernels from the per-layer field terms (lists over layers): the sources of
     layer l + 1 have covariance `Phi^l` and those of layer l - 1 `G^l`, which change at O(gamma0^2)
     too; to first order that adds `_source_shift` terms (forward for Phi, backward for G). Cross
@@ -173,14 +175,14 @@ def _propagate(lazy, Phi_f, G_f, two_time):
     grid = (lambda X: X[:, None, :]) if two_time else (lambda X: X)
     Phi = [Phi_f[0]]
     for l in range(1, L):
-        Phi.append(Phi_f[l] + _source_shift(Phi[l - 1], lazy.Q[l], lazy.M1[l], two_time))
+        Phi.append(Phi_f[l] + _source_shift(sw2 * Phi[l - 1], lazy.Q[l], lazy.M1[l], two_time))
     G = [None] * L
     for l in range(L - 1, -1, -1):
         G[l] = G_f[l]
         if l > 0:
-            G[l] = G[l] + grid(lazy.Sr[l]) * _source_shift(Phi[l - 1], lazy.R3[l], lazy.M2[l], two_time)
+            G[l] = G[l] + grid(lazy.Sr[l]) * _source_shift(sw2 * Phi[l - 1], lazy.R3[l], lazy.M2[l], two_time)
         if l < L - 1:
-            G[l] = G[l] + grid(lazy.M1[l]) * G[l + 1]
+            G[l] = G[l] + sw2 * grid(lazy.M1[l]) * G[l + 1]
     return Phi, G
 
 
@@ -288,7 +290,7 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
     @staticmethod
     def _fields(problem, Phi_eq, G_eq):
         """Prediction fields from equal-time kernels `(L, T, Pa, Pa)` (Euler predictions)."""
-        K = ntk_from_kernels(problem.data.Kx, Phi_eq, G_eq)
+        K = ntk_from_kernels(problem.net, problem.data.Kx, Phi_eq, G_eq)
         f = euler_predictions(K, problem.data.y, problem.dt, problem.eta0)
         return prediction_fields(problem, K, f), Phi_eq, G_eq
 
@@ -299,15 +301,17 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
         Kx, T = problem.data.Kx, problem.n_steps + 1
         Delta0 = error_signal(problem, jnp.broadcast_to(K0, (T, *K0.shape)))
         c = problem.dt * problem.eta0 / problem.P
-        M_u, V_u = factor(Kx)
-        r = jnp.tile(jnp.asarray(_R_NODES, Kx.dtype), self._chunk)
+        net = problem.net
+        Su = net.preactivation_kernel(Kx)
+        M_u, V_u = factor(Su)
+        r = net.sigma_w * jnp.tile(jnp.asarray(_R_NODES, Kx.dtype), self._chunk)
         w = jnp.tile(jnp.asarray(_R_WEIGHTS, Kx.dtype), self._chunk)
         weighted = lambda phi, g: ((w[:, None] * phi).T @ phi, (w[:, None] * g).T @ g)
 
         def one_chunk(k, i):
             e_u = self._normals(k, i, Kx.shape[0], 0, (V_u[:, ::-1], None), Kx.dtype)[0]
             u = jnp.repeat(e_u @ M_u.T, 3, axis=0)  # each u with the 3 nodes of r
-            F = lambda g: two_layer_fields(problem.activation, g, c, Kx, u, r, Delta0, weighted)
+            F = lambda g: two_layer_fields(problem.activation, g, c, Su, net.sw2, u, r, Delta0, weighted)
             return _half_second_derivative(F, problem.gamma0)
 
         Phi2, G2 = (x[:, None] / self._per_replica for x in self._replica_sums(key, one_chunk))
@@ -321,8 +325,9 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
         L, T, Pa = problem.depth, problem.n_steps + 1, Phi0.shape[-1]
         sums, eqs = zip(*(_field_term(problem, lazy, jr.fold_in(key, l), l, self) for l in range(L)))
         two_time = lambda x: x.reshape(T, Pa, T, Pa)
-        Phi_tt, G_tt = _propagate(lazy, [two_time(s[0]) for s in sums], [two_time(s[1]) for s in sums], True)
-        Phi_eq, G_eq = _propagate(lazy, [e[0] for e in eqs], [e[1] for e in eqs], False)
+        sw2 = problem.net.sw2
+        Phi_tt, G_tt = _propagate(lazy, sw2, [two_time(s[0]) for s in sums], [two_time(s[1]) for s in sums], True)
+        Phi_eq, G_eq = _propagate(lazy, sw2, [e[0] for e in eqs], [e[1] for e in eqs], False)
         tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, Pa, T, Pa))
         x0, x2 = (Phi0[:, None], G0[:, None]), (jnp.stack(Phi_eq, 1), jnp.stack(G_eq, 1))
         return x0, x2, ((tile(Phi0), tile(G0)), (jnp.stack(Phi_tt), jnp.stack(G_tt)))
