@@ -88,6 +88,7 @@ def test_every_solver_is_reachable_in_float32(tmp_path, solver):
             "solver.responses must be true or false",
         ),
         (TINY.replace("t_max = 2.0", "t_max = -1.0"), "t_max must be a finite scalar > 0"),
+        (TINY.replace('"relu"', '"relu"\nsigma_b = -0.5'), "sigma_b must be a finite scalar >= 0"),
         (
             TINY.replace('kind = "lazy"', 'kind = "monte_carlo"\nmemory = [1]'),
             "solver.memory must be a number or a string, got [1]",

@@ -27,6 +27,10 @@ every Psi^l costs two (T Pa x T) (T x T) products. No (T Pa) x (T Pa) matrix is 
 the iteration and the only solve is a T x T unit-triangular one: a sweep costs O(L T^3 Pa) flops and
 the state O(L T^2 Pa) memory. The two-time Phi^l, O(L (T Pa)^2), is materialised once, after the solve.
 
+Weight and bias variances (THEORY 11, `dmft.MLP(sigma_w, sigma_b)`) enter as the sources see them:
+`Phi^{l-1} -> Phi~^{l-1} = sw2 Phi^{l-1} + sb2` and `Abar, G^{l+1}, beta -> sw2 times themselves` in the
+formulas above, so `Phi^l = Phi~^{l-1} + Abar Q + Q^T Abar^T` and `Psi~^l = sw2 Psi^l + sb2 sum_nu Delta_nu`.
+
 (iii) Everything is strictly causal in time, so the fixed point itself is computed in ONE forward
 pass (`_march`: at each t a downward pass over layers for the backward rows, an upward pass for the
 forward rows, then the Euler step for Delta(t + 1)), the block forward substitution of the whole
@@ -142,8 +146,9 @@ def _unit_lower_inverse(N):
 
 
 def _layer(g2, c, Delta, A_prev, Psi_prev, G_next, beta):
-    """One layer of THEORY 6 from its neighbours: Abar^{l-1} `A_prev (T, Pa, T)`, `Psi^{l-1} (T, Pa, T)`,
-    G^{l+1} `(T, T)`, beta^l `(T, T)`. Returns Abar^l (T, Pa, T), Q^l (T, T, Pa), G^l (T, T), beta^{l-1} (T, T).
+    """One layer of THEORY 6 from its neighbours as its sources see them (THEORY 11): sw2 Abar^{l-1}
+    `A_prev (T, Pa, T)`, `Psi~^{l-1} (T, Pa, T)`, sw2 G^{l+1} `(T, T)`, sw2 beta^l `(T, T)`. Returns
+    Abar^l (T, Pa, T), Q^l (T, T, Pa), G^l (T, T), beta^{l-1} (T, T).
 
     `D^l = d (x) Delta` with `d = beta^l + c [s<t] G^{l+1}`: the backward field responds to a sample only
     through that sample's error signal, so D Phi^{l-1} = d Psi^{l-1 T} and every product is (T Pa) x T x T.

@@ -56,8 +56,8 @@ class _Lazy(eqx.Module):
     """What the O(gamma0^2) theory of a deep nonlinear network needs from the lazy limit, per layer
     l = 0..L-1 (layer l + 1 of THEORY), on the discrete grid of `MonteCarlo`:
 
-    * `Su`, `Sr (L, Pa, Pa)`: the static source covariances, `Phi^{l-1}` (Kx for layer 1) and
-      `G^{l+1}` (all ones for the last layer, whose r is one scalar);
+    * `Su`, `Sr (L, Pa, Pa)`: the static source covariances, `Phi~^{l-1} = sigma_w^2 Phi^{l-1} + sigma_b^2`
+      (Kx for layer 1) and `sigma_w^2 G^{l+1}` (all ones for the last layer, whose r is one scalar);
     * Gaussian moments under `u ~ N(0, Su)`, `(L, Pa, Pa)`, entry `(mu, nu)` = `<a(u_mu) b(u_nu)>`:
       `M1 = <phi' phi'>`, `M2 = <phi'' phi''>`, `Q = <phi'' phi>`, `R3 = <phi''' phi'>`;
     * `C`, `D (L, T, Pa, T, Pa)`: the memory kernels of the single site (`h = u + gamma0 C g`,
