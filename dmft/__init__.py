@@ -10,6 +10,7 @@ from . import activations as activations
 from . import costs as costs
 from . import datasets as datasets
 from . import io as io
+from . import losses as losses
 from . import networks as networks
 from .compare import Comparison as Comparison
 from .compare import compare as compare

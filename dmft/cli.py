@@ -22,7 +22,8 @@ SOLVERS = {"lazy": "Lazy", "linear": "LinearClosure", "perturbative": "Perturbat
 _DATA = {"kind": "sphere", "P": 16, "P_test": 4, "D": 20, "target": "teacher", "seed": 0}
 _CHOICES = {
     ("data", "kind"): ("sphere", "digits"),
-    ("data", "target"): ("teacher", "noise"),
+    ("data", "target"): ("teacher", "noise", "sign"),
+    ("problem", "loss"): ("mse", "logistic"),
     ("network", "activation"): ("linear", "relu", "tanh", "erf"),
     ("compare", "method"): ("gd", "flow"),
     ("solver", "kind"): tuple(SOLVERS),

@@ -32,14 +32,17 @@ def sphere(P: int, D: int, key, *, P_test: int = 0, target: str = "teacher") -> 
 
     `target="teacher"`: `y = beta . x / sqrt(D)` for a random teacher `beta ~ N(0, I_D)`;
     `target="noise"`: i.i.d. normal targets. Either way targets are standardised with the training
-    mean and standard deviation.
+    mean and standard deviation. `target="sign"`: labels `y = sign(beta . x)` = +-1 of the same
+    teacher, for `Problem(loss="logistic")`.
     """
-    if target not in ("teacher", "noise"):
-        raise ValueError(f"target must be 'teacher' or 'noise', got {target!r}")
+    if target not in ("teacher", "noise", "sign"):
+        raise ValueError(f"target must be 'teacher', 'noise' or 'sign', got {target!r}")
     if P < 1 or D < 1 or P_test < 0:
         raise ValueError(f"need P >= 1, D >= 1, P_test >= 0; got P={P}, D={D}, P_test={P_test}")
     kx, ky = jr.split(_key(key))
     X = _on_sphere(jr.normal(kx, (P + P_test, D)))
+    if target == "sign":
+        return _split(X, jnp.where(X @ jr.normal(ky, (D,)) >= 0, 1.0, -1.0), P, P_test)
     if target == "teacher":
         y = X @ jr.normal(ky, (D,)) / jnp.sqrt(D)
     else:

@@ -9,7 +9,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["equal_time", "ntk_from_kernels", "euler_predictions", "error_signal", "mse_loss", "prediction_fields"]
+__all__ = [
+    "equal_time",
+    "ntk_from_kernels",
+    "euler_predictions",
+    "error_signal",
+    "loss_fields",
+    "prediction_fields",
+]
 
 
 def equal_time(X):
@@ -31,17 +38,18 @@ def ntk_from_kernels(net, Kx, Phi_eq, G_eq):
     return K
 
 
-def euler_predictions(K, y, dt, eta0):
-    """Explicit Euler for `df/dt = (eta0/P) K(t) (y - f)` from `f(0) = 0` (THEORY section 4).
+def euler_predictions(problem, K):
+    """Explicit Euler for `df/dt = (eta0/P) K(t) Delta(t)`, `Delta = -dl/df` on the train points, from
+    `f(0) = 0` (THEORY section 4).
 
-    `K (n+1, Pa, P')` with `P' >= P = len(y)` train columns first; returns `f (n+1, Pa)`.
-    This is exactly what infinite-width discrete gradient descent with step `eta0 * dt` does.
+    `K (n+1, Pa, P')` with `P' >= P` train columns first; returns `f (n+1, Pa)`. This is exactly what
+    infinite-width discrete gradient descent with step `eta0 * dt` does.
     """
-    P = y.shape[0]
+    y, P, delta = problem.data.y, problem.P, problem.loss.delta
+    c = problem.dt * problem.eta0 / P
 
     def step(f, K_t):
-        f_next = f + dt * eta0 / P * K_t[:, :P] @ (y - f[:P])
-        return f_next, f
+        return f + c * K_t[:, :P] @ delta(f[:P], y), f
 
     f0 = jnp.zeros(K.shape[1], K.dtype)
     f_last, fs = jax.lax.scan(step, f0, K[:-1])
@@ -49,29 +57,30 @@ def euler_predictions(K, y, dt, eta0):
 
 
 def error_signal(problem, K):
-    """`Delta = y - f (n+1, Pa)` from the NTK `K (n+1, Pa, Pa)` by Euler predictions; zero on test columns."""
-    y, P = problem.data.y, problem.P
-    f = euler_predictions(K, y, problem.dt, problem.eta0)
-    return jnp.zeros_like(f).at[:, :P].set(y - f[:, :P])
+    """`Delta = -dl/df (n+1, Pa)` (`y - f` for the MSE) from the NTK `K (n+1, Pa, Pa)` by Euler
+    predictions; zero on test columns."""
+    P = problem.P
+    f = euler_predictions(problem, K)
+    return jnp.zeros_like(f).at[:, :P].set(problem.loss.delta(f[:, :P], problem.data.y))
 
 
-def mse_loss(f, y):
-    """`0.5 * mean_mu (f_mu - y_mu)^2` over the last axis."""
-    return 0.5 * jnp.mean((f - y) ** 2, axis=-1)
+def loss_fields(problem, f_all):
+    """`loss (n+1,)` (and `accuracy` for a classification loss), and on test points with targets
+    `loss_test`, `accuracy_test`, from the predictions `f_all (n+1, Pa)` over train then test points."""
+    data, P, loss = problem.data, problem.P, problem.loss
+    out = {"loss": loss.value(f_all[:, :P], data.y), "accuracy": loss.accuracy(f_all[:, :P], data.y)}
+    if data.y_test is not None:
+        f_test = f_all[:, P:]
+        out |= {"loss_test": loss.value(f_test, data.y_test), "accuracy_test": loss.accuracy(f_test, data.y_test)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def prediction_fields(problem, K, f_all):
-    """Solution fields `ts, f, loss, ntk` (+ test ones) from `K (n+1, Pa, Pa)` and `f_all (n+1, Pa)`."""
+    """Solution fields `ts, f, loss, ntk` (+ test ones, + accuracies) from `K (n+1, Pa, Pa)` and
+    `f_all (n+1, Pa)`."""
     data, P = problem.data, problem.P
-    fields = dict(
-        ts=problem.ts,
-        f=f_all[:, :P],
-        loss=mse_loss(f_all[:, :P], data.y),
-        ntk=K[:, :P, :P],
-    )
+    fields = dict(ts=problem.ts, f=f_all[:, :P], ntk=K[:, :P, :P], **loss_fields(problem, f_all))
     if data.X_test is not None:
         fields["f_test"] = f_all[:, P:]
         fields["ntk_test"] = K[:, P:, :P]
-        if data.y_test is not None:
-            fields["loss_test"] = mse_loss(f_all[:, P:], data.y_test)
     return fields

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .activations import AbstractActivation, get_activation
+from .losses import AbstractLoss, get_loss
 
 __all__ = ["Dataset", "MLP", "Problem"]
 
@@ -147,7 +148,7 @@ class MLP(eqx.Module):
 
 
 class Problem(eqx.Module):
-    """A DMFT problem: gradient flow on the MSE loss `0.5 mean (f - y)^2` from `f(0) = 0`.
+    """A DMFT problem: gradient flow on a loss (default the MSE `0.5 mean (f - y)^2`) from `f(0) = 0`.
 
     **Arguments:**
 
@@ -156,6 +157,8 @@ class Problem(eqx.Module):
     - `gamma0`: feature-learning strength (>= 0; 0 is the lazy limit). Traced, so it can be vmapped.
     - `t_max`, `n_steps`: the time grid `ts = linspace(0, t_max, n_steps + 1)`, `dt = t_max / n_steps`.
     - `eta0`: learning-rate prefactor (the rate is `eta0 * gamma0^2 * N`); traced.
+    - `loss`: `"mse"` (default) or `"logistic"` (labels +-1, `log(1 + exp(-y f))`), or a
+      `dmft.losses.AbstractLoss`; the solvers see it only through the error signal `Delta = -dl/df`.
     """
 
     data: Dataset
@@ -164,8 +167,9 @@ class Problem(eqx.Module):
     t_max: jax.Array = eqx.field(converter=jnp.asarray)
     n_steps: int = eqx.field(static=True)
     eta0: jax.Array = eqx.field(converter=jnp.asarray)
+    loss: AbstractLoss
 
-    def __init__(self, data, net, gamma0=1.0, t_max=10.0, n_steps=200, eta0=1.0):
+    def __init__(self, data, net, gamma0=1.0, t_max=10.0, n_steps=200, eta0=1.0, loss="mse"):
         if not isinstance(data, Dataset):
             raise ValueError(f"data must be a dmft.Dataset, got {type(data).__name__}")
         if not isinstance(net, MLP):
@@ -179,6 +183,10 @@ class Problem(eqx.Module):
         self.gamma0 = jnp.asarray(gamma0, dtype=float)
         self.t_max = jnp.asarray(t_max, dtype=float)
         self.eta0 = jnp.asarray(eta0, dtype=float)
+        self.loss = get_loss(loss)
+        for name, y in (("y", data.y), ("y_test", data.y_test)):
+            if y is not None and _concrete(y) is not None:
+                self.loss.check_targets(np.asarray(y), name)
 
     @property
     def depth(self) -> int:

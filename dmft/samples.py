@@ -118,7 +118,7 @@ def field_samples(
 @eqx.filter_jit
 def _draw(problem, sol, key, n_samples, sampling, time):
     P, Pa, T = problem.P, problem.data.Kx.shape[0], problem.n_steps + 1
-    Delta = jnp.zeros((T, Pa), sol.f.dtype).at[:, :P].set(problem.data.y - sol.f)
+    Delta = jnp.zeros((T, Pa), sol.f.dtype).at[:, :P].set(problem.loss.delta(sol.f, problem.data.y))
     layers = [
         _layer(problem, sol, l, Delta, jr.fold_in(key, l), n_samples, sampling, time) for l in range(problem.depth)
     ]

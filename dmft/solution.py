@@ -32,9 +32,11 @@ class Solution(eqx.Module):
     **Fields:**
 
     - `ts (n+1,)`: the time grid.
-    - `f (n+1, P)`, `loss (n+1,)`: train predictions and `0.5 * mean (f - y)^2`.
+    - `f (n+1, P)`, `loss (n+1,)`: train predictions and the mean loss (`0.5 * mean (f - y)^2` for the MSE).
     - `ntk (n+1, P, P)`: the NTK `K(t, t)` on train points.
     - `f_test (n+1, P_test)`, `ntk_test (n+1, P_test, P)`, `loss_test (n+1,)`: on test points, or None.
+    - `accuracy`, `accuracy_test (n+1,)`: fractions of correctly classified points for a
+      classification loss (`Problem(loss="logistic")`), or None.
     - `Phi_eq`, `G_eq (L, n+1, Pa, Pa)`: equal-time kernels `Phi^l(t, t)`, `G^l(t, t)`, l = 1..L.
     - `Phi`, `G (L, n+1, Pa, n+1, Pa)`: two-time kernels, or None for solvers that only track equal
       times (the lazy limit, where they are constant, and the two-layer fast path).
@@ -60,6 +62,8 @@ class Solution(eqx.Module):
     f_test: jax.Array | None = None
     loss_test: jax.Array | None = None
     ntk_test: jax.Array | None = None
+    accuracy: jax.Array | None = None
+    accuracy_test: jax.Array | None = None
     Phi: jax.Array | None = None
     G: jax.Array | None = None
     A: jax.Array | None = None

@@ -89,6 +89,8 @@ def test_every_solver_is_reachable_in_float32(tmp_path, solver):
         ),
         (TINY.replace("t_max = 2.0", "t_max = -1.0"), "t_max must be a finite scalar > 0"),
         (TINY.replace('"relu"', '"relu"\nsigma_b = -0.5'), "sigma_b must be a finite scalar >= 0"),
+        (TINY.replace("t_max = 2.0", 't_max = 2.0\nloss = "hinge"'), "problem.loss = 'hinge' is not allowed"),
+        (TINY.replace("t_max = 2.0", 't_max = 2.0\nloss = "logistic"'), "needs labels y = +1 or -1"),
         (
             TINY.replace('kind = "lazy"', 'kind = "monte_carlo"\nmemory = [1]'),
             "solver.memory must be a number or a string, got [1]",

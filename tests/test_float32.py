@@ -83,3 +83,17 @@ def test_cli_solve_without_x64_computes_in_float32(tmp_path):
     assert main(["solve", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert dmft.io.load(tmp_path / "out" / "solution.npz").loss.dtype == np.float32
     assert jax.config.jax_enable_x64  # the CLI scoped its precision: the caller's setting is intact
+
+
+def test_logistic_lazy_flow():
+    # The lazy limit of a classification loss is integrated by diffrax at a tolerance of 1% of the
+    # square root of the dtype's eps (3e-6 in float32), well inside the 1e-4 allowed here.
+    def solve():
+        X, y, X_test, y_test = (np.asarray(a) for a in _DATA)
+        data = dmft.Dataset(X, np.sign(y), X_test, np.sign(y_test))
+        problem = dmft.Problem(data, dmft.MLP(2, "tanh"), t_max=4.0, n_steps=20, loss="logistic")
+        return dmft.solve(problem, dmft.Lazy())
+
+    lo, hi = _both(solve)
+    _close(lo.loss, hi.loss, float(hi.loss[0]))
+    _close(lo.loss_test, hi.loss_test, float(hi.loss_test[0]))

@@ -3,8 +3,8 @@
 Parameters `(W0 (N, D), W (L-1, N, N), w (N,), b (L, N), b_out ())`, all N(0, 1) at t = 0;
 `h^1 = sigma_w W0 x / sqrt(D) + sigma_b b[0]`, `h^{l+1} = sigma_w W^l phi(h^l) / sqrt(N) + sigma_b b[l]`,
 `f = (sigma_w w . phi(h^L) / N + sigma_b b_out / sqrt(N)) / gamma0` (`dmft.MLP`).
-Training minimises `0.5 mean_mu (f_mu - y_mu)^2` over training points with the width-scaled rate
-`eta0 gamma0^2 N` for every tensor.
+Training minimises the problem's loss (`0.5 mean_mu (f_mu - y_mu)^2` by default) over training
+points with the width-scaled rate `eta0 gamma0^2 N` for every tensor.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import _mesh
 from .._keys import as_key
-from ..dynamics import mse_loss, ntk_from_kernels
+from ..dynamics import loss_fields, ntk_from_kernels
 
 __all__ = ["Run", "train", "ensemble", "init_params", "forward"]
 
@@ -29,7 +29,8 @@ class Run(eqx.Module):
     """Measurements of one finite network on the grid `ts`, with the field names of `dmft.Solution`.
 
     `f (n+1, P)`, `loss (n+1,)`, `ntk (n+1, P, P)`, `f_test (n+1, P_test)`, `ntk_test (n+1, P_test, P)`,
-    `loss_test (n+1,)` (None without test data), `Phi_eq`, `G_eq (L, n+1, Pa, Pa)`: the measured
+    `loss_test (n+1,)` (None without test data), `accuracy`, `accuracy_test (n+1,)` (classification
+    losses only), `Phi_eq`, `G_eq (L, n+1, Pa, Pa)`: the measured
     equal-time kernels `phi(h^l) . phi(h^l) / N` and `g^l . g^l / N` with `g^l = gamma0 N df/dh^l`
     (train then test points; finite networks record equal times only), `h_last (L, Pa, N)`: the
     preactivations at the final time. Under `jax.vmap` over keys every field gains a leading seed axis.
@@ -45,6 +46,8 @@ class Run(eqx.Module):
     f_test: jax.Array | None = None
     loss_test: jax.Array | None = None
     ntk_test: jax.Array | None = None
+    accuracy: jax.Array | None = None
+    accuracy_test: jax.Array | None = None
 
 
 def init_params(problem, width, key):
@@ -114,7 +117,7 @@ def _gd_update(problem, params, phis, gs, f):
     sw, sb = problem.net.sigma_w, problem.net.sigma_b
     P, X, N = problem.P, problem.data.X, W0.shape[0]
     c = problem.eta0 * problem.dt * problem.gamma0 / P
-    Delta = problem.data.y - f[:P]
+    Delta = problem.loss.delta(f[:P], problem.data.y)
     train = lambda x: x[:P] * Delta[:, None]
     w = w + c * sw * Delta @ phis[-1][:P]
     if W.shape[0]:
@@ -128,7 +131,7 @@ def _gd_update(problem, params, phis, gs, f):
 def _loss(problem, f0_train):
     def loss(params):
         f = forward(problem, params, problem.data.X) - f0_train
-        return mse_loss(f, problem.data.y)
+        return problem.loss.value(f, problem.data.y)
 
     return loss
 
@@ -216,16 +219,14 @@ def train(
     run = dict(
         ts=problem.ts,
         f=f[:, :P],
-        loss=mse_loss(f[:, :P], data.y),
         ntk=K[:, :P, :P],
         Phi_eq=jnp.moveaxis(Phi, 0, 1),
         G_eq=jnp.moveaxis(G, 0, 1),
         h_last=h_last,
+        **loss_fields(problem, f),
     )
     if data.X_test is not None:
         run.update(f_test=f[:, P:], ntk_test=K[:, P:, :P])
-        if data.y_test is not None:
-            run["loss_test"] = mse_loss(f[:, P:], data.y_test)
     return Run(**run)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import diffrax
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 
 from ..dynamics import euler_predictions, ntk_from_kernels, prediction_fields
+from ..losses import MSE
 from ..solve import AbstractSolver
 
 __all__ = ["Lazy", "lazy_kernels", "gradient_flow_predictions"]
@@ -54,10 +57,32 @@ def gradient_flow_predictions(K, y, ts, eta0):
     return jnp.concatenate([f_train, f_test], axis=1)
 
 
+def _static_flow(problem, K):
+    """Gradient flow `df/dt = (eta0/P) K Delta(f)` with a static NTK `K (Pa, Pa)` for any loss:
+    diffrax `Tsit5` with a tolerance near the dtype's precision, saved at `problem.ts` -> `(n+1, Pa)`."""
+    y, P = problem.data.y, problem.P
+    rate = problem.eta0 / P
+    field = lambda t, f, args: rate * K[:, :P] @ problem.loss.delta(f[:P], y)
+    tol = 0.01 * float(np.sqrt(np.finfo(K.dtype).eps))
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        diffrax.Tsit5(),
+        0.0,
+        problem.t_max,
+        problem.dt,
+        jnp.zeros(K.shape[0], K.dtype),
+        saveat=diffrax.SaveAt(ts=problem.ts),
+        stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+        max_steps=65536,
+    )
+    return sol.ys
+
+
 class Lazy(AbstractSolver):
     """The static-NTK (lazy) limit gamma0 -> 0 of THEORY section 8, for any depth and activation.
 
-    `discrete=False` (default) integrates gradient flow exactly; `discrete=True` takes the explicit
+    `discrete=False` (default) integrates gradient flow exactly (in closed form for the MSE, by
+    diffrax for other losses, whose flow is nonlinear in f); `discrete=True` takes the explicit
     Euler steps of the discrete DMFT (THEORY section 4), i.e. the gamma0 -> 0 limit of the iterative
     solvers on the same grid, so that their deviation from it is purely O(gamma0^2).
     `problem.gamma0` is ignored, so this is also the static-NTK approximation of the literature
@@ -71,11 +96,13 @@ class Lazy(AbstractSolver):
 
     def postprocess(self, problem, state, key):
         Phi, G, K = state
-        n1, y = problem.n_steps + 1, problem.data.y
+        n1 = problem.n_steps + 1
         K_t = jnp.broadcast_to(K, (n1, *K.shape))
         if self.discrete:
-            f_all = euler_predictions(K_t, y, problem.dt, problem.eta0)
+            f_all = euler_predictions(problem, K_t)
+        elif isinstance(problem.loss, MSE):
+            f_all = gradient_flow_predictions(K, problem.data.y, problem.ts, problem.eta0)
         else:
-            f_all = gradient_flow_predictions(K, y, problem.ts, problem.eta0)
+            f_all = _static_flow(problem, K)
         tile = lambda X: jnp.broadcast_to(X[:, None], (X.shape[0], n1, *X.shape[1:]))
         return dict(**prediction_fields(problem, K_t, f_all), Phi_eq=tile(Phi), G_eq=tile(G))

@@ -251,7 +251,7 @@ def _march(problem, responses=True):
 
     def step(k, t):
         k = dict(k)
-        Dt = jnp.zeros(Pa, Kx.dtype).at[:P].set(y - k["f"][:P])
+        Dt = jnp.zeros(Pa, Kx.dtype).at[:P].set(problem.loss.delta(k["f"][:P], y))
         k["Delta"] = k["Delta"].at[t].set(Dt)
         k["Sigma"] = k["Sigma"].at[0].set(set_sym(k["Sigma"][0], t, k["Delta"] @ Kt @ Dt))
         before = jnp.arange(T) < t
@@ -360,7 +360,7 @@ class LinearClosure(AbstractIterativeSolver):
     def postprocess(self, problem, state, key):
         net, Kx = problem.net, problem.data.Kx
         K = _ntk(net, Kx, state)
-        f = euler_predictions(K, problem.data.y, problem.dt, problem.eta0)
+        f = euler_predictions(problem, K)
         Delta = error_signal(problem, K)
         L, T = state.G.shape[:2]
         Pa = Kx.shape[0]

@@ -353,7 +353,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         depth1 = problem.depth == 1
         Phi_eq, G_eq = (s.Phi, s.G) if depth1 else (equal_time(s.Phi), equal_time(s.G))
         K = ntk_from_kernels(problem.net, problem.data.Kx, Phi_eq, G_eq)
-        f = euler_predictions(K, problem.data.y, problem.dt, problem.eta0)
+        f = euler_predictions(problem, K)
         two_time = {} if depth1 else dict(Phi=s.Phi, G=s.G, A=s.A, B=s.B)
         return prediction_fields(problem, K, f), dict(Phi_eq=Phi_eq, G_eq=G_eq, **two_time)
 

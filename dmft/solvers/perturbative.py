@@ -291,7 +291,7 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
     def _fields(problem, Phi_eq, G_eq):
         """Prediction fields from equal-time kernels `(L, T, Pa, Pa)` (Euler predictions)."""
         K = ntk_from_kernels(problem.net, problem.data.Kx, Phi_eq, G_eq)
-        f = euler_predictions(K, problem.data.y, problem.dt, problem.eta0)
+        f = euler_predictions(problem, K)
         return prediction_fields(problem, K, f), Phi_eq, G_eq
 
     def _two_layer(self, problem, key):
