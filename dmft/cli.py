@@ -19,7 +19,7 @@ import time
 import tomllib
 
 SOLVERS = {"lazy": "Lazy", "linear": "LinearClosure", "perturbative": "Perturbative", "monte_carlo": "MonteCarlo"}
-_DATA = {"kind": "sphere", "P": 16, "P_test": 4, "D": 20, "target": "teacher", "seed": 0}
+_DATA = {"kind": "sphere", "P": 16, "P_test": 4, "D": 20, "target": "teacher", "classes": [0, 1], "seed": 0}
 _CHOICES = {
     ("data", "kind"): ("sphere", "digits"),
     ("data", "target"): ("teacher", "noise", "sign"),
@@ -36,6 +36,16 @@ _DEMO = {
     "compare": {"widths": [256, 1024, 4096], "seeds": 4},
 }
 _QUICK = {"problem": {"n_steps": 20}, "solver": {"n_samples": 4096}, "compare": {"widths": [128, 512], "seeds": 2}}
+# `dmft demo --task digits`: binary classification of two digits (3 vs 5) by a two-layer tanh network
+# trained on the logistic loss; test loss and accuracy against networks of growing width.
+_DIGITS = {
+    "data": {"kind": "digits", "P": 64, "P_test": 128, "classes": [3, 5]},
+    "network": {"depth": 1, "activation": "tanh"},
+    "problem": {"gamma0": 1.0, "t_max": 20.0, "n_steps": 80, "loss": "logistic"},
+    "solver": {"kind": "monte_carlo", "n_samples": 4096},
+    "compare": {"widths": [256, 1024, 4096], "seeds": 8},
+}
+_DIGITS_QUICK = {"data": {"P_test": 32}, "problem": {"n_steps": 20}, "compare": {"widths": [128, 512], "seeds": 2}}
 
 
 class ConfigError(ValueError):
@@ -114,6 +124,10 @@ def _toml(v):
 
 
 def _check(section, key, value, default, annotation=None):
+    if (section, key) == ("data", "classes"):
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(c, int) for c in value)):
+            raise ConfigError(f"data.classes must be a list of two digits, got {value!r}")
+        return
     choices = _CHOICES.get((section, key))
     if choices is not None:
         if value not in choices:
@@ -185,7 +199,7 @@ def build(config: dict):
     if d["kind"] == "sphere":
         data = dmft.datasets.sphere(d["P"], d["D"], d["seed"], P_test=d["P_test"], target=d["target"])
     else:
-        data = dmft.datasets.digits(d["P"], d["seed"], P_test=d["P_test"])
+        data = dmft.datasets.digits(d["P"], d["seed"], P_test=d["P_test"], classes=tuple(d["classes"]))
     problem = dmft.Problem(data, dmft.MLP(**_section(config, "network")), **_section(config, "problem"))
     options = dict(config["solver"])
     kind, seed = options.pop("kind"), options.pop("seed", 0)
@@ -247,7 +261,18 @@ def _comparison_report(comp, runtime):
         "largest_width_loss_error_over_initial_loss": err[-1],
         "fitted_exponent_error_vs_width": float(comp.exponent),
         "runtime_seconds": round(runtime, 1),
-    }
+    } | _accuracy_report(comp)
+
+
+def _accuracy_report(comp):
+    """Final test (or train) accuracies of the DMFT, the lazy limit and each width's seed mean, for a
+    classification loss; empty otherwise."""
+    field = "accuracy_test" if comp.dmft.accuracy_test is not None else "accuracy"
+    if getattr(comp.dmft, field) is None:
+        return {}
+    final = lambda x: float(getattr(x, field)[-1])
+    networks = {str(N): float(getattr(r, field)[:, -1].mean()) for N, r in zip(comp.widths, comp.runs)}
+    return {f"final_{field}": {"dmft": final(comp.dmft), "lazy": final(comp.lazy), "networks": networks}}
 
 
 def _dmft_samples(problem, comp, seed, out):
@@ -272,7 +297,10 @@ def _figure(comp, y, out, samples=None):
     matplotlib.use("Agg")
     from . import plotting
 
-    fig = plotting.comparison_figure(comp, y, samples)
+    if comp.dmft.accuracy is not None:
+        fig = plotting.classification_figure(comp)
+    else:
+        fig = plotting.comparison_figure(comp, y, samples)
     for ext in ("png", "pdf"):
         _atomic(os.path.join(out, f"comparison.{ext}"), lambda tmp: fig.savefig(tmp, dpi=150))
 
@@ -296,10 +324,12 @@ def run_compare(config, out, progress=True):
     return comp, report
 
 
-def demo_config(quick=False) -> dict:
-    """The embedded default problem of `dmft demo` (a complete, validated config)."""
-    config = {k: dict(v) for k, v in _DEMO.items()}
-    for k, v in (_QUICK if quick else {}).items():
+def demo_config(quick=False, task="regression") -> dict:
+    """The embedded default problem of `dmft demo` (a complete, validated config): `task="regression"`
+    (the default) or `"digits"` (classification of two digits with the logistic loss)."""
+    base, smaller = (_DEMO, _QUICK) if task == "regression" else (_DIGITS, _DIGITS_QUICK)
+    config = {k: dict(v) for k, v in base.items()}
+    for k, v in (smaller if quick else {}).items():
         config[k].update(v)
     return validate_config(config)
 
@@ -317,6 +347,12 @@ def _parser():
     debug_help = "on an error, show the full Python traceback"
     demo = sub.add_parser("demo", help="DMFT vs lazy vs finite widths on the embedded default problem (float64)")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (about 30 s)")
+    demo.add_argument(
+        "--task",
+        choices=("regression", "digits"),
+        default="regression",
+        help="regression on the sphere (default) or classification of two scikit-learn digits (logistic loss)",
+    )
     demo.add_argument("--out", default="dmft_out")
     for name, helptext in (
         ("solve", "solve a configured problem"),
@@ -363,7 +399,7 @@ def _run(args):
 def _compute(args):
     if args.command == "demo":
         out = _out_dir(args.out)
-        _, report = run_compare(demo_config(args.quick), out, progress=not args.quiet)
+        _, report = run_compare(demo_config(args.quick, args.task), out, progress=not args.quiet)
         print(json.dumps(report, indent=2))
         print(f"wrote {out}/comparison.png, comparison.pdf, report.json, comparison.npz, samples.npz")
         return 0

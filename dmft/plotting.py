@@ -17,6 +17,8 @@ __all__ = [
     "two_time_trace",
     "preactivation_histogram",
     "comparison_figure",
+    "classification_figure",
+    "accuracy_curves",
     "target_alignment",
 ]
 
@@ -48,18 +50,29 @@ def _width_colour(i):
     return PALETTE[1 + i % (len(PALETTE) - 1)]
 
 
-def loss_curves(comparison, ax=None):
-    """Train loss: DMFT (black), lazy limit (dashed), each width's seed mean +- 1 standard error."""
+def loss_curves(comparison, ax=None, field="loss", ylabel=r"loss $\frac{1}{2}\,\mathrm{mean}(f-y)^2$", log=True):
+    """`field` over time (train loss by default; `"loss_test"`, `"accuracy_test"`, ...): DMFT (black),
+    lazy limit (dashed), each width's seed mean +- 1 standard error."""
     fig, ax = _axes(ax)
     ts = np.asarray(comparison.dmft.ts)
     for i, (N, run) in enumerate(zip(comparison.widths, comparison.runs)):
-        mean, se = np.asarray(run.loss).mean(0), np.asarray(comparison.loss_se[i])
+        values = np.asarray(getattr(run, field))
+        mean, se = values.mean(0), values.std(0, ddof=1) / np.sqrt(len(values))
         ax.fill_between(ts, mean - se, mean + se, color=_width_colour(i), alpha=0.3, lw=0)
         ax.plot(ts, mean, color=_width_colour(i), lw=1.2, label=f"N = {N}")
-    ax.plot(ts, np.asarray(comparison.dmft.loss), color=PALETTE[0], lw=2, label="DMFT")
-    ax.plot(ts, np.asarray(comparison.lazy.loss), color=PALETTE[0], lw=1.2, ls="--", label="lazy (NTK)")
-    ax.set(xlabel="time t", ylabel=r"loss $\frac{1}{2}\,\mathrm{mean}(f-y)^2$", yscale="log")
+    ax.plot(ts, np.asarray(getattr(comparison.dmft, field)), color=PALETTE[0], lw=2, label="DMFT")
+    ax.plot(ts, np.asarray(getattr(comparison.lazy, field)), color=PALETTE[0], lw=1.2, ls="--", label="lazy (NTK)")
+    ax.set(xlabel="time t", ylabel=ylabel, yscale="log" if log else "linear")
     ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def accuracy_curves(comparison, ax=None, test=True):
+    """Test (or train) accuracy over time of a classification comparison, as `loss_curves`."""
+    field = "accuracy_test" if test else "accuracy"
+    fig = loss_curves(comparison, ax, field, ("test" if test else "train") + " accuracy", log=False)
+    ax = ax or fig.axes[0]
+    ax.set_ylim(max(0.0, float(np.min(np.asarray(getattr(comparison.dmft, field))[1:])) - 0.1), 1.005)
     return fig
 
 
@@ -172,4 +185,20 @@ def comparison_figure(comparison, y, samples=None):
     for ax, letter in zip([*axes[:, :2].flat, *axes[:, 2:].flat], "abcdef"):
         ax.set_title(f"({letter})", loc="left", fontsize=10)
     axes[1, 1].set_title(f"final $\\Phi^L$ (sorted by y): DMFT | N = {comparison.widths[-1]}", fontsize=9)
+    return fig
+
+
+def classification_figure(comparison):
+    """For a classification loss: train loss, test loss, test accuracy and the loss error vs width,
+    DMFT against the lazy limit and the networks (test panels need test points with targets)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 7), layout="constrained")
+    test = comparison.dmft.loss_test is not None
+    loss_curves(comparison, axes[0, 0], "loss", "train loss")
+    loss_curves(comparison, axes[0, 1], "loss_test" if test else "loss", ("test" if test else "train") + " loss")
+    accuracy_curves(comparison, axes[1, 0], test=test)
+    error_vs_width(comparison, axes[1, 1])
+    for ax, letter in zip(axes.flat, "abcd"):
+        ax.set_title(f"({letter})", loc="left", fontsize=10)
     return fig

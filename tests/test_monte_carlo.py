@@ -251,6 +251,8 @@ def test_sobol_dimension_limit():
     problem = dmft.Problem(dmft.datasets.sphere(30, 4, 0), dmft.MLP(2, "tanh"), n_steps=400)
     with pytest.raises(ValueError, match='use sampling="plain"'):
         dmft.MonteCarlo().validate(problem)
+    # Depth 1 draws only the points' u and one r per sample, whatever the number of steps.
+    dmft.MonteCarlo().validate(dmft.Problem(dmft.datasets.sphere(30, 4, 0), dmft.MLP(1, "tanh"), n_steps=400))
 
 
 def test_needs_a_key():

@@ -215,6 +215,8 @@ def train(
         f, K, Phi, G = (jnp.concatenate([a, b[None]]) for a, b in zip((f, K, Phi, G), last))
         h_last = jnp.stack(_preactivations(problem, final, problem.data.X_all))
 
+    if center:  # exactly 0 at t = 0 (the two evaluations of f_0 differ by round-off, which flips signs)
+        f = f.at[0].set(0.0)
     P, data = problem.P, problem.data
     run = dict(
         ts=problem.ts,

@@ -208,10 +208,13 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                     f'sampling="sobol" needs n_samples / n_replicas a power of 2 (a whole Sobol net per '
                     f"replica), got {S} / {R} = {self._per_replica}"
                 )
-            if 2 * n > _sampling.SOBOL_MAX_DIM:
+            # Coordinates per sample: u and r over (time, point) pairs; depth 1 draws u over the points
+            # only and one scalar r (THEORY 7).
+            dim = problem.data.Kx.shape[0] + 1 if problem.depth == 1 else 2 * n
+            if dim > _sampling.SOBOL_MAX_DIM:
                 raise ValueError(
-                    f'sampling="sobol" supports (n_steps + 1) * points <= {_sampling.SOBOL_MAX_DIM // 2} '
-                    f'(scipy\'s Sobol dimensions), got {n}: use sampling="plain"'
+                    f'sampling="sobol" needs {dim} coordinates per sample here, more than scipy\'s Sobol '
+                    f'limit of {_sampling.SOBOL_MAX_DIM}: use sampling="plain", fewer steps or fewer points'
                 )
         if self.sampling == "antithetic" and self._chunk % 2:
             raise ValueError(f'sampling="antithetic" needs an even chunk_size (pairs), got {self._chunk}')
