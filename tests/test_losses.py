@@ -31,8 +31,8 @@ def test_static_flow_is_the_closed_form_for_the_mse_and_euler_converges_to_it():
     np.testing.assert_allclose(_static_flow(problem, K), exact, atol=1e-8)
     # Logistic: Euler steps (Lazy(discrete=True)) converge to the flow at first order in dt, so
     # doubling the steps halves the error (ratio 2 up to the O(dt^2) term: within 0.2 at these dt).
-    flow = lambda n: dmft.solve(_problem(act="relu", n_steps=n), dmft.Lazy())
-    euler = lambda n: dmft.solve(_problem(act="relu", n_steps=n), dmft.Lazy(discrete=True))
+    flow = lambda n: dmft.solve(_problem(L=1, act="relu", n_steps=n), dmft.Lazy())
+    euler = lambda n: dmft.solve(_problem(L=1, act="relu", n_steps=n), dmft.Lazy(discrete=True))
     errs = [float(np.max(np.abs(euler(n).loss - flow(n).loss))) for n in (20, 40, 80)]
     print("Euler vs flow, logistic:", errs)
     assert abs(errs[0] / errs[1] - 2) < 0.2 and abs(errs[1] / errs[2] - 2) < 0.2

@@ -88,7 +88,7 @@ def test_sphere_dataset():
     np.testing.assert_allclose([np.mean(data.y), np.std(data.y)], [0.0, 1.0], atol=1e-12)
     noise = dmft.datasets.sphere(10, 7, 1, target="noise")
     assert noise.X_test is None
-    with pytest.raises(ValueError, match="target must be 'teacher' or 'noise'"):
+    with pytest.raises(ValueError, match="target must be 'teacher', 'noise' or 'sign'"):
         dmft.datasets.sphere(10, 7, 0, target="labels")
 
 
