@@ -1,7 +1,7 @@
 """Pieces every solver shares: NTK from kernels, prediction dynamics, train/test outputs.
 
 Conventions (THEORY sections 2-4): kernels are over all points, train then test (`Pa = P + P_test`);
-the error signal `Delta = y - f` lives on train points only; `df/dt = (eta0 / P) K Delta`.
+the error signal `Delta = -dl/df` (`y - f` for the MSE) lives on train points only; `df/dt = (eta0 / P) K Delta`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ the converged order parameters of a `Solution`, one causal pass of the discrete 
     h^l = u^l + gamma0 C^l g^l,      z^l = r^l + gamma0 D^l phi(h^l),      g^l = phi'(h^l) z^l,
     C^l = Abar^{l-1} + dt (eta0/P) [s<t] Phi^{l-1} Delta,   D^l = Bbar^l + dt (eta0/P) [s<t] G^{l+1} Delta,
 
-with `u^l ~ N(0, Phi^{l-1})`, `r^l ~ N(0, G^{l+1})` and `Delta = y - f` draws them exactly as
+with `u^l ~ N(0, Phi^{l-1})`, `r^l ~ N(0, G^{l+1})` and `Delta = -dl/df` (the variances of `dmft.MLP`
+enter as in THEORY 11, `single_site.layer_memory`) draws them exactly as
 `dmft.MonteCarlo` does inside its iteration (it reuses that solver's causal pass). Depth 1 needs only
 `Delta` (`A^0 = B^1 = 0`, `Phi^0 = Kx`, `G^2 = 1`); deeper networks need the two-time kernels and the
 responses of the solution.
@@ -98,7 +99,7 @@ def field_samples(
     index `time` (of `sol.ts`), at the order parameters of `sol` (see the module docstring).
 
     `problem` must be the one `sol` solves. Depth 1: any Solution (only `sol.f` is used, through
-    `Delta = y - f`). Depth >= 2: `sol` needs `Phi`, `G` `(L, n+1, Pa, n+1, Pa)` and `A`, `B`
+    `Delta = -dl/df`). Depth >= 2: `sol` needs `Phi`, `G` `(L, n+1, Pa, n+1, Pa)` and `A`, `B`
     `(L-1, n+1, Pa, n+1, Pa)` (size-1 sample axes broadcast, as `LinearClosure` stores them).
     Returns a `FieldSamples` with `(L, n_samples, Pa)` arrays; the sample covariance of
     `phi(h^l)` converges to `sol.Phi_eq[l-1, time]` as `n_samples` grows. Memory O(S (n+1) Pa).

@@ -37,7 +37,7 @@ def lazy_kernels(problem):
 
 
 def gradient_flow_predictions(K, y, ts, eta0):
-    """Exact gradient flow `df/dt = (eta0/P) K (y - f)`, `f(0) = 0`, with a static NTK.
+    """Exact gradient flow on the MSE, `df/dt = (eta0/P) K (y - f)`, `f(0) = 0`, with a static NTK.
 
     `K (Pa, Pa)` over train then test points, `y (P,)`, `ts (n+1,)` -> `f (n+1, Pa)`:
     train `f(t) = (I - exp(-eta0 K t / P)) y`, test `f_*(t) = K_{*.} K^{-1} (I - exp(-eta0 K t / P)) y`,
