@@ -151,6 +151,20 @@ def test_compare_and_plot(tmp_path):
     assert main(["plot", str(tmp_path)]) == 2
 
 
+def test_classification_compare_reports_accuracies(tmp_path):
+    # A logistic problem through the CLI: labels from the sphere teacher, accuracies in the report,
+    # the classification figure (train / test loss, test accuracy, error vs width) written.
+    text = TINY.replace("[data]", '[data]\ntarget = "sign"').replace("t_max = 2.0", 't_max = 2.0\nloss = "logistic"')
+    text += "\n[compare]\nwidths = [16, 32]\nseeds = 2\n"
+    out = tmp_path / "cls"
+    assert main(["compare", _write(tmp_path, text), "--out", str(out), "--x64", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    accuracy = report["final_accuracy_test"]
+    assert set(accuracy) == {"dmft", "lazy", "networks"} and list(accuracy["networks"]) == ["16", "32"]
+    assert all(0.0 <= a <= 1.0 for a in (accuracy["dmft"], accuracy["lazy"], *accuracy["networks"].values()))
+    assert (out / "comparison.png").stat().st_size > 10_000
+
+
 def test_help_shows_example_config(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["solve", "--help"])
