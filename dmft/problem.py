@@ -185,8 +185,9 @@ class Problem(eqx.Module):
         self.eta0 = jnp.asarray(eta0, dtype=float)
         self.loss = get_loss(loss)
         for name, y in (("y", data.y), ("y_test", data.y_test)):
-            if y is not None and _concrete(y) is not None:
-                self.loss.check_targets(np.asarray(y), name)
+            targets = None if y is None else _concrete(y)
+            if targets is not None:
+                self.loss.check_targets(targets, name)
 
     @property
     def depth(self) -> int:

@@ -69,8 +69,8 @@ def _layer_inputs(problem, sol, l):
 def _draw_sources(key, Phi_prev, G_next, n_samples, sampling, first, last):
     """`u ~ N(0, Phi_prev)`, `r ~ N(0, G_next)` (the source covariances), each `(S, T, Pa)`, by
     MonteCarlo's own map from standard normals to sources (layer 1: u constant in time; layer L: r
-    one scalar per sample). Quasi-random coordinates go along the eigenvectors of the covariances, largest first; S need
-    not be a power of 2 (the first S points of the next net are taken)."""
+    one scalar per sample). Quasi-random coordinates go along the eigenvectors of the covariances,
+    largest first; S need not be a power of 2 (the first S points of the next net are taken)."""
     T, Pa = Phi_prev.shape[:2]
     M_u, V_u = factor(Phi_prev[0, :, 0, :] if first else Phi_prev.reshape(T * Pa, T * Pa))
     M_r, V_r = (jnp.sqrt(G_next[0, 0, 0, 0]), None) if last else factor(G_next.reshape(T * Pa, T * Pa))

@@ -2,18 +2,16 @@
 
 Each check compares two independent routes in a shared limit, as for the MSE: the lazy limit's
 diffrax flow against its Euler steps (first order in dt), Monte Carlo with a linear activation
-against the exact closure, the closure at small gamma0 against the lazy limit, the networks' GD step
-from their fields against autodiff, and (slow) finite networks of growing width against the DMFT.
+against the exact closure, the closure at small gamma0 against the lazy limit, and (slow) finite
+networks of growing width against the DMFT (the networks' GD step with the logistic loss is checked
+against autodiff in tests/test_networks.py).
 """
 
-import jax
-import jax.random as jr
 import numpy as np
 import pytest
 from scipy import stats
 
 import dmft
-from dmft.networks.train import _fields, _gd_update, _loss, forward, init_params
 from dmft.solvers.lazy import _static_flow, gradient_flow_predictions, lazy_kernels
 
 
@@ -62,21 +60,6 @@ def test_closure_at_small_gamma0_deviates_from_lazy_at_second_order():
         for g in gammas
     ]
     assert abs(stats.linregress(np.log(gammas), np.log(dev)).slope - 2) < 0.2
-
-
-@pytest.mark.parametrize("L, act", [(1, "relu"), (3, "tanh")])
-def test_gd_step_from_fields_is_the_logistic_gradient(L, act):
-    # The GD update written from the fields with Delta = y sigmoid(-y f) is theta - eta0 dt gamma0^2 N
-    # grad Loss of jax.grad through the logistic loss, to round-off.
-    problem = _problem(L, act, gamma0=1.3, n_steps=4)
-    params = init_params(problem, 32, jr.key(1))
-    params = _gd_update(problem, params, *_fields(problem, params, 0.0))
-    f0 = forward(problem, params, problem.data.X_all)
-    step = problem.eta0 * problem.dt * problem.gamma0**2 * 32
-    expected = jax.tree.map(lambda x, g: x - step * g, params, jax.grad(_loss(problem, f0[: problem.P]))(params))
-    got = _gd_update(problem, params, *_fields(problem, params, f0))
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_losses_and_labels():

@@ -158,14 +158,19 @@ def test_networks_need_positive_gamma0():
         dmft.networks.train(_problem(gamma0=0.0), 8, 0)
 
 
-@pytest.mark.parametrize("L, act, sigmas", [(1, "relu", BIASED), (2, "tanh", (1.0, 0.0)), (3, "relu", BIASED)])
-def test_gd_step_from_fields_equals_autodiff(L, act, sigmas):
-    # The GD update is written from the measured fields (g = gamma0 N df/dh); it must be the step
-    # theta - eta0 dt gamma0^2 N grad Loss of jax.grad, to round-off.
+@pytest.mark.parametrize(
+    "L, act, sigmas, loss",
+    [(1, "relu", BIASED, "mse"), (2, "tanh", (1.0, 0.0), "mse"), (3, "relu", BIASED, "mse")]
+    + [(1, "relu", (1.0, 0.0), "logistic"), (3, "tanh", (1.0, 0.0), "logistic")],
+)
+def test_gd_step_from_fields_equals_autodiff(L, act, sigmas, loss):
+    # The GD update is written from the measured fields (g = gamma0 N df/dh) and the error signal
+    # Delta = -dl/df; it must be the step theta - eta0 dt gamma0^2 N grad Loss of jax.grad, to round-off.
     from dmft.networks.train import _gd_update, _loss, forward, init_params
 
     net = dmft.MLP(L, act, sigma_w=sigmas[0], sigma_b=sigmas[1])
-    problem = dmft.Problem(dmft.datasets.sphere(5, 4, 0, P_test=2), net, gamma0=1.3, n_steps=4)
+    data = dmft.datasets.sphere(5, 4, 0, P_test=2, target="sign" if loss == "logistic" else "teacher")
+    problem = dmft.Problem(data, net, gamma0=1.3, n_steps=4, loss=loss)
     params = init_params(problem, 32, jr.key(1))
     params = _gd_update(problem, params, *_fields(problem, params, 0.0))  # away from the symmetric start
     f0 = forward(problem, params, problem.data.X_all)
