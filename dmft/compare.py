@@ -79,8 +79,9 @@ def compare(
     runs = tuple(train(N, jr.split(jr.fold_in(k_nets, N), seeds)) for N in iterator)
     loss_error = jnp.stack([r.loss.mean(0) - sol.loss for r in runs])
     loss_se = jnp.stack([r.loss.std(0, ddof=1) / np.sqrt(seeds) for r in runs])
-    f_error = jnp.stack([jnp.max(jnp.abs(r.f.mean(0) - sol.f), axis=-1) for r in runs])
-    ntk_error = jnp.stack([jnp.max(jnp.abs(r.ntk.mean(0) - sol.ntk), axis=(-2, -1)) for r in runs])
+    worst = lambda X: jnp.max(jnp.abs(X).reshape(X.shape[0], -1), axis=1)  # over points (and classes)
+    f_error = jnp.stack([worst(r.f.mean(0) - sol.f) for r in runs])
+    ntk_error = jnp.stack([worst(r.ntk.mean(0) - sol.ntk) for r in runs])
     max_loss_error = jnp.max(jnp.abs(loss_error), axis=1) / sol.loss[0]
     if len(widths) > 1:
         exponent = jnp.polyfit(jnp.log(jnp.asarray(widths, float)), jnp.log(max_loss_error), 1)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from ._keys import as_key
 from .problem import Dataset
 
-__all__ = ["sphere", "digits"]
+__all__ = ["sphere", "digits", "one_hot"]
 
 
 def _key(key):
@@ -52,18 +53,35 @@ def sphere(P: int, D: int, key, *, P_test: int = 0, target: str = "teacher") -> 
     return _split(X, y, P, P_test)
 
 
-def digits(P: int, key, *, P_test: int = 0, classes=(0, 1)) -> Dataset:
-    """Two classes of scikit-learn's 8x8 handwritten digits, targets +1 / -1.
+def one_hot(labels, n_classes: int) -> jax.Array:
+    """Targets `(P, n_classes)` with a 1 in the column of each integer label in `[0, n_classes)`, for
+    `Problem(loss="cross_entropy")` (for the MSE subtract `1 / n_classes` to centre them)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-d array of integers; got dtype {labels.dtype}, shape {labels.shape}")
+    if n_classes < 2 or labels.min(initial=0) < 0 or labels.max(initial=0) >= n_classes:
+        raise ValueError(
+            f"labels must lie in [0, n_classes) with n_classes >= 2; got n_classes={n_classes}, "
+            f"labels in [{labels.min()}, {labels.max()}]"
+        )
+    return jnp.asarray(np.eye(n_classes)[labels], dtype=float)
 
-    Pixels are centred with the mean image of the chosen classes and each image is rescaled to
-    norm sqrt(64). Needs scikit-learn (`pip install dmft[digits]`).
+
+def digits(P: int, key, *, P_test: int = 0, classes=(0, 1)) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits of the given `classes`.
+
+    Two classes: targets +1 (the first) / -1 (for `loss="logistic"` or the MSE); more: one-hot
+    targets `(P, C)` in the order of `classes` (for `loss="cross_entropy"`). Pixels are centred with
+    the mean image of the chosen classes and each image is rescaled to norm sqrt(64). Needs
+    scikit-learn (`pip install dmft[digits]`).
     """
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("dmft.datasets.digits needs scikit-learn: pip install 'dmft[digits]'") from err
-    if len(classes) != 2 or classes[0] == classes[1]:
-        raise ValueError(f"classes must be two different digits, got {classes!r}")
+    classes = tuple(int(c) for c in classes)
+    if len(classes) < 2 or len(set(classes)) != len(classes) or not set(classes) <= set(range(10)):
+        raise ValueError(f"classes must be two or more different digits 0-9, got {classes!r}")
     X, labels = load_digits(return_X_y=True)
     keep = np.isin(labels, classes)
     X, labels = X[keep], labels[keep]
@@ -71,5 +89,8 @@ def digits(P: int, key, *, P_test: int = 0, classes=(0, 1)) -> Dataset:
         raise ValueError(f"need 1 <= P and P + P_test <= {len(X)} for digits {classes}; got P={P}, P_test={P_test}")
     order = np.asarray(jr.permutation(_key(key), len(X)))[: P + P_test]
     X = X[order] - X.mean(axis=0)
-    y = np.where(labels[order] == classes[0], 1.0, -1.0)
-    return _split(_on_sphere(jnp.asarray(X, dtype=float)), jnp.asarray(y), P, P_test)
+    if len(classes) == 2:
+        y = jnp.asarray(np.where(labels[order] == classes[0], 1.0, -1.0))
+    else:
+        y = one_hot(np.array([classes.index(c) for c in labels[order]]), len(classes))
+    return _split(_on_sphere(jnp.asarray(X, dtype=float)), y, P, P_test)

@@ -1,7 +1,9 @@
 """Pieces every solver shares: NTK from kernels, prediction dynamics, train/test outputs.
 
-Conventions (THEORY sections 2-4): kernels are over all points, train then test (`Pa = P + P_test`);
-the error signal `Delta = -dl/df` (`y - f` for the MSE) lives on train points only; `df/dt = (eta0 / P) K Delta`.
+Conventions (THEORY sections 2-4 and 12): kernels are over all points, train then test (`Pa = P + P_test`);
+predictions carry a class axis, `f (n+1, Pa, C)` (C = 1 for scalar targets); a kernel with a class
+index (the gradient kernel G, the NTK) has its (point, class) pairs flattened point-major, `Pa C`;
+the error signal `Delta = -dl/df (n+1, Pa, C)` lives on train points only; `df/dt = (eta0 / P) K Delta`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import jax.numpy as jnp
 
 __all__ = [
     "equal_time",
+    "with_classes",
+    "split_classes",
     "ntk_from_kernels",
     "euler_predictions",
     "error_signal",
@@ -25,62 +29,96 @@ def equal_time(X):
     return jnp.moveaxis(diag, -1, -3)
 
 
-def ntk_from_kernels(net, Kx, Phi_eq, G_eq):
-    """`K(t) = sum_{l=0..L} G^{l+1}(t,t) * Phi~^l(t,t)` with `Phi^0 = Kx`, `G^{L+1} = 1` and
-    `Phi~ = sigma_w^2 Phi + sigma_b^2` (`net.preactivation_kernel`: weights and biases of every layer).
+def _unflatten(X, C):
+    """`(..., M C, M' C) -> (..., M, C, M', C)`."""
+    return X.reshape(*X.shape[:-2], X.shape[-2] // C, C, X.shape[-1] // C, C)
 
-    `Kx (Pa, Pa)`, `Phi_eq`, `G_eq (L, n+1, Pa, Pa)` (G may have size-1 sample axes) -> `(n+1, Pa, Pa)`.
+
+def with_classes(X, C):
+    """A kernel without class index `(..., M, M')` as a class-diagonal one, `X (x) I_C (..., M C, M' C)`:
+    the lazy gradient kernels, whose read-outs are independent per class (THEORY 12)."""
+    Y = X[..., :, None, :, None] * jnp.eye(C, dtype=X.dtype)[:, None, :]
+    return Y.reshape(*X.shape[:-2], X.shape[-2] * C, X.shape[-1] * C)
+
+
+def split_classes(problem, X, axes):
+    """Report a kernel: each flattened `(point, class)` axis of `X` in `axes` split into `(points, C)`;
+    for scalar targets (`y (P,)`) X is returned unchanged (C = 1: no class axes)."""
+    if problem.data.y.ndim == 1:
+        return X
+    C = problem.C
+    for a in sorted((a % X.ndim for a in axes), reverse=True):
+        X = X.reshape(*X.shape[:a], X.shape[a] // C, C, *X.shape[a + 1 :])
+    return X
+
+
+def ntk_from_kernels(net, Kx, Phi_eq, G_eq, C=1):
+    """`K(t) = sum_{l=0..L} G^{l+1}(t,t) * Phi~^l(t,t)` with `Phi^0 = Kx`, `G^{L+1} = I_C` and
+    `Phi~ = sigma_w^2 Phi + sigma_b^2` (`net.preactivation_kernel`: weights and biases of every layer);
+    `K_{mu c, nu c'} = sum_l G^{l+1}_{mu c, nu c'} Phi~^l_{mu nu}` for C outputs (THEORY 12).
+
+    `Kx (Pa, Pa)`, `Phi_eq (L, n+1, Pa, Pa)`, `G_eq (L, n+1, M C, M C)` with `M = Pa` or 1 (a G that
+    does not depend on the points) -> `(n+1, Pa C, Pa C)`.
     """
-    pre = net.preactivation_kernel
-    K = G_eq[0] * pre(Kx) + pre(Phi_eq[-1])
+    pre = lambda X: net.preactivation_kernel(X)[..., :, None, :, None]
+    G = _unflatten(G_eq, C)
+    K = G[0] * pre(Kx) + pre(Phi_eq[-1]) * jnp.eye(C, dtype=Kx.dtype)[:, None, :]
     if Phi_eq.shape[0] > 1:
-        K = K + jnp.sum(G_eq[1:] * pre(Phi_eq[:-1]), axis=0)
-    return K
+        K = K + jnp.sum(G[1:] * pre(Phi_eq[:-1]), axis=0)
+    n = Kx.shape[0] * C
+    return K.reshape(*K.shape[:-4], n, n)
 
 
 def euler_predictions(problem, K):
     """Explicit Euler for `df/dt = (eta0/P) K(t) Delta(t)`, `Delta = -dl/df` on the train points, from
     `f(0) = 0` (THEORY section 4).
 
-    `K (n+1, Pa, P')` with `P' >= P` train columns first; returns `f (n+1, Pa)`. This is exactly what
-    infinite-width discrete gradient descent with step `eta0 * dt` does.
+    `K (n+1, Pa C, P' C)` with `P' >= P` train columns first; returns `f (n+1, Pa, C)`. This is exactly
+    what infinite-width discrete gradient descent with step `eta0 * dt` does.
     """
-    y, P, delta = problem.data.y, problem.P, problem.loss.delta
+    Y, P, C, delta = problem.data.Y, problem.P, problem.C, problem.loss.delta
     c = problem.dt * problem.eta0 / P
 
     def step(f, K_t):
-        return f + c * K_t[:, :P] @ delta(f[:P], y), f
+        return f + c * K_t[:, : P * C] @ delta(f[: P * C].reshape(P, C), Y).reshape(-1), f
 
     f0 = jnp.zeros(K.shape[1], K.dtype)
     f_last, fs = jax.lax.scan(step, f0, K[:-1])
-    return jnp.concatenate([fs, f_last[None]])
+    f = jnp.concatenate([fs, f_last[None]])
+    return f.reshape(f.shape[0], -1, C)
 
 
 def error_signal(problem, K):
-    """`Delta = -dl/df (n+1, Pa)` (`y - f` for the MSE) from the NTK `K (n+1, Pa, Pa)` by Euler
-    predictions; zero on test columns."""
+    """`Delta = -dl/df (n+1, Pa, C)` (`y - f` for the MSE) from the NTK `K (n+1, Pa C, Pa C)` by Euler
+    predictions; zero on test points."""
     P = problem.P
     f = euler_predictions(problem, K)
-    return jnp.zeros_like(f).at[:, :P].set(problem.loss.delta(f[:, :P], problem.data.y))
+    return jnp.zeros_like(f).at[:, :P].set(problem.loss.delta(f[:, :P], problem.data.Y))
 
 
 def loss_fields(problem, f_all):
     """`loss (n+1,)` (and `accuracy` for a classification loss), and on test points with targets
-    `loss_test`, `accuracy_test`, from the predictions `f_all (n+1, Pa)` over train then test points."""
+    `loss_test`, `accuracy_test`, from the predictions `f_all (n+1, Pa, C)` over train then test points."""
     data, P, loss = problem.data, problem.P, problem.loss
-    out = {"loss": loss.value(f_all[:, :P], data.y), "accuracy": loss.accuracy(f_all[:, :P], data.y)}
+    out = {"loss": loss.value(f_all[:, :P], data.Y), "accuracy": loss.accuracy(f_all[:, :P], data.Y)}
     if data.y_test is not None:
         f_test = f_all[:, P:]
-        out |= {"loss_test": loss.value(f_test, data.y_test), "accuracy_test": loss.accuracy(f_test, data.y_test)}
+        out |= {"loss_test": loss.value(f_test, data.Y_test), "accuracy_test": loss.accuracy(f_test, data.Y_test)}
     return {k: v for k, v in out.items() if v is not None}
 
 
 def prediction_fields(problem, K, f_all):
-    """Solution fields `ts, f, loss, ntk` (+ test ones, + accuracies) from `K (n+1, Pa, Pa)` and
-    `f_all (n+1, Pa)`."""
-    data, P = problem.data, problem.P
-    fields = dict(ts=problem.ts, f=f_all[:, :P], ntk=K[:, :P, :P], **loss_fields(problem, f_all))
+    """Solution fields `ts, f, loss, ntk` (+ test ones, + accuracies) from `K (n+1, Pa C, Pa C)` and
+    `f_all (n+1, Pa, C)`: `f (n+1, P, C)`, `ntk (n+1, P, C, P, C)`, or without the class axes for scalar
+    targets."""
+    data, P, C = problem.data, problem.P, problem.C
+    K = _unflatten(K, C)
+    if data.y.ndim == 1:  # scalar targets: no class axes
+        f, block = f_all[..., 0], lambda rows: K[:, rows, 0, :P, 0]
+    else:
+        f, block = f_all, lambda rows: K[:, rows, :, :P, :]
+    fields = dict(ts=problem.ts, f=f[:, :P], ntk=block(slice(None, P)), **loss_fields(problem, f_all))
     if data.X_test is not None:
-        fields["f_test"] = f_all[:, P:]
-        fields["ntk_test"] = K[:, P:, :P]
+        fields["f_test"] = f[:, P:]
+        fields["ntk_test"] = block(slice(P, None))
     return fields

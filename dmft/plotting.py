@@ -41,8 +41,12 @@ def alignment(K1, K2):
 
 
 def target_alignment(K, y):
-    """`alignment(K, y y^T) = y^T K y / (|K|_F |y|^2)` over the last two axes of K."""
-    y = np.asarray(y)
+    """`alignment(K, y y^T) = y^T K y / (|K|_F |y|^2)` over the last two axes of K; with C outputs,
+    `K (..., P, C, P, C)` and `y (P, C)` over the flattened (point, class) pairs."""
+    y, K = np.asarray(y), np.asarray(K)
+    if y.ndim == 2:
+        n = y.size
+        K, y = K.reshape(*K.shape[:-4], n, n), y.reshape(n)
     return alignment(K, np.outer(y, y))
 
 

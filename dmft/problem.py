@@ -44,23 +44,30 @@ def _as_inputs(X, name):
     return jnp.asarray(X, dtype=float)
 
 
-def _as_targets(y, n, name):
+def _as_targets(y, n, name, C=None):
+    """Targets `(n,)` or `(n, C)` (`(n, 1)` becomes `(n,)`); `C` given: the shape train targets fixed."""
     arr = np.asarray(y) if not isinstance(y, jax.core.Tracer) else None
     if arr is not None:
         if arr.ndim == 2 and arr.shape[1] == 1:
             arr = arr[:, 0]
             y = jnp.asarray(y)[:, 0]
-        if arr.shape != (n,):
-            raise ValueError(f"{name} must have shape ({n},) (one scalar target per input); got shape {arr.shape}")
+        ok = arr.shape[:1] == (n,) and arr.ndim in (1, 2) and (C is None or arr.shape[1:] == C)
+        if not ok:
+            want = f"({n},) or ({n}, C)" if C is None else str((n, *C))
+            raise ValueError(
+                f"{name} must have shape {want} (a scalar target or C outputs per input); got shape {arr.shape}"
+            )
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{name} contains NaN or inf")
     return jnp.asarray(y, dtype=float)
 
 
 class Dataset(eqx.Module):
-    """Training inputs `X (P, D)` and scalar targets `y (P,)`, optionally test `X_test (P_test, D)`.
+    """Training inputs `X (P, D)` and targets `y`, optionally test inputs `X_test (P_test, D)`.
 
-    `y_test (P_test,)` is optional even when `X_test` is given (then only test predictions are made).
+    Targets are scalar, `y (P,)`, or have C outputs, `y (P, C)` (`dmft.datasets.one_hot` makes them
+    from labels); a Solution's predictions then have shape `(n+1, P)` or `(n+1, P, C)`. `y_test`
+    (same trailing shape) is optional even when `X_test` is given (then only test predictions are made).
     The input kernel of THEORY section 1 is `Kx = X_all X_all^T / D` over train then test points.
     """
 
@@ -83,7 +90,7 @@ class Dataset(eqx.Module):
                 f"X_test has {self.X_test.shape[1]} features but X has {self.X.shape[1]}; "
                 "train and test inputs must have the same dimension D"
             )
-        self.y_test = None if y_test is None else _as_targets(y_test, self.X_test.shape[0], "y_test")
+        self.y_test = None if y_test is None else _as_targets(y_test, self.X_test.shape[0], "y_test", self.y.shape[1:])
 
     @property
     def P(self) -> int:
@@ -96,6 +103,21 @@ class Dataset(eqx.Module):
     @property
     def D(self) -> int:
         return self.X.shape[1]
+
+    @property
+    def C(self) -> int:
+        """Outputs per input: 1 for scalar targets `y (P,)`."""
+        return 1 if self.y.ndim == 1 else self.y.shape[1]
+
+    @property
+    def Y(self) -> jax.Array:
+        """The targets with their class axis, `(P, C)`."""
+        return self.y.reshape(self.P, self.C)
+
+    @property
+    def Y_test(self) -> jax.Array | None:
+        """The test targets with their class axis, `(P_test, C)`, or None."""
+        return None if self.y_test is None else self.y_test.reshape(self.P_test, self.C)
 
     @property
     def X_all(self) -> jax.Array:
@@ -157,8 +179,9 @@ class Problem(eqx.Module):
     - `gamma0`: feature-learning strength (>= 0; 0 is the lazy limit). Traced, so it can be vmapped.
     - `t_max`, `n_steps`: the time grid `ts = linspace(0, t_max, n_steps + 1)`, `dt = t_max / n_steps`.
     - `eta0`: learning-rate prefactor (the rate is `eta0 * gamma0^2 * N`); traced.
-    - `loss`: `"mse"` (default) or `"logistic"` (labels +-1, `log(1 + exp(-y f))`), or a
-      `dmft.losses.AbstractLoss`; the solvers see it only through the error signal `Delta = -dl/df`.
+    - `loss`: `"mse"` (default), `"logistic"` (one output, labels +-1, `log(1 + exp(-y f))`),
+      `"cross_entropy"` (C >= 2 outputs, one-hot targets, softmax), or a `dmft.losses.AbstractLoss`;
+      the solvers see it only through the error signal `Delta = -dl/df`.
     """
 
     data: Dataset
@@ -200,6 +223,10 @@ class Problem(eqx.Module):
     @property
     def P(self) -> int:
         return self.data.P
+
+    @property
+    def C(self) -> int:
+        return self.data.C
 
     @property
     def dt(self) -> jax.Array:

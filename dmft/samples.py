@@ -41,6 +41,8 @@ class FieldSamples(eqx.Module):
 
 def _check(problem, sol):
     T, P = problem.n_steps + 1, problem.P
+    if problem.data.y.ndim > 1:
+        raise ValueError("field_samples supports scalar targets y (P,) only, not several outputs")
     if sol.f.shape != (T, P):
         raise ValueError(
             f"sol.f has shape {sol.f.shape} but the problem has (n_steps + 1, P) = {(T, P)}: pass the "
@@ -119,7 +121,7 @@ def field_samples(
 @eqx.filter_jit
 def _draw(problem, sol, key, n_samples, sampling, time):
     P, Pa, T = problem.P, problem.data.Kx.shape[0], problem.n_steps + 1
-    Delta = jnp.zeros((T, Pa), sol.f.dtype).at[:, :P].set(problem.loss.delta(sol.f, problem.data.y))
+    Delta = jnp.zeros((T, Pa, 1), sol.f.dtype).at[:, :P, 0].set(problem.loss.delta(sol.f, problem.data.y))
     layers = [
         _layer(problem, sol, l, Delta, jr.fold_in(key, l), n_samples, sampling, time) for l in range(problem.depth)
     ]

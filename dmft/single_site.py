@@ -13,6 +13,10 @@ over the grid of (time, point) pairs, with the memory kernels (`memory`)
 sigma_b^2` (THEORY 11; the sources are `u ~ N(0, Phi~^{l-1})`, `r ~ N(0, sw2 G^{l+1})`). C is strictly
 causal and D causal (its equal-time block is the equal-time response Bbar(t, t), see `MonteCarlo`), so
 ONE pass forward in time solves the fields of a sample exactly: at time t, h(t) first, then z(t), then g(t).
+
+With C outputs (THEORY 12) the backward fields r, z, g carry a class index: their grid is the
+(time, point, class) triples, flattened `T Pa C` point-major, and G, Abar, Bbar, C, D are indexed
+accordingly (`Abar^l (T Pa, T Pa C)`, `Bbar^l (T Pa C, T Pa)`); h, u and Phi do not.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["memory", "layer_memory", "segments", "fields", "two_layer_fields"]
+__all__ = ["memory", "readout_G", "layer_memory", "segments", "fields", "two_layer_fields"]
 
 
 def memory(R, K_Delta, c):
@@ -36,13 +40,28 @@ def memory(R, K_Delta, c):
     return R + c * mask * K_Delta
 
 
+def readout_G(T, Pa, C, dtype):
+    """`G^{L+1} (T, Pa C, T, Pa C)`: one for equal classes, zero for different ones (the read-out
+    weights of different outputs are independent)."""
+    eye = jnp.broadcast_to(jnp.eye(C, dtype=dtype)[:, None, None, :], (C, T, Pa, C))
+    return jnp.broadcast_to(eye, (T, Pa, C, T, Pa, C)).reshape(T, Pa * C, T, Pa * C)
+
+
 def layer_memory(net, Phi_prev, A_prev, G_next, B, Delta, c):
     """The source covariances `Su = Phi~^{l-1}`, `Sr = sw2 G^{l+1}` and memory kernels `C^l`, `D^l` of a
-    layer from its neighbours' kernels `Phi^{l-1}` (Kx for layer 1), `Abar^{l-1}`, `G^{l+1}` (1 for
-    layer L), `Bbar^l` (0 where absent), all `(T, Pa, T, Pa)` or broadcastable, and `Delta (T, Pa)`."""
+    layer from its neighbours' kernels `Phi^{l-1}` (Kx for layer 1) `(T, Pa, T, Pa)`, `Abar^{l-1}`
+    `(T, Pa, T, Pa C)`, `G^{l+1}` (`readout_G` for layer L) `(T, Pa C, T, Pa C)`, `Bbar^l` `(T, Pa C, T, Pa)`
+    (0 where absent), and `Delta (T, Pa, C)`: `C^l (T, Pa, T, Pa C)`, `D^l (T, Pa C, T, Pa)`."""
+    T, Pa, C = Delta.shape
     Su, Sr = net.preactivation_kernel(Phi_prev), net.sw2 * G_next
-    cols = Delta[None, None]
-    return Su, Sr, memory(net.sw2 * A_prev, Su * cols, c), memory(net.sw2 * B, Sr * cols, c)
+    # One output: the scalar products themselves (a class sum of one term rounds the same, but XLA may
+    # fuse it differently, and the Stein regressions amplify round-off).
+    if C == 1:
+        Su_Delta, Sr_Delta = Su * Delta[None, None, :, :, 0], Sr * Delta[None, None, :, :, 0]
+    else:
+        Su_Delta = (Su[..., None] * Delta[None, None]).reshape(T, Pa, T, Pa * C)
+        Sr_Delta = (Sr.reshape(T, Pa * C, T, Pa, C) * Delta[None, None]).sum(-1)
+    return Su, Sr, memory(net.sw2 * A_prev, Su_Delta, c), memory(net.sw2 * B, Sr_Delta, c)
 
 
 def segments(T, n=4):
@@ -52,15 +71,18 @@ def segments(T, n=4):
 
 
 def fields(act, gamma0, u, r, C, D, full=False):
-    """The causal single-site pass for samples `u, r (S, T, Pa)` and memory kernels `C, D (T, Pa, T, Pa)`.
+    """The causal single-site pass for samples `u (S, T, Pa)`, `r (S, T, Pa C)` and memory kernels
+    `C (T, Pa, T, Pa C)`, `D (T, Pa C, T, Pa)`.
 
-    Returns `(phi(h), g)`, both `(S, T Pa)` (time-major), and with `full=True` also `h, z (S, T, Pa)`.
+    Returns `phi(h) (S, T Pa)` and `g (S, T Pa C)` (time-major), and with `full=True` also `h (S, T, Pa)`,
+    `z (S, T, Pa C)`.
     The scan runs in `segments`: within the segment ending at t1 the history and the memory kernels
     are cut to the first t1 times (causality), which saves about 3/8 of the products.
     """
     S, T, Pa = u.shape
+    PC = r.shape[2]
     # gamma0 folded into the (T Pa)^2 memory kernels once, not into the (S, t Pa) history every step.
-    Cm, Dm = (gamma0 * C).reshape(T, Pa, T * Pa), (gamma0 * D).reshape(T, Pa, T * Pa)
+    Cm, Dm = (gamma0 * C).reshape(T, Pa, T * PC), (gamma0 * D).reshape(T, PC, T * Pa)
 
     def step(carry, xs):
         phis, gs = carry
@@ -68,15 +90,17 @@ def fields(act, gamma0, u, r, C, D, full=False):
         h = u[:, t] + gs @ C_t.T
         phis = jax.lax.dynamic_update_slice(phis, act.fn(h), (0, t * Pa))
         z = r[:, t] + phis @ D_t.T
-        gs = jax.lax.dynamic_update_slice(gs, act.dfn(h) * z, (0, t * Pa))
+        g = act.dfn(h) * z if PC == Pa else (act.dfn(h)[:, :, None] * z.reshape(S, Pa, PC // Pa)).reshape(S, PC)
+        gs = jax.lax.dynamic_update_slice(gs, g, (0, t * PC))
         return (phis, gs), (h, z) if full else None
 
-    phis = gs = jnp.zeros((S, 0), u.dtype)
+    phis = jnp.zeros((S, 0), u.dtype)
+    gs = jnp.zeros((S, 0), u.dtype)
     hz = []
     for t0, t1 in segments(T):
-        w = t1 * Pa
-        phis, gs = (jnp.pad(x, ((0, 0), (0, w - x.shape[1]))) for x in (phis, gs))
-        xs = (jnp.arange(t0, t1), Cm[t0:t1, :, :w], Dm[t0:t1, :, :w])
+        phis = jnp.pad(phis, ((0, 0), (0, t1 * Pa - phis.shape[1])))
+        gs = jnp.pad(gs, ((0, 0), (0, t1 * PC - gs.shape[1])))
+        xs = (jnp.arange(t0, t1), Cm[t0:t1, :, : t1 * PC], Dm[t0:t1, :, : t1 * Pa])
         (phis, gs), out = jax.lax.scan(step, (phis, gs), xs)
         hz.append(out)
     if not full:
@@ -86,18 +110,22 @@ def fields(act, gamma0, u, r, C, D, full=False):
 
 
 def two_layer_fields(act, gamma0, c, Su, sw2, u, r, Delta, reduce):
-    """The depth-1 single site (THEORY 7, 11): `u (S, Pa)` constant in time with covariance
-    `Su = sigma_w^2 Kx + sigma_b^2`, `r (S,)` the read-out weight times sigma_w (variance `sw2`),
-    `h(t) = u + gamma0 c sum_{s<t} Su (Delta(s) g(s))`, `z(t) = r + gamma0 c sw2 sum_{s<t} Delta(s) . phi(h(s))`.
+    """The depth-1 single site (THEORY 7, 11, 12): `u (S, Pa)` constant in time with covariance
+    `Su = sigma_w^2 Kx + sigma_b^2`, `r (S, C)` the read-out weights times sigma_w (variance `sw2`),
+    `h(t) = u + gamma0 c sum_{s<t} Su (sum_c Delta_c(s) g_c(s))`,
+    `z(t) = r + gamma0 c sw2 sum_{s<t} Delta(s)^T phi(h(s))`, `g_c = phi'(h) z_c`.
 
-    Returns `reduce(phi(h(t)), g(t))` stacked over the T times of `Delta (T, Pa)` (memory O(S Pa)).
+    Returns `reduce(phi(h(t)) (S, Pa), g(t) (S, Pa C))` stacked over the T times of `Delta (T, Pa, C)`
+    (memory O(S Pa C)).
     """
+    S, Pa = u.shape
 
     def step(carry, Delta_t):
         h_mem, z = carry
         h = u + h_mem
-        phi, g = act.fn(h), act.dfn(h) * z[:, None]
-        h_mem = h_mem + gamma0 * c * (Delta_t * g) @ Su
+        phi, dphi = act.fn(h), act.dfn(h)
+        g = (dphi[:, :, None] * z[:, None, :]).reshape(S, -1)
+        h_mem = h_mem + gamma0 * c * (dphi * (z @ Delta_t.T)) @ Su
         z = z + gamma0 * c * sw2 * phi @ Delta_t
         return (h_mem, z), reduce(phi, g)
 

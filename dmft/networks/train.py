@@ -1,9 +1,10 @@
 """Finite-width networks in the DMFT parameterisation (THEORY section 1), trained and measured.
 
-Parameters `(W0 (N, D), W (L-1, N, N), w (N,), b (L, N), b_out ())`, all N(0, 1) at t = 0;
-`h^1 = sigma_w W0 x / sqrt(D) + sigma_b b[0]`, `h^{l+1} = sigma_w W^l phi(h^l) / sqrt(N) + sigma_b b[l]`,
-`f = (sigma_w w . phi(h^L) / N + sigma_b b_out / sqrt(N)) / gamma0` (`dmft.MLP`).
-Training minimises the problem's loss (`0.5 mean_mu (f_mu - y_mu)^2` by default) over training
+Parameters `(W0 (N, D), W (L-1, N, N), w (N, C), b (L, N), b_out (C,))`, all N(0, 1) at t = 0, C the
+outputs (1 for scalar targets); `h^1 = sigma_w W0 x / sqrt(D) + sigma_b b[0]`,
+`h^{l+1} = sigma_w W^l phi(h^l) / sqrt(N) + sigma_b b[l]`,
+`f_c = (sigma_w w_c . phi(h^L) / N + sigma_b b_out_c / sqrt(N)) / gamma0` (`dmft.MLP`).
+Training minimises the problem's loss (`0.5 mean_mu |f_mu - y_mu|^2` by default) over training
 points with the width-scaled rate `eta0 gamma0^2 N` for every tensor.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from .. import _mesh
 from .._keys import as_key
-from ..dynamics import loss_fields, ntk_from_kernels
+from ..dynamics import ntk_from_kernels, prediction_fields, split_classes
 
 __all__ = ["Run", "train", "ensemble", "init_params", "forward"]
 
@@ -32,7 +33,8 @@ class Run(eqx.Module):
     `loss_test (n+1,)` (None without test data), `accuracy`, `accuracy_test (n+1,)` (classification
     losses only), `Phi_eq`, `G_eq (L, n+1, Pa, Pa)`: the measured
     equal-time kernels `phi(h^l) . phi(h^l) / N` and `g^l . g^l / N` with `g^l = gamma0 N df/dh^l`
-    (train then test points; finite networks record equal times only), `h_last (L, Pa, N)`: the
+    (train then test points; finite networks record equal times only); with C outputs `f`, `ntk`
+    and `G_eq` gain class axes as in `dmft.Solution`; `h_last (L, Pa, N)`: the
     preactivations at the final time. Under `jax.vmap` over keys every field gains a leading seed axis.
     """
 
@@ -51,15 +53,15 @@ class Run(eqx.Module):
 
 
 def init_params(problem, width, key):
-    """N(0, 1) parameters `(W0 (N, D), W (L-1, N, N), w (N,), b (L, N), b_out ())` in the problem's dtype,
+    """N(0, 1) parameters `(W0 (N, D), W (L-1, N, N), w (N, C), b (L, N), b_out (C,))` in the problem's dtype,
     drawn in float32 so that a key gives the same network in float32 and float64 (the weights do not
     depend on whether the network has biases)."""
     k0, k1, k2 = jr.split(key, 3)
     kb, kb_out = jr.split(jr.fold_in(key, 3))
-    L, D = problem.depth, problem.data.D
+    L, D, C = problem.depth, problem.data.D, problem.C
     draw = lambda k, shape: jr.normal(k, shape, jnp.float32).astype(problem.data.X.dtype)
-    weights = draw(k0, (width, D)), draw(k1, (L - 1, width, width)), draw(k2, (width,))
-    return (*weights, draw(kb, (L, width)), draw(kb_out, ()))
+    weights = draw(k0, (width, D)), draw(k1, (L - 1, width, width)), draw(k2, (width, C))
+    return (*weights, draw(kb, (L, width)), draw(kb_out, (C,)))
 
 
 def _preactivations(problem, params, X):
@@ -73,28 +75,38 @@ def _preactivations(problem, params, X):
 
 
 def _readout(problem, params, phi_L):
-    """`f = (sigma_w w . phi(h^L) / N + sigma_b b_out / sqrt(N)) / gamma0` for `phi_L (M, N)`."""
+    """`f = (sigma_w phi(h^L) w / N + sigma_b b_out / sqrt(N)) / gamma0 (M, C)` for `phi_L (M, N)`."""
     net, w, b_out, N = problem.net, params[2], params[4], params[0].shape[0]
     return (net.sigma_w * phi_L @ w / N + net.sigma_b * b_out / jnp.sqrt(N)) / problem.gamma0
 
 
+def _outputs(problem, params, X):
+    """Network outputs `f (M, C)` for inputs X (M, D) (uncentred)."""
+    return _readout(problem, params, problem.activation.fn(_preactivations(problem, params, X)[-1]))
+
+
 def forward(problem, params, X):
-    """Network output `f (M,)` for inputs X (M, D) (uncentred)."""
-    h_L = _preactivations(problem, params, X)[-1]
-    return _readout(problem, params, problem.activation.fn(h_L))
+    """Network output `f (M, C)` for inputs X (M, D) (uncentred), `(M,)` for scalar targets."""
+    f = _outputs(problem, params, X)
+    return f[:, 0] if problem.data.y.ndim == 1 else f
+
+
+def _with_class_axis(problem, f0):
+    """An output offset `f0` as `(M, C)` (`forward` gives `(M,)` for scalar targets), or a scalar as is."""
+    return jnp.reshape(f0, (-1, problem.C)) if jnp.ndim(f0) == 1 else f0
 
 
 def _fields(problem, params, f0):
-    """Activations `phi(h^l)` and backward fields `g^l = gamma0 N df/dh^l` (lists over l, each (Pa, N))
-    and the centred output `f (Pa,)`, over train then test points."""
+    """Activations `phi(h^l) (Pa, N)` and backward fields `g^l = gamma0 N df/dh^l (Pa, C, N)` (lists
+    over l) and the centred output `f (Pa, C)`, over train then test points."""
     act, sw, (W0, W, w, _, _) = problem.activation, problem.net.sigma_w, params
     N = W0.shape[0]
     hs = _preactivations(problem, params, problem.data.X_all)
     phis = [act.fn(h) for h in hs]
-    f = _readout(problem, params, phis[-1]) - f0
-    gs = [sw * act.dfn(hs[-1]) * w]  # g^L; then g^l = phi'(h^l) * sigma_w (g^{l+1} W^l) / sqrt(N)
+    f = _readout(problem, params, phis[-1]) - _with_class_axis(problem, f0)
+    gs = [sw * act.dfn(hs[-1])[:, None] * w.T]  # g^L; then g^l = phi'(h^l) * sigma_w (g^{l+1} W^l) / sqrt(N)
     for l in reversed(range(problem.depth - 1)):
-        gs.insert(0, sw * act.dfn(hs[l]) * (gs[0] @ W[l]) / jnp.sqrt(N))
+        gs.insert(0, sw * act.dfn(hs[l])[:, None] * (gs[0] @ W[l]) / jnp.sqrt(N))
     return phis, gs, f
 
 
@@ -102,36 +114,38 @@ def _measure(problem, phis, gs, f):
     """Predictions, NTK and equal-time kernels from the fields of `_fields`."""
     N = phis[0].shape[1]
     Phi = jnp.stack([p @ p.T / N for p in phis])
-    G = jnp.stack([g @ g.T / N for g in gs])
-    return f, ntk_from_kernels(problem.net, problem.data.Kx, Phi, G), Phi, G
+    flat = [g.reshape(-1, N) for g in gs]  # (point, class) pairs point-major
+    G = jnp.stack([g @ g.T / N for g in flat])
+    return f, ntk_from_kernels(problem.net, problem.data.Kx, Phi, G, problem.C), Phi, G
 
 
 def _gd_update(problem, params, phis, gs, f):
     """One gradient-descent step `theta - eta0 dt gamma0^2 N grad Loss` from the fields at `params`:
     with `g = gamma0 N df/dh` the gradients are outer products of the fields of the train points,
-    `dw = c sw Delta phi^L`, `dW^l = c sw / sqrt(N) (Delta g^{l+1})^T phi^l`, `dW0 = c sw / sqrt(D)
-    (Delta g^1)^T x`, `db^l = c sb Delta g^{l+1}`, `db_out = c sb sqrt(N) sum Delta`, `c = eta0 dt gamma0 / P`,
+    `dw = c sw phi^L Delta`, `dW^l = c sw / sqrt(N) (Delta . g^{l+1})^T phi^l`, `dW0 = c sw / sqrt(D)
+    (Delta . g^1)^T x`, `db^l = c sb Delta . g^{l+1}`, `db_out = c sb sqrt(N) sum_mu Delta`, `c = eta0 dt
+    gamma0 / P`, `Delta . g = sum_c Delta_c g_c`,
     so each weight matrix is read once for the step (as `jax.grad` would need a second forward and
     backward pass)."""
     W0, W, w, b, b_out = params
     sw, sb = problem.net.sigma_w, problem.net.sigma_b
     P, X, N = problem.P, problem.data.X, W0.shape[0]
     c = problem.eta0 * problem.dt * problem.gamma0 / P
-    Delta = problem.loss.delta(f[:P], problem.data.y)
-    train = lambda x: x[:P] * Delta[:, None]
-    w = w + c * sw * Delta @ phis[-1][:P]
+    Delta = problem.loss.delta(f[:P], problem.data.Y)  # (P, C)
+    train = lambda g: jnp.einsum("pc,pcn->pn", Delta, g[:P])
+    w = w + c * sw * phis[-1][:P].T @ Delta
     if W.shape[0]:
         W = jnp.stack([W[l] + c * sw / jnp.sqrt(N) * train(gs[l + 1]).T @ phis[l][:P] for l in range(len(W))])
     W0 = W0 + c * sw / jnp.sqrt(X.shape[1]) * train(gs[0]).T @ X
     b = b + c * sb * jnp.stack([train(g).sum(0) for g in gs])
-    b_out = b_out + c * sb * jnp.sqrt(N) * Delta.sum()
+    b_out = b_out + c * sb * jnp.sqrt(N) * Delta.sum(0)
     return W0, W, w, b, b_out
 
 
 def _loss(problem, f0_train):
     def loss(params):
-        f = forward(problem, params, problem.data.X) - f0_train
-        return problem.loss.value(f, problem.data.y)
+        f = _outputs(problem, params, problem.data.X) - _with_class_axis(problem, f0_train)
+        return problem.loss.value(f, problem.data.Y)
 
     return loss
 
@@ -178,7 +192,7 @@ def train(
     _check(problem, width, method)
     key = as_key(key)
     params = init_params(problem, width, key)
-    f0 = forward(problem, params, problem.data.X_all) * center
+    f0 = _outputs(problem, params, problem.data.X_all) * center
     loss = _loss(problem, f0[: problem.P])
     rate = problem.eta0 * problem.gamma0**2 * width
 
@@ -217,19 +231,12 @@ def train(
 
     if center:  # exactly 0 at t = 0 (the two evaluations of f_0 differ by round-off, which flips signs)
         f = f.at[0].set(0.0)
-    P, data = problem.P, problem.data
-    run = dict(
-        ts=problem.ts,
-        f=f[:, :P],
-        ntk=K[:, :P, :P],
+    return Run(
+        **prediction_fields(problem, K, f),
         Phi_eq=jnp.moveaxis(Phi, 0, 1),
-        G_eq=jnp.moveaxis(G, 0, 1),
+        G_eq=split_classes(problem, jnp.moveaxis(G, 0, 1), (-2, -1)),
         h_last=h_last,
-        **loss_fields(problem, f),
     )
-    if data.X_test is not None:
-        run.update(f_test=f[:, P:], ntk_test=K[:, P:, :P])
-    return Run(**run)
 
 
 def ensemble(problem, width: int, keys, *, mesh=None, **kwargs) -> Run:

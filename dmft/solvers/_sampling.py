@@ -130,13 +130,17 @@ def normals(sampling, key, start, n, n_total, du, dr, axes, dtype):
 
 
 def sources(e_u, e_r, M_u, M_r, T, Pa, first, last):
-    """Sources `(u, r)`, each `(S, T, Pa)`, from normals: `u = M_u e_u` (layer 1: e_u `(S, Pa)`, u
-    constant in time) and `r = M_r e_r` (layer L: e_r `(S, 1)`, one scalar per sample, and M_r the
-    scalar sigma_w)."""
+    """Sources `u (S, T, Pa)`, `r (S, T, Pa C)` from normals: `u = M_u e_u` (layer 1: e_u `(S, Pa)`, u
+    constant in time) and `r = M_r e_r` (layer L: e_r `(S, C)`, the read-out weights of a neuron, the
+    same at every time and point, and M_r the scalar sigma_w)."""
     S = e_u.shape[0]
     u = e_u @ M_u.T
     u = jnp.broadcast_to(u[:, None, :], (S, T, Pa)) if first else u.reshape(S, T, Pa)
-    r = jnp.broadcast_to(M_r * e_r[:, :, None], (S, T, Pa)) if last else (e_r @ M_r.T).reshape(S, T, Pa)
+    if last:
+        C = e_r.shape[1]
+        r = jnp.broadcast_to(M_r * e_r[:, None, None, :], (S, T, Pa, C)).reshape(S, T, Pa * C)
+    else:
+        r = (e_r @ M_r.T).reshape(S, T, -1)
     return u, r
 
 

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..dynamics import euler_predictions, ntk_from_kernels, prediction_fields
+from ..dynamics import euler_predictions, ntk_from_kernels, prediction_fields, split_classes, with_classes
 from ..losses import MSE
 from ..solve import AbstractSolver
 
@@ -20,6 +20,7 @@ def lazy_kernels(problem):
     Returns `Phi (L, Pa, Pa)` (`Phi^l = E[phi(u) phi(u)^T]`, `u ~ N(0, Phi~^{l-1})`, l = 1..L),
     `G (L, Pa, Pa)` (`G^l = sigma_w^2 G^{l+1} * E[phi'(u) phi'(u)^T]`, `G^{L+1} = 1`) and the NTK
     `K (Pa, Pa) = sum_{l=0..L} G^{l+1} * Phi~^l`, with `Phi~ = sigma_w^2 Phi + sigma_b^2` (THEORY 8, 11).
+    With C outputs the gradient kernels and the NTK are these times `I_C` (THEORY 12).
     """
     net, Kx = problem.net, problem.data.Kx
     Phi, Gdot, prev = [], [], net.preactivation_kernel(Kx)
@@ -37,30 +38,35 @@ def lazy_kernels(problem):
 
 
 def gradient_flow_predictions(K, y, ts, eta0):
-    """Exact gradient flow on the MSE, `df/dt = (eta0/P) K (y - f)`, `f(0) = 0`, with a static NTK.
+    """Exact gradient flow on the MSE, `df/dt = (eta0/P) K (y - f)`, `f(0) = 0`, with a static NTK
+    shared by the outputs (`K (x) I_C`, THEORY 12).
 
-    `K (Pa, Pa)` over train then test points, `y (P,)`, `ts (n+1,)` -> `f (n+1, Pa)`:
+    `K (Pa, Pa)` over train then test points, `y (P, C)` (or `(P,)`), `ts (n+1,)` -> `f (n+1, Pa, C)`
+    (or `(n+1, Pa)`):
     train `f(t) = (I - exp(-eta0 K t / P)) y`, test `f_*(t) = K_{*.} K^{-1} (I - exp(-eta0 K t / P)) y`,
     both through the eigendecomposition of the train block (no inverse of an ill-conditioned K:
     `(1 - exp(-lam c)) / lam -> c` on its near-null space).
     """
+    if y.ndim == 1:
+        return gradient_flow_predictions(K, y[:, None], ts, eta0)[..., 0]
     P = y.shape[0]
     lam, V = jnp.linalg.eigh(K[:P, :P])
     lam = jnp.maximum(lam, 0.0)
     c = eta0 * ts / P
     decay = -jnp.expm1(-lam[None, :] * c[:, None])  # (n+1, P)
-    coeff = V.T @ y
-    f_train = (decay * coeff) @ V.T
+    coeff = V.T @ y  # (P, C)
+    f_train = jnp.einsum("tk,kc,pk->tpc", decay, coeff, V)
     tiny = jnp.finfo(K.dtype).eps * P * jnp.max(lam)
     ratio = jnp.where(lam > tiny, decay / jnp.where(lam > tiny, lam, 1.0), c[:, None])
-    f_test = ((ratio * coeff) @ V.T) @ K[P:, :P].T
+    f_test = jnp.einsum("tk,kc,pk->tpc", ratio, coeff, K[P:, :P] @ V)
     return jnp.concatenate([f_train, f_test], axis=1)
 
 
 def _static_flow(problem, K):
-    """Gradient flow `df/dt = (eta0/P) K Delta(f)` with a static NTK `K (Pa, Pa)` for any loss:
-    diffrax `Tsit5` with a tolerance near the dtype's precision, saved at `problem.ts` -> `(n+1, Pa)`."""
-    y, P = problem.data.y, problem.P
+    """Gradient flow `df/dt = (eta0/P) K Delta(f)` with a static NTK `K (Pa, Pa)` (shared by the outputs)
+    for any loss: diffrax `Tsit5` with a tolerance near the dtype's precision, saved at `problem.ts`
+    -> `(n+1, Pa, C)`."""
+    y, P = problem.data.Y, problem.P
     rate = problem.eta0 / P
     field = lambda t, f, args: rate * K[:, :P] @ problem.loss.delta(f[:P], y)
     tol = 0.01 * float(np.sqrt(np.finfo(K.dtype).eps))
@@ -70,7 +76,7 @@ def _static_flow(problem, K):
         0.0,
         problem.t_max,
         problem.dt,
-        jnp.zeros(K.shape[0], K.dtype),
+        jnp.zeros((K.shape[0], problem.C), K.dtype),
         saveat=diffrax.SaveAt(ts=problem.ts),
         stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
         max_steps=65536,
@@ -96,13 +102,14 @@ class Lazy(AbstractSolver):
 
     def postprocess(self, problem, state, key):
         Phi, G, K = state
-        n1 = problem.n_steps + 1
-        K_t = jnp.broadcast_to(K, (n1, *K.shape))
+        n1, C = problem.n_steps + 1, problem.C
+        K_t = jnp.broadcast_to(with_classes(K, C), (n1, K.shape[0] * C, K.shape[1] * C))
         if self.discrete:
             f_all = euler_predictions(problem, K_t)
         elif isinstance(problem.loss, MSE):
-            f_all = gradient_flow_predictions(K, problem.data.y, problem.ts, problem.eta0)
+            f_all = gradient_flow_predictions(K, problem.data.Y, problem.ts, problem.eta0)
         else:
             f_all = _static_flow(problem, K)
         tile = lambda X: jnp.broadcast_to(X[:, None], (X.shape[0], n1, *X.shape[1:]))
-        return dict(**prediction_fields(problem, K_t, f_all), Phi_eq=tile(Phi), G_eq=tile(G))
+        G_eq = split_classes(problem, tile(with_classes(G, C)), (-2, -1))
+        return dict(**prediction_fields(problem, K_t, f_all), Phi_eq=tile(Phi), G_eq=G_eq)

@@ -47,19 +47,21 @@ import jax.numpy as jnp
 
 from .. import costs
 from ..activations import Linear
-from ..dynamics import error_signal, euler_predictions, ntk_from_kernels, prediction_fields
+from ..dynamics import error_signal, euler_predictions, ntk_from_kernels, prediction_fields, split_classes
 from ..solve import AbstractIterativeSolver
 
 __all__ = ["LinearClosure"]
 
 
 class _State(eqx.Module):
-    """Order parameters of the closure in factored form. T = n + 1 times, Pa = P + P_test samples.
+    """Order parameters of the closure in factored form. T = n + 1 times, Pa = P + P_test samples, C
+    outputs; the backward index runs over (time, class) pairs, `TC = T C`, time-major.
 
     `Phi^l = Phi^0 + sum_{k<=l} (Abar^k Q^k + (Abar^k Q^k)^T)` with `Phi^0 = 1 1^T (x) Kx`, so the
-    state carries the rank-T factors instead of the (T Pa)^2 kernels:
-    A: (L, T, Pa, T) = Abar^1..Abar^L (Abar^L is only a factor of Phi^L, not a response function);
-    Q: (L, T, T, Pa); G: (L, T, T); beta: (L-1, T, T) with `Bbar^l(t, s, nu) = beta^l(t, s) Delta_nu(s)`.
+    state carries the rank-TC factors instead of the (T Pa)^2 kernels:
+    A: (L, T, Pa, TC) = Abar^1..Abar^L (Abar^L is only a factor of Phi^L, not a response function);
+    Q: (L, TC, T, Pa); G: (L, TC, TC); beta: (L-1, TC, TC) with
+    `Bbar^l((t, c), (s, nu)) = sum_c' beta^l((t, c), (s, c')) Delta_{nu c'}(s)`.
     """
 
     A: jax.Array
@@ -69,32 +71,54 @@ class _State(eqx.Module):
 
 
 def _contract(X, Delta):
-    """`sum_nu X[..., s, nu] Delta_nu(s)`: the contraction `Dc` with the error signal over the last two axes."""
-    return jnp.einsum("...sn,sn->...s", X, Delta)
+    """`Dc`: `sum_nu X[..., s, nu] Delta_{nu c}(s)` over the last two axes `(T, Pa)` -> `(..., T C)`."""
+    Y = jnp.einsum("...sn,snc->...sc", X, Delta)
+    return Y.reshape(*Y.shape[:-2], -1)
+
+
+def _row_contract(Delta, X):
+    """`Dc X`: `sum_nu Delta_{nu c}(s) X[s, nu, ...]` over the first two axes `(T, Pa)` -> `(T C, ...)`."""
+    Y = jnp.einsum("snc,sn...->sc...", Delta, X)
+    return Y.reshape(-1, *Y.shape[2:])
+
+
+def _causal(T, C, dtype):
+    """`[s < t]` over (time, class) rows and columns, `(T C, T C)`."""
+    return jnp.kron(jnp.tril(jnp.ones((T, T), dtype), -1), jnp.ones((C, C), dtype))
+
+
+def _readout_G(T, C, dtype):
+    """`G^{L+1} = 1 (x) I_C (T C, T C)`: the read-out weights of different outputs are independent."""
+    return jnp.kron(jnp.ones((T, T), dtype), jnp.eye(C, dtype=dtype))
 
 
 def _psi_increment(A, Q, Delta):
-    """`(U W + W^T U^T) Dc^T` for one layer's factors `U = A (T, Pa, T)`, `W = Q (T, T, Pa)` -> (T, Pa, T):
-    two (T Pa, T) x (T, T) products."""
-    QD = _contract(Q, Delta)  # [r, s]
-    AD = jnp.einsum("snr,sn->sr", A, Delta)  # [s, r]
+    """`(U W + W^T U^T) Dc^T` for one layer's factors `U = A (T, Pa, TC)`, `W = Q (TC, T, Pa)` ->
+    (T, Pa, TC): two (T Pa, TC) x (TC, TC) products."""
+    QD = _contract(Q, Delta)  # [rho, sigma]
+    AD = _row_contract(Delta, A)  # [sigma, rho]
     return jnp.einsum("tmr,rs->tms", A, QD) + jnp.einsum("rtm,sr->tms", Q, AD)
 
 
+def _psi0(net, Kx, Delta):
+    """`Psi~^0 (T, Pa, TC)`: `Psi~^0[t, mu, (s, c)] = sum_nu Phi~^0_{mu nu} Delta_{nu c}(s)` (every t)."""
+    T, Pa, C = Delta.shape
+    row = jnp.einsum("mn,snc->msc", net.preactivation_kernel(Kx), Delta).reshape(Pa, T * C)
+    return jnp.broadcast_to(row, (T, Pa, T * C))
+
+
 def _psi(net, Kx, A, Q, Delta):
-    """`Psi~^l = Phi~^l Dc^T`, l = 0..L-1 -> (L, T, Pa, T): `Psi~^l[t, mu, s] = sum_nu Phi~^l_{mu nu}(t, s) Delta_nu(s)`
-    with `Phi~^l = sw2 (Phi~^{l-1} + U W + W^T U^T) + sb2`, from the factors of every layer below
-    (O(L T^3 Pa))."""
-    L, T, Pa, _ = A.shape
-    psi = [jnp.broadcast_to((Delta @ net.preactivation_kernel(Kx)).T, (T, Pa, T))]
-    for l in range(L - 1):
+    """`Psi~^l = Phi~^l Dc^T`, l = 0..L-1 -> (L, T, Pa, TC) with `Phi~^l = sw2 (Phi~^{l-1} + U W + W^T U^T)
+    + sb2`, from the factors of every layer below (O(L T^3 Pa C^2))."""
+    psi = [_psi0(net, Kx, Delta)]
+    for l in range(A.shape[0] - 1):
         psi.append(_next_psi(net, psi[-1] + _psi_increment(A[l], Q[l], Delta), Delta))
     return jnp.stack(psi)
 
 
 def _next_psi(net, psi, Delta):
-    """`Psi~^l` from `Psi^l = Phi^l Dc^T (..., T)`: `sw2 Psi^l + sb2 sum_nu Delta_nu(s)`."""
-    return net.sw2 * psi + net.sigma_b**2 * Delta.sum(1)
+    """`Psi~^l` from `Psi^l = Phi^l Dc^T (..., TC)`: `sw2 Psi^l + sb2 sum_nu Delta_{nu c}(s)`."""
+    return net.sw2 * psi + net.sigma_b**2 * Delta.sum(1).reshape(-1)
 
 
 def _equal_time_Phi(net, Kx, A, Q):
@@ -110,14 +134,14 @@ def _equal_time_Phi(net, Kx, A, Q):
 def _full_Phi(net, Kx, A, Q):
     """Two-time `Phi^l(t, s)` for l = 1..L -> (L, T, Pa, T, Pa) (materialised once, after the solve).
 
-    One rank-2T product per layer, `[U, W^T] [W; U^T]`, accumulated in a scan whose outputs are
+    One rank-2TC product per layer, `[U, W^T] [W; U^T]`, accumulated in a scan whose outputs are
     written straight into the stacked result (a transpose or a stack of (T Pa)^2 matrices each cost
     as much as the product on CPU).
     """
-    L, T, Pa, _ = A.shape
+    L, T, Pa, TC = A.shape
 
     def layer(prev, factors):
-        U, W = factors[0].reshape(T * Pa, T), factors[1].reshape(T, T * Pa)
+        U, W = factors[0].reshape(T * Pa, TC), factors[1].reshape(TC, T * Pa)
         Phi = prev + jnp.concatenate([U, W.T], axis=1) @ jnp.concatenate([W, U.T], axis=0)
         return net.preactivation_kernel(Phi), Phi
 
@@ -125,21 +149,31 @@ def _full_Phi(net, Kx, A, Q):
     return Phi.reshape(L, T, Pa, T, Pa)
 
 
-def _ntk(net, Kx, state):
-    G_eq = jnp.diagonal(state.G, axis1=1, axis2=2)[..., None, None]  # (L, T, 1, 1)
-    return ntk_from_kernels(net, Kx, _equal_time_Phi(net, Kx, state.A, state.Q), G_eq)
+def _equal_time_G(G, T):
+    """Equal-time blocks `G^l((t, c), (t, c')) (L, T, C, C)` of `G (L, TC, TC)`."""
+    L, TC = G.shape[:2]
+    C = TC // T
+    return jnp.moveaxis(jnp.diagonal(G.reshape(L, T, C, T, C), axis1=1, axis2=3), -1, 1)
 
 
-def _unit_lower_inverse(N):
-    """`(I - N)^{-1}` for strictly lower-triangular `N (T, T)`: N is nilpotent (N^T = 0), so the inverse
-    is the finite Neumann series `sum_{j<T} N^j = prod_{k<K} (I + N^(2^k))`, K = ceil(log2 T).
+def _ntk(problem, state):
+    net, Kx, C = problem.net, problem.data.Kx, problem.C
+    T = state.A.shape[1]
+    G_eq = _equal_time_G(state.G, T)  # (L, T, C, C): sample axes of size 1
+    return ntk_from_kernels(net, Kx, _equal_time_Phi(net, Kx, state.A, state.Q), G_eq, C)
+
+
+def _unit_lower_inverse(N, T):
+    """`(I - N)^{-1}` for `N (TC, TC)` strictly lower block-triangular in time (T blocks): N is nilpotent
+    (N^T = 0), so the inverse is the finite Neumann series `sum_{j<T} N^j = prod_{k<K} (I + N^(2^k))`,
+    K = ceil(log2 T).
 
     2K matrix products instead of a triangular solve: the same result to round-off, and far faster
     under `vmap` on CPU (a batch of five 101 x 101 solves took 53 ms, the products 3 ms).
     """
     I = jnp.eye(N.shape[-1], dtype=N.dtype)
     inverse, power = I + N, N
-    for _ in range(max(math.ceil(math.log2(N.shape[-1])) - 1, 0)):
+    for _ in range(max(math.ceil(math.log2(T)) - 1, 0)):
         power = power @ power
         inverse = inverse @ (I + power)
     return inverse
@@ -147,42 +181,43 @@ def _unit_lower_inverse(N):
 
 def _layer(g2, c, Delta, A_prev, Psi_prev, G_next, beta):
     """One layer of THEORY 6 from its neighbours as its sources see them (THEORY 11): sw2 Abar^{l-1}
-    `A_prev (T, Pa, T)`, `Psi~^{l-1} (T, Pa, T)`, sw2 G^{l+1} `(T, T)`, sw2 beta^l `(T, T)`. Returns
-    Abar^l (T, Pa, T), Q^l (T, T, Pa), G^l (T, T), beta^{l-1} (T, T).
+    `A_prev (T, Pa, TC)`, `Psi~^{l-1} (T, Pa, TC)`, sw2 G^{l+1} `(TC, TC)`, sw2 beta^l `(TC, TC)`. Returns
+    Abar^l (T, Pa, TC), Q^l (TC, T, Pa), G^l (TC, TC), beta^{l-1} (TC, TC).
 
     `D^l = d (x) Delta` with `d = beta^l + c [s<t] G^{l+1}`: the backward field responds to a sample only
-    through that sample's error signal, so D Phi^{l-1} = d Psi^{l-1 T} and every product is (T Pa) x T x T.
+    through that sample's error signal, so D Phi^{l-1} = d Psi^{l-1 T} and every product is (T Pa) x TC x TC.
     """
-    T, Pa = Delta.shape
-    mask = jnp.tril(jnp.ones((T, T), Delta.dtype), -1)  # [s < t]
-    C = A_prev + c * mask[:, None, :] * Psi_prev
+    T, Pa, C = Delta.shape
+    mask = _causal(T, C, Delta.dtype)
+    C_mem = A_prev + c * mask[::C][:, None, :] * Psi_prev
     d = beta + c * mask * G_next
-    Mt = _unit_lower_inverse(g2 * d @ jnp.einsum("sn,snr->sr", Delta, C))  # (I - g2 D C)^{-1}
-    Abar = (C.reshape(T * Pa, T) @ Mt).reshape(T, Pa, T)
+    Mt = _unit_lower_inverse(g2 * d @ _row_contract(Delta, C_mem), T)  # (I - g2 D C)^{-1}
+    Abar = (C_mem.reshape(T * Pa, T * C) @ Mt).reshape(T, Pa, T * C)
     Q, S = _Q_factor(g2, d, Psi_prev, G_next, Abar, Delta)
     G = Mt @ (G_next + g2 * S) @ Mt.T
     return Abar, Q, G, Mt @ d
 
 
 def _Q_factor(g2, d, Psi_prev, G_next, Abar, Delta):
-    """`Q^l (T, T, Pa)` of `Phi^l = Phi^{l-1} + Abar Q + Q^T Abar^T`, and `S = D Phi^{l-1} D^T (T, T)`,
-    from `d^l (T, T)`, `Psi^{l-1}`, `Abar^l (T, Pa, T)` and `G^{l+1} (T, T)` (module docstring)."""
-    T, Pa = Delta.shape
-    R = d @ Psi_prev.reshape(T * Pa, T).T  # D Phi^{l-1}, (T, T Pa)
-    S = _contract(R.reshape(T, T, Pa), Delta) @ d.T
-    Q = g2 * R + 0.5 * (g2**2 * S + g2 * G_next) @ Abar.reshape(T * Pa, T).T
-    return Q.reshape(T, T, Pa), S
+    """`Q^l (TC, T, Pa)` of `Phi^l = Phi^{l-1} + Abar Q + Q^T Abar^T`, and `S = D Phi^{l-1} D^T (TC, TC)`,
+    from `d^l (TC, TC)`, `Psi^{l-1}`, `Abar^l (T, Pa, TC)` and `G^{l+1} (TC, TC)` (module docstring)."""
+    T, Pa, C = Delta.shape
+    R = d @ Psi_prev.reshape(T * Pa, T * C).T  # D Phi^{l-1}, (TC, T Pa)
+    S = _contract(R.reshape(T * C, T, Pa), Delta) @ d.T
+    Q = g2 * R + 0.5 * (g2**2 * S + g2 * G_next) @ Abar.reshape(T * Pa, T * C).T
+    return Q.reshape(T * C, T, Pa), S
 
 
 def _sweep(problem, state, responses=True):
     """One Jacobi sweep: every layer from the previous iterate of its neighbours and the new Delta."""
     net, Kx = problem.net, problem.data.Kx
-    Delta = error_signal(problem, _ntk(net, Kx, state))
+    Delta = error_signal(problem, _ntk(problem, state))
     c = problem.dt * problem.eta0 / problem.P
+    T = Delta.shape[0]
     # `_layer` takes the neighbours as the sources see them: sw2 Abar, sw2 G, sw2 beta, Psi~ (THEORY 11).
     on = float(responses) * net.sw2  # gradient independence: Abar = Bbar = 0 in the fields
     A_prev = on * jnp.concatenate([jnp.zeros_like(state.A[:1]), state.A[:-1]])
-    G_next = net.sw2 * jnp.concatenate([state.G[1:], jnp.ones_like(state.G[:1])])
+    G_next = net.sw2 * jnp.concatenate([state.G[1:], _readout_G(T, problem.C, Kx.dtype)[None]])
     beta = on * jnp.concatenate([state.beta, jnp.zeros_like(state.G[:1])])
     layer = lambda *args: _layer(problem.gamma0**2, c, Delta, *args)
     A, Q, G, beta = jax.vmap(layer)(A_prev, _psi(net, Kx, state.A, state.Q, Delta), G_next, beta)
@@ -193,52 +228,63 @@ def _march(problem, responses=True):
     """The closure's exact solution in ONE causal pass over time (the block forward substitution).
 
     Write `g^l = Mt (r + gamma0 d Dc u)`, so that, with `b = Mt d` (`Bbar^{l-1} = b (x) Delta`),
-    `G^l = Mt (G^{l+1} + gamma0^2 d Sigma^{l-1} d^T) Mt^T`, `Sigma = Dc Phi Dc^T` (T x T), and
+    `G^l = Mt (G^{l+1} + gamma0^2 d Sigma^{l-1} d^T) Mt^T`, `Sigma = Dc Phi Dc^T` (TC x TC), and
     `Phi^l = Phi^{l-1} + gamma0^2 [Psi^{l-1} (C b)^T + (C b) Psi^{l-1 T} + C G^l C^T]`. Every factor is
-    strictly causal, so row t of each order parameter needs only rows < t and row t of the layers
-    before it: at each t a downward pass gives d, Mt, b, G^l rows, an upward pass gives C, Abar and
-    Psi^l rows (s <= t) and Phi^l(t, t); then the Euler step gives Delta(t + 1). Cost O(L T^3 Pa) for
-    the whole solve, no iteration. Returns the fixed point as the iteration's `_State`.
+    strictly causal, so the rows of time t (C of them: one per class) of each order parameter need
+    only rows of times < t and those of time t of the layers before it: at each t a downward pass
+    gives d, Mt, b, G^l rows, an upward pass gives C, Abar and Psi^l rows (s <= t) and Phi^l(t, t);
+    then the Euler step gives Delta(t + 1). Cost O(L T^3 Pa C^2) for the whole solve, no iteration.
+    Returns the fixed point as the iteration's `_State`.
     """
-    net, Kx, y, P, L = problem.net, problem.data.Kx, problem.data.y, problem.P, problem.depth
+    net, Kx, Y, P, L, C = problem.net, problem.data.Kx, problem.data.Y, problem.P, problem.depth, problem.C
     T, Pa = problem.n_steps + 1, Kx.shape[0]
+    TC = T * C
     g2, c, sw2 = problem.gamma0**2, problem.dt * problem.eta0 / problem.P, net.sw2
     Kt = net.preactivation_kernel(Kx)
     on = float(responses) * sw2
     z = lambda *shape: jnp.zeros(shape, Kx.dtype)
-    small = ("DC", "DCb", "d", "Mt", "b", "G", "Sigma")  # (L, T, T) each; rows < t are final
-    carry = dict(f=z(Pa), Delta=z(T, Pa), **{name: z(L, T, T) for name in small})
-    ones = jnp.ones((T, T), Kx.dtype)
+    small = ("DC", "DCb", "d", "Mt", "b", "G", "Sigma")  # (L, TC, TC) each; rows of times < t are final
+    carry = dict(f=z(Pa, C), Delta=z(T, Pa, C), **{name: z(L, TC, TC) for name in small})
+    readout = _readout_G(T, C, Kx.dtype)
+    eye = jnp.eye(TC, dtype=Kx.dtype)
+
+    def rows(X, t):
+        """The C rows of time t of `X (TC, TC)`."""
+        return jax.lax.dynamic_slice_in_dim(X, t * C, C)
+
+    def set_rows(X, t, row):
+        return jax.lax.dynamic_update_slice_in_dim(X, row, t * C, 0)
 
     def set_sym(X, t, row):
-        return X.at[t].set(row).at[:, t].set(row)
+        return jax.lax.dynamic_update_slice_in_dim(set_rows(X, t, row), row.T, t * C, 1)
 
     def backward_rows(k, t, before):
         """Rows t of d^l, Mt^l, b^l and G^l, from the last layer down (d^l needs b^{l+1}, G^{l+1})."""
         for l in reversed(range(L)):
-            G_next = sw2 * (k["G"][l + 1] if l + 1 < L else ones)
-            b_next = on * k["b"][l + 1, t] if l + 1 < L else 0.0
-            d_row = b_next + c * before * G_next[t]
-            d = k["d"][l].at[t].set(d_row)
-            Mt_row = (jnp.arange(T) == t) + g2 * (d_row @ k["DC"][l]) @ k["Mt"][l]
-            Mt = k["Mt"][l].at[t].set(Mt_row)
+            G_next = sw2 * (k["G"][l + 1] if l + 1 < L else readout)
+            b_next = on * rows(k["b"][l + 1], t) if l + 1 < L else 0.0
+            d_row = b_next + c * before * rows(G_next, t)
+            d = set_rows(k["d"][l], t, d_row)
+            Mt_row = rows(eye, t) + g2 * (d_row @ k["DC"][l]) @ k["Mt"][l]
+            Mt = set_rows(k["Mt"][l], t, Mt_row)
             b_row = Mt_row @ d
             vX = Mt_row @ G_next + g2 * (b_row @ k["Sigma"][l]) @ d.T
             k["G"] = k["G"].at[l].set(set_sym(k["G"][l], t, vX @ Mt.T))
-            k["d"], k["Mt"], k["b"] = k["d"].at[l].set(d), k["Mt"].at[l].set(Mt), k["b"].at[l, t].set(b_row)
+            k["d"], k["Mt"] = k["d"].at[l].set(d), k["Mt"].at[l].set(Mt)
+            k["b"] = k["b"].at[l].set(set_rows(k["b"][l], t, b_row))
         return k
 
     def forward_rows(k, t, before, Dt):
         """Rows t of C^l, Abar^l, Psi^l (s <= t) and Phi^l(t, t), from the first layer up."""
-        upto = jnp.arange(T) <= t
-        psi = (k["Delta"] @ Kt).T  # row t of Psi~^0, (Pa, T)
+        upto = jnp.repeat(jnp.arange(T) <= t, C)
+        psi = _psi0(net, Kx, k["Delta"])[0]  # row t of Psi~^0, (Pa, TC)
         Phi_eq, Abar, prev = [], [], Kt
         for l in range(L):
             C_row = (on * Abar[-1] if l else 0.0) + c * before * psi
-            DC_row = Dt @ C_row
+            DC_row = Dt.T @ C_row
             Cb = C_row @ k["b"][l]
-            k["DC"] = k["DC"].at[l, t].set(DC_row)
-            k["DCb"] = k["DCb"].at[l, t].set(DC_row @ k["b"][l])
+            k["DC"] = k["DC"].at[l].set(set_rows(k["DC"][l], t, DC_row))
+            k["DCb"] = k["DCb"].at[l].set(set_rows(k["DCb"][l], t, DC_row @ k["b"][l]))
             Abar.append(C_row @ k["Mt"][l])
             CG = C_row @ k["G"][l]
             Phi_eq.append(prev + g2 * (psi @ Cb.T + Cb @ psi.T + CG @ C_row.T))
@@ -246,19 +292,20 @@ def _march(problem, responses=True):
             if l + 1 < L:
                 psi = psi + g2 * (psi @ k["DCb"][l].T + Cb @ k["Sigma"][l] + CG @ k["DC"][l].T)
                 psi = upto * _next_psi(net, psi, k["Delta"])
-                k["Sigma"] = k["Sigma"].at[l + 1].set(set_sym(k["Sigma"][l + 1], t, Dt @ psi))
+                k["Sigma"] = k["Sigma"].at[l + 1].set(set_sym(k["Sigma"][l + 1], t, Dt.T @ psi))
         return k, jnp.stack(Phi_eq), jnp.stack(Abar)
 
     def step(k, t):
         k = dict(k)
-        Dt = jnp.zeros(Pa, Kx.dtype).at[:P].set(problem.loss.delta(k["f"][:P], y))
+        Dt = jnp.zeros((Pa, C), Kx.dtype).at[:P].set(problem.loss.delta(k["f"][:P], Y))
         k["Delta"] = k["Delta"].at[t].set(Dt)
-        k["Sigma"] = k["Sigma"].at[0].set(set_sym(k["Sigma"][0], t, k["Delta"] @ Kt @ Dt))
-        before = jnp.arange(T) < t
+        sigma0 = jnp.einsum("mc,mn,snd->csd", Dt, Kt, k["Delta"]).reshape(C, TC)
+        k["Sigma"] = k["Sigma"].at[0].set(set_sym(k["Sigma"][0], t, sigma0))
+        before = jnp.repeat(jnp.arange(T) < t, C)
         k, Phi_eq, Abar = forward_rows(backward_rows(k, t, before), t, before, Dt)
-        G_eq = jnp.diagonal(k["G"], axis1=1, axis2=2)[:, t]
-        K = ntk_from_kernels(net, Kx, Phi_eq[:, None], G_eq[:, None, None, None])[0]
-        k["f"] = k["f"] + c * K[:, :P] @ Dt[:P]  # Euler: f(t + 1)
+        G_eq = jax.vmap(lambda G: jax.lax.dynamic_slice(G, (t * C, t * C), (C, C)))(k["G"])  # (L, C, C)
+        K = ntk_from_kernels(net, Kx, Phi_eq[:, None], G_eq[:, None], C)[0]
+        k["f"] = k["f"] + c * (K[:, : P * C] @ Dt[:P].reshape(-1)).reshape(Pa, C)  # Euler: f(t + 1)
         return k, Abar
 
     k, Abar = jax.lax.scan(step, carry, jnp.arange(T))
@@ -268,12 +315,12 @@ def _march(problem, responses=True):
 def _factorise(problem, Abar, G, d, b, Delta):
     """The iteration's factored `_State` from the marched Abar, G, d, b: `Q^l` needs the full Psi^{l-1}."""
     net, Kx, L = problem.net, problem.data.Kx, problem.depth
-    T, Pa = Delta.shape
+    T = Delta.shape[0]
     g2 = problem.gamma0**2
-    psi = jnp.broadcast_to((Delta @ net.preactivation_kernel(Kx)).T, (T, Pa, T))
+    psi = _psi0(net, Kx, Delta)
     Q = []
     for l in range(L):
-        G_next = net.sw2 * (G[l + 1] if l + 1 < L else jnp.ones((T, T), Kx.dtype))
+        G_next = net.sw2 * (G[l + 1] if l + 1 < L else _readout_G(T, problem.C, Kx.dtype))
         Q.append(_Q_factor(g2, d[l], psi, G_next, Abar[l], Delta)[0])
         if l + 1 < L:
             psi = _next_psi(net, psi + _psi_increment(Abar[l], Q[l], Delta), Delta)
@@ -345,32 +392,34 @@ class LinearClosure(AbstractIterativeSolver):
         if self.start == "march":
             return _march(problem, self.responses)
         # Lazy start: Phi^l = Phi^0 (zero factors), G^l = 1 (linear networks), no responses.
-        L, T, Pa = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0]
+        L, T, Pa, C = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0], problem.C
         dtype = problem.data.Kx.dtype
         return _State(
-            A=jnp.zeros((L, T, Pa, T), dtype),
-            Q=jnp.zeros((L, T, T, Pa), dtype),
-            G=jnp.ones((L, T, T), dtype),
-            beta=jnp.zeros((L - 1, T, T), dtype),
+            A=jnp.zeros((L, T, Pa, T * C), dtype),
+            Q=jnp.zeros((L, T * C, T, Pa), dtype),
+            G=jnp.broadcast_to(_readout_G(T, C, dtype), (L, T * C, T * C)),
+            beta=jnp.zeros((L - 1, T * C, T * C), dtype),
         )
 
     def step(self, problem, state, key):
         return _sweep(problem, state, self.responses)
 
     def postprocess(self, problem, state, key):
-        net, Kx = problem.net, problem.data.Kx
-        K = _ntk(net, Kx, state)
+        net, Kx, C = problem.net, problem.data.Kx, problem.C
+        K = _ntk(problem, state)
         f = euler_predictions(problem, K)
         Delta = error_signal(problem, K)
-        L, T = state.G.shape[:2]
-        Pa = Kx.shape[0]
-        G_eq = jnp.diagonal(state.G, axis1=1, axis2=2)[..., None, None]
+        L, T, Pa = problem.depth, problem.n_steps + 1, Kx.shape[0]
+        split = lambda X, *axes: split_classes(problem, X, axes)
+        G_eq = _equal_time_G(state.G, T)[:, :, None, :, None, :]
+        G_eq = jnp.broadcast_to(G_eq, (L, T, Pa, C, Pa, C)).reshape(L, T, Pa * C, Pa * C)
+        B = jnp.einsum("ltcsd,snd->ltcsn", state.beta.reshape(L - 1, T, C, T, C), Delta)
         return dict(
             **prediction_fields(problem, K, f),
             Phi=_full_Phi(net, Kx, state.A, state.Q),
-            G=state.G[:, :, None, :, None],
+            G=split(state.G.reshape(L, T, C, T, C), 2, 4),
             Phi_eq=_equal_time_Phi(net, Kx, state.A, state.Q),
-            G_eq=jnp.broadcast_to(G_eq, (L, T, Pa, Pa)),
-            A=state.A[:-1, ..., None] / Pa,
-            B=state.beta[:, :, None, :, None] * Delta,
+            G_eq=split(G_eq, -2, -1),
+            A=split(state.A[:-1].reshape(L - 1, T, Pa, T, C) / Pa, -1),
+            B=split(B, 2),
         )

@@ -46,8 +46,16 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from .. import _mesh, costs
-from ..dynamics import equal_time, error_signal, euler_predictions, ntk_from_kernels, prediction_fields
-from ..single_site import fields, layer_memory, two_layer_fields
+from ..dynamics import (
+    equal_time,
+    error_signal,
+    euler_predictions,
+    ntk_from_kernels,
+    prediction_fields,
+    split_classes,
+    with_classes,
+)
+from ..single_site import fields, layer_memory, readout_G, two_layer_fields
 from ..solve import AbstractIterativeSolver, damped
 from . import _responses, _sampling
 from .lazy import lazy_kernels
@@ -58,9 +66,10 @@ _ERRORBAR_RTOL = 0.1  # the replica stage's relative change of the replica sprea
 
 
 class _State(eqx.Module):
-    """Order parameters: `Phi`, `G (L, T, Pa, T, Pa)` and `A`, `B (L-1, T, Pa, T, Pa)` (Abar^l, Bbar^l for
-    l = 1..L-1), with a leading replica axis R in `_Replicas.reps`. Depth 1 (THEORY 7) tracks equal
-    times only: `Phi`, `G (1, T, Pa, Pa)`, `A`, `B` empty."""
+    """Order parameters: `Phi (L, T, Pa, T, Pa)`, `G (L, T, Pa C, T, Pa C)`, `A (L-1, T, Pa, T, Pa C)`, `B
+    (L-1, T, Pa C, T, Pa)` (Abar^l, Bbar^l for l = 1..L-1; C outputs, `single_site`), with a leading
+    replica axis R in `_Replicas.reps`. Depth 1 (THEORY 7) tracks equal times only: `Phi (1, T, Pa, Pa)`,
+    `G (1, T, Pa C, Pa C)`, `A`, `B` empty."""
 
     Phi: jax.Array
     G: jax.Array
@@ -208,9 +217,10 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                     f'sampling="sobol" needs n_samples / n_replicas a power of 2 (a whole Sobol net per '
                     f"replica), got {S} / {R} = {self._per_replica}"
                 )
-            # Coordinates per sample: u and r over (time, point) pairs; depth 1 draws u over the points
-            # only and one scalar r (THEORY 7).
-            dim = problem.data.Kx.shape[0] + 1 if problem.depth == 1 else 2 * n
+            # Coordinates per sample: u over (time, point) pairs, r over (time, point, class) triples; depth
+            # 1 draws u over the points only and r over the classes (THEORY 7).
+            C = problem.C
+            dim = problem.data.Kx.shape[0] + C if problem.depth == 1 else n * (1 + C)
             if dim > _sampling.SOBOL_MAX_DIM:
                 raise ValueError(
                     f'sampling="sobol" needs {dim} coordinates per sample here, more than scipy\'s Sobol '
@@ -247,13 +257,15 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         R, S, chunk = self.n_replicas, self.n_samples, self._chunk
         mesh = self._devices()
         local = R if mesh is None else R // mesh.size  # replicas per device
+        # C outputs: G grows C^2-fold, the responses C-fold, Phi not; the model counts them on average.
+        grow = ((1 + problem.C) / 2) ** 2
         if L == 1:  # equal-time kernels (T, Pa, Pa)
-            m = T * Pa * Pa
+            m = T * Pa * Pa * grow
             elements = 7.0 * local * m + 5.3 * m + 0.4 * chunk * Pa
             flops = {"pooled": 8.0 * S * m, "replicas": 8.0 * S * m}
         else:  # (L, T Pa, T Pa) kernels and responses: 4 L - 2 of them per replica
             n, k = T * Pa, 4 * L - 2
-            elements = (2.7 * local * k + 1.2 * k + 12.0) * n * n + 2.75 * chunk * n
+            elements = (2.7 * local * k + 1.2 * k + 12.0) * n * n * grow + 2.75 * chunk * n * (1 + problem.C) / 2
             samples, factors = 12.0 * S * n * n, 23.0 * n**3
             flops = {"pooled": L * (samples + factors), "replicas": L * (samples + R * factors)}
         sizes = {"T Pa": T * Pa, "depth": L, "samples": S, "chunk": chunk, "replicas per device": local}
@@ -280,15 +292,16 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     # -- the iteration protocol: a pooled stage, then the replicas ------------------------------------
     def init(self, problem, key):
         Phi, G, _ = lazy_kernels(problem)
-        L, T, Pa = problem.depth, problem.n_steps + 1, Phi.shape[-1]
+        L, T, Pa, C = problem.depth, problem.n_steps + 1, Phi.shape[-1], problem.C
+        G = with_classes(G, C)
         floor = jnp.zeros((2,), Phi.dtype)
         if L == 1:
-            tile = lambda X: jnp.broadcast_to(X[:, None], (1, T, Pa, Pa))
+            tile = lambda X: jnp.broadcast_to(X[:, None], (1, T, *X.shape[1:]))
             empty = jnp.zeros((0, T, Pa, Pa), Phi.dtype)
             return _Pooled(_State(tile(Phi), tile(G), empty, empty), floor)
-        tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, Pa, T, Pa))
-        zeros = jnp.zeros((L - 1, T, Pa, T, Pa), Phi.dtype)
-        return _Pooled(_State(tile(Phi), tile(G), zeros, zeros), floor)
+        tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, X.shape[1], T, X.shape[2]))
+        A, B = jnp.zeros((L - 1, T, Pa, T, Pa * C), Phi.dtype), jnp.zeros((L - 1, T, Pa * C, T, Pa), Phi.dtype)
+        return _Pooled(_State(tile(Phi), tile(G), A, B), floor)
 
     def stages(self):
         return (_PooledStage(self), self)
@@ -355,10 +368,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         """Prediction fields and kernels of one set of order parameters (a replica's or the answer)."""
         depth1 = problem.depth == 1
         Phi_eq, G_eq = (s.Phi, s.G) if depth1 else (equal_time(s.Phi), equal_time(s.G))
-        K = ntk_from_kernels(problem.net, problem.data.Kx, Phi_eq, G_eq)
+        K = ntk_from_kernels(problem.net, problem.data.Kx, Phi_eq, G_eq, problem.C)
         f = euler_predictions(problem, K)
-        two_time = {} if depth1 else dict(Phi=s.Phi, G=s.G, A=s.A, B=s.B)
-        return prediction_fields(problem, K, f), dict(Phi_eq=Phi_eq, G_eq=G_eq, **two_time)
+        split = lambda X, *axes: split_classes(problem, X, axes)
+        two_time = {} if depth1 else dict(Phi=s.Phi, G=split(s.G, -3, -1), A=split(s.A, -1), B=split(s.B, -3))
+        return prediction_fields(problem, K, f), dict(Phi_eq=Phi_eq, G_eq=split(G_eq, -2, -1), **two_time)
 
     # -- the map, for one replica or pooled ----------------------------------------------------------
     def _layer_axes(self, problem, l):
@@ -370,7 +384,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         T = 1 if problem.depth == 1 else problem.n_steps + 1
         Su = problem.net.preactivation_kernel(problem.data.Kx if l == 0 else Phi0[l - 1])
         axes_u = _sampling.sobol_axes(Su, 1 if l == 0 else T)
-        return axes_u, None if l == problem.depth - 1 else _sampling.sobol_axes(G0[l + 1], T)
+        return axes_u, None if l == problem.depth - 1 else _sampling.sobol_axes(with_classes(G0[l + 1], problem.C), T)
 
     def _map(self, problem, state, keys, mesh, beta):
         """One application of the map to `state` (no replica axis) with the samples of the replicas
@@ -384,10 +398,12 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return self._deep(problem, state, keys, axes, mesh, beta)
 
     def _deep(self, problem, state, keys, axes, mesh, beta):
-        L, Kx = problem.depth, problem.data.Kx
+        L, Kx, C_out = problem.depth, problem.data.Kx, problem.C
         T, Pa = state.Phi.shape[1:3]
+        n, nC = T * Pa, T * Pa * C_out
         c = problem.dt * problem.eta0 / problem.P
-        Delta = error_signal(problem, ntk_from_kernels(problem.net, Kx, equal_time(state.Phi), equal_time(state.G)))
+        K = ntk_from_kernels(problem.net, Kx, equal_time(state.Phi), equal_time(state.G), C_out)
+        Delta = error_signal(problem, K)
         ctrl = self._control(problem)
         Phi_new, G_new, A_new, B_new = [], [], [], []
         means, variances = [], []
@@ -398,14 +414,14 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             else:  # this sweep's layer below, mixed as `solve` will mix it
                 Phi_prev = damped(state.Phi[l - 1], Phi_new[-1], beta)
                 A_prev = damped(state.A[l - 1], A_new[-1], beta)
-            G_next = jnp.ones((T, Pa, T, Pa), Kx.dtype) if last else state.G[l + 1]
+            G_next = readout_G(T, Pa, C_out, Kx.dtype) if last else state.G[l + 1]
             B = 0.0 if last else state.B[l]
             Su, Sr, C, D = layer_memory(problem.net, Phi_prev, A_prev, G_next, B, Delta, c)
             # The covariances the sources really have (negative eigenvalues clipped); u of layer 1 is
             # constant in time, r of layer L one scalar.
-            M_u, V_u = _sampling.factor(Su[0, :, 0, :] if first else Su.reshape(T * Pa, T * Pa))
+            M_u, V_u = _sampling.factor(Su[0, :, 0, :] if first else Su.reshape(n, n))
             sw = problem.net.sigma_w
-            M_r, V_r = (sw, None) if last else _sampling.factor(Sr.reshape(T * Pa, T * Pa))
+            M_r, V_r = (sw, None) if last else _sampling.factor(Sr.reshape(nC, nC))
             Su, Sr = M_u @ M_u, sw**2 if last else M_r @ M_r
             layer_keys = jax.vmap(jr.fold_in, in_axes=(0, None))(keys, l)
             m, var = self._moments(problem, layer_keys, (M_u, M_r), axes[l], C, D, first, last, mesh)
@@ -413,34 +429,38 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 E_psi, E_chi = ctrl.kernels(Su)
                 if first:  # u of layer 1 is constant in time
                     E_psi, E_chi = jnp.tile(E_psi, (T, T)), jnp.tile(E_chi, (T, T))
-                m["Phi"], m["G"] = m["Phi"] + E_psi, m["G"] + E_chi * Sr
+                # <chi(u_mu) r_mu c chi(u_nu) r_nu c'> = E_chi_{mu nu} Sr_{mu c, nu c'}; r^L: Sr = sw2 I_C.
+                E_g = with_classes(E_chi, C_out) if last else jnp.repeat(jnp.repeat(E_chi, C_out, 0), C_out, 1)
+                m["Phi"], m["G"] = m["Phi"] + E_psi, m["G"] + E_g * Sr
             means.append(m)
             variances.append(var)
             if self.responses == "jacobian":
                 m |= self._jacobians(problem, layer_keys, (M_u, M_r), (V_u, V_r), axes[l], C, D, first, last)
             Phi_new.append(m["Phi"].reshape(T, Pa, T, Pa))
-            G_new.append(m["G"].reshape(T, Pa, T, Pa))
+            G_new.append(m["G"].reshape(T, Pa * C_out, T, Pa * C_out))
             if not last:
-                A_new.append(self._response(problem, m, "A", Sr, T, Pa))
+                A_new.append(self._response(problem, m, "A", Sr, T, (n, nC)))
             if not first:
-                B_new.append(self._response(problem, m, "B", Su, T, Pa))
+                B_new.append(self._response(problem, m, "B", Su, T, (nC, n)))
         new = _State(jnp.stack(Phi_new), jnp.stack(G_new), jnp.stack(A_new), jnp.stack(B_new))
         return new, _floor(means, variances, keys.shape[0])
 
-    def _response(self, problem, m, name, K, T, Pa):
-        """Abar (name "A") or Bbar ("B") from the moments m; K: covariance of the differentiated source."""
+    def _response(self, problem, m, name, K, T, shape):
+        """Abar (name "A", `shape (T Pa, T Pa C)`) or Bbar ("B", `(T Pa C, T Pa)`) from the moments m, as
+        `(T, ., T, .)`; K: covariance of the differentiated source."""
+        out = (T, shape[0] // T, T, shape[1] // T)
         if self.responses == "none":
-            return jnp.zeros((T, Pa, T, Pa), K.dtype)
+            return jnp.zeros(out, K.dtype)
         lag = 1 if name == "A" else 0  # Abar strictly causal, Bbar with its equal-time block
         if self.responses == "jacobian":
-            R = m[name + "_jac"] * _responses.time_mask(T, Pa, lag, K.dtype)
+            R = m[name + "_jac"] * _responses.time_mask(T, shape, lag, K.dtype)
         else:
-            R = _responses.causal_stein(m[name], K, self.rcond, T, Pa, lag)
+            R = _responses.causal_stein(m[name], K, self.rcond, T, lag)
         gamma0 = problem.gamma0  # >= 0; at 0 the responses are irrelevant (they multiply gamma0)
-        return jnp.where(gamma0 > 0, R / jnp.where(gamma0 > 0, gamma0, 1.0), 0.0).reshape(T, Pa, T, Pa)
+        return jnp.where(gamma0 > 0, R / jnp.where(gamma0 > 0, gamma0, 1.0), 0.0).reshape(out)
 
-    def _sources(self, key, i, factors, axes, T, Pa, first, last, dtype):
-        du, dr = (Pa if first else T * Pa), (1 if last else T * Pa)
+    def _sources(self, key, i, factors, axes, T, Pa, C, first, last, dtype):
+        du, dr = (Pa if first else T * Pa), (C if last else T * Pa * C)
         e_u, e_r = self._normals(key, i, du, dr, axes, dtype)
         return _sampling.sources(e_u, e_r, *factors, T, Pa, first, last)
 
@@ -448,29 +468,31 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         """Sample means over the replicas `keys (K,)` of one layer, over (T Pa): `<phi phi^T>`, `<g g^T>` and
         the Stein moments `<phi r^T>`, `<g u^T>` (lower time blocks only), control variates subtracted;
         and the variances over the replicas of the Phi and G moments, entry by entry (`_over_replicas`)."""
-        act, gamma0 = problem.activation, problem.gamma0
+        act, gamma0, C_out = problem.activation, problem.gamma0, problem.C
         T, Pa = C.shape[:2]
-        chunk, n = self._chunk, T * Pa
+        chunk, n, nC = self._chunk, T * Pa, T * Pa * C_out
         ctrl = self._control(problem)
         need_A = not last and self.responses == "stein"
         need_B = not first and self.responses == "stein"
 
         def one_chunk(acc, key_i):
-            u, r = self._sources(*key_i, factors, axes, T, Pa, first, last, C.dtype)
+            u, r = self._sources(*key_i, factors, axes, T, Pa, C_out, first, last, C.dtype)
             phis, gs = fields(act, gamma0, u, r, C, D)
             phi0 = g0 = None
             if ctrl is not None:  # the lazy fields of the same sources
-                phi0, g0 = ctrl.fn(u).reshape(chunk, n), (ctrl.dfn(u) * r).reshape(chunk, n)
+                phi0 = ctrl.fn(u).reshape(chunk, n)
+                g0 = (ctrl.dfn(u)[..., None] * r.reshape(chunk, T, Pa, C_out)).reshape(chunk, nC)
             out = {"Phi": _sampling.gram(phis, phi0), "G": _sampling.gram(gs, g0)}
             # The controls' Stein moments <psi(u) r^T>, <chi(u) r u^T> vanish exactly (u, r independent).
             if need_A:
-                out["A"] = _responses.lower_products(_minus(phis, phi0), r.reshape(chunk, n), T, Pa)
+                out["A"] = _responses.lower_products(_minus(phis, phi0), r.reshape(chunk, nC), T)
             if need_B:
-                out["B"] = _responses.lower_products(_minus(gs, g0), u.reshape(chunk, n), T, Pa)
+                out["B"] = _responses.lower_products(_minus(gs, g0), u.reshape(chunk, n), T)
             return jax.tree.map(jnp.add, acc, out), None
 
+        shapes = {"Phi": (n, n), "G": (nC, nC), "A": (n, nC), "B": (nC, n)}
         names = ["Phi", "G"] + ["A"] * need_A + ["B"] * need_B
-        zeros = {k: jnp.zeros((n, n), C.dtype) for k in names}
+        zeros = {k: jnp.zeros(shapes[k], C.dtype) for k in names}
         return _over_replicas(keys, zeros, one_chunk, self._per_replica, chunk, mesh)
 
     def _jacobians(self, problem, keys, factors, eigvecs, axes, C, D, first, last):
@@ -480,39 +502,40 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         chunks = jnp.arange(self._per_replica // self._chunk)
 
         def mean_over_samples(fn):
-            total = lambda key, i: fn(*self._sources(key, i, factors, axes, T, Pa, first, last, C.dtype))
+            total = lambda key, i: fn(*self._sources(key, i, factors, axes, T, Pa, problem.C, first, last, C.dtype))
             per_key = lambda key: jax.lax.map(lambda i: total(key, i), chunks).sum(0)
             return jax.lax.map(per_key, keys).sum(0) / (keys.shape[0] * self._per_replica)
 
         field_fn = lambda u, r: fields(problem.activation, problem.gamma0, u, r, C, D)
-        k = self.n_directions or T * Pa
-        return _responses.jacobian_moments(mean_over_samples, field_fn, eigvecs, k, T, Pa, first, last)
+        return _responses.jacobian_moments(mean_over_samples, field_fn, eigvecs, self.n_directions, first, last)
 
     def _two_layer(self, problem, state, keys, axes, mesh):
-        """THEORY 7: u ~ N(0, Kx) constant, r scalar, equal-time kernels only (O(S Pa^2) memory)."""
-        Kx, act, gamma0 = problem.data.Kx, problem.activation, problem.gamma0
+        """THEORY 7: u ~ N(0, Kx) constant, r (one per class) constant, equal-time kernels only (O(S Pa^2 C^2)
+        memory)."""
+        Kx, act, gamma0, C = problem.data.Kx, problem.activation, problem.gamma0, problem.C
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
         net = problem.net
-        Delta = error_signal(problem, ntk_from_kernels(net, Kx, state.Phi, state.G))
+        Delta = error_signal(problem, ntk_from_kernels(net, Kx, state.Phi, state.G, C))
         Su = net.preactivation_kernel(Kx)
         M_u = _sampling.factor(Su)[0]
         ctrl = self._control(problem)
 
         def one_chunk(acc, key_i):
-            e_u, e_r = self._normals(*key_i, Pa, 1, axes[0], Kx.dtype)
-            u, r = e_u @ M_u.T, net.sigma_w * e_r[:, 0]
+            e_u, e_r = self._normals(*key_i, Pa, C, axes[0], Kx.dtype)
+            u, r = e_u @ M_u.T, net.sigma_w * e_r
             gram = lambda phi, g: (phi.T @ phi, g.T @ g)
             Phi, G = two_layer_fields(act, gamma0, c, Su, net.sw2, u, r, Delta, gram)
             if ctrl is not None:  # control variates (see `_moments`): the lazy fields, constant in time
-                Phi, G = Phi - _sampling.gram(ctrl.fn(u)), G - _sampling.gram(ctrl.dfn(u) * r[:, None])
+                g0 = (ctrl.dfn(u)[:, :, None] * r[:, None, :]).reshape(r.shape[0], Pa * C)
+                Phi, G = Phi - _sampling.gram(ctrl.fn(u)), G - _sampling.gram(g0)
             return {"Phi": acc["Phi"] + Phi, "G": acc["G"] + G}, None
 
-        zeros = dict.fromkeys(["Phi", "G"], jnp.zeros((T, Pa, Pa), Kx.dtype))
+        zeros = {"Phi": jnp.zeros((T, Pa, Pa), Kx.dtype), "G": jnp.zeros((T, Pa * C, Pa * C), Kx.dtype)}
         m, var = _over_replicas(keys, zeros, one_chunk, self._per_replica, self._chunk, mesh)
         if ctrl is not None:
             E_psi, E_chi = ctrl.kernels(M_u @ M_u)
-            m = {"Phi": m["Phi"] + E_psi, "G": m["G"] + E_chi * net.sw2}
+            m = {"Phi": m["Phi"] + E_psi, "G": m["G"] + with_classes(E_chi, C) * net.sw2}
         new = _State(m["Phi"][None], m["G"][None], state.A, state.B)
         return new, _floor([m], [var], keys.shape[0])
 

@@ -14,7 +14,15 @@ import jax.random as jr
 import numpy as np
 
 from ..activations import Linear, gauss_hermite_pairs
-from ..dynamics import equal_time, error_signal, euler_predictions, ntk_from_kernels, prediction_fields
+from ..dynamics import (
+    equal_time,
+    error_signal,
+    euler_predictions,
+    ntk_from_kernels,
+    prediction_fields,
+    split_classes,
+    with_classes,
+)
 from ..single_site import fields, memory, two_layer_fields
 from ..solve import AbstractSolver
 from . import _sampling
@@ -253,6 +261,11 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
                 "none (piecewise linear). Use a smooth activation (tanh, erf), or compare dmft.MonteCarlo "
                 "at small gamma0 with dmft.Lazy"
             )
+        if problem.depth > 1 and problem.C > 1:
+            raise ValueError(
+                f"Perturbative has no several-output theory for nonlinear networks of depth >= 2 (here "
+                f"C = {problem.C}); use dmft.MonteCarlo at small gamma0, or depth 1, or a linear activation"
+            )
         S, R = self.n_samples, self.n_replicas
         if R < 2 or S % R or self._per_replica % self._chunk:
             raise ValueError(
@@ -285,37 +298,44 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
         if problem.depth > 1:
             (Phi0_tt, G0_tt), (Phi2_tt, G2_tt) = state[2]
             two_time = dict(Phi=Phi0_tt + g2 * Phi2_tt, G=G0_tt + g2 * G2_tt)
-        return dict(**fields, Phi_eq=Phi_eq, G_eq=G_eq, stderr=stderr, **two_time)
+        return dict(**fields, Phi_eq=Phi_eq, G_eq=split_classes(problem, G_eq, (-2, -1)), stderr=stderr, **two_time)
 
     @staticmethod
     def _fields(problem, Phi_eq, G_eq):
-        """Prediction fields from equal-time kernels `(L, T, Pa, Pa)` (Euler predictions)."""
-        K = ntk_from_kernels(problem.net, problem.data.Kx, Phi_eq, G_eq)
+        """Prediction fields from equal-time kernels `Phi_eq (L, T, Pa, Pa)`, `G_eq (L, T, Pa C, Pa C)`
+        (Euler predictions)."""
+        K = ntk_from_kernels(problem.net, problem.data.Kx, Phi_eq, G_eq, problem.C)
         f = euler_predictions(problem, K)
         return prediction_fields(problem, K, f), Phi_eq, G_eq
 
     def _two_layer(self, problem, key):
-        """`x0 = (Phi0, G0) (1, Pa, Pa)` (exact lazy kernels) and `x2 = (Phi2, G2)` per replica,
-        `(R, 1, T, Pa, Pa)` (their mean is the estimate)."""
+        """`x0 = (Phi0 (1, 1, Pa, Pa), G0 (1, 1, Pa C, Pa C))` (exact lazy kernels) and `x2 = (Phi2, G2)` per
+        replica, `(R, 1, T, ., .)` (their mean is the estimate). One output: the read-out r by 3-node
+        Gauss-Hermite; C > 1 outputs: r ~ N(0, sw2 I_C) sampled with u."""
         Phi0, G0, K0 = lazy_kernels(problem)
-        Kx, T = problem.data.Kx, problem.n_steps + 1
-        Delta0 = error_signal(problem, jnp.broadcast_to(K0, (T, *K0.shape)))
+        Kx, T, C = problem.data.Kx, problem.n_steps + 1, problem.C
+        Delta0 = error_signal(problem, jnp.broadcast_to(with_classes(K0, C), (T, *(C * n for n in K0.shape))))
         c = problem.dt * problem.eta0 / problem.P
         net = problem.net
         Su = net.preactivation_kernel(Kx)
         M_u, V_u = factor(Su)
-        r = net.sigma_w * jnp.tile(jnp.asarray(_R_NODES, Kx.dtype), self._chunk)
-        w = jnp.tile(jnp.asarray(_R_WEIGHTS, Kx.dtype), self._chunk)
+        nodes = C == 1
+        r = net.sigma_w * jnp.tile(jnp.asarray(_R_NODES, Kx.dtype), self._chunk)[:, None]
+        w = jnp.tile(jnp.asarray(_R_WEIGHTS, Kx.dtype), self._chunk) if nodes else jnp.ones(1, Kx.dtype)
         weighted = lambda phi, g: ((w[:, None] * phi).T @ phi, (w[:, None] * g).T @ g)
 
         def one_chunk(k, i):
-            e_u = self._normals(k, i, Kx.shape[0], 0, (V_u[:, ::-1], None), Kx.dtype)[0]
-            u = jnp.repeat(e_u @ M_u.T, 3, axis=0)  # each u with the 3 nodes of r
-            F = lambda g: two_layer_fields(problem.activation, g, c, Su, net.sw2, u, r, Delta0, weighted)
+            e_u, e_r = self._normals(k, i, Kx.shape[0], 0 if nodes else C, (V_u[:, ::-1], None), Kx.dtype)
+            u = e_u @ M_u.T
+            if nodes:  # each u with the 3 nodes of r
+                u, r_ = jnp.repeat(u, 3, axis=0), r
+            else:
+                r_ = net.sigma_w * e_r
+            F = lambda g: two_layer_fields(problem.activation, g, c, Su, net.sw2, u, r_, Delta0, weighted)
             return _half_second_derivative(F, problem.gamma0)
 
         Phi2, G2 = (x[:, None] / self._per_replica for x in self._replica_sums(key, one_chunk))
-        return (Phi0[:, None], G0[:, None]), (Phi2, G2)
+        return (Phi0[:, None], with_classes(G0, C)[:, None]), (Phi2, G2)
 
     def _deep(self, problem, key):
         """Depth >= 2: the field term of every layer (`_field_term`, sampled) plus the shift of its
