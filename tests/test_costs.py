@@ -29,8 +29,8 @@ def _xla_bytes(problem, solver):
     [
         (1, 12, 30, 2048, 8, None, True),
         (2, 8, 30, 2048, 8, 64, True),
-        (3, 6, 25, 1024, 4, None, True),
-        (2, 8, 30, 2048, 16, None, False),
+        pytest.param(3, 6, 25, 1024, 4, None, True, marks=pytest.mark.slow),
+        pytest.param(2, 8, 30, 2048, 16, None, False, marks=pytest.mark.slow),
     ],
 )
 def test_estimate_is_within_25_percent_of_xla(depth, P, n_steps, S, R, chunk, x64):
@@ -44,7 +44,9 @@ def test_estimate_is_within_25_percent_of_xla(depth, P, n_steps, S, R, chunk, x6
     assert estimate.fits and estimate.sizes["T Pa"] == (n_steps + 1) * P
 
 
-@pytest.mark.parametrize("depth, P, n_steps, P_test", [(1, 12, 50, 0), (3, 8, 40, 4), (6, 10, 25, 0)])
+@pytest.mark.parametrize(
+    "depth, P, n_steps, P_test", [(1, 12, 50, 0), (3, 8, 40, 4), pytest.param(6, 10, 25, 0, marks=pytest.mark.slow)]
+)
 def test_linear_closure_estimate_is_within_25_percent_of_xla(depth, P, n_steps, P_test):
     data = dmft.datasets.sphere(P, 10, 0, target="noise", P_test=P_test)
     problem = dmft.Problem(data, dmft.MLP(depth, "linear"), gamma0=1.0, t_max=1.0, n_steps=n_steps)

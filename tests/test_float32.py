@@ -44,7 +44,10 @@ def test_lazy(solver):
     _close(lo.ntk, hi.ntk, float(np.abs(hi.ntk).max()))
 
 
-@pytest.mark.parametrize("depth, responses", [(1, True), (3, True), (3, False)])
+@pytest.mark.parametrize(
+    "depth, responses",
+    [(1, True), pytest.param(3, True, marks=pytest.mark.slow), pytest.param(3, False, marks=pytest.mark.slow)],
+)
 def test_linear_closure_reaches_its_default_tolerance(depth, responses):
     lo, hi = _both(lambda: dmft.solve(_problem(depth, "linear"), dmft.LinearClosure(responses=responses)))
     assert lo.result == dmft.RESULTS.successful

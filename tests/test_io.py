@@ -31,6 +31,7 @@ def test_solution_round_trip_is_exact(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_comparison_round_trip(tmp_path):
     data = dmft.datasets.sphere(4, 3, 0)
     problem = dmft.Problem(data, dmft.MLP(1, "relu"), gamma0=1.0, t_max=2.0, n_steps=4)

@@ -78,6 +78,7 @@ def test_small_gamma0_wide_network_tracks_lazy_within_one_percent():
     assert err < 0.01
 
 
+@pytest.mark.slow
 def test_rich_two_layer_relu_ntk_moves_and_widths_converge():
     # gamma0 = 1: the NTK moves by O(1) (a lazy network's moves by O(gamma0^2) -> 0); consecutive
     # widths agree ever more closely, since seed-averaged curves approach the N -> inf limit at rate
@@ -128,6 +129,7 @@ def test_gd_converges_to_flow_at_first_order():
     assert abs(slope - 1) < 0.2
 
 
+@pytest.mark.slow
 def test_vmap_equals_loop_and_shapes():
     problem = _problem(L=2, act="tanh", n_steps=5)
     keys = jr.split(jr.key(0), 3)
