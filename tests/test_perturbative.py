@@ -56,8 +56,17 @@ def test_gradient_independence_exact_at_depth_one_and_worse_deeper():
 # ---- smooth nonlinear two-layer networks ---------------------------------------------------------
 
 
-def _two_layer(activation, gamma0=1.0, sigmas=(1.0, 0.0)):
+def _small_data(C=1):
+    """4 + 1 points in 3 dimensions with scalar targets, or C normal targets per point."""
     data = dmft.datasets.sphere(4, 3, 0, P_test=1)
+    if C == 1:
+        return data
+    Y = np.random.default_rng(0).normal(size=(5, C))
+    return dmft.Dataset(data.X, Y[:4], data.X_test, Y[4:])
+
+
+def _two_layer(activation, gamma0=1.0, sigmas=(1.0, 0.0), C=1):
+    data = _small_data(C)
     net = dmft.MLP(1, activation, sigma_w=sigmas[0], sigma_b=sigmas[1])
     return dmft.Problem(data, net, gamma0=gamma0, t_max=3.0, n_steps=10)
 
@@ -84,16 +93,17 @@ def _z(K2, se, samples, slack):
     return (np.abs(K2[-1] - samples.mean(0)) - slack) / se_total, se_total
 
 
-@pytest.mark.parametrize("sigmas", [(1.0, 0.0), (0.9, 0.4)])
-def test_nonlinear_path_on_the_identity_matches_the_linear_closure(sigmas):
+@pytest.mark.parametrize("sigmas, C", [((1.0, 0.0), 1), ((0.9, 0.4), 1), ((0.9, 0.4), 3)])
+def test_nonlinear_path_on_the_identity_matches_the_linear_closure(sigmas, C):
     # The identity as a generic smooth activation runs the nonlinear two-layer path (forward-mode
     # second derivative of the sampled single site); the exact closure's finite difference
     # (K(eps) - K(0)) / eps^2 = K2 + eps^2 K4 + ... gives K2 without sampling. Tolerance: 5 replica
     # standard errors of the sampled K2 plus the eps^2 K4 truncation, estimated by Richardson from
-    # eps and 2 eps (difference = 3 eps^2 K4), doubled.
-    problem = _two_layer(dmft.activations.Elementwise(lambda h: h, label="identity"), sigmas=sigmas)
+    # eps and 2 eps (difference = 3 eps^2 K4), doubled. C = 3 outputs: the read-outs r are sampled with u
+    # (no Gauss-Hermite rule), the class-resolved NTK entries are all tested.
+    problem = _two_layer(dmft.activations.Elementwise(lambda h: h, label="identity"), sigmas=sigmas, C=C)
     K2, se = _K2(problem, dmft.solve(problem, dmft.Perturbative(n_samples=8192), key=0))
-    linear = _two_layer("linear", sigmas=sigmas)
+    linear = _two_layer("linear", sigmas=sigmas, C=C)
     K0 = np.asarray(dmft.solve(linear, dmft.Lazy(discrete=True)).ntk)
     closure = dmft.LinearClosure(rtol=1e-13, max_iters=400)
     fd = lambda e: (np.asarray(dmft.solve(_with_gamma0(linear, e), closure).ntk) - K0) / e**2
@@ -153,14 +163,16 @@ def _small_gamma(problem, g=1e-3):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("L, sigmas", [(2, (1.0, 0.0)), (3, (1.0, 0.0)), (2, (0.9, 0.4))])
-def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L, sigmas):
+@pytest.mark.parametrize(
+    "L, sigmas, C", [(2, (1.0, 0.0), 1), (3, (1.0, 0.0), 1), (2, (0.9, 0.4), 1), (2, (0.9, 0.4), 3)]
+)
+def test_deep_nonlinear_path_on_the_identity_matches_the_linear_closure(L, sigmas, C):
     # The identity as a generic smooth activation runs the deep nonlinear path: lazy responses, field
     # terms through the sampled single site, source shifts propagated across layers. The closure's
     # (K(eps) - K(0)) / eps^2 = K2 + eps^2 K4 gives K2 exactly (Richardson slack as above). Tolerance:
     # 5.5 standard errors over 16 replicas (t with 15 degrees of freedom: P(|t| > 5.5)
-    # = 7e-5 per entry, < 1% over the ~100 distinct entries tested).
-    data = dmft.datasets.sphere(4, 3, 0, P_test=1)
+    # = 7e-5 per entry, < 1% over the ~100 distinct entries tested; C = 3: ~900 entries, P ~6%).
+    data = _small_data(C)
     ident = dmft.activations.Elementwise(lambda h: h, label="identity")
     mlp = lambda act: dmft.MLP(L, act, sigma_w=sigmas[0], sigma_b=sigmas[1])
     problem = _small_gamma(dmft.Problem(data, mlp(ident), gamma0=1.0, t_max=3.0, n_steps=10))

@@ -65,10 +65,11 @@ class _Lazy(eqx.Module):
     l = 0..L-1 (layer l + 1 of THEORY), on the discrete grid of `MonteCarlo`:
 
     * `Su`, `Sr (L, Pa, Pa)`: the static source covariances, `Phi~^{l-1} = sigma_w^2 Phi^{l-1} + sigma_b^2`
-      (Kx for layer 1) and `sigma_w^2 G^{l+1}` (all ones for the last layer, whose r is one scalar);
+      (Kx for layer 1) and `sigma_w^2 G^{l+1}` (all ones for the last layer, whose r is the read-out of
+      one neuron); with C outputs r's covariance is `Sr (x) I_C` (THEORY 12);
     * Gaussian moments under `u ~ N(0, Su)`, `(L, Pa, Pa)`, entry `(mu, nu)` = `<a(u_mu) b(u_nu)>`:
       `M1 = <phi' phi'>`, `M2 = <phi'' phi''>`, `Q = <phi'' phi>`, `R3 = <phi''' phi'>`;
-    * `C`, `D (L, T, Pa, T, Pa)`: the memory kernels of the single site (`h = u + gamma0 C g`,
+    * `C (L, T, Pa, T, Pa C)`, `D (L, T, Pa C, T, Pa)`: the memory kernels of the single site (`h = u + gamma0 C g`,
       `z = r + gamma0 D phi(h)`) at gamma0 -> 0: lazy Delta and kernels, and the limits of the
       responses `Abar`, `Bbar` (`_lazy_responses`).
     """
@@ -87,25 +88,29 @@ def _lazy_limit(problem):
     """The `_Lazy` quantities of a smooth nonlinear problem (quadrature and closed forms, no sampling)."""
     act, Kx = problem.activation, problem.data.Kx
     Phi0, G0, K0 = lazy_kernels(problem)
-    T, Pa = problem.n_steps + 1, Kx.shape[0]
+    T, Pa, C_out = problem.n_steps + 1, Kx.shape[0], problem.C
     net = problem.net
     Su = net.preactivation_kernel(jnp.concatenate([Kx[None], Phi0[:-1]]))
     Sr = net.sw2 * jnp.concatenate([G0[1:], jnp.ones_like(Kx)[None]])
     d2 = _derivative(act.dfn)
     pairs = ((act.dfn, act.dfn), (d2, d2), (d2, act.fn), (_derivative(d2), act.dfn))
     M1, M2, Q, R3 = gauss_hermite_pairs(pairs, Su, getattr(act, "degree", 128))
-    Delta0 = error_signal(problem, jnp.broadcast_to(K0, (T, Pa, Pa)))
+    Delta0 = error_signal(problem, jnp.broadcast_to(with_classes(K0, C_out), (T, Pa * C_out, Pa * C_out)))
     c = problem.dt * problem.eta0 / problem.P
-    # The Delta terms of C and D, c [s < t] S(mu, nu) Delta_nu(s), per layer.
-    full = lambda S: jnp.broadcast_to(S[:, None, :] * Delta0[None, None], (T, Pa, T, Pa))
-    delta_terms = jax.vmap(lambda S: memory(0.0, full(S), c))
-    C, D = _lazy_responses(delta_terms(Su), delta_terms(Sr), M1, M2, Q, R3, Sr, net.sw2)
+    # The Delta terms of C and D, c [s < t] S(mu, nu) Delta_{nu c}(s), per layer: the class is C's
+    # column's (the source g_{nu c}) and D's row's (the field z_{mu c}; r's covariance is S (x) I_C).
+    C_full = lambda S: jnp.broadcast_to(jnp.einsum("mn,snc->msnc", S, Delta0), (T, Pa, T, Pa, C_out))
+    D_full = lambda S: jnp.broadcast_to(jnp.einsum("mn,snc->mcsn", S, Delta0), (T, Pa, C_out, T, Pa))
+    C_delta = jax.vmap(lambda S: memory(0.0, C_full(S).reshape(T, Pa, T, Pa * C_out), c))(Su)
+    D_delta = jax.vmap(lambda S: memory(0.0, D_full(S).reshape(T, Pa * C_out, T, Pa), c))(Sr)
+    C, D = _lazy_responses(C_delta, D_delta, M1, M2, Q, R3, Sr, net.sw2)
     return _Lazy(Su, Sr, M1, M2, Q, R3, C, D)
 
 
 def _lazy_responses(C_delta, D_delta, M1, M2, Q, R3, Sr, sw2):
-    """The memory kernels `C^l = sw2 Abar^{l-1} + C_delta^l`, `D^l = sw2 Bbar^l + D_delta^l`, `(L, T, Pa, T, Pa)`,
-    with the gamma0 -> 0 limits of the responses (moments `(L, Pa, Pa)`, broadcast over times):
+    """The memory kernels `C^l = sw2 Abar^{l-1} + C_delta^l (L, T, Pa, T, Pa C)`, `D^l = sw2 Bbar^l + D_delta^l
+    (L, T, Pa C, T, Pa)` with the gamma0 -> 0 limits of the responses (moments `(L, Pa, Pa)`, broadcast
+    over times and classes; r's covariance is `Sr (x) I_C`):
 
     * `Abar^l(t, s) = gamma0^{-1} <d phi(h(t)) / d r(s)> -> M1 * C^l(t, s)`: at first order
       `h(t) = u + gamma0 sum_{s < t} C(t, s) phi'(u) r(s)`. Forward over layers.
@@ -113,22 +118,28 @@ def _lazy_responses(C_delta, D_delta, M1, M2, Q, R3, Sr, sw2):
       + [s = t, mu = nu] (sum_{s', nu} C^l(t, s') R3 Sr + D^l(t, s') Q)_mu`, from `g = phi'(h) z` with
       `h` and `z = r + gamma0 sum_{s <= t} D(t, s) phi(h(s))` at first order (the diagonal term is
       `<phi''(h(t)) z(t)>`, the equal-time response of `MonteCarlo`'s docstring). Backward over layers.
+      With classes the first term is `M2 Sr * C^l_{mu, nu c}(t, s)` on the row `(mu, c)`: the class of
+      g_{mu c} must be that of the r it pairs with.
 
     Only these limits enter the kernels at O(gamma0^2): the responses multiply gamma0 in the fields,
     and their O(gamma0) parts vanish (the DMFT is invariant under gamma0 -> -gamma0, r -> -r).
     """
     L, T, Pa = C_delta.shape[:3]
-    grid = lambda X: X[:, None, :]  # (Pa, Pa) -> (Pa, 1, Pa): broadcast over (T, Pa, T, Pa)
+    nc = C_delta.shape[-1] // Pa
+    as_C = lambda X: X.reshape(T, Pa, T, Pa, nc)  # (t, mu, s, nu, c)
+    as_D = lambda X: X.reshape(T, Pa, nc, T, Pa)  # (t, mu, c, s, nu)
+    on_C = lambda X: X[:, None, :, None]  # (Pa, Pa) broadcast over as_C
+    on_D = lambda X: X[:, None, None, :]  # (Pa, Pa) broadcast over as_D
     C = [C_delta[0]]
     for l in range(1, L):
-        C.append(sw2 * grid(M1[l - 1]) * C[l - 1] + C_delta[l])
+        C.append(sw2 * (on_C(M1[l - 1]) * as_C(C[l - 1])).reshape(C_delta.shape[1:]) + C_delta[l])
     D = [D_delta[L - 1]]
     eye = jnp.einsum("ts,mn->tmsn", jnp.eye(T, dtype=C_delta.dtype), jnp.eye(Pa, dtype=C_delta.dtype))
     for m in range(L - 1, 0, -1):
-        Cm, Dm = C[m], D[0]
-        diag = jnp.einsum("tmsn,mn->tm", Cm, R3[m] * Sr[m]) + jnp.einsum("tmsn,mn->tm", Dm, Q[m])
-        B = grid(M2[m] * Sr[m]) * Cm + grid(M1[m]) * Dm + diag[:, :, None, None] * eye
-        D.insert(0, sw2 * B + D_delta[m - 1])
+        Cm, Dm = as_C(C[m]), as_D(D[0])
+        diag = jnp.einsum("tmsnc,mn->tmc", Cm, R3[m] * Sr[m]) + jnp.einsum("tmcsn,mn->tmc", Dm, Q[m])
+        B = on_D(M2[m] * Sr[m]) * jnp.moveaxis(Cm, -1, 2) + on_D(M1[m]) * Dm + diag[..., None, None] * eye[:, :, None]
+        D.insert(0, sw2 * B.reshape(D_delta.shape[1:]) + D_delta[m - 1])
     return jnp.stack(C), jnp.stack(D)
 
 
@@ -137,26 +148,30 @@ def _field_term(problem, lazy, key, l, solver):
     `(1/2) d^2/dgamma0^2 <phi phi^T>, <g g^T>` through the causal single-site pass, sample means over
     `u ~ N(0, Su)`, `r ~ N(0, Sr)` (both constant in time at gamma0 = 0).
 
-    Returns the two-time means over all samples, `(T Pa, T Pa)` each, and the equal-time means per
-    replica, `(R, T, Pa, Pa)` each.
+    Returns the two-time means over all samples, `(T Pa, T Pa)` and `(T Pa C, T Pa C)`, and the
+    equal-time means per replica, `(R, T, Pa, Pa)` and `(R, T, Pa C, Pa C)`.
     """
-    act, gamma0 = problem.activation, problem.gamma0
+    act, gamma0, C = problem.activation, problem.gamma0, problem.C
     T, Pa = lazy.C.shape[1:3]
     last = l == problem.depth - 1
-    (M_u, V_u), (M_r, V_r) = factor(lazy.Su[l]), factor(lazy.Sr[l])
+    (M_u, V_u), (M_r, V_r) = factor(lazy.Su[l]), factor(with_classes(lazy.Sr[l], C))
     axes = (V_u[:, ::-1], None if last else V_r[:, ::-1])
-    static = lambda x: jnp.broadcast_to(x[:, None, :], (x.shape[0], T, Pa))
+    static = lambda x: jnp.broadcast_to(x[:, None, :], (x.shape[0], T, x.shape[1]))
 
     def one_chunk(key, i):
-        e_u, e_r = solver._normals(key, i, Pa, 1 if last else Pa, axes, M_u.dtype)
-        r = problem.net.sigma_w * jnp.broadcast_to(e_r, e_u.shape) if last else e_r @ M_r.T
+        e_u, e_r = solver._normals(key, i, Pa, C if last else Pa * C, axes, M_u.dtype)
+        if last:  # the read-out weights of a neuron, the same for every point
+            r = problem.net.sigma_w * jnp.broadcast_to(e_r[:, None, :], (e_r.shape[0], Pa, C)).reshape(-1, Pa * C)
+        else:
+            r = e_r @ M_r.T
         u, r = static(e_u @ M_u.T), static(r)
         x0, x1, x2 = _taylor2(lambda g: fields(act, g, u, r, lazy.C[l], lazy.D[l]), gamma0)
         second = lambda a0, a1, a2: a1.T @ a1 + a0.T @ a2 + a2.T @ a0  # gamma0^2 coefficient of a^T a
         return [second(a0, a1, a2) for a0, a1, a2 in zip(x0, x1, x2)]
 
-    sums = solver._replica_sums(key, one_chunk)  # [(R, T Pa, T Pa)] * 2
-    eq = [equal_time(x.reshape(-1, T, Pa, T, Pa)) / solver._per_replica for x in sums]
+    sums = solver._replica_sums(key, one_chunk)  # (R, T Pa, T Pa), (R, T Pa C, T Pa C)
+    grid = lambda x: x.reshape(-1, T, x.shape[-1] // T, T, x.shape[-1] // T)
+    eq = [equal_time(grid(x)) / solver._per_replica for x in sums]
     return [x.sum(0) / solver.n_samples for x in sums], eq
 
 
@@ -173,24 +188,38 @@ def _source_shift(dS, F, M, two_time):
     return 0.5 * (d[..., :, None] * F + d[..., None, :] * F.T) + dS * M
 
 
-def _propagate(lazy, sw2, Phi_f, G_f, two_time):
+def _propagate(lazy, sw2, Phi_f, G_f, two_time, C=1):
     """Total O(gamma0^2) kernels from the per-layer field terms (lists over layers): the sources of
     layer l + 1 have covariance `Phi^l` and those of layer l - 1 `G^l`, which change at O(gamma0^2)
     too; to first order that adds `_source_shift` terms (forward for Phi, backward for G). Cross
-    terms are O(gamma0^4). Two-time `(T, Pa, T, Pa)` or equal-time `(..., T, Pa, Pa)` kernels (an
-    equal-time kernel needs only equal-time kernels of its neighbours)."""
+    terms are O(gamma0^4). Two-time `Phi (T, Pa, T, Pa)`, `G (T, Pa C, T, Pa C)` or equal-time
+    `(..., T, Pa, Pa)`, `(..., T, Pa C, Pa C)` kernels (an equal-time kernel needs only equal-time
+    kernels of its neighbours)."""
     L = len(Phi_f)
     grid = (lambda X: X[:, None, :]) if two_time else (lambda X: X)
+
+    def classes(X, E):
+        """A kernel without class index as one with: `X (x) E` for `E (C, C)` (I_C or all ones)."""
+        if two_time:
+            T, Pa = G_f[0].shape[0], Phi_f[0].shape[1]
+            X = jnp.broadcast_to(X, (T, Pa, T, Pa))
+            Y = X[:, :, None, :, :, None] * E[:, None, None, :]
+        else:
+            Y = X[..., :, None, :, None] * E[:, None, :]
+        return Y.reshape(*Y.shape[: -6 if two_time else -4], *G_f[0].shape[-(4 if two_time else 2) :])
+
+    eye, ones = jnp.eye(C, dtype=G_f[0].dtype), jnp.ones((C, C), G_f[0].dtype)
     Phi = [Phi_f[0]]
     for l in range(1, L):
         Phi.append(Phi_f[l] + _source_shift(sw2 * Phi[l - 1], lazy.Q[l], lazy.M1[l], two_time))
     G = [None] * L
     for l in range(L - 1, -1, -1):
         G[l] = G_f[l]
-        if l > 0:
-            G[l] = G[l] + grid(lazy.Sr[l]) * _source_shift(sw2 * Phi[l - 1], lazy.R3[l], lazy.M2[l], two_time)
+        if l > 0:  # r's covariance Sr (x) I_C times the shift of <phi' phi'>
+            shift = grid(lazy.Sr[l]) * _source_shift(sw2 * Phi[l - 1], lazy.R3[l], lazy.M2[l], two_time)
+            G[l] = G[l] + classes(shift, eye)
         if l < L - 1:
-            G[l] = G[l] + sw2 * grid(lazy.M1[l]) * G[l + 1]
+            G[l] = G[l] + sw2 * classes(grid(lazy.M1[l]), ones) * G[l + 1]
     return Phi, G
 
 
@@ -227,6 +256,10 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
         forward over layers for Phi and backward for G (`_propagate`).
       Monte Carlo over `u, r` (`n_samples`, pass `key`); `Solution.Phi`, `Solution.G` are two-time.
 
+    Several outputs (THEORY 12): the backward sources carry a class index, `r ~ N(0, Sr (x) I_C)`, and
+    the lazy responses and source shifts are class-diagonal or class-blind as derived in
+    `_lazy_responses`, `_propagate`; the two-layer path then samples r with u.
+
     Not implemented: ReLU (no second derivative: compare `dmft.MonteCarlo` at small gamma0 with
     `dmft.Lazy` instead).
     """
@@ -261,11 +294,6 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
                 "none (piecewise linear). Use a smooth activation (tanh, erf), or compare dmft.MonteCarlo "
                 "at small gamma0 with dmft.Lazy"
             )
-        if problem.depth > 1 and problem.C > 1:
-            raise ValueError(
-                f"Perturbative has no several-output theory for nonlinear networks of depth >= 2 (here "
-                f"C = {problem.C}); use dmft.MonteCarlo at small gamma0, or depth 1, or a linear activation"
-            )
         S, R = self.n_samples, self.n_replicas
         if R < 2 or S % R or self._per_replica % self._chunk:
             raise ValueError(
@@ -297,7 +325,7 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
         two_time = {}
         if problem.depth > 1:
             (Phi0_tt, G0_tt), (Phi2_tt, G2_tt) = state[2]
-            two_time = dict(Phi=Phi0_tt + g2 * Phi2_tt, G=G0_tt + g2 * G2_tt)
+            two_time = dict(Phi=Phi0_tt + g2 * Phi2_tt, G=split_classes(problem, G0_tt + g2 * G2_tt, (-3, -1)))
         return dict(**fields, Phi_eq=Phi_eq, G_eq=split_classes(problem, G_eq, (-2, -1)), stderr=stderr, **two_time)
 
     @staticmethod
@@ -341,14 +369,15 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
         """Depth >= 2: the field term of every layer (`_field_term`, sampled) plus the shift of its
         sources (`_propagate`), two-time over all samples and equal-time per replica."""
         Phi0, G0 = lazy_kernels(problem)[:2]
+        G0 = with_classes(G0, problem.C)
         lazy = _lazy_limit(problem)
-        L, T, Pa = problem.depth, problem.n_steps + 1, Phi0.shape[-1]
+        L, T, C = problem.depth, problem.n_steps + 1, problem.C
         sums, eqs = zip(*(_field_term(problem, lazy, jr.fold_in(key, l), l, self) for l in range(L)))
-        two_time = lambda x: x.reshape(T, Pa, T, Pa)
+        two_time = lambda x: x.reshape(T, x.shape[-1] // T, T, x.shape[-1] // T)
         sw2 = problem.net.sw2
-        Phi_tt, G_tt = _propagate(lazy, sw2, [two_time(s[0]) for s in sums], [two_time(s[1]) for s in sums], True)
-        Phi_eq, G_eq = _propagate(lazy, sw2, [e[0] for e in eqs], [e[1] for e in eqs], False)
-        tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, Pa, T, Pa))
+        Phi_tt, G_tt = _propagate(lazy, sw2, [two_time(s[0]) for s in sums], [two_time(s[1]) for s in sums], True, C)
+        Phi_eq, G_eq = _propagate(lazy, sw2, [e[0] for e in eqs], [e[1] for e in eqs], False, C)
+        tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, X.shape[-1], T, X.shape[-1]))
         x0, x2 = (Phi0[:, None], G0[:, None]), (jnp.stack(Phi_eq, 1), jnp.stack(G_eq, 1))
         return x0, x2, ((tile(Phi0), tile(G0)), (jnp.stack(Phi_tt), jnp.stack(G_tt)))
 
