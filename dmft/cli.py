@@ -23,7 +23,7 @@ _DATA = {"kind": "sphere", "P": 16, "P_test": 4, "D": 20, "target": "teacher", "
 _CHOICES = {
     ("data", "kind"): ("sphere", "digits"),
     ("data", "target"): ("teacher", "noise", "sign"),
-    ("problem", "loss"): ("mse", "logistic"),
+    ("problem", "loss"): ("mse", "logistic", "cross_entropy"),
     ("network", "activation"): ("linear", "relu", "tanh", "erf"),
     ("compare", "method"): ("gd", "flow"),
     ("solver", "kind"): tuple(SOLVERS),
@@ -125,8 +125,8 @@ def _toml(v):
 
 def _check(section, key, value, default, annotation=None):
     if (section, key) == ("data", "classes"):
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(c, int) for c in value)):
-            raise ConfigError(f"data.classes must be a list of two digits, got {value!r}")
+        if not (isinstance(value, list) and len(value) >= 2 and all(isinstance(c, int) for c in value)):
+            raise ConfigError(f"data.classes must be a list of two or more digits, got {value!r}")
         return
     choices = _CHOICES.get((section, key))
     if choices is not None:
@@ -278,13 +278,13 @@ def _accuracy_report(comp):
 def _dmft_samples(problem, comp, seed, out):
     """DMFT preactivation samples `h (L, S, Pa)` for the histograms, saved to `samples.npz` so that
     `dmft plot` redraws them without the data; None when the solution has no fields to sample
-    (lazy, perturbative: no responses)."""
+    (lazy, perturbative: no responses) or several outputs (`field_samples` takes scalar targets)."""
     import numpy as np
 
     import dmft
 
     sol = comp.dmft
-    if sol.iterations == 0 or (problem.depth > 1 and sol.A is None):
+    if sol.iterations == 0 or (problem.depth > 1 and sol.A is None) or problem.C > 1:
         return None
     h = np.asarray(dmft.field_samples(problem, sol, n_samples=4096, key=seed + 1).h, np.float32)
     _atomic(os.path.join(out, "samples.npz"), lambda tmp: np.savez_compressed(tmp, h=h))
@@ -306,6 +306,8 @@ def _figure(comp, y, out, samples=None):
 
 
 def run_compare(config, out, progress=True):
+    import numpy as np
+
     import dmft
 
     problem, solver, seed = build(config)
@@ -316,7 +318,7 @@ def run_compare(config, out, progress=True):
     )
     report = _comparison_report(comp, time.perf_counter() - start)
     # The targets travel with the result: re-plotting must not depend on regenerating the data.
-    meta = {"config": config, "y": [float(v) for v in problem.data.y]}
+    meta = {"config": config, "y": np.asarray(problem.data.y).tolist()}
     dmft.io.save(os.path.join(out, "comparison.npz"), comp, metadata=meta)
     samples = _dmft_samples(problem, comp, seed, out)
     _figure(comp, problem.data.y, out, samples)

@@ -151,10 +151,17 @@ def test_compare_and_plot(tmp_path):
     assert main(["plot", str(tmp_path)]) == 2
 
 
-def test_classification_compare_reports_accuracies(tmp_path):
-    # A logistic problem through the CLI: labels from the sphere teacher, accuracies in the report,
-    # the classification figure (train / test loss, test accuracy, error vs width) written.
-    text = TINY.replace("[data]", '[data]\ntarget = "sign"').replace("t_max = 2.0", 't_max = 2.0\nloss = "logistic"')
+@pytest.mark.parametrize("loss", ["logistic", "cross_entropy"])
+def test_classification_compare_reports_accuracies(tmp_path, loss):
+    # A classification problem through the CLI: binary labels from the sphere teacher (logistic) or
+    # three digits (cross-entropy, one-hot targets), accuracies in the report, the classification
+    # figure (train / test loss, test accuracy, error vs width) written, and `dmft plot` redraws it.
+    if loss == "logistic":
+        data = '[data]\ntarget = "sign"'
+    else:
+        pytest.importorskip("sklearn")
+        data = '[data]\nkind = "digits"\nclasses = [3, 5, 8]\nP = 6\nP_test = 3'
+    text = TINY.replace("[data]\nP = 4\nP_test = 1", data).replace("t_max = 2.0", f't_max = 2.0\nloss = "{loss}"')
     text += "\n[compare]\nwidths = [16, 32]\nseeds = 2\n"
     out = tmp_path / "cls"
     assert main(["compare", _write(tmp_path, text), "--out", str(out), "--x64", "--quiet"]) == 0
@@ -163,6 +170,7 @@ def test_classification_compare_reports_accuracies(tmp_path):
     assert set(accuracy) == {"dmft", "lazy", "networks"} and list(accuracy["networks"]) == ["16", "32"]
     assert all(0.0 <= a <= 1.0 for a in (accuracy["dmft"], accuracy["lazy"], *accuracy["networks"].values()))
     assert (out / "comparison.png").stat().st_size > 10_000
+    assert main(["plot", str(out)]) == 0
 
 
 def test_help_shows_example_config(capsys):

@@ -3,6 +3,7 @@ does not fit."""
 
 import equinox as eqx
 import jax
+import numpy as np
 import pytest
 
 import dmft
@@ -54,6 +55,18 @@ def test_linear_closure_estimate_is_within_25_percent_of_xla(depth, P, n_steps, 
     xla = _xla_bytes(problem, dmft.LinearClosure())
     assert abs(estimate.memory / xla - 1) <= 0.25, (estimate.memory, xla)
     assert estimate.flops["sweep"] > 0 and estimate.budget == dmft.costs.device_memory()
+
+
+@pytest.mark.parametrize("solver", [dmft.LinearClosure(), dmft.MonteCarlo(n_samples=1024)])
+def test_estimate_with_ten_outputs_is_within_25_percent_of_xla(solver):
+    # G and r's covariance grow C^2-fold, the responses and the closure's factors C-fold.
+    base = dmft.datasets.sphere(8, 10, 0, P_test=2)
+    Y = np.random.default_rng(0).normal(size=(10, 10))
+    data = dmft.Dataset(base.X, Y[:8], base.X_test, Y[8:])
+    act = "linear" if isinstance(solver, dmft.LinearClosure) else "tanh"
+    problem = dmft.Problem(data, dmft.MLP(2, act), gamma0=1.0, t_max=1.0, n_steps=10)
+    estimate, xla = dmft.estimate(problem, solver), _xla_bytes(problem, solver)
+    assert abs(estimate.memory / xla - 1) <= 0.25, (estimate.memory, xla)
 
 
 def test_budgets():

@@ -358,13 +358,16 @@ class LinearClosure(AbstractIterativeSolver):
 
     def estimate(self, problem):
         """`dmft.Estimate` of a solve: XLA's buffers modelled as `(2.25 L - 0.25) (T Pa)^2` elements
-        (the materialised Phi and its temporaries) plus `4.1 L T^2 Pa` (the factored state), fitted to
-        XLA's memory analysis of 11 compiled solves (within 8%); flops of a sweep, ~8 L T^3 Pa (the
-        Psi products), and of the materialisation of Phi, 2 L T (T Pa)^2. The budget is the device."""
-        L, T, Pa = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0]
+        (the materialised Phi and its temporaries) plus `4.1 L T^2 Pa C` (the factored state) plus
+        `23 L T^2 (C^2 - 1)` (the march's (T C)^2 matrices beyond one output), fitted to XLA's memory
+        analysis of compiled solves (within 8% for C = 1 and 9% for C = 3, 10); flops of a sweep,
+        ~8 L T^3 Pa C^2 (the Psi products), and of the materialisation of Phi, 2 L T C (T Pa)^2. The
+        budget is the device."""
+        L, T, Pa, C = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0], problem.C
         n = T * Pa
-        elements = (2.25 * L - 0.25) * n * n + 4.1 * L * T * T * Pa
-        flops = {"sweep": 8.0 * L * T**3 * Pa, "materialise": 2.0 * L * T * n * n}
+        # C outputs: the factors A, Q grow C-fold and the (T C)^2 matrices of the march C^2-fold.
+        elements = (2.25 * L - 0.25) * n * n + 4.1 * L * T * T * Pa * C + 23.0 * L * T * T * (C * C - 1)
+        flops = {"sweep": 8.0 * L * T**3 * Pa * C * C, "materialise": 2.0 * L * T * C * n * n}
         sizes = {"T Pa": n, "depth": L}
         item = problem.data.Kx.dtype.itemsize
         return costs.Estimate(int(elements * item), costs.budget_bytes(1.0), flops, sizes)

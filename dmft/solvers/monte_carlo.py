@@ -257,15 +257,17 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         R, S, chunk = self.n_replicas, self.n_samples, self._chunk
         mesh = self._devices()
         local = R if mesh is None else R // mesh.size  # replicas per device
-        # C outputs: G grows C^2-fold, the responses C-fold, Phi not; the model counts them on average.
-        grow = ((1 + problem.C) / 2) ** 2
-        if L == 1:  # equal-time kernels (T, Pa, Pa)
-            m = T * Pa * Pa * grow
+        # C outputs: G (and r's covariance) grows C^2-fold, the responses C-fold, Phi not; the model
+        # scales each group of kernels by its members' average growth.
+        C = problem.C
+        if L == 1:  # equal-time kernels (T, Pa, Pa): Phi and G
+            m = T * Pa * Pa * (1 + C * C) / 2
             elements = 7.0 * local * m + 5.3 * m + 0.4 * chunk * Pa
             flops = {"pooled": 8.0 * S * m, "replicas": 8.0 * S * m}
         else:  # (L, T Pa, T Pa) kernels and responses: 4 L - 2 of them per replica
             n, k = T * Pa, 4 * L - 2
-            elements = (2.7 * local * k + 1.2 * k + 12.0) * n * n * grow + 2.75 * chunk * n * (1 + problem.C) / 2
+            grow = (L + L * C * C + 2 * (L - 1) * C) / k  # Phi, G, A, B per layer
+            elements = ((2.7 * local + 1.2) * k * grow + 6.0 * (1 + C * C)) * n * n + 2.75 * chunk * n * (1 + C) / 2
             samples, factors = 12.0 * S * n * n, 23.0 * n**3
             flops = {"pooled": L * (samples + factors), "replicas": L * (samples + R * factors)}
         sizes = {"T Pa": T * Pa, "depth": L, "samples": S, "chunk": chunk, "replicas per device": local}
