@@ -73,8 +73,9 @@ def euler_predictions(problem, K):
     """Explicit Euler for `df/dt = (eta0/P) K(t) Delta(t)`, `Delta = -dl/df` on the train points, from
     `f(0) = 0` (THEORY section 4).
 
-    `K (n+1, Pa C, P' C)` with `P' >= P` train columns first; returns `f (n+1, Pa, C)`. This is exactly
-    what infinite-width discrete gradient descent with step `eta0 * dt` does.
+    `K (n+1, Pa C, P' C)` with `P' >= P` train columns first; returns `f (n+1, Pa, C)`. Gradient descent
+    with step `eta0 * dt` moves f by this plus, even at infinite width, the product of the read-out's
+    and the features' updates, O(gamma0^2 dt^2) per step: the two agree as dt -> 0.
     """
     Y, P, C, delta = problem.data.Y, problem.P, problem.C, problem.loss.delta
     c = problem.dt * problem.eta0 / P
