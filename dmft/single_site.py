@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["memory", "readout_G", "layer_memory", "segments", "fields", "two_layer_fields"]
+__all__ = ["memory", "layer_memory", "segments", "fields", "two_layer_fields"]
 
 
 def memory(R, K_Delta, c):
@@ -40,27 +40,27 @@ def memory(R, K_Delta, c):
     return R + c * mask * K_Delta
 
 
-def readout_G(T, Pa, C, dtype):
-    """`G^{L+1} (T, Pa C, T, Pa C)`: one for equal classes, zero for different ones (the read-out
-    weights of different outputs are independent)."""
-    eye = jnp.broadcast_to(jnp.eye(C, dtype=dtype)[:, None, None, :], (C, T, Pa, C))
-    return jnp.broadcast_to(eye, (T, Pa, C, T, Pa, C)).reshape(T, Pa * C, T, Pa * C)
-
-
 def layer_memory(net, Phi_prev, A_prev, G_next, B, Delta, c):
     """The source covariances `Su = Phi~^{l-1}`, `Sr = sw2 G^{l+1}` and memory kernels `C^l`, `D^l` of a
     layer from its neighbours' kernels `Phi^{l-1}` (Kx for layer 1) `(T, Pa, T, Pa)`, `Abar^{l-1}`
-    `(T, Pa, T, Pa C)`, `G^{l+1}` (`readout_G` for layer L) `(T, Pa C, T, Pa C)`, `Bbar^l` `(T, Pa C, T, Pa)`
-    (0 where absent), and `Delta (T, Pa, C)`: `C^l (T, Pa, T, Pa C)`, `D^l (T, Pa C, T, Pa)`."""
+    `(T, Pa, T, Pa C)`, `G^{l+1}` `(T, Pa C, T, Pa C)` (None for layer L: `G^{L+1} = delta_{c c'}`, the
+    read-outs of different classes are independent, and `Sr = sw2`), `Bbar^l` `(T, Pa C, T, Pa)` (0
+    where absent), and `Delta (T, Pa, C)`: `C^l (T, Pa, T, Pa C)`, `D^l (T, Pa C, T, Pa)`."""
     T, Pa, C = Delta.shape
-    Su, Sr = net.preactivation_kernel(Phi_prev), net.sw2 * G_next
+    Su = net.preactivation_kernel(Phi_prev)
+    Sr = net.sw2 if G_next is None else net.sw2 * G_next
     # One output: the scalar products themselves (a class sum of one term rounds the same, but XLA may
     # fuse it differently, and the Stein regressions amplify round-off).
     if C == 1:
-        Su_Delta, Sr_Delta = Su * Delta[None, None, :, :, 0], Sr * Delta[None, None, :, :, 0]
+        Su_Delta = Su * Delta[None, None, :, :, 0]
+        Sr_Delta = jnp.broadcast_to(Sr * Delta[None, None, :, :, 0], (T, Pa, T, Pa))
     else:
         Su_Delta = (Su[..., None] * Delta[None, None]).reshape(T, Pa, T, Pa * C)
-        Sr_Delta = (Sr.reshape(T, Pa * C, T, Pa, C) * Delta[None, None]).sum(-1)
+        if G_next is None:  # sum_c' delta_{c c'} Delta_{nu c'}(s), the same for every (t, mu)
+            Sr_Delta = Sr * jnp.broadcast_to(jnp.moveaxis(Delta, -1, 0)[None, None], (T, Pa, C, T, Pa))
+            Sr_Delta = Sr_Delta.reshape(T, Pa * C, T, Pa)
+        else:
+            Sr_Delta = (Sr.reshape(T, Pa * C, T, Pa, C) * Delta[None, None]).sum(-1)
     return Su, Sr, memory(net.sw2 * A_prev, Su_Delta, c), memory(net.sw2 * B, Sr_Delta, c)
 
 

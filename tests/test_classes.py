@@ -60,7 +60,7 @@ def test_lazy_limit_is_the_scalar_solution_per_output():
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("depth", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_network_ntk_and_gd_step_equal_autodiff(depth, loss):
     # The class-resolved NTK K_{mu c, nu c'} = sum_l G^{l+1}_{mu c, nu c'} Phi~^l_{mu nu} is the Gram
     # matrix gamma0^2 N J J^T of the output Jacobian, and the GD step from the fields is jax.grad's.
@@ -79,7 +79,7 @@ def test_network_ntk_and_gd_step_equal_autodiff(depth, loss):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("depth", [1, pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.parametrize("depth", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_closure_march_is_the_fixed_point_of_the_iteration(depth):
     # The causal march and the damped iteration from the lazy kernels solve the same closure; with
     # classes the march advances C rows (one per class) per time step.

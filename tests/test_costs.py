@@ -57,7 +57,9 @@ def test_linear_closure_estimate_is_within_25_percent_of_xla(depth, P, n_steps, 
     assert estimate.flops["sweep"] > 0 and estimate.budget == dmft.costs.device_memory()
 
 
-@pytest.mark.parametrize("solver", [dmft.LinearClosure(), dmft.MonteCarlo(n_samples=1024)])
+@pytest.mark.parametrize(
+    "solver", [dmft.LinearClosure(), pytest.param(dmft.MonteCarlo(n_samples=1024), marks=pytest.mark.slow)]
+)
 def test_estimate_with_ten_outputs_is_within_25_percent_of_xla(solver):
     # G and r's covariance grow C^2-fold, the responses and the closure's factors C-fold.
     base = dmft.datasets.sphere(8, 10, 0, P_test=2)

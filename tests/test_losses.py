@@ -51,6 +51,7 @@ def test_monte_carlo_with_a_linear_activation_matches_the_closure(L):
     assert sol.accuracy.shape == sol.loss.shape and float(sol.accuracy[0]) == 0.0  # f(0) = 0
 
 
+@pytest.mark.slow
 def test_closure_at_small_gamma0_deviates_from_lazy_at_second_order():
     # The kernels are even in gamma0 whatever the loss (THEORY 9): log-log slope 2 over [0.01, 0.1].
     gammas = np.geomspace(0.01, 0.1, 4)

@@ -55,7 +55,7 @@ from ..dynamics import (
     split_classes,
     with_classes,
 )
-from ..single_site import fields, layer_memory, readout_G, two_layer_fields
+from ..single_site import fields, layer_memory, two_layer_fields
 from ..solve import AbstractIterativeSolver, damped
 from . import _responses, _sampling
 from .lazy import lazy_kernels
@@ -416,7 +416,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             else:  # this sweep's layer below, mixed as `solve` will mix it
                 Phi_prev = damped(state.Phi[l - 1], Phi_new[-1], beta)
                 A_prev = damped(state.A[l - 1], A_new[-1], beta)
-            G_next = readout_G(T, Pa, C_out, Kx.dtype) if last else state.G[l + 1]
+            G_next = None if last else state.G[l + 1]
             B = 0.0 if last else state.B[l]
             Su, Sr, C, D = layer_memory(problem.net, Phi_prev, A_prev, G_next, B, Delta, c)
             # The covariances the sources really have (negative eigenvalues clipped); u of layer 1 is
