@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import dmft
-from dmft.networks.train import _fields, _gd_update, _loss, _measure, forward, init_params
 
 C = 3
 
@@ -57,26 +56,6 @@ def test_lazy_limit_is_the_scalar_solution_per_output():
         np.testing.assert_allclose(sol.f_test[..., c], ref.f_test, atol=1e-12)
         for d in range(C):
             np.testing.assert_allclose(sol.ntk[:, :, c, :, d], ref.ntk * (c == d), atol=1e-12)
-
-
-@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-@pytest.mark.parametrize("depth", [1, pytest.param(3, marks=pytest.mark.slow)])
-def test_network_ntk_and_gd_step_equal_autodiff(depth, loss):
-    # The class-resolved NTK K_{mu c, nu c'} = sum_l G^{l+1}_{mu c, nu c'} Phi~^l_{mu nu} is the Gram
-    # matrix gamma0^2 N J J^T of the output Jacobian, and the GD step from the fields is jax.grad's.
-    problem = _problem(depth, "erf", loss=loss, gamma0=1.3)
-    params = init_params(problem, 32, jr.key(1))
-    params = _gd_update(problem, params, *_fields(problem, params, 0.0))  # away from the symmetric start
-    jac = jax.jacobian(lambda th: forward(problem, th, problem.data.X_all))(params)
-    J = jnp.concatenate([j.reshape(j.shape[0] * C, -1) for j in jac], axis=1)
-    K = _measure(problem, *_fields(problem, params, 0.0))[1]
-    np.testing.assert_allclose(K, 1.3**2 * 32 * J @ J.T, atol=1e-12)
-    f0 = forward(problem, params, problem.data.X_all)
-    step = problem.eta0 * problem.dt * problem.gamma0**2 * 32
-    expected = jax.tree.map(lambda x, g: x - step * g, params, jax.grad(_loss(problem, f0[:6]))(params))
-    got = _gd_update(problem, params, *_fields(problem, params, f0))
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("depth", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])

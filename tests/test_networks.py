@@ -18,18 +18,32 @@ def _problem(L=2, act="relu", gamma0=1.0, P=6, P_test=2, t_max=4.0, n_steps=20, 
 BIASED = (1.3, 0.4)  # sigma_w, sigma_b of the tests with weight and bias variances
 
 
+def _with_outputs(data, loss, C):
+    """`data` with C = 3 targets per point: normal (MSE) or one-hot labels of a random linear teacher
+    (cross-entropy); unchanged for C = 1."""
+    if C == 1:
+        return data
+    X = data.X_all
+    if loss == "mse":
+        Y = jr.normal(jr.key(5), (X.shape[0], C))
+    else:
+        Y = dmft.datasets.one_hot(np.asarray(jnp.argmax(X @ jr.normal(jr.key(6), (X.shape[1], C)), 1)), C)
+    return dmft.Dataset(data.X, Y[: data.P], data.X_test, Y[data.P :])
+
+
 def _seeds(problem, width, n, method="gd", **kw):
     return jax.vmap(lambda k: dmft.networks.train(problem, width, k, method=method, **kw))(jr.split(jr.key(1), n))
 
 
-@pytest.mark.parametrize("sigmas", [(1.0, 0.0), BIASED])
-def test_ntk_formula_matches_autodiff(sigmas):
-    # K = sum_l G^{l+1} * Phi~^l (THEORY 2, 11) is the Gram matrix gamma0^2 N grad f . grad f over all
-    # weights and biases.
+@pytest.mark.parametrize("sigmas, C", [((1.0, 0.0), 1), (BIASED, 1), (BIASED, 3)])
+def test_ntk_formula_matches_autodiff(sigmas, C):
+    # K = sum_l G^{l+1} * Phi~^l (THEORY 2, 11, 12) is the Gram matrix gamma0^2 N grad f . grad f over all
+    # weights and biases; with C outputs over the (point, class) pairs.
     problem = _problem(L=3, act="erf", gamma0=0.7, sigmas=sigmas)
+    problem = dmft.Problem(_with_outputs(problem.data, "mse", C), problem.net, gamma0=0.7, t_max=4.0, n_steps=20)
     params = dmft.networks.init_params(problem, 32, jr.key(0))
     jac = jax.jacobian(lambda th: dmft.networks.forward(problem, th, problem.data.X_all))(params)
-    J = jnp.concatenate([j.reshape(j.shape[0], -1) for j in jac], axis=1)
+    J = jnp.concatenate([j.reshape(problem.data.Kx.shape[0] * C, -1) for j in jac], axis=1)
     _, K, _, _ = _measure(problem, *_fields(problem, params, 0.0))
     np.testing.assert_allclose(K, 0.7**2 * 32 * J @ J.T, atol=1e-12)
 
@@ -161,18 +175,19 @@ def test_networks_need_positive_gamma0():
 
 
 @pytest.mark.parametrize(
-    "L, act, sigmas, loss",
-    [(1, "relu", BIASED, "mse"), (2, "tanh", (1.0, 0.0), "mse"), (3, "relu", BIASED, "mse")]
-    + [(1, "relu", (1.0, 0.0), "logistic"), (3, "tanh", (1.0, 0.0), "logistic")],
+    "L, act, sigmas, loss, C",
+    [(1, "relu", BIASED, "mse", 1), (2, "tanh", (1.0, 0.0), "mse", 1), (3, "relu", BIASED, "mse", 1)]
+    + [(1, "relu", (1.0, 0.0), "logistic", 1), (3, "tanh", (1.0, 0.0), "logistic", 1)]
+    + [(1, "erf", BIASED, "mse", 3), (3, "erf", BIASED, "cross_entropy", 3)],
 )
-def test_gd_step_from_fields_equals_autodiff(L, act, sigmas, loss):
+def test_gd_step_from_fields_equals_autodiff(L, act, sigmas, loss, C):
     # The GD update is written from the measured fields (g = gamma0 N df/dh) and the error signal
     # Delta = -dl/df; it must be the step theta - eta0 dt gamma0^2 N grad Loss of jax.grad, to round-off.
     from dmft.networks.train import _gd_update, _loss, forward, init_params
 
     net = dmft.MLP(L, act, sigma_w=sigmas[0], sigma_b=sigmas[1])
     data = dmft.datasets.sphere(5, 4, 0, P_test=2, target="sign" if loss == "logistic" else "teacher")
-    problem = dmft.Problem(data, net, gamma0=1.3, n_steps=4, loss=loss)
+    problem = dmft.Problem(_with_outputs(data, loss, C), net, gamma0=1.3, n_steps=4, loss=loss)
     params = init_params(problem, 32, jr.key(1))
     params = _gd_update(problem, params, *_fields(problem, params, 0.0))  # away from the symmetric start
     f0 = forward(problem, params, problem.data.X_all)
