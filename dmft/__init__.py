@@ -16,6 +16,8 @@ from .compare import Comparison as Comparison
 from .compare import compare as compare
 from .costs import Estimate as Estimate
 from .costs import estimate as estimate
+from .fluctuations import Fluctuations as Fluctuations
+from .fluctuations import fluctuations as fluctuations
 from .problem import MLP as MLP
 from .problem import Dataset as Dataset
 from .problem import Problem as Problem

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -252,16 +253,38 @@ def _solution_summary(sol):
 
 def _comparison_report(comp, runtime):
     err = [float(e) for e in comp.max_loss_error]
-    return {
-        "widths": list(comp.widths),
-        "seeds": int(comp.runs[0].loss.shape[0]),
-        "dmft": _solution_summary(comp.dmft),
-        "lazy_final_loss": float(comp.lazy.loss[-1]),
-        "max_loss_error_over_initial_loss": dict(zip(map(str, comp.widths), err)),
-        "largest_width_loss_error_over_initial_loss": err[-1],
-        "fitted_exponent_error_vs_width": float(comp.exponent),
-        "runtime_seconds": round(runtime, 1),
-    } | _accuracy_report(comp)
+    return (
+        {
+            "widths": list(comp.widths),
+            "seeds": int(comp.runs[0].loss.shape[0]),
+            "dmft": _solution_summary(comp.dmft),
+            "lazy_final_loss": float(comp.lazy.loss[-1]),
+            "max_loss_error_over_initial_loss": dict(zip(map(str, comp.widths), err)),
+            "largest_width_loss_error_over_initial_loss": err[-1],
+            "fitted_exponent_error_vs_width": float(comp.exponent),
+            "runtime_seconds": round(runtime, 1),
+        }
+        | _accuracy_report(comp)
+        | _fluctuation_report(comp)
+    )
+
+
+def _fluctuation_report(comp):
+    """Per width, the predicted (`dmft.fluctuations`) and measured seed-to-seed standard deviations of
+    the final loss, and the seeds the networks' mean needs for its standard error (max over time) to be
+    0.1% of the initial loss; empty without fluctuations."""
+    if comp.fluctuations is None:
+        return {}
+    L0 = float(comp.dmft.loss[0])
+    per_width = {}
+    for N, run in zip(comp.widths, comp.runs):
+        sd = comp.seed_sd(N)
+        per_width[str(N)] = {
+            "predicted_final_loss_sd": float(sd[-1]),
+            "measured_final_loss_sd": float(run.loss[:, -1].std(ddof=1)),
+            "seeds_for_0.1%_standard_error": math.ceil((float(sd.max()) / (1e-3 * L0)) ** 2),
+        }
+    return {"fluctuations": per_width}
 
 
 def _accuracy_report(comp):
@@ -314,7 +337,15 @@ def run_compare(config, out, progress=True):
     c = _section(config, "compare")
     start = time.perf_counter()
     comp = dmft.compare(
-        problem, solver, c["widths"], c["seeds"], key=seed, method=c["method"], mesh=c["mesh"], progress=progress
+        problem,
+        solver,
+        c["widths"],
+        c["seeds"],
+        key=seed,
+        method=c["method"],
+        mesh=c["mesh"],
+        fluctuations=c["fluctuations"],
+        progress=progress,
     )
     report = _comparison_report(comp, time.perf_counter() - start)
     # The targets travel with the result: re-plotting must not depend on regenerating the data.

@@ -10,11 +10,15 @@ import numpy as np
 
 from . import networks
 from ._keys import as_key
+from .fluctuations import Fluctuations
+from .fluctuations import fluctuations as fluctuations_of
 from .solution import Solution
 from .solve import solve
 from .solvers import Lazy
 
-__all__ = ["Comparison", "compare"]
+__all__ = ["Comparison", "compare", "MAX_FLUCTUATION_SIZE"]
+
+MAX_FLUCTUATION_SIZE = 1024
 
 
 class Comparison(eqx.Module):
@@ -27,6 +31,8 @@ class Comparison(eqx.Module):
     - `f_error (W, n+1)`, `ntk_error (W, n+1)`: max over points (entries) of |seed-mean - DMFT|.
     - `max_loss_error (W,)`: max over time of |loss_error| as a fraction of the initial loss.
     - `exponent`: least-squares slope of log max_loss_error against log width (-1/2 to -1 expected).
+    - `fluctuations`: the leading-order seed-to-seed covariances (`dmft.fluctuations`) around the DMFT,
+      or None (see `compare`).
     """
 
     dmft: Solution
@@ -39,6 +45,13 @@ class Comparison(eqx.Module):
     ntk_error: jax.Array
     max_loss_error: jax.Array
     exponent: jax.Array
+    fluctuations: Fluctuations | None = None
+
+    def seed_sd(self, width: int) -> jax.Array:
+        """The predicted standard deviation across seeds of the loss `(n+1,)` at `width`."""
+        if self.fluctuations is None:
+            raise ValueError("this comparison has no fluctuations (compare(..., fluctuations=True), depth 1)")
+        return self.fluctuations.sd("loss", width)
 
 
 def compare(
@@ -51,6 +64,7 @@ def compare(
     center: bool = True,
     method: str = "gd",
     mesh=None,
+    fluctuations: bool = True,
     progress: bool = True,
 ) -> Comparison:
     """Solve `problem` with `solver` and train `seeds` networks at each width (`networks.ensemble`:
@@ -59,6 +73,10 @@ def compare(
     `method="gd"` (default) trains by gradient descent with step `eta0 dt`: the discrete DMFT is its
     exact infinite-width limit apart from the Euler prediction rule, and it is far cheaper than
     adaptive gradient flow for ReLU networks; `method="flow"` uses diffrax.
+    `fluctuations=True` also computes the 1/N seed-to-seed covariances of `dmft.fluctuations` (the
+    +-1 sigma band of each width in the figures) where they are defined and affordable: two-layer
+    networks whose train grid has at most `MAX_FLUCTUATION_SIZE` (time, point, class) triples (the
+    cost grows with its square).
     `progress=True` shows tqdm bars on stderr: the DMFT iterations (residual live), then the widths.
     """
     widths = tuple(int(w) for w in widths)
@@ -87,4 +105,7 @@ def compare(
         exponent = jnp.polyfit(jnp.log(jnp.asarray(widths, float)), jnp.log(max_loss_error), 1)[0]
     else:
         exponent = jnp.array(jnp.nan)
-    return Comparison(sol, lazy, widths, runs, loss_error, loss_se, f_error, ntk_error, max_loss_error, exponent)
+    fl = None
+    if fluctuations and problem.depth == 1 and (problem.n_steps + 1) * problem.P * problem.C <= MAX_FLUCTUATION_SIZE:
+        fl = fluctuations_of(problem, sol, key=jr.fold_in(k_solve, 1))
+    return Comparison(sol, lazy, widths, runs, loss_error, loss_se, f_error, ntk_error, max_loss_error, exponent, fl)

@@ -19,13 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .compare import Comparison
+from .fluctuations import Fluctuations
 from .networks import Run
 from .solution import RESULTS, Solution
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_CLASSES = {"Solution": Solution, "Run": Run, "Comparison": Comparison}
+_CLASSES = {"Solution": Solution, "Run": Run, "Comparison": Comparison, "Fluctuations": Fluctuations}
 _RESULT_NAMES = ("successful", "max_iters_reached", "nonfinite")
 
 

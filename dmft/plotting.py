@@ -56,15 +56,29 @@ def _width_colour(i):
 
 def loss_curves(comparison, ax=None, field="loss", ylabel=r"loss $\frac{1}{2}\,\mathrm{mean}(f-y)^2$", log=True):
     """`field` over time (train loss by default; `"loss_test"`, `"accuracy_test"`, ...): DMFT (black),
-    lazy limit (dashed), each width's seed mean +- 1 standard error."""
+    lazy limit (dashed), each width's seed mean +- 1 standard error; with the comparison's
+    fluctuations, dotted in each width's colour the DMFT +- the predicted seed-to-seed standard deviation
+    at that width (where one seed is expected to lie)."""
     fig, ax = _axes(ax)
     ts = np.asarray(comparison.dmft.ts)
+    dmft_curve = np.asarray(getattr(comparison.dmft, field))
+    fl = getattr(comparison, "fluctuations", None)
     for i, (N, run) in enumerate(zip(comparison.widths, comparison.runs)):
         values = np.asarray(getattr(run, field))
         mean, se = values.mean(0), values.std(0, ddof=1) / np.sqrt(len(values))
         ax.fill_between(ts, mean - se, mean + se, color=_width_colour(i), alpha=0.3, lw=0)
         ax.plot(ts, mean, color=_width_colour(i), lw=1.2, label=f"N = {N}")
-    ax.plot(ts, np.asarray(getattr(comparison.dmft, field)), color=PALETTE[0], lw=2, label="DMFT")
+        if fl is not None and field in ("loss", "loss_test") and getattr(fl, f"{field}_cov") is not None:
+            sd = np.asarray(fl.sd(field, N))
+            for sign in (-1, 1):
+                ax.plot(ts, dmft_curve + sign * sd, color=_width_colour(i), lw=0.8, ls=":")
+    ax.plot(
+        ts,
+        dmft_curve,
+        color=PALETTE[0],
+        lw=2,
+        label="DMFT" + (r" ($\pm1\sigma$ per width dotted)" if fl is not None else ""),
+    )
     ax.plot(ts, np.asarray(getattr(comparison.lazy, field)), color=PALETTE[0], lw=1.2, ls="--", label="lazy (NTK)")
     ax.set(xlabel="time t", ylabel=ylabel, yscale="log" if log else "linear")
     ax.legend(frameon=False, fontsize=8)

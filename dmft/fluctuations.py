@@ -1,0 +1,276 @@
+"""Leading-order finite-width fluctuations of a two-layer network around its DMFT (`docs/theory_extensions.md`
+section 13).
+
+A depth-1 network of width N is exactly N independent neurons `(u_i, r_i)` (`u ~ N(0, Su)` the
+preactivations at t = 0, `r ~ N(0, sigma_w^2)` the scaled read-outs) coupled only through the error
+signal `Delta = -dl/df`. On the grid of `problem` (gradient descent with step `eta0 dt`, the
+`networks.train(..., method="gd")` rule) neuron i follows
+
+    h_i(t) = u_i + gamma0 a_i(t),  a_i(t+1) = a_i(t) + c Su (Delta(t) . g_i(t)),  g_i = phi'(h_i) z_i,
+    z_i(t) = r_i + gamma0 b_i(t),  b_i(t+1) = b_i(t) + c sigma_w^2 phi(h_i(t))^T Delta(t),   c = eta0 dt / P,
+
+and the centred output is the sample mean `f = <psi_i> + c sigma_b^2 sum_{s<t} sum_mu Delta_mu(s)` of
+`psi_i(t) = (z_i phi(h_i) - r_i phi(u_i)) / gamma0 = b_i phi(h_i) + r_i (phi(h_i) - phi(u_i)) / gamma0`
+(`r_i phi'(u_i) a_i` at gamma0 = 0, the lazy limit). Writing `F(Delta)` for the N -> infinity mean and
+`e = <psi_i>_N - E psi` for the sampling noise, `f_N = F(Delta_N) + e` and `Delta_N = delta(f_N)`
+linearise around the DMFT to
+
+    delta f = e + J H delta f_train,      J = dF/dDelta,  H = d delta/d f,
+
+so each neuron contributes the influence `iota_i = (I - J H)^{-1}`-propagated `psi_i - E psi`, and
+`N Cov(f) -> Cov(iota)`. The NTK and the loss follow from the same influences. Everything is estimated
+from `n_samples` independent neurons; the Monte Carlo standard error of each coefficient comes from
+the fourth moments of the influences.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from ._keys import as_key
+from .problem import Problem
+from .solution import RESULTS, Solution
+from .solvers._sampling import factor
+
+__all__ = ["Fluctuations", "fluctuations"]
+
+
+class Fluctuations(eqx.Module):
+    """Seed-to-seed covariances of a width-N network as coefficients of 1/N: at width N,
+    `Var f_mu(t) ~= f_var[t, mu] / N`, and so on (leading order in 1/N, centred networks trained by
+    gradient descent on the problem's grid).
+
+    **Fields** (C = number of outputs; the class axes are absent for scalar targets):
+
+    - `ts (n+1,)`: the time grid.
+    - `f_var (n+1, P[, C])`, `f_test_var (n+1, P_test[, C])`: variance coefficients of the predictions.
+    - `loss_cov (n+1, n+1)`: covariance coefficient of the train loss between pairs of times (its
+      diagonal is the loss variance); `loss_test_cov` likewise, or None without test targets.
+    - `ntk_var (n+1, P[, C], P[, C])`: variance coefficients of the train NTK entries.
+    - `stderr`: Monte Carlo standard errors of each of the above (same keys and shapes).
+    - `n_samples`: neurons sampled.
+    """
+
+    ts: jax.Array
+    f_var: jax.Array
+    loss_cov: jax.Array
+    ntk_var: jax.Array
+    stderr: dict
+    n_samples: int = eqx.field(static=True)
+    f_test_var: jax.Array | None = None
+    loss_test_cov: jax.Array | None = None
+
+    def sd(self, name: str, width: int) -> jax.Array:
+        """Standard deviation across seeds at `width` of `name` ("f", "f_test", "loss", "loss_test" or
+        "ntk"); for the losses, over time."""
+        var = getattr(self, f"{name}_cov" if name.startswith("loss") else f"{name}_var")
+        if var is None:
+            raise ValueError(f"these fluctuations have no {name!r} (no test data?)")
+        if name.startswith("loss"):
+            var = jnp.diagonal(var)
+        return jnp.sqrt(var / width)
+
+
+def _check(problem, sol, n_samples, chunk_size):
+    if not isinstance(problem, Problem) or not isinstance(sol, Solution):
+        raise ValueError("fluctuations(problem, sol) takes a dmft.Problem and the dmft.Solution solved for it")
+    if problem.depth != 1:
+        raise ValueError(
+            f"fluctuations covers two-layer networks (MLP(depth=1)) only, got depth {problem.depth}: at depth "
+            ">= 2 the hidden weights couple the neurons and the response functions fluctuate too"
+        )
+    if sol.result != RESULTS.successful:
+        raise ValueError("the Solution did not converge: fluctuations around it would mean nothing; solve it again")
+    T, P, C = problem.n_steps + 1, problem.P, problem.C
+    if sol.f.reshape(sol.f.shape[0], -1).shape != (T, P * C):
+        raise ValueError(
+            f"sol.f has shape {sol.f.shape} but the problem has (n_steps + 1, P[, C]) = {(T, P, C)}: pass the "
+            "Problem the Solution was solved for"
+        )
+    for name, value in (("n_samples", n_samples), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+    if n_samples % chunk_size:
+        raise ValueError(f"n_samples ({n_samples}) must be a multiple of chunk_size ({chunk_size})")
+
+
+def _neurons(problem, u, r, Delta):
+    """`psi (S, T, Pa, C)`, `phi(h) (S, T, P)` and `g (S, T, P C)` on train points of neurons `u (S, Pa)`,
+    `r (S, C)` driven by `Delta (T, Pa, C)` (module docstring)."""
+    act, gamma0, net, P = problem.activation, problem.gamma0, problem.net, problem.P
+    Su = net.preactivation_kernel(problem.data.Kx)
+    c = problem.dt * problem.eta0 / P
+    S, C = r.shape
+    lazy = gamma0 == 0
+    safe = jnp.where(lazy, 1.0, gamma0)
+    phi_u = act.fn(u)
+
+    def step(carry, Delta_t):
+        a, b = carry
+        h, z = u + gamma0 * a, r + gamma0 * b
+        phi, dphi = act.fn(h), act.dfn(h)
+        moved = jnp.where(lazy, act.dfn(u) * a, (phi - phi_u) / safe)  # (phi(h) - phi(u)) / gamma0
+        psi = b[:, None, :] * phi[:, :, None] + r[:, None, :] * moved[:, :, None]
+        g = (dphi[:, :P, None] * z[:, None, :]).reshape(S, P * C)
+        a = a + c * (dphi * (z @ Delta_t.T)) @ Su
+        b = b + c * net.sw2 * phi @ Delta_t
+        return (a, b), (psi, phi[:, :P], g)
+
+    _, out = jax.lax.scan(step, (jnp.zeros_like(u), jnp.zeros_like(r)), Delta)
+    return tuple(jnp.moveaxis(x, 0, 1) for x in out)
+
+
+def _ntk_terms(problem, phi, g, dphi, dg):
+    """`sum_s` over neurons of the NTK's bilinear form `Su (x) (dg g^T) + sw2 (dphi phi^T) (x) I_C`,
+    `(..., T, P C, P C)`, for fields `phi (S, T, P)`, `g (S, T, P C)` and a second set `dphi`, `dg`
+    with optional leading axes (the per-neuron NTK for `dphi = phi`, `dg = g` neuron by neuron)."""
+    P, C = problem.P, problem.C
+    Su = problem.net.preactivation_kernel(problem.data.Kx)[:P, :P]
+    gg = jnp.einsum("...sta,stb->...tab", dg, g)
+    pp = jnp.einsum("...sta,stb->...tab", dphi, phi)
+    return gg * jnp.kron(Su, jnp.ones((C, C), g.dtype)) + problem.net.sw2 * jnp.kron(pp, jnp.eye(C, dtype=g.dtype))
+
+
+@eqx.filter_jit
+def _coefficients(problem, f, key, n_samples, chunk_size, block=16):
+    """The variance coefficients and their standard errors, as flat dicts over "f", "ntk", "loss" and
+    "loss_test"; the Jacobians are built `block` tangents at a time."""
+    data, P, C, loss = problem.data, problem.P, problem.C, problem.loss
+    T, Pa, dtype = problem.n_steps + 1, data.Kx.shape[0], data.Kx.dtype
+    n = T * P * C
+    f_star = f.reshape(T, P, C)
+    Delta_star = jnp.zeros((T, Pa, C), dtype).at[:, :P].set(loss.delta(f_star, data.Y))
+    H = jax.scipy.linalg.block_diag(
+        *jax.vmap(jax.jacfwd(lambda f: loss.delta(f, data.Y)))(f_star).reshape(T, P * C, -1)
+    )
+
+    k_u, k_r = jr.split(key)
+    M_u = factor(problem.net.preactivation_kernel(data.Kx))[0]
+    normal = lambda k, shape: jr.normal(k, shape, jnp.float32).astype(dtype)  # the same neurons in either precision
+    u = (normal(k_u, (n_samples, Pa)) @ M_u.T).reshape(-1, chunk_size, Pa)
+    r = (problem.net.sigma_w * normal(k_r, (n_samples, C))).reshape(-1, chunk_size, C)
+    n_blocks = -(-n // block)
+
+    def chunk_sums(ur):
+        """Sums over one chunk of neurons of psi and the NTK, and of their Jacobians with respect to
+        Delta on train points, tangent-first: `(n, T, Pa, C)`, `(n, T, P C, P C)`."""
+        (psi, phi, g), lin = jax.linearize(lambda D: _neurons(problem, *ur, D), Delta_star)
+
+        def one_block(i):
+            tangent = jax.nn.one_hot(i * block + jnp.arange(block), n, dtype=dtype).reshape(block, T, P, C)
+            dpsi, dphi, dg = jax.vmap(lin)(jnp.zeros((block, T, Pa, C), dtype).at[:, :, :P].set(tangent))
+            dK = _ntk_terms(problem, phi, g, dphi, dg)
+            return dpsi.sum(1), dK + jnp.swapaxes(dK, -1, -2)
+
+        J = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:n], jax.lax.map(one_block, jnp.arange(n_blocks)))
+        return (psi.sum(0), _ntk_terms(problem, phi, g, phi, g)), J
+
+    sums = jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(chunk_sums, (u, r)))
+    (F, K), (J_f, J_K) = sums
+    # the read-out bias moves every output by c sigma_b^2 sum_{s<t} sum_mu Delta_mu(s): a deterministic
+    # term of F, so only its Jacobian matters
+    c = problem.dt * problem.eta0 / P
+    steps = jnp.tril(jnp.ones((T, T), dtype), -1)
+    J_bias = c * problem.net.sigma_b**2 * jnp.einsum("ts,de->sdte", steps, jnp.eye(C, dtype=dtype))
+    J_f = J_f + jnp.broadcast_to(J_bias[:, None, :, :, None], (T, P, C, T, 1, C)).reshape(n, T, 1, C)
+    J_train = J_f[:, :, :P].reshape(n, n).T  # (out, in)
+    propagate = jax.scipy.linalg.lu_factor(jnp.eye(n, dtype=dtype) - J_train @ H)
+    grad_loss = lambda Y, f: jax.vmap(jax.grad(lambda f: loss.value(f, Y)))(f)  # (T, M, C)
+    dloss = grad_loss(data.Y, f_star)
+
+    def influences(ur):
+        psi, phi, g = _neurons(problem, *ur, Delta_star)
+        e = psi - F[None]
+        dDelta = jax.scipy.linalg.lu_solve(propagate, e[:, :, :P].reshape(-1, n).T).T @ H.T  # (S, n)
+        i_f = e + (dDelta @ J_f.reshape(n, -1)).reshape(e.shape)
+        k = jax.vmap(lambda p, q: _ntk_terms(problem, p[None], q[None], p[None], q[None]))(phi, g)
+        i_K = k - K[None] + (dDelta @ J_K.reshape(n, -1)).reshape(k.shape)
+        out = {"f": i_f, "ntk": i_K, "loss": jnp.einsum("tpc,stpc->st", dloss, i_f[:, :, :P])}
+        if data.y_test is not None:
+            out["loss_test"] = jnp.einsum("tpc,stpc->st", grad_loss(data.Y_test, F[:, P:]), i_f[:, :, P:])
+        return _moments(out)
+
+    m = jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(influences, (u, r)))
+    coef = {name: m2 * n_samples / (n_samples - 1) for name, (m2, _) in m.items()}
+    se = {name: jnp.sqrt(jnp.maximum(m4 - m2**2, 0.0) / n_samples) for name, (m2, m4) in m.items()}
+    return coef, se, F[:, :P]
+
+
+def fluctuations(problem: Problem, sol: Solution, *, key, n_samples: int = 4096, chunk_size: int = 512) -> Fluctuations:
+    """The leading-order covariances across seeds of width-N networks around the DMFT `sol` of
+    `problem`, as coefficients of 1/N (`Fluctuations`); two-layer networks (`MLP(depth=1)`), any
+    activation, loss and number of outputs; `problem.gamma0 = 0` gives the lazy limit (pass the
+    `dmft.Lazy()` solution).
+
+    `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
+    converged solution of this problem. `n_samples` independent neurons estimate the covariances (their
+    relative Monte Carlo error is about `sqrt(2 / n_samples)`, reported in `stderr`); `chunk_size`
+    neurons are processed at a time (memory only: the result does not depend on it).
+    """
+    _check(problem, sol, n_samples, chunk_size)
+    coef, se, F = _coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
+    _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
+    return _assemble(problem, coef, se, n_samples)
+
+
+def _check_same_problem(problem, sol, F, f_var, n_samples):
+    """Refuse a Solution whose predictions the neurons of `problem`, driven by its error signal, do not
+    reproduce: allowed are 5 Monte Carlo standard errors of their mean plus 10% of the predictions'
+    scale, which covers the DMFT's own sampling error and the O(gamma0^2 dt) difference between its
+    Euler rule and gradient descent, and not a different gamma0, activation or data set."""
+    f = sol.f.reshape(F.shape)
+    allowed = 5 * jnp.sqrt(f_var.max() / n_samples) + 0.1 * jnp.abs(f).max()
+    gap = float(jnp.abs(F - f).max())
+    if not gap <= float(allowed):
+        raise ValueError(
+            f"sol does not solve this problem: neurons driven by its error signal give predictions {gap:.3g} "
+            f"away from sol.f (allowed {float(allowed):.3g}); pass the Problem the Solution was solved for "
+            "(for dmft.Lazy() solutions, the same problem with gamma0=0)"
+        )
+
+
+def _moments(out):
+    """Per-chunk sums of the second and fourth moments: elementwise for f and the NTK, over pairs of
+    times for the losses."""
+    sums = {}
+    for name, x in out.items():
+        if name.startswith("loss"):
+            x2 = x[:, :, None] * x[:, None, :]
+        else:
+            x2 = x**2
+        sums[name] = (x2.sum(0), (x2**2).sum(0))
+    return sums
+
+
+def _assemble(problem, coef, se, n_samples):
+    data, P, C = problem.data, problem.P, problem.C
+    scalar = data.y.ndim == 1
+
+    def shape(name, x):
+        if name == "f":
+            return x[..., 0] if scalar else x
+        if name == "ntk":
+            x = x.reshape(x.shape[0], P, C, P, C)
+            return x[:, :, 0, :, 0] if scalar else x
+        return x
+
+    def split(d):
+        out = {k: shape(k, v) for k, v in d.items() if k != "f"}
+        f = shape("f", d["f"])
+        out["f"], out["f_test"] = f[:, :P], (f[:, P:] if data.X_test is not None else None)
+        return out
+
+    c, s = split(coef), split(se)
+    return Fluctuations(
+        ts=problem.ts,
+        f_var=c["f"],
+        loss_cov=c["loss"],
+        ntk_var=c["ntk"],
+        f_test_var=c["f_test"],
+        loss_test_cov=c.get("loss_test"),
+        stderr={k: v for k, v in s.items() if v is not None},
+        n_samples=n_samples,
+    )

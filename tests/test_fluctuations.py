@@ -1,0 +1,169 @@
+"""`dmft.fluctuations`: the 1/N covariances of two-layer networks (docs/theory_extensions.md section 13),
+against a closed form and against seed ensembles of finite networks."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import dmft
+
+
+def _problem(activation="tanh", gamma0=1.0, n_steps=12, P=6, P_test=0, **kw):
+    data = dmft.datasets.sphere(P=P, D=12, key=0, P_test=P_test)
+    return dmft.Problem(data, dmft.MLP(1, activation, **kw), gamma0=gamma0, t_max=3.0, n_steps=n_steps)
+
+
+def _lazy_linear_exact(problem, f):
+    """Exact coefficients at gamma0 = 0 for a linear two-layer network (MSE): the per-neuron NTK is
+    `k = u u^T + r^2 Kx` with `u ~ N(0, Kx)`, `r ~ N(0, 1)`, so by Isserlis
+    `N Cov(K_ab, K_cd) = Kx_ac Kx_bd + Kx_ad Kx_bc + 2 Kx_ab Kx_cd`, and the static-kernel Euler steps
+    `f(n+1) = f(n) + c K Delta(n)` give `delta f(n) = sum_{m<n} (I - c K)^{n-1-m} c delta K Delta(m)`."""
+    Kx, P = problem.data.Kx, problem.P
+    c = problem.dt * problem.eta0 / P
+    K = 2 * Kx
+    cov_K = (
+        jnp.einsum("ac,bd->abcd", Kx, Kx) + jnp.einsum("ad,bc->abcd", Kx, Kx) + 2 * jnp.einsum("ab,cd->abcd", Kx, Kx)
+    )
+    Delta = problem.data.y - f  # (T, P)
+    # L[n] maps delta K (P, P) to delta f(n) (P,): L[n+1] = (I - c K) L[n] + c (.) Delta(n)
+    L = [jnp.zeros((P, P, P))]
+    for n in range(problem.n_steps):
+        L.append(
+            jnp.einsum("ij,jab->iab", jnp.eye(P) - c * K, L[-1]) + c * jnp.einsum("ia,b->iab", jnp.eye(P), Delta[n])
+        )
+    L = jnp.stack(L)  # (T, P, P, P)
+    f_var = jnp.einsum("tiab,abcd,ticd->ti", L, cov_K, L)
+    dloss = -Delta / P  # d loss / d f
+    Lloss = jnp.einsum("ti,tiab->tab", dloss, L)
+    loss_var = jnp.einsum("tab,abcd,tcd->t", Lloss, cov_K, Lloss)
+    ntk_var = jnp.einsum("abab->ab", cov_K)
+    return f_var, loss_var, ntk_var
+
+
+def test_lazy_linear_matches_the_closed_form():
+    problem = _problem("linear", gamma0=0.0)
+    sol = dmft.solve(problem, dmft.Lazy(discrete=True))
+    fl = dmft.fluctuations(problem, sol, key=0)
+    f_var, loss_var, ntk_var = _lazy_linear_exact(problem, sol.f)
+    # each coefficient is a sample variance of 4096 i.i.d. influences: asymptotically normal with the
+    # fourth-moment standard error it reports; 4.5 SE over the ~150 entries checked keeps a false
+    # failure below 1e-3 (Bonferroni)
+    for got, exact, se in (
+        (fl.f_var[1:], f_var[1:], fl.stderr["f"][1:]),
+        (jnp.diagonal(fl.loss_cov)[1:], loss_var[1:], jnp.diagonal(fl.stderr["loss"])[1:]),
+        (fl.ntk_var[0], ntk_var, fl.stderr["ntk"][0]),
+    ):
+        z = np.abs(np.asarray((got - exact) / se))
+        assert z.max() < 4.5, z.max()
+    assert jnp.all(fl.f_var[0] == 0) and jnp.allclose(fl.ntk_var, fl.ntk_var[0])  # centred, static
+
+
+def _nvar(x, N):
+    """N times the seed variance of `x (seeds, ...)` and its standard error from the fourth moment."""
+    x = np.asarray(x) - np.mean(x, axis=0)
+    n = x.shape[0]
+    m2, m4 = np.mean(x**2, 0), np.mean(x**4, 0)
+    return N * m2 * n / (n - 1), N * np.sqrt(np.maximum(m4 - m2**2, 0) / n)
+
+
+def _ensemble(problem, width, n_seeds, key=7):
+    keys = jr.split(jr.PRNGKey(key), n_seeds)
+    return jax.jit(jax.vmap(lambda k: dmft.networks.train(problem, width, k, method="gd")))(keys)
+
+
+def _observables(problem, fl, runs, width, times, points):
+    """(theory, theory SE, network N var, its SE) for the loss at `times` and f at the last time."""
+    T = problem.n_steps
+    loss_n, loss_se = _nvar(runs.loss[:, times], width)
+    f_n, f_se = _nvar(runs.f[:, T, points], width)
+    theory = np.concatenate([np.diagonal(fl.loss_cov)[times], fl.f_var[T, points]])
+    theory_se = np.concatenate([np.diagonal(fl.stderr["loss"])[times], fl.stderr["f"][T, points]])
+    return theory, theory_se, np.concatenate([loss_n, f_n]), np.concatenate([loss_se, f_se])
+
+
+def test_two_layer_matches_a_seed_ensemble():
+    problem = _problem("tanh")
+    sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=4096), key=0)
+    fl = dmft.fluctuations(problem, sol, key=1)
+    runs = _ensemble(problem, 512, 256)
+    th, th_se, net, net_se = _observables(problem, fl, runs, 512, [4, 8, 12], [0, 1, 2])
+    # both sides are sample variances (256 seeds, 4096 neurons) with fourth-moment standard errors;
+    # 3.5 combined SE over these 6 numbers keeps a false failure near 0.3%. The O(1/N) correction to
+    # N Var at N = 512 is below 1% of the coefficient (measured flat from N = 256 to 2048 in the slow test).
+    z = np.abs(th - net) / np.hypot(th_se, net_se)
+    assert z.max() < 3.5, (th, net, z)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation, gamma0", [("tanh", 1.0), ("relu", 1.0), ("tanh", 0.0)])
+def test_variance_is_flat_in_width_and_matches(activation, gamma0):
+    """Issue 19's validation: N Var of the loss at several times and of three predictions, over 256 seeds
+    at each of N = 256, 512, 1024, 2048 (`gd` on the DMFT grid), is flat in N and agrees with the theory
+    within 3 standard errors and 15%. The lazy case trains the networks at gamma0 = 0.01 (the finite
+    networks need gamma0 > 0; the feature-learning correction is O(gamma0^2))."""
+    problem = _problem(activation, gamma0, n_steps=20, P=8)
+    sol = dmft.solve(problem, dmft.Lazy(discrete=True) if gamma0 == 0 else dmft.MonteCarlo(n_samples=8192), key=0)
+    fl = dmft.fluctuations(problem, sol, key=1, n_samples=16384)
+    net_problem = _problem(activation, max(gamma0, 0.01), n_steps=20, P=8)
+    rows = []
+    for i, width in enumerate((256, 512, 1024, 2048)):
+        th, th_se, net, net_se = _observables(
+            net_problem, fl, _ensemble(net_problem, width, 256, key=i), width, [5, 10, 20], [0, 1, 2]
+        )
+        rows.append((net, net_se))
+    net, net_se = (np.stack(x) for x in zip(*rows))
+    # plain average over widths (inverse-variance weights from estimated variances favour the low draws)
+    pooled, pooled_se = net.mean(0), np.sqrt(np.sum(net_se**2, 0)) / len(net)
+    print(f"\n{activation} gamma0={gamma0}: theory {np.round(th, 4)}, pooled {np.round(pooled, 4)}")
+    print(f"  N var by width (rows 256 .. 2048):\n{np.round(net, 4)}")
+    flat = np.abs(net - pooled) / net_se
+    assert flat.max() < 3.5, flat  # 4 widths x 6 numbers: 3.5 SE keeps a false failure near 1%
+    z = np.abs(th - pooled) / np.hypot(th_se, pooled_se)
+    assert z.max() < 3, z
+    assert np.max(np.abs(th - pooled) / pooled) < 0.15
+
+
+def test_bad_inputs_are_refused():
+    problem = _problem("tanh", n_steps=4)
+    sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=1024), key=0)
+    with pytest.raises(ValueError, match="two-layer"):
+        deep = dmft.Problem(problem.data, dmft.MLP(2, "tanh"), gamma0=1.0, t_max=3.0, n_steps=4)
+        dmft.fluctuations(deep, sol, key=0)
+    with pytest.raises(ValueError, match="did not converge"):
+        dmft.fluctuations(
+            problem, dmft.solve(problem, dmft.MonteCarlo(n_samples=1024, max_iters=1), key=0, throw=False), key=0
+        )
+    with pytest.raises(ValueError, match="Problem the Solution was solved for"):
+        dmft.fluctuations(_problem("tanh", n_steps=5), sol, key=0)
+    with pytest.raises(ValueError, match="does not solve this problem"):
+        dmft.fluctuations(_problem("tanh", gamma0=3.0, n_steps=4), sol, key=0)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        dmft.fluctuations(problem, sol, key=0, n_samples=1000)
+    # the neurons are drawn before they are cut into chunks: chunk_size is a memory knob only
+    a = dmft.fluctuations(problem, sol, key=0, n_samples=1024, chunk_size=256)
+    b = dmft.fluctuations(problem, sol, key=0, n_samples=1024, chunk_size=512)
+    assert jnp.allclose(a.f_var, b.f_var, rtol=1e-10) and jnp.allclose(a.ntk_var, b.ntk_var, rtol=1e-10)
+
+
+def test_float32_agrees_with_float64():
+    data = [np.asarray(x) for x in jax.tree.leaves(dmft.datasets.sphere(6, 12, 0))]
+
+    def run(sol=None):
+        problem = dmft.Problem(dmft.Dataset(*data), dmft.MLP(1, "relu"), gamma0=1.0, t_max=3.0, n_steps=12)
+        sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=2048), key=0) if sol is None else sol
+        return sol, dmft.fluctuations(problem, sol, key=0)
+
+    sol, hi = run()
+    with jax.enable_x64(False):
+        lo = run(
+            jax.tree.map(
+                lambda x: jnp.asarray(x, jnp.float32) if isinstance(x, jax.Array) and x.dtype == jnp.float64 else x, sol
+            )
+        )[1]
+    assert lo.f_var.dtype == jnp.float32 and hi.f_var.dtype == jnp.float64
+    # the same neurons (drawn in float32 in both precisions) at the same error signal: float32 round-off
+    # through T = 13 steps and the (I - J H) solve, ~1e3 eps, far below the ~2% Monte Carlo error
+    for a, b in ((lo.f_var, hi.f_var), (lo.loss_cov, hi.loss_cov), (lo.ntk_var, hi.ntk_var)):
+        assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1e-4 * float(np.abs(b).max())
