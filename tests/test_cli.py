@@ -141,6 +141,9 @@ def test_compare_and_plot(tmp_path):
     assert main(["compare", _write(tmp_path, text), "--out", str(out), "--x64", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["widths"] == [16, 32] and "fitted_exponent_error_vs_width" in report
+    # a two-layer problem: the predicted seed spread (dmft.fluctuations) against the measured one
+    spread = report["fluctuations"]["32"]
+    assert spread["predicted_final_loss_sd"] > 0 and spread["seeds_for_0.1%_standard_error"] >= 1
     import numpy as np
 
     assert np.load(out / "samples.npz")["h"].shape == (1, 4096, 5)  # DMFT histogram samples (L, S, Pa)

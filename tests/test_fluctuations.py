@@ -125,6 +125,32 @@ def test_variance_is_flat_in_width_and_matches(activation, gamma0):
     assert np.max(np.abs(th - pooled) / pooled) < 0.15
 
 
+@pytest.mark.slow
+def test_several_outputs_and_biases_match_a_seed_ensemble():
+    """Three classes, the cross-entropy and sigma_b = 0.5 (hidden and read-out biases): N Var of the loss at
+    three times, of the final predictions of one point and of some final NTK entries against 512 seeds."""
+    X = dmft.datasets.sphere(P=8, D=12, key=0).X
+    Y = dmft.datasets.one_hot(np.asarray(jnp.argmax(X @ jr.normal(jr.key(1), (12, 3)), 1)), 3)
+    net = dmft.MLP(1, "tanh", sigma_b=0.5)
+    problem = dmft.Problem(dmft.Dataset(X, Y), net, gamma0=1.0, t_max=4.0, n_steps=12, loss="cross_entropy")
+    sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=8192), key=0)
+    fl = dmft.fluctuations(problem, sol, key=1, n_samples=8192)
+    N, runs = 512, _ensemble(problem, 512, 512, key=3)
+    pairs = [
+        (np.diagonal(fl.loss_cov)[[4, 8, 12]], np.diagonal(fl.stderr["loss"])[[4, 8, 12]], runs.loss[:, [4, 8, 12]]),
+        (fl.f_var[12, 0], fl.stderr["f"][12, 0], runs.f[:, 12, 0]),
+        (
+            fl.ntk_var[12, 0, :, 1].ravel(),
+            fl.stderr["ntk"][12, 0, :, 1].ravel(),
+            runs.ntk[:, 12, 0, :, 1].reshape(512, -1),
+        ),
+    ]
+    for th, th_se, x in pairs:
+        net_var, net_se = _nvar(x, N)
+        z = np.abs(np.asarray(th) - net_var) / np.hypot(th_se, net_se)
+        assert z.max() < 3.5, (th, net_var, z)  # 3 + 1 + 9 = 15 numbers: 3.5 SE, false failure ~1%
+
+
 def test_bad_inputs_are_refused():
     problem = _problem("tanh", n_steps=4)
     sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=1024), key=0)

@@ -17,6 +17,7 @@ from paper_figs import (
     f4_deep_tanh,
     f5_width_convergence,
     f6_cnn_widths,
+    f7_finite_width_variance,
 )
 
 
@@ -137,3 +138,14 @@ def test_f6_cifar_path(tmp_path):
     os.remove(tmp_path / "test_batch")
     with pytest.raises(ValueError, match="test_batch"):
         f6_cnn_widths.cifar_data(str(tmp_path), P=24, P_test=6)
+
+
+@pytest.mark.slow
+def test_f7_finite_width_variance(tmp_path):
+    res = f7_finite_width_variance.main(quick=True, out=str(tmp_path))
+    _check_files(res)
+    for g in (0.0, 1.0):
+        r = res[f"gamma0={g}"]
+        # 32 seeds per width: a sample variance within ~25% (1 SE) of its mean; 2.5 SE allowed
+        for N, net in r["networks_final_loss_nvar"].items():
+            assert abs(net - r["theory_final_loss_nvar"]) < 0.6 * r["theory_final_loss_nvar"], (g, N, net)

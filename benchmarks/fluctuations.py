@@ -1,0 +1,51 @@
+"""Cost of `dmft.fluctuations` against the DMFT solve it starts from.
+
+The demo's data (sphere, P = 16 + 4 test points, D = 20, gamma0 = 1, t_max = 10) with a two-layer relu
+network (the fluctuations cover depth 1), `MonteCarlo(n_samples=8192)` as in `dmft demo`. For 30 and
+60 steps prints the wall time of the solve and of the fluctuations (first call, compilation included,
+then a second, compiled call) and their ratio. The fluctuations build the Jacobian of the mean
+predictions with respect to the error signal by forward mode, one tangent per (time, point, class) of
+the train grid, over all sampled neurons: their cost grows like (T P)^2 S, the solve's like T P^2 S per
+iteration.
+
+Run: python benchmarks/fluctuations.py
+"""
+
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import dmft  # noqa: E402
+
+
+def problem(n_steps):
+    data = dmft.datasets.sphere(16, 20, 0, P_test=4)
+    return dmft.Problem(data, dmft.MLP(1, "relu"), gamma0=1.0, t_max=10.0, n_steps=n_steps)
+
+
+def wall(fn, *args, **kwargs):
+    """`(seconds, result)` of one call."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    jax.block_until_ready(jax.tree.leaves(out))
+    return time.perf_counter() - start, out
+
+
+def main():
+    print("steps   T P   solve first / compiled (s)   fluctuations first / compiled (s)   ratio first / compiled")
+    for n_steps in (30, 60):
+        p, solver = problem(n_steps), dmft.MonteCarlo(n_samples=8192)
+        s1, sol = wall(dmft.solve, p, solver, key=0)
+        s2, _ = wall(dmft.solve, p, solver, key=1)
+        f1, _ = wall(dmft.fluctuations, p, sol, key=0)
+        f2, _ = wall(dmft.fluctuations, p, sol, key=1)
+        print(
+            f"{n_steps:5d} {(n_steps + 1) * p.P:5d}   {s1:8.1f} / {s2:6.2f}              {f1:8.1f} / {f2:6.2f}"
+            f"                  {f1 / s1:5.1f} / {f2 / s2:5.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
