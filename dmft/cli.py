@@ -271,19 +271,28 @@ def _comparison_report(comp, runtime):
 
 def _fluctuation_report(comp):
     """Per width, the predicted (`dmft.fluctuations`) and measured seed-to-seed standard deviations of
-    the final loss, and the seeds the networks' mean needs for its standard error (max over time) to be
-    0.1% of the initial loss; empty without fluctuations."""
-    if comp.fluctuations is None:
+    the final loss, the seeds the networks' mean needs for its standard error (max over time) to be
+    0.1% of the initial loss and, for smooth activations, the predicted and measured 1/N mean shift of
+    the final loss and the seeds that resolve it; empty without fluctuations."""
+    fl = comp.fluctuations
+    if fl is None:
         return {}
     L0 = float(comp.dmft.loss[0])
     per_width = {}
     for N, run in zip(comp.widths, comp.runs):
         sd = comp.seed_sd(N)
-        per_width[str(N)] = {
+        row = {
             "predicted_final_loss_sd": float(sd[-1]),
             "measured_final_loss_sd": float(run.loss[:, -1].std(ddof=1)),
             "seeds_for_0.1%_standard_error": math.ceil((float(sd.max()) / (1e-3 * L0)) ** 2),
         }
+        if fl.loss_bias is not None:
+            bias = float(fl.loss_bias[-1]) / N
+            row["predicted_final_loss_bias"] = bias
+            row["measured_final_loss_bias"] = float(run.loss[:, -1].mean() - comp.dmft.loss[-1])
+            # the seed mean resolves the shift at 2 standard errors: 2 sd / sqrt(seeds) <= |bias|
+            row["seeds_to_resolve_the_bias"] = math.ceil((2 * float(sd[-1]) / max(abs(bias), 1e-300)) ** 2)
+        per_width[str(N)] = row
     return {"fluctuations": per_width}
 
 

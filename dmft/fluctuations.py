@@ -50,7 +50,10 @@ class Fluctuations(eqx.Module):
     - `loss_cov (n+1, n+1)`: covariance coefficient of the train loss between pairs of times (its
       diagonal is the loss variance); `loss_test_cov` likewise, or None without test targets.
     - `ntk_var (n+1, P[, C], P[, C])`: variance coefficients of the train NTK entries.
-    - `stderr`: Monte Carlo standard errors of each of the above (same keys and shapes).
+    - `f_bias (n+1, P[, C])`, `f_test_bias`, `loss_bias (n+1,)`, `loss_test_bias`: the mean shift
+      `E[x_N] - x_DMFT ~= x_bias / N` (second order in the sampling noise), for smooth activations
+      (`activation.smooth`; None for relu, whose kinks pathwise second derivatives miss), or None.
+    - `stderr`: Monte Carlo standard errors of each of the above, keyed by field name.
     - `n_samples`: neurons sampled.
     """
 
@@ -62,6 +65,10 @@ class Fluctuations(eqx.Module):
     n_samples: int = eqx.field(static=True)
     f_test_var: jax.Array | None = None
     loss_test_cov: jax.Array | None = None
+    f_bias: jax.Array | None = None
+    f_test_bias: jax.Array | None = None
+    loss_bias: jax.Array | None = None
+    loss_test_bias: jax.Array | None = None
 
     def sd(self, name: str, width: int) -> jax.Array:
         """Standard deviation across seeds at `width` of `name` ("f", "f_test", "loss", "loss_test" or
@@ -93,8 +100,11 @@ def _check(problem, sol, n_samples, chunk_size):
     for name, value in (("n_samples", n_samples), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
-    if n_samples % chunk_size:
-        raise ValueError(f"n_samples ({n_samples}) must be a multiple of chunk_size ({chunk_size})")
+    if n_samples % chunk_size or chunk_size % 2:
+        raise ValueError(
+            f"chunk_size ({chunk_size}) must be even (neurons are paired for the mean shift) and divide "
+            f"n_samples ({n_samples})"
+        )
 
 
 def _neurons(problem, u, r, Delta):
@@ -181,21 +191,58 @@ def _coefficients(problem, f, key, n_samples, chunk_size, block=16):
     grad_loss = lambda Y, f: jax.vmap(jax.grad(lambda f: loss.value(f, Y)))(f)  # (T, M, C)
     dloss = grad_loss(data.Y, f_star)
 
+    smooth = problem.activation.smooth
+    train = lambda x: x[..., :P, :].reshape(*x.shape[:-3], n)  # (..., T, Pa, C) -> (..., n) on train points
+
+    def second(fn, x, v):
+        """The second directional derivative of `fn` at `x` along `v`."""
+        return jax.jvp(lambda y: jax.jvp(fn, (y,), (v,))[1], (x,), (v,))[1]
+
+    def propagated(e):
+        """`(delta f (S, T, Pa, C), delta Delta (S, n))` of per-neuron sources `e (S, T, Pa, C)`: the first-order
+        response of the self-consistent error signal (module docstring)."""
+        dDelta = jax.scipy.linalg.lu_solve(propagate, train(e).T).T @ H.T
+        return e + (dDelta @ J_f.reshape(n, -1)).reshape(e.shape), dDelta
+
+    def bias_terms(ur, i_f, dDelta):
+        """Each neuron's share of N (E f_N - f): `psi_j'[v_j] + psi_j''[v_k, v_k] / 2 + J delta''[iota_j, iota_j] / 2`
+        (v = H times the influence on train points, k the neuron paired with j), propagated like `e`."""
+        pad = lambda v: jnp.zeros((T, Pa, C), dtype).at[:, :P].set(v.reshape(T, P, C))
+        own = jax.vmap(pad)(dDelta)
+        other = own.reshape(-1, 2, T, Pa, C)[:, ::-1].reshape(own.shape)  # neuron 2i with 2i + 1
+
+        def one(u1, r1, v_own, v_other):
+            psi = lambda D: _neurons(problem, u1[None], r1[None], D)[0][0]
+            return jax.jvp(psi, (Delta_star,), (v_own,))[1] + 0.5 * second(psi, Delta_star, v_other)
+
+        q = jax.vmap(one)(*ur, own, other)
+        curvature = jax.vmap(lambda x: second(lambda f: loss.delta(f, data.Y), f_star, x))(i_f[:, :, :P])
+        q = q + 0.5 * (curvature.reshape(-1, n) @ J_f.reshape(n, -1)).reshape(q.shape)
+        b = propagated(q)[0]
+        out = {"f_bias": b, "loss_bias": jnp.einsum("tpc,stpc->st", dloss, b[:, :, :P])}
+        out["loss_bias"] += 0.5 * jax.vmap(lambda x: second(lambda f: loss.value(f, data.Y), f_star, x))(i_f[:, :, :P])
+        if data.y_test is not None:
+            f_test, value = F[:, P:], lambda f: loss.value(f, data.Y_test)
+            out["loss_test_bias"] = jnp.einsum("tpc,stpc->st", grad_loss(data.Y_test, f_test), b[:, :, P:])
+            out["loss_test_bias"] += 0.5 * jax.vmap(lambda x: second(value, f_test, x))(i_f[:, :, P:])
+        return {k: (v.sum(0), (v**2).sum(0)) for k, v in out.items()}
+
     def influences(ur):
         psi, phi, g = _neurons(problem, *ur, Delta_star)
-        e = psi - F[None]
-        dDelta = jax.scipy.linalg.lu_solve(propagate, e[:, :, :P].reshape(-1, n).T).T @ H.T  # (S, n)
-        i_f = e + (dDelta @ J_f.reshape(n, -1)).reshape(e.shape)
+        i_f, dDelta = propagated(psi - F[None])
         k = jax.vmap(lambda p, q: _ntk_terms(problem, p[None], q[None], p[None], q[None]))(phi, g)
         i_K = k - K[None] + (dDelta @ J_K.reshape(n, -1)).reshape(k.shape)
         out = {"f": i_f, "ntk": i_K, "loss": jnp.einsum("tpc,stpc->st", dloss, i_f[:, :, :P])}
         if data.y_test is not None:
             out["loss_test"] = jnp.einsum("tpc,stpc->st", grad_loss(data.Y_test, F[:, P:]), i_f[:, :, P:])
-        return _moments(out)
+        return _moments(out) | (bias_terms(ur, i_f, dDelta) if smooth else {})
 
     m = jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(influences, (u, r)))
-    coef = {name: m2 * n_samples / (n_samples - 1) for name, (m2, _) in m.items()}
-    se = {name: jnp.sqrt(jnp.maximum(m4 - m2**2, 0.0) / n_samples) for name, (m2, m4) in m.items()}
+    # biases are means over neurons of (m1, m2), variances sample variances of (m2, m4): the same
+    # standard error formula; the variances are unbiased with S / (S - 1)
+    unbias = lambda name: 1.0 if name.endswith("_bias") else n_samples / (n_samples - 1)
+    coef = {name: lo * unbias(name) for name, (lo, _) in m.items()}
+    se = {name: jnp.sqrt(jnp.maximum(hi - lo**2, 0.0) / n_samples) for name, (lo, hi) in m.items()}
     return coef, se, F[:, :P]
 
 
@@ -246,31 +293,30 @@ def _moments(out):
 
 
 def _assemble(problem, coef, se, n_samples):
+    """The flat dicts of `_coefficients` as a `Fluctuations` (class axes dropped for scalar targets,
+    predictions split into train and test points)."""
     data, P, C = problem.data, problem.P, problem.C
     scalar = data.y.ndim == 1
 
-    def shape(name, x):
-        if name == "f":
-            return x[..., 0] if scalar else x
-        if name == "ntk":
-            x = x.reshape(x.shape[0], P, C, P, C)
-            return x[:, :, 0, :, 0] if scalar else x
-        return x
-
-    def split(d):
-        out = {k: shape(k, v) for k, v in d.items() if k != "f"}
-        f = shape("f", d["f"])
-        out["f"], out["f_test"] = f[:, :P], (f[:, P:] if data.X_test is not None else None)
+    def fields(d):
+        out = {}
+        for name, x in d.items():
+            if name == "ntk":
+                x = x.reshape(x.shape[0], P, C, P, C)
+                x = x[:, :, 0, :, 0] if scalar else x
+            if name.startswith("f"):  # f, f_bias: (T, Pa, C)
+                x = x[..., 0] if scalar else x
+                if data.X_test is not None:
+                    out[name.replace("f", "f_test", 1)] = x[:, P:]
+                x = x[:, :P]
+            out[name] = x
         return out
 
-    c, s = split(coef), split(se)
+    c = fields(coef)
+    names = {"f": "f_var", "f_test": "f_test_var", "loss": "loss_cov", "loss_test": "loss_test_cov", "ntk": "ntk_var"}
     return Fluctuations(
         ts=problem.ts,
-        f_var=c["f"],
-        loss_cov=c["loss"],
-        ntk_var=c["ntk"],
-        f_test_var=c["f_test"],
-        loss_test_cov=c.get("loss_test"),
-        stderr={k: v for k, v in s.items() if v is not None},
+        **{names.get(k, k): v for k, v in c.items()},
+        stderr={names.get(k, k): v for k, v in fields(se).items()},
         n_samples=n_samples,
     )

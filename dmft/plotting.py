@@ -57,8 +57,9 @@ def _width_colour(i):
 def loss_curves(comparison, ax=None, field="loss", ylabel=r"loss $\frac{1}{2}\,\mathrm{mean}(f-y)^2$", log=True):
     """`field` over time (train loss by default; `"loss_test"`, `"accuracy_test"`, ...): DMFT (black),
     lazy limit (dashed), each width's seed mean +- 1 standard error; with the comparison's
-    fluctuations, dotted in each width's colour the DMFT +- the predicted seed-to-seed standard deviation
-    at that width (where one seed is expected to lie)."""
+    fluctuations, dotted in each width's colour the DMFT (plus the predicted 1/N mean shift, where there
+    is one) +- the predicted seed-to-seed standard deviation at that width (where one seed is expected
+    to lie)."""
     fig, ax = _axes(ax)
     ts = np.asarray(comparison.dmft.ts)
     dmft_curve = np.asarray(getattr(comparison.dmft, field))
@@ -69,9 +70,11 @@ def loss_curves(comparison, ax=None, field="loss", ylabel=r"loss $\frac{1}{2}\,\
         ax.fill_between(ts, mean - se, mean + se, color=_width_colour(i), alpha=0.3, lw=0)
         ax.plot(ts, mean, color=_width_colour(i), lw=1.2, label=f"N = {N}")
         if fl is not None and field in ("loss", "loss_test") and getattr(fl, f"{field}_cov") is not None:
+            bias = getattr(fl, f"{field}_bias")
+            centre = dmft_curve + (0.0 if bias is None else np.asarray(bias) / N)
             sd = np.asarray(fl.sd(field, N))
             for sign in (-1, 1):
-                ax.plot(ts, dmft_curve + sign * sd, color=_width_colour(i), lw=0.8, ls=":")
+                ax.plot(ts, centre + sign * sd, color=_width_colour(i), lw=0.8, ls=":")
     ax.plot(
         ts,
         dmft_curve,

@@ -6,7 +6,7 @@ Panels: (a) N Var of the train loss over time for several gamma0 (theory curves,
 as markers); (b) N Var of the loss at the final time against N (flat: the variance is 1/N); (c) the
 variance of the final predictions against gamma0 (feature learning reduces it) and (d) of the final NTK
 entries. gamma0 = 0 is the lazy limit (`dmft.Lazy` solution, networks at gamma0 = 0.01).
-Two-layer ReLU on the notebooks' +-1 task; networks trained by GD on the DMFT grid and centred.
+Two-layer tanh on the notebooks' +-1 task; networks trained by GD on the DMFT grid and centred.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _nvar(x, N):
 
 def _one_gamma(cfg, data, g):
     """Theory and network N Var for one gamma0: loss over time, final predictions and final NTK."""
-    net = dmft.MLP(1, "relu")
+    net = dmft.MLP(1, "tanh")
     problem = notebook_problem(data, net, g, cfg["eta0"], cfg["T"])
     solver = dmft.Lazy(discrete=True) if g == 0 else dmft.MonteCarlo(n_samples=cfg["S"])
     sol = dmft.solve(problem, solver, key=0)
@@ -101,7 +101,7 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
     ax[0].legend(frameon=False, fontsize=7)
     ax[1].set(xscale="log", xlabel="width N", ylabel="N Var(final loss)", title="(b) flat in N (lines: theory)")
     fig.suptitle(
-        f"F7: two-layer ReLU, P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}, "
+        f"F7: two-layer tanh, P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}, "
         f"{cfg['seeds']} seeds per width, fluctuations from S={cfg['S']} neurons",
         fontsize=9,
     )
