@@ -18,12 +18,20 @@ linearise around the DMFT to
     delta f = e + J H delta f_train,      J = dF/dDelta,  H = d delta/d f,
 
 so each neuron contributes the influence `iota_i = (I - J H)^{-1}`-propagated `psi_i - E psi`, and
-`N Cov(f) -> Cov(iota)`. The NTK and the loss follow from the same influences. Everything is estimated
-from `n_samples` independent neurons; the Monte Carlo standard error of each coefficient comes from
-the fourth moments of the influences.
+`N Cov(f) -> Cov(iota)`. The NTK and the loss follow from the same influences; the O(1/N) mean shift
+from the second-order terms (section 13). Everything is estimated from `n_samples` independent neurons;
+the Monte Carlo standard error of each coefficient comes from the higher moments of the influences.
+
+J is built by forward-mode differentiation along each neuron's path. For an activation whose
+derivative jumps (relu: `activation.smooth` is False) a small change of Delta flips `phi'(h)` of the
+neurons whose field crosses zero, a contribution pathwise derivatives do not see: the variances are
+then too small once many neurons have crossed (measured in benchmarks/RESULTS.md), and no mean shift
+is computed.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import equinox as eqx
 import jax
@@ -167,11 +175,12 @@ def _coefficients(problem, f, key, n_samples, chunk_size, block=16):
     def chunk_sums(ur):
         """Sums over one chunk of neurons of psi and the NTK, and of their Jacobians with respect to
         Delta on train points, tangent-first: `(n, T, Pa, C)`, `(n, T, P C, P C)`."""
-        (psi, phi, g), lin = jax.linearize(lambda D: _neurons(problem, *ur, D), Delta_star)
+        psi, phi, g = _neurons(problem, *ur, Delta_star)
+        jvp = lambda v: jax.jvp(lambda D: _neurons(problem, *ur, D), (Delta_star,), (v,))[1]
 
         def one_block(i):
             tangent = jax.nn.one_hot(i * block + jnp.arange(block), n, dtype=dtype).reshape(block, T, P, C)
-            dpsi, dphi, dg = jax.vmap(lin)(jnp.zeros((block, T, Pa, C), dtype).at[:, :, :P].set(tangent))
+            dpsi, dphi, dg = jax.vmap(jvp)(jnp.zeros((block, T, Pa, C), dtype).at[:, :, :P].set(tangent))
             dK = _ntk_terms(problem, phi, g, dphi, dg)
             return dpsi.sum(1), dK + jnp.swapaxes(dK, -1, -2)
 
@@ -258,6 +267,13 @@ def fluctuations(problem: Problem, sol: Solution, *, key, n_samples: int = 4096,
     neurons are processed at a time (memory only: the result does not depend on it).
     """
     _check(problem, sol, n_samples, chunk_size)
+    if not problem.activation.smooth:
+        warnings.warn(
+            f"{type(problem.activation).__name__} is not smooth: the fluctuations miss the neurons whose phi'(h) "
+            "jumps as the error signal changes, and come out too small when many cross zero during training "
+            "(tens of per cent for relu at gamma0 * t_max ~ 10); the mean shift is not computed",
+            stacklevel=2,
+        )
     coef, se, F = _coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)

@@ -99,7 +99,11 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
         a.legend(frameon=False, fontsize=7)
     ax[0].set(xlabel="time t", ylabel="N Var(loss)", title="(a) loss variance over time (markers: networks)")
     ax[0].legend(frameon=False, fontsize=7)
-    ax[1].set(xscale="log", xlabel="width N", ylabel="N Var(final loss)", title="(b) flat in N (lines: theory)")
+    ax[1].set(
+        xscale="log", yscale="log", xlabel="width N", ylabel="N Var(final loss)", title="(b) flat in N (lines: theory)"
+    )
+    ax[1].set_xticks(widths, [str(int(w)) for w in widths])
+    ax[1].xaxis.set_minor_formatter("")
     fig.suptitle(
         f"F7: two-layer tanh, P={cfg['P']}, D={cfg['D']}, $\\eta_0$={cfg['eta0']}, T={cfg['T']}, "
         f"{cfg['seeds']} seeds per width, fluctuations from S={cfg['S']} neurons",
