@@ -1,12 +1,12 @@
 """Cost of `dmft.fluctuations` against the DMFT solve it starts from.
 
-The demo's data (sphere, P = 16 + 4 test points, D = 20, gamma0 = 1, t_max = 10) with a two-layer relu
-network (the fluctuations cover depth 1) and a tanh one (which adds the mean shift),
-`MonteCarlo(n_samples=8192)` as in `dmft demo`. For 30 and 60 steps prints the wall time of the solve and of the fluctuations (first call, compilation included,
-then a second, compiled call) and their ratio. The fluctuations build the Jacobian of the mean
-predictions with respect to the error signal by forward mode, one tangent per (time, point, class) of
-the train grid, over all sampled neurons: their cost grows like (T P)^2 S, the solve's like T P^2 S per
-iteration.
+The demo's data (sphere, P = 16 + 4 test points, D = 20, gamma0 = 1, t_max = 10) with a two-layer network
+(the fluctuations cover depth 1): relu as in `dmft demo`, and tanh, which adds the mean shift;
+`MonteCarlo(n_samples=8192)` as in `dmft demo`. For 30 and 60 steps prints the wall time of the solve
+and of the fluctuations (first call, compilation included, then a second, compiled call) and their
+ratio. The fluctuations build the Jacobian of the mean predictions with respect to the error signal by
+forward mode, one tangent per (time, point, class) of the train grid, over all sampled neurons: their
+cost grows like (T P)^2 S, the solve's like T P^2 S per iteration.
 
 Run: python benchmarks/fluctuations.py
 """
@@ -43,10 +43,8 @@ def main():
         s2, _ = wall(dmft.solve, p, solver, key=1)
         f1, _ = wall(dmft.fluctuations, p, sol, key=0)
         f2, _ = wall(dmft.fluctuations, p, sol, key=1)
-        print(
-            f"{activation:5s} {n_steps:5d} {(n_steps + 1) * p.P:5d}   {s1:8.1f} / {s2:6.2f}              {f1:8.1f} / {f2:6.2f}"
-            f"                  {f1 / s1:5.1f} / {f2 / s2:5.0f}"
-        )
+        sizes = f"{activation:5s} {n_steps:5d} {(n_steps + 1) * p.P:5d}"
+        print(f"{sizes}   {s1:8.1f} / {s2:6.2f}{'':14s}{f1:8.1f} / {f2:6.2f}{'':18s}{f1 / s1:5.1f} / {f2 / s2:5.0f}")
 
 
 if __name__ == "__main__":
