@@ -115,9 +115,9 @@ def _check(problem, sol, n_samples, chunk_size):
         )
 
 
-def _neurons(problem, u, r, Delta):
-    """`psi (S, T, Pa, C)`, `phi(h) (S, T, P)` and `g (S, T, P C)` on train points of neurons `u (S, Pa)`,
-    `r (S, C)` driven by `Delta (T, Pa, C)` (module docstring)."""
+def _step(problem, u, r):
+    """One gradient-descent step `((a, b), Delta_t) -> ((a', b'), (psi, phi(h) on train points, g))` of
+    neurons `u (S, Pa)`, `r (S, C)` (module docstring; `Delta_t (Pa, C)`)."""
     act, gamma0, net, P = problem.activation, problem.gamma0, problem.net, problem.P
     Su = net.preactivation_kernel(problem.data.Kx)
     c = problem.dt * problem.eta0 / P
@@ -137,8 +137,21 @@ def _neurons(problem, u, r, Delta):
         b = b + c * net.sw2 * phi @ Delta_t
         return (a, b), (psi, phi[:, :P], g)
 
+    return step
+
+
+def _neurons(problem, u, r, Delta, carries=False):
+    """`psi (S, T, Pa, C)`, `phi(h) (S, T, P)` and `g (S, T, P C)` on train points of neurons `u (S, Pa)`,
+    `r (S, C)` driven by `Delta (T, Pa, C)`; with `carries`, also the states `(a (T, S, Pa), b (T, S, C))`
+    each step starts from."""
+
+    def step(carry, Delta_t):
+        new, out = _step(problem, u, r)(carry, Delta_t)
+        return new, (out, carry) if carries else out
+
     _, out = jax.lax.scan(step, (jnp.zeros_like(u), jnp.zeros_like(r)), Delta)
-    return tuple(jnp.moveaxis(x, 0, 1) for x in out)
+    fields = tuple(jnp.moveaxis(x, 0, 1) for x in (out[0] if carries else out))
+    return (fields, out[1]) if carries else fields
 
 
 def _ntk_terms(problem, phi, g, dphi, dg):
@@ -153,9 +166,9 @@ def _ntk_terms(problem, phi, g, dphi, dg):
 
 
 @eqx.filter_jit
-def _coefficients(problem, f, key, n_samples, chunk_size, block=16):
-    """The variance coefficients and their standard errors, as flat dicts over "f", "ntk", "loss" and
-    "loss_test"; the Jacobians are built `block` tangents at a time."""
+def _coefficients(problem, f, key, n_samples, chunk_size):
+    """The variance coefficients (and mean shifts) with their standard errors, as flat dicts keyed by
+    "f", "ntk", "loss", "loss_test" and "<name>_bias", and the mean predictions of the neurons."""
     data, P, C, loss = problem.data, problem.P, problem.C, problem.loss
     T, Pa, dtype = problem.n_steps + 1, data.Kx.shape[0], data.Kx.dtype
     n = T * P * C
@@ -170,21 +183,28 @@ def _coefficients(problem, f, key, n_samples, chunk_size, block=16):
     normal = lambda k, shape: jr.normal(k, shape, jnp.float32).astype(dtype)  # the same neurons in either precision
     u = (normal(k_u, (n_samples, Pa)) @ M_u.T).reshape(-1, chunk_size, Pa)
     r = (problem.net.sigma_w * normal(k_r, (n_samples, C))).reshape(-1, chunk_size, C)
-    n_blocks = -(-n // block)
 
     def chunk_sums(ur):
         """Sums over one chunk of neurons of psi and the NTK, and of their Jacobians with respect to
-        Delta on train points, tangent-first: `(n, T, Pa, C)`, `(n, T, P C, P C)`."""
-        psi, phi, g = _neurons(problem, *ur, Delta_star)
-        jvp = lambda v: jax.jvp(lambda D: _neurons(problem, *ur, D), (Delta_star,), (v,))[1]
+        Delta on train points, tangent-first: `(n, T, Pa, C)`, `(n, T, P C, P C)`. A change of Delta(s)
+        moves the neurons from step s + 1 on, so the tangents of time s are carried from s only."""
+        step = _step(problem, *ur)
+        (psi, phi, g), (a, b) = _neurons(problem, *ur, Delta_star, carries=True)
+        directions = jnp.zeros((P * C, Pa, C), dtype).at[:, :P].set(jnp.eye(P * C, dtype=dtype).reshape(-1, P, C))
 
-        def one_block(i):
-            tangent = jax.nn.one_hot(i * block + jnp.arange(block), n, dtype=dtype).reshape(block, T, P, C)
-            dpsi, dphi, dg = jax.vmap(jvp)(jnp.zeros((block, T, Pa, C), dtype).at[:, :, :P].set(tangent))
-            dK = _ntk_terms(problem, phi, g, dphi, dg)
-            return dpsi.sum(1), dK + jnp.swapaxes(dK, -1, -2)
+        def from_time(s):
+            def body(t, acc):
+                dcarry, J_psi, J_K = acc
+                tangent = lambda dc, dD: jax.jvp(step, ((a[t], b[t]), Delta_star[t]), (dc, dD))[1]
+                dcarry, (dpsi, dphi, dg) = jax.vmap(tangent)(dcarry, directions * (t == s))
+                dK = _ntk_terms(problem, phi[:, t, None], g[:, t, None], dphi[:, :, None], dg[:, :, None])[:, 0]
+                return dcarry, J_psi.at[:, t].set(dpsi.sum(1)), J_K.at[:, t].set(dK + jnp.swapaxes(dK, -1, -2))
 
-        J = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:n], jax.lax.map(one_block, jnp.arange(n_blocks)))
+            zeros = (jnp.zeros((P * C, *a.shape[1:]), dtype), jnp.zeros((P * C, *b.shape[1:]), dtype))
+            J0 = (jnp.zeros((P * C, T, Pa, C), dtype), jnp.zeros((P * C, T, P * C, P * C), dtype))
+            return jax.lax.fori_loop(s, T, body, (zeros, *J0))[1:]
+
+        J = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), jax.lax.map(from_time, jnp.arange(T)))
         return (psi.sum(0), _ntk_terms(problem, phi, g, phi, g)), J
 
     sums = jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(chunk_sums, (u, r)))
