@@ -165,10 +165,11 @@ def test_classification_compare_reports_accuracies(tmp_path, loss):
         pytest.importorskip("sklearn")
         data = '[data]\nkind = "digits"\nclasses = [3, 5, 8]\nP = 6\nP_test = 3'
     text = TINY.replace("[data]\nP = 4\nP_test = 1", data).replace("t_max = 2.0", f't_max = 2.0\nloss = "{loss}"')
-    text += "\n[compare]\nwidths = [16, 32]\nseeds = 2\n"
+    text += "\n[compare]\nwidths = [16, 32]\nseeds = 2\nfluctuations = false\n"  # test_compare_and_plot has them
     out = tmp_path / "cls"
     assert main(["compare", _write(tmp_path, text), "--out", str(out), "--x64", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert "fluctuations" not in report
     accuracy = report["final_accuracy_test"]
     assert set(accuracy) == {"dmft", "lazy", "networks"} and list(accuracy["networks"]) == ["16", "32"]
     assert all(0.0 <= a <= 1.0 for a in (accuracy["dmft"], accuracy["lazy"], *accuracy["networks"].values()))
