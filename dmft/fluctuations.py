@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._keys import as_key
+from .costs import budget_bytes
 from .problem import Problem
 from .solution import RESULTS, Solution
 from .solvers._sampling import factor
@@ -207,7 +208,11 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
         J = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), jax.lax.map(from_time, jnp.arange(T)))
         return (psi.sum(0), _ntk_terms(problem, phi, g, phi, g)), J
 
-    sums = jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(chunk_sums, (u, r)))
+    def add_chunk(acc, ur):  # a running sum: the Jacobians exist once, not once per chunk
+        return jax.tree.map(jnp.add, acc, chunk_sums(ur)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(chunk_sums, (u[0], r[0])))
+    sums = jax.tree.map(lambda x: x / n_samples, jax.lax.scan(add_chunk, zeros, (u, r))[0])
     (F, K), (J_f, J_K) = sums
     # the read-out bias moves every output by c sigma_b^2 sum_{s<t} sum_mu Delta_mu(s): a deterministic
     # term of F, so only its Jacobian matters
@@ -275,7 +280,9 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
     return coef, se, F[:, :P]
 
 
-def fluctuations(problem: Problem, sol: Solution, *, key, n_samples: int = 4096, chunk_size: int = 512) -> Fluctuations:
+def fluctuations(
+    problem: Problem, sol: Solution, *, key, n_samples: int = 4096, chunk_size: int = 512, memory=None
+) -> Fluctuations:
     """The leading-order covariances across seeds of width-N networks around the DMFT `sol` of
     `problem`, as coefficients of 1/N (`Fluctuations`); two-layer networks (`MLP(depth=1)`), any
     activation, loss and number of outputs; `problem.gamma0 = 0` gives the lazy limit (pass the
@@ -284,9 +291,13 @@ def fluctuations(problem: Problem, sol: Solution, *, key, n_samples: int = 4096,
     `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
     converged solution of this problem. `n_samples` independent neurons estimate the covariances (their
     relative Monte Carlo error is about `sqrt(2 / n_samples)`, reported in `stderr`); `chunk_size`
-    neurons are processed at a time (memory only: the result does not depend on it).
+    neurons are processed at a time (memory only: the result does not depend on it). `memory` is the
+    budget (bytes, "8GB", or a fraction of the device; None: half of it): a problem whose Jacobians do
+    not fit is refused before anything is allocated. The cost grows like `(T P C)^2 n_samples`
+    (`benchmarks/fluctuations.py`).
     """
     _check(problem, sol, n_samples, chunk_size)
+    _check_memory(problem, chunk_size, memory)
     if not problem.activation.smooth:
         warnings.warn(
             f"{type(problem.activation).__name__} is not smooth: the fluctuations miss the neurons whose phi'(h) "
@@ -297,6 +308,23 @@ def fluctuations(problem: Problem, sol: Solution, *, key, n_samples: int = 4096,
     coef, se, F = _coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)
+
+
+def _check_memory(problem, chunk_size, memory):
+    """Refuse a problem whose dense Jacobians `(n, T, Pa C)`, `(n, T, (P C)^2)`, their running sum, the
+    `(n, n)` propagator and one chunk's tangents (`P C` per neuron, `(Pa + 1) C` numbers each) exceed the
+    budget, `n = T P C`."""
+    T, P, C, Pa = problem.n_steps + 1, problem.P, problem.C, problem.data.Kx.shape[0]
+    n = T * P * C
+    numbers = 2 * n * T * (Pa * C + (P * C) ** 2) + 3 * n**2 + 4 * P * C * chunk_size * (Pa + 1) * C * T
+    needed = numbers * problem.data.Kx.dtype.itemsize
+    budget = budget_bytes(memory)
+    if needed > budget:
+        raise ValueError(
+            f"these fluctuations need about {needed / 1e9:.3g} GB (T P C = {n} train (time, point, class) "
+            f"triples), more than the memory budget of {budget / 1e9:.3g} GB: raise memory=, or use fewer "
+            "steps or points"
+        )
 
 
 def _check_same_problem(problem, sol, F, f_var, n_samples):

@@ -211,6 +211,8 @@ def test_bad_inputs_are_refused():
         dmft.fluctuations(_problem("tanh", n_steps=5), sol, key=0)
     with pytest.raises(ValueError, match="does not solve this problem"):
         dmft.fluctuations(_problem("tanh", gamma0=3.0, n_steps=4), sol, key=0)
+    with pytest.raises(ValueError, match="more than the memory budget"):
+        dmft.fluctuations(problem, sol, key=0, memory="1MB")
     with pytest.raises(ValueError, match="divide"):
         dmft.fluctuations(problem, sol, key=0, n_samples=1000)
     # the neurons are drawn before they are cut into chunks: chunk_size is a memory knob only
