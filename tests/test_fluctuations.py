@@ -197,6 +197,22 @@ def test_mean_shift_matches_the_width_dependence_of_seed_means():
         assert z.max() < 3.5, (name, z)
 
 
+@pytest.mark.slow
+def test_error_bars_match_the_spread_over_keys():
+    """`stderr` (fourth moments of the influences; J's own Monte Carlo error is not in it) against the
+    spread of the coefficients over 12 keys, two-layer tanh."""
+    problem = _problem("tanh", n_steps=20, P=8)
+    sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=8192), key=0)
+    fls = [dmft.fluctuations(problem, sol, key=k) for k in range(12)]
+    for name in ("f_var", "loss_bias"):
+        x = np.stack([np.asarray(getattr(f, name)) for f in fls])[:, 5:]
+        se = np.stack([np.asarray(f.stderr[name]) for f in fls]).mean(0)[5:]
+        ratio = np.median(x.std(0, ddof=1) / se)
+        print(f"{name}: spread over keys / reported SE, median over entries {ratio:.2f}")
+        # a standard deviation from 12 keys is uncertain by 1 / sqrt(22) ~ 21%: 3 of those either way
+        assert 0.5 < ratio < 1.65, ratio
+
+
 def test_bad_inputs_are_refused():
     problem = _problem("tanh", n_steps=4)
     sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=1024), key=0)
