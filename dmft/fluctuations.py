@@ -40,9 +40,11 @@ import jax.random as jr
 
 from ._keys import as_key
 from .costs import budget_bytes
+from .dynamics import euler_predictions
 from .problem import Problem
 from .solution import RESULTS, Solution
 from .solvers._sampling import factor
+from .solvers.lazy import lazy_kernels
 
 __all__ = ["Fluctuations", "fluctuations"]
 
@@ -93,10 +95,11 @@ class Fluctuations(eqx.Module):
 def _check(problem, sol, n_samples, chunk_size):
     if not isinstance(problem, Problem) or not isinstance(sol, Solution):
         raise ValueError("fluctuations(problem, sol) takes a dmft.Problem and the dmft.Solution solved for it")
-    if problem.depth != 1:
+    if problem.depth > 1 and not (float(problem.gamma0) == 0 and problem.activation.smooth and problem.C == 1):
         raise ValueError(
-            f"fluctuations covers two-layer networks (MLP(depth=1)) only, got depth {problem.depth}: at depth "
-            ">= 2 the hidden weights couple the neurons and the response functions fluctuate too"
+            f"fluctuations covers two-layer networks (MLP(depth=1)), and deeper ones (depth {problem.depth}) "
+            "only in the lazy limit (gamma0 = 0) with a smooth activation and scalar targets: with feature "
+            "learning the hidden weights couple the neurons and the response functions fluctuate too"
         )
     if sol.result != RESULTS.successful:
         raise ValueError("the Solution did not converge: fluctuations around it would mean nothing; solve it again")
@@ -280,6 +283,81 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
     return coef, se, F[:, :P]
 
 
+def _price(A, B, dS):
+    """`d E[a(u_c) b(u_d)]` along a change `dS` of the covariance of u (Price's theorem):
+    `A_cd dS_cc / 2 + B_cd dS_cd + A_dc dS_dd / 2` with `A = E[a'' b]`, `B = E[a' b']`."""
+    d = jnp.diagonal(dS)
+    return 0.5 * A * d[:, None] + B * dS + 0.5 * A.T * d[None, :]
+
+
+@eqx.filter_jit
+def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
+    """`_coefficients` in the lazy limit at any depth (section 13, "Deeper networks in the lazy limit"):
+    the NTK is static at its initial value, whose fluctuations are the sampling noise of each layer's N
+    neurons propagated through the kernel recursion; no mean shift."""
+    net, act, L, data, P, loss = problem.net, problem.activation, problem.depth, problem.data, problem.P, problem.loss
+    T, Pa, dtype = problem.n_steps + 1, data.Kx.shape[0], data.Kx.dtype
+    pre, sw2 = net.preactivation_kernel, net.sw2
+    Phi, G, K = lazy_kernels(problem)
+    Phis, Gs = [data.Kx, *Phi], [*G, jnp.ones_like(data.Kx)]  # Phi^0..Phi^L, G^1..G^{L+1}
+    d1 = act.dfn
+    d2 = jnp.vectorize(jax.grad(d1))
+    d3 = jnp.vectorize(jax.grad(d2))
+    normal = lambda k, shape: jr.normal(k, shape, jnp.float32).astype(dtype)
+    layers = []
+    for l, k in enumerate(jr.split(key, L)):
+        k_u, k_z = jr.split(k)
+        u = normal(k_u, (n_samples, Pa)) @ factor(pre(Phis[l]))[0].T
+        z = normal(k_z, (n_samples, Pa)) @ factor(sw2 * Gs[l + 1])[0].T  # GIA: z independent of u at t = 0
+        phi, dphi = act.fn(u), d1(u)
+        mean = lambda a, b: a.T @ b / n_samples
+        D = (mean(d2(u), phi), mean(dphi, dphi)), (mean(d3(u), dphi), mean(d2(u), d2(u)))
+        layers.append((phi, dphi * z, D))
+    Gdot = [act.kernels(pre(Phis[l]))[1] for l in range(L)]
+
+    def dK(noise):
+        """The NTK's change `(Pa, Pa)` for sampling noise `[(xi_Phi^l, xi_G^l)]` added to each layer."""
+        dPhi = [jnp.zeros_like(K)]
+        for l in range(L):
+            dPhi.append(_price(*layers[l][2][0], sw2 * dPhi[l]) + noise[l][0])
+        dG = [jnp.zeros_like(K)]  # G^{L+1} = 1 is exact
+        for l in reversed(range(L)):
+            dGdot = _price(*layers[l][2][1], sw2 * dPhi[l])
+            dG.insert(0, sw2 * (dG[0] * Gdot[l] + Gs[l + 1] * dGdot) + noise[l][1])
+        return sum(dG[l] * pre(Phis[l]) + Gs[l] * sw2 * dPhi[l] for l in range(L + 1))
+
+    F, f_lin = jax.linearize(lambda K_: euler_predictions(problem, jnp.broadcast_to(K_, (T, Pa, Pa))), K)
+    grads = {"loss": (data.Y, F[:, :P]), "loss_test": (data.Y_test, F[:, P:])}
+    grads = {k: jax.vmap(jax.grad(lambda f, Y=Y: loss.value(f, Y)))(f) for k, (Y, f) in grads.items() if Y is not None}
+    outer = jax.vmap(lambda a: jnp.outer(a, a))
+
+    def influences(l, chunk):
+        """Moments over a chunk of layer l's neurons `(phi (S, Pa), g (S, Pa))` of their influences."""
+        kernels = [x - jnp.mean(outer(y), 0) for x, y in zip(map(outer, chunk), layers[l][:2])]
+        noise = lambda a, b: [(a, b) if m == l else (0.0, 0.0) for m in range(L)]
+        i_K = jax.vmap(lambda a, b: dK(noise(a, b)))(*kernels)
+        i_f = jax.vmap(f_lin)(i_K)
+        out = {"f": i_f, "ntk": i_K[:, None, :P, :P]}
+        out |= {
+            k: jnp.einsum("tpc,stpc->st", d, i_f[:, :, slice(None, P) if k == "loss" else slice(P, None)])
+            for k, d in grads.items()
+        }
+        return _moments(out)
+
+    moments = []
+    for l, (phi, g, _) in enumerate(layers):
+        chunks = (phi.reshape(-1, chunk_size, Pa), g.reshape(-1, chunk_size, Pa))
+        moments.append(
+            jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(lambda c, l=l: influences(l, c), chunks))
+        )
+    # independent layers: the variances add, and so do the variances of their estimates; the NTK is static
+    static = lambda name, x: jnp.broadcast_to(x, (T, *x.shape[1:])) if name == "ntk" else x
+    coef = {name: static(name, sum(m[name][0] for m in moments)) * n_samples / (n_samples - 1) for name in moments[0]}
+    spread = lambda name: sum(jnp.maximum(m[name][1] - m[name][0] ** 2, 0.0) for m in moments)
+    se = {name: static(name, jnp.sqrt(spread(name) / n_samples)) for name in moments[0]}
+    return coef, se, F[:, :P]
+
+
 def fluctuations(
     problem: Problem, sol: Solution, *, key, n_samples: int = 4096, chunk_size: int = 512, memory=None
 ) -> Fluctuations:
@@ -305,7 +383,8 @@ def fluctuations(
             "(tens of per cent for relu at gamma0 * t_max ~ 10); the mean shift is not computed",
             stacklevel=2,
         )
-    coef, se, F = _coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
+    coefficients = _coefficients if problem.depth == 1 else _lazy_coefficients
+    coef, se, F = coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)
 
