@@ -362,9 +362,10 @@ def fluctuations(
     problem: Problem, sol: Solution, *, key, n_samples: int = 4096, chunk_size: int = 512, memory=None
 ) -> Fluctuations:
     """The leading-order covariances across seeds of width-N networks around the DMFT `sol` of
-    `problem`, as coefficients of 1/N (`Fluctuations`); two-layer networks (`MLP(depth=1)`), any
+    `problem`, as coefficients of 1/N (`Fluctuations`): two-layer networks (`MLP(depth=1)`), any
     activation, loss and number of outputs; `problem.gamma0 = 0` gives the lazy limit (pass the
-    `dmft.Lazy()` solution).
+    `dmft.Lazy(discrete=True)` solution), at any depth for smooth activations and scalar targets
+    (theory section 13; no mean shift there).
 
     `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
     converged solution of this problem. `n_samples` independent neurons estimate the covariances (their
