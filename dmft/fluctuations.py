@@ -22,6 +22,9 @@ so each neuron contributes the influence `iota_i = (I - J H)^{-1}`-propagated `p
 from the second-order terms (section 13). Everything is estimated from `n_samples` independent neurons;
 the Monte Carlo standard error of each coefficient comes from the higher moments of the influences.
 
+Deeper networks in the lazy limit (`_lazy_coefficients`): each layer's N neurons add their sampling
+noise to the kernel recursion of the static NTK (section 13).
+
 J is built by forward-mode differentiation along each neuron's path. For an activation whose
 derivative jumps (relu: `activation.smooth` is False) a small change of Delta flips `phi'(h)` of the
 neurons whose field crosses zero, a contribution pathwise derivatives do not see: the variances are
