@@ -122,6 +122,11 @@ def _check(problem, sol, n_samples, chunk_size):
         )
 
 
+def _normal(key, shape, dtype):
+    """Standard normals drawn in float32 and cast: the same neurons in either precision."""
+    return jr.normal(key, shape, jnp.float32).astype(dtype)
+
+
 def _step(problem, u, r):
     """One gradient-descent step `((a, b), Delta_t) -> ((a', b'), (psi, phi(h) on train points, g))` of
     neurons `u (S, Pa)`, `r (S, C)` (module docstring; `Delta_t (Pa, C)`)."""
@@ -152,8 +157,10 @@ def _neurons(problem, u, r, Delta, carries=False):
     `r (S, C)` driven by `Delta (T, Pa, C)`; with `carries`, also the states `(a (T, S, Pa), b (T, S, C))`
     each step starts from."""
 
+    step_fn = _step(problem, u, r)
+
     def step(carry, Delta_t):
-        new, out = _step(problem, u, r)(carry, Delta_t)
+        new, out = step_fn(carry, Delta_t)
         return new, (out, carry) if carries else out
 
     _, out = jax.lax.scan(step, (jnp.zeros_like(u), jnp.zeros_like(r)), Delta)
@@ -187,9 +194,8 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
 
     k_u, k_r = jr.split(key)
     M_u = factor(problem.net.preactivation_kernel(data.Kx))[0]
-    normal = lambda k, shape: jr.normal(k, shape, jnp.float32).astype(dtype)  # the same neurons in either precision
-    u = (normal(k_u, (n_samples, Pa)) @ M_u.T).reshape(-1, chunk_size, Pa)
-    r = (problem.net.sigma_w * normal(k_r, (n_samples, C))).reshape(-1, chunk_size, C)
+    u = (_normal(k_u, (n_samples, Pa), dtype) @ M_u.T).reshape(-1, chunk_size, Pa)
+    r = (problem.net.sigma_w * _normal(k_r, (n_samples, C), dtype)).reshape(-1, chunk_size, C)
 
     def chunk_sums(ur):
         """Sums over one chunk of neurons of psi and the NTK, and of their Jacobians with respect to
@@ -230,6 +236,8 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
     propagate = jax.scipy.linalg.lu_factor(jnp.eye(n, dtype=dtype) - J_train @ H)
     grad_loss = lambda Y, f: jax.vmap(jax.grad(lambda f: loss.value(f, Y)))(f)  # (T, M, C)
     dloss = grad_loss(data.Y, f_star)
+    if data.y_test is not None:
+        dloss_test = grad_loss(data.Y_test, F[:, P:])
 
     smooth = problem.activation.smooth
     train = lambda x: x[..., :P, :].reshape(*x.shape[:-3], n)  # (..., T, Pa, C) -> (..., n) on train points
@@ -263,7 +271,7 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
         out["loss_bias"] += 0.5 * jax.vmap(lambda x: second(lambda f: loss.value(f, data.Y), f_star, x))(i_f[:, :, :P])
         if data.y_test is not None:
             f_test, value = F[:, P:], lambda f: loss.value(f, data.Y_test)
-            out["loss_test_bias"] = jnp.einsum("tpc,stpc->st", grad_loss(data.Y_test, f_test), b[:, :, P:])
+            out["loss_test_bias"] = jnp.einsum("tpc,stpc->st", dloss_test, b[:, :, P:])
             out["loss_test_bias"] += 0.5 * jax.vmap(lambda x: second(value, f_test, x))(i_f[:, :, P:])
         return {k: (v.sum(0), (v**2).sum(0)) for k, v in out.items()}
 
@@ -274,7 +282,7 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
         i_K = k - K[None] + (dDelta @ J_K.reshape(n, -1)).reshape(k.shape)
         out = {"f": i_f, "ntk": i_K, "loss": jnp.einsum("tpc,stpc->st", dloss, i_f[:, :, :P])}
         if data.y_test is not None:
-            out["loss_test"] = jnp.einsum("tpc,stpc->st", grad_loss(data.Y_test, F[:, P:]), i_f[:, :, P:])
+            out["loss_test"] = jnp.einsum("tpc,stpc->st", dloss_test, i_f[:, :, P:])
         return _moments(out) | (bias_terms(ur, i_f, dDelta) if smooth else {})
 
     m = jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(influences, (u, r)))
@@ -306,16 +314,16 @@ def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
     d1 = act.dfn
     d2 = jnp.vectorize(jax.grad(d1))
     d3 = jnp.vectorize(jax.grad(d2))
-    normal = lambda k, shape: jr.normal(k, shape, jnp.float32).astype(dtype)
+    mean = lambda a, b: a.T @ b / n_samples
     layers = []
     for l, k in enumerate(jr.split(key, L)):
         k_u, k_z = jr.split(k)
-        u = normal(k_u, (n_samples, Pa)) @ factor(pre(Phis[l]))[0].T
-        z = normal(k_z, (n_samples, Pa)) @ factor(sw2 * Gs[l + 1])[0].T  # GIA: z independent of u at t = 0
-        phi, dphi = act.fn(u), d1(u)
-        mean = lambda a, b: a.T @ b / n_samples
-        D = (mean(d2(u), phi), mean(dphi, dphi)), (mean(d3(u), dphi), mean(d2(u), d2(u)))
-        layers.append((phi, dphi * z, D))
+        u = _normal(k_u, (n_samples, Pa), dtype) @ factor(pre(Phis[l]))[0].T
+        z = _normal(k_z, (n_samples, Pa), dtype) @ factor(sw2 * Gs[l + 1])[0].T  # GIA: z independent of u at t = 0
+        phi, dphi, ddphi = act.fn(u), d1(u), d2(u)
+        D = (mean(ddphi, phi), mean(dphi, dphi)), (mean(d3(u), dphi), mean(ddphi, ddphi))
+        g = dphi * z
+        layers.append((phi, g, D, (mean(phi, phi), mean(g, g))))  # last: the layer's sample kernels
     Gdot = [act.kernels(pre(Phis[l]))[1] for l in range(L)]
 
     def dK(noise):
@@ -336,7 +344,7 @@ def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
 
     def influences(l, chunk):
         """Moments over a chunk of layer l's neurons `(phi (S, Pa), g (S, Pa))` of their influences."""
-        kernels = [x - jnp.mean(outer(y), 0) for x, y in zip(map(outer, chunk), layers[l][:2])]
+        kernels = [x - m for x, m in zip(map(outer, chunk), layers[l][3])]
         noise = lambda a, b: [(a, b) if m == l else (0.0, 0.0) for m in range(L)]
         i_K = jax.vmap(lambda a, b: dK(noise(a, b)))(*kernels)
         i_f = jax.vmap(f_lin)(i_K)
@@ -348,7 +356,7 @@ def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
         return _moments(out)
 
     moments = []
-    for l, (phi, g, _) in enumerate(layers):
+    for l, (phi, g, *_) in enumerate(layers):
         chunks = (phi.reshape(-1, chunk_size, Pa), g.reshape(-1, chunk_size, Pa))
         moments.append(
             jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(lambda c, l=l: influences(l, c), chunks))
