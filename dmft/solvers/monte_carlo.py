@@ -377,16 +377,20 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return prediction_fields(problem, K, f), dict(Phi_eq=Phi_eq, G_eq=split(G_eq, -2, -1), **two_time)
 
     # -- the map, for one replica or pooled ----------------------------------------------------------
-    def _layer_axes(self, problem, l):
-        """`(axes of u, axes of r)` of THEORY layer l + 1 for quasi-random sources (`_sampling.sobol_axes`,
-        from Kx and the lazy kernels; None for the scalar r of the last layer); None unless sobol."""
+    def _axes(self, problem):
+        """`[(axes of u, axes of r)]` of every THEORY layer l + 1 for quasi-random sources
+        (`_sampling.sobol_axes`, from Kx and the lazy kernels; None for the scalar r of the last
+        layer); None unless sobol."""
         if self.sampling != "sobol":
-            return None
+            return [None] * problem.depth
         Phi0, G0 = lazy_kernels(problem)[:2]
-        T = 1 if problem.depth == 1 else problem.n_steps + 1
-        Su = problem.net.preactivation_kernel(problem.data.Kx if l == 0 else Phi0[l - 1])
-        axes_u = _sampling.sobol_axes(Su, 1 if l == 0 else T)
-        return axes_u, None if l == problem.depth - 1 else _sampling.sobol_axes(with_classes(G0[l + 1], problem.C), T)
+        L, T = problem.depth, 1 if problem.depth == 1 else problem.n_steps + 1
+        out = []
+        for l in range(L):
+            Su = problem.net.preactivation_kernel(problem.data.Kx if l == 0 else Phi0[l - 1])
+            axes_r = None if l == L - 1 else _sampling.sobol_axes(with_classes(G0[l + 1], problem.C), T)
+            out.append((_sampling.sobol_axes(Su, 1 if l == 0 else T), axes_r))
+        return out
 
     def _map(self, problem, state, keys, mesh, beta):
         """One application of the map to `state` (no replica axis) with the samples of the replicas
@@ -394,7 +398,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         each new layer as `solve` will, with damping `beta`: `(new state, floor (2,))`, floor the
         relative standard errors of the new Phi and G from the spread of the K replicas' kernels (0
         when K = 1)."""
-        axes = [self._layer_axes(problem, l) for l in range(problem.depth)]
+        axes = self._axes(problem)
         if problem.depth == 1:
             return self._two_layer(problem, state, keys, axes, mesh)
         return self._deep(problem, state, keys, axes, mesh, beta)
