@@ -18,11 +18,12 @@ import dmft
 
 # A sum over replicas (seeds) done in another order rounds differently, ~1e-16 relative per sum; the
 # fixed-point iteration carries that through ~20 applications of the map, each amplifying a
-# perturbation by at most O(10) (the damped map's gain), and the Stein regressions (ridge 1e-2 of the
-# mean eigenvalue) by up to ~1e2 more. Measured on the depth-2 problem below: 4.6e-11 (NTK) between
+# perturbation by at most O(10) (the damped map's gain), and the Stein regressions (ridge 1e-3 of the
+# mean eigenvalue) by up to ~1e3 more. Measured on the depth-2 problem below: 4.6e-11 (NTK) between
 # device counts, and the same 4.6e-11 between two single-device solves whose only difference is the
 # order of some elementwise ops (a code change that is exact in real arithmetic); 1.4e-10 between
-# device counts after it. 1e-9 is that with margin and still 1e5 times below the Monte Carlo error,
+# device counts after it (ridge 1e-2), 1.1e-10 with the ridge 1e-3. 1e-9 is that with margin and
+# still 1e5 times below the Monte Carlo error,
 # which any real dependence on the mesh (a replica dropped or counted twice) would show.
 RTOL = 1e-9
 
