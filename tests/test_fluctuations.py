@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dmft
+from dmft.fluctuations import _lazy_coefficients
 
 
 def _problem(activation="tanh", gamma0=1.0, n_steps=12, P=6, P_test=0, depth=1, **kw):
@@ -75,13 +76,10 @@ def test_lazy_layer_recursion_matches_the_neuron_path_at_depth_1():
     """Two independent computations of the same lazy two-layer fluctuations: the per-neuron dynamics
     at gamma0 = 0 and the layer recursion of deeper networks (Price's theorem for the kernel maps),
     with different neurons: within 4 combined standard errors (~170 entries)."""
-    import importlib
-
-    module = importlib.import_module("dmft.fluctuations")
     problem = _problem("tanh", gamma0=0.0)
     sol = dmft.solve(problem, dmft.Lazy(discrete=True))
     fl = dmft.fluctuations(problem, sol, key=0)
-    coef, se, _ = module._lazy_coefficients(problem, sol.f, jr.PRNGKey(1), 4096, 512)
+    coef, se, _ = _lazy_coefficients(problem, sol.f, jr.PRNGKey(1), 4096, 512)
     P = problem.P
     for got, got_se, other, other_se in (
         (fl.f_var[1:], fl.stderr["f_var"][1:], coef["f"][1:, :P, 0], se["f"][1:, :P, 0]),  # f(0) = 0 exactly

@@ -23,8 +23,8 @@ import dmft
 # device counts, and the same 4.6e-11 between two single-device solves whose only difference is the
 # order of some elementwise ops (a code change that is exact in real arithmetic); 1.4e-10 between
 # device counts after it (ridge 1e-2), 1.1e-10 with the ridge 1e-3. 1e-9 is that with margin and
-# still 1e5 times below the Monte Carlo error,
-# which any real dependence on the mesh (a replica dropped or counted twice) would show.
+# still 1e5 times below the Monte Carlo error, which any real dependence on the mesh (a replica
+# dropped or counted twice) would show.
 RTOL = 1e-9
 
 _PROBLEM = """

@@ -149,7 +149,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       (A = B = 0: the gradient independence approximation). `rcond`: ridge of the Stein regression,
       relative to the mean eigenvalue of the source covariance: it biases the responses by an amount
       that does not shrink with S, and a smaller one amplifies the sampling noise of a replica's
-      S / R samples until the replica stage no longer settles (tanh, depth 3, S / R = 512: 1e-4).
+      S / R samples until the replica stage no longer settles.
     - `rtol`: None (default) stops the pooled stage when the relative change of the kernels Phi, G per
       iteration is at most a quarter of their Monte Carlo standard error without feedback (the
       spread of the replicas' kernels at the current iterate), so that the iteration adds little to
@@ -382,7 +382,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     def _axes(self, problem):
         """`[(axes of u, axes of r)]` of every THEORY layer l + 1 for quasi-random sources
         (`_sampling.sobol_axes`, from Kx and the lazy kernels; None for the scalar r of the last
-        layer); None unless sobol."""
+        layer); a None per layer unless sobol."""
         if self.sampling != "sobol":
             return [None] * problem.depth
         Phi0, G0 = lazy_kernels(problem)[:2]
