@@ -17,6 +17,7 @@ __all__ = [
     "split_classes",
     "ntk_from_kernels",
     "euler_predictions",
+    "readout_correction",
     "error_signal",
     "loss_fields",
     "prediction_fields",
@@ -69,32 +70,46 @@ def ntk_from_kernels(net, Kx, Phi_eq, G_eq, C=1):
     return K.reshape(*K.shape[:-4], n, n)
 
 
-def euler_predictions(problem, K):
+def euler_predictions(problem, K, eps=None):
     """Explicit Euler for `df/dt = (eta0/P) K(t) Delta(t)`, `Delta = -dl/df` on the train points, from
-    `f(0) = 0` (THEORY section 4).
+    `f(0) = 0` (THEORY section 4), each step corrected by `eps(t)` when given (`readout_correction`).
 
-    `K (n+1, Pa C, P' C)` with `P' >= P` train columns first; returns `f (n+1, Pa, C)`. Gradient descent
-    with step `eta0 * dt` moves f by this plus, even at infinite width, the product of the read-out's
-    and the features' updates, O(gamma0^2 dt^2) per step: the two agree as dt -> 0.
+    `K (n+1, Pa C, P' C)` with `P' >= P` train columns first, `eps (n+1, Pa, C)`; returns `f (n+1, Pa, C)`.
+    Gradient descent with step `eta0 * dt` moves f by the Euler step plus, even at infinite width, the
+    product of the read-out's and the features' updates, O(gamma0^2 dt^2) per step: `eps`.
     """
     Y, P, C, delta = problem.data.Y, problem.P, problem.C, problem.loss.delta
     c = problem.dt * problem.eta0 / P
+    eps = jnp.zeros((K.shape[0], K.shape[1]), K.dtype) if eps is None else eps.reshape(K.shape[0], -1)
 
-    def step(f, K_t):
-        return f + c * K_t[:, : P * C] @ delta(f[: P * C].reshape(P, C), Y).reshape(-1), f
+    def step(f, xs):
+        K_t, eps_t = xs
+        return f + c * K_t[:, : P * C] @ delta(f[: P * C].reshape(P, C), Y).reshape(-1) + eps_t, f
 
     f0 = jnp.zeros(K.shape[1], K.dtype)
-    f_last, fs = jax.lax.scan(step, f0, K[:-1])
+    f_last, fs = jax.lax.scan(step, f0, (K[:-1], eps[:-1]))
     f = jnp.concatenate([fs, f_last[None]])
     return f.reshape(f.shape[0], -1, C)
 
 
-def error_signal(problem, K):
-    """`Delta = -dl/df (n+1, Pa, C)` (`y - f` for the MSE) from the NTK `K (n+1, Pa C, Pa C)` by Euler
-    predictions; zero on test points."""
+def error_signal(problem, K, eps=None):
+    """`Delta = -dl/df (n+1, Pa, C)` (`y - f` for the MSE) from the NTK `K (n+1, Pa C, Pa C)` by
+    `euler_predictions` (with its correction `eps`); zero on test points."""
     P = problem.P
-    f = euler_predictions(problem, K)
+    f = euler_predictions(problem, K, eps)
     return jnp.zeros_like(f).at[:, :P].set(problem.loss.delta(f[:, :P], problem.data.Y))
+
+
+def readout_correction(problem, f, K, Delta):
+    """`eps (n+1, Pa, C)`: what gradient descent with step `eta0 dt` adds to each Euler step,
+    `eps(t) = f(t+1) - f(t) - c K(t) Delta(t)` (`eps(n) = 0`), from the predictions `f (n+1, Pa, C)` the
+    network's read-out gives under the error signal `Delta (n+1, Pa, C)`, and the NTK `K (n+1, Pa C, Pa C)`;
+    `c = eta0 dt / P`."""
+    P, C = problem.P, problem.C
+    c = problem.dt * problem.eta0 / P
+    step = c * jnp.einsum("tij,tj->ti", K[:-1, :, : P * C], Delta[:-1, :P].reshape(K.shape[0] - 1, -1))
+    eps = f[1:] - f[:-1] - step.reshape(f[1:].shape)
+    return jnp.concatenate([eps, jnp.zeros_like(f[:1])])
 
 
 def loss_fields(problem, f_all):

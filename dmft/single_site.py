@@ -115,7 +115,7 @@ def two_layer_fields(act, gamma0, c, Su, sw2, u, r, Delta, reduce):
     `h(t) = u + gamma0 c sum_{s<t} Su (sum_c Delta_c(s) g_c(s))`,
     `z(t) = r + gamma0 c sw2 sum_{s<t} Delta(s)^T phi(h(s))`, `g_c = phi'(h) z_c`.
 
-    Returns `reduce(phi(h(t)) (S, Pa), g(t) (S, Pa C))` stacked over the T times of `Delta (T, Pa, C)`
+    Returns `reduce(phi(h(t)) (S, Pa), g(t) (S, Pa C), z(t) (S, C))` stacked over the T times of `Delta (T, Pa, C)`
     (memory O(S Pa C)).
     """
     S, Pa = u.shape
@@ -125,8 +125,9 @@ def two_layer_fields(act, gamma0, c, Su, sw2, u, r, Delta, reduce):
         h = u + h_mem
         phi, dphi = act.fn(h), act.dfn(h)
         g = (dphi[:, :, None] * z[:, None, :]).reshape(S, -1)
+        out = reduce(phi, g, z)
         h_mem = h_mem + gamma0 * c * (dphi * (z @ Delta_t.T)) @ Su
         z = z + gamma0 * c * sw2 * phi @ Delta_t
-        return (h_mem, z), reduce(phi, g)
+        return (h_mem, z), out
 
     return jax.lax.scan(step, (jnp.zeros_like(u), r), Delta)[1]

@@ -8,7 +8,7 @@ import dmft
 
 def _solution():
     data = dmft.datasets.sphere(4, 3, 0, P_test=2)
-    return dmft.solve(dmft.Problem(data, dmft.MLP(2, "linear"), gamma0=1.0, n_steps=5), dmft.LinearClosure())
+    return dmft.solve(dmft.Problem(data, dmft.MLP(2, "linear"), gamma0=1.0, t_max=1.0, n_steps=5), dmft.LinearClosure())
 
 
 def _leaves_equal(a, b):

@@ -31,8 +31,10 @@ def test_f1_two_layer_relu(tmp_path):
     res = f1_two_layer_relu.main(quick=True, out=str(tmp_path))
     _check_files(res)
     rich = res["gamma0=1.0"]
-    # Feature learning speeds training up: the DMFT at gamma0 = 1 beats the static NTK.
-    assert rich["dmft_final_loss"] < res["lazy_final_loss"]
+    # Feature learning speeds training up: at gamma0 = 3 the DMFT beats the static NTK (0.765 vs 0.820,
+    # about 25 of its standard errors at S = 512). At gamma0 = 1 the quick run (20 steps of 0.075) is
+    # too short: networks of width 65536 end within 1e-4 of the lazy limit.
+    assert res["gamma0=3.0"]["dmft_final_loss"] < res["lazy_final_loss"]
     # The final kernels of the width-256 network point the same way as the DMFT's (finite-width
     # noise ~ 1/sqrt(256) and Monte Carlo noise ~ 1/sqrt(512) allow a few per cent).
     assert rich["Phi_alignment"] > 0.95 and rich["G_alignment"] > 0.95

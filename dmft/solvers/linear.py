@@ -47,7 +47,14 @@ import jax.numpy as jnp
 
 from .. import costs
 from ..activations import Linear
-from ..dynamics import error_signal, euler_predictions, ntk_from_kernels, prediction_fields, split_classes
+from ..dynamics import (
+    error_signal,
+    euler_predictions,
+    ntk_from_kernels,
+    prediction_fields,
+    readout_correction,
+    split_classes,
+)
 from ..solve import AbstractIterativeSolver
 
 __all__ = ["LinearClosure"]
@@ -61,13 +68,16 @@ class _State(eqx.Module):
     state carries the rank-TC factors instead of the (T Pa)^2 kernels:
     A: (L, T, Pa, TC) = Abar^1..Abar^L (Abar^L is only a factor of Phi^L, not a response function);
     Q: (L, TC, T, Pa); G: (L, TC, TC); beta: (L-1, TC, TC) with
-    `Bbar^l((t, c), (s, nu)) = sum_c' beta^l((t, c), (s, c')) Delta_{nu c'}(s)`.
+    `Bbar^l((t, c), (s, nu)) = sum_c' beta^l((t, c), (s, c')) Delta_{nu c'}(s)`; eps: (T, Pa, C), the
+    correction of each Euler step of the predictions (`dynamics.readout_correction`; zero for
+    `predictions="euler"`).
     """
 
     A: jax.Array
     Q: jax.Array
     G: jax.Array
     beta: jax.Array
+    eps: jax.Array
 
 
 def _contract(X, Delta):
@@ -163,6 +173,17 @@ def _ntk(problem, state):
     return ntk_from_kernels(net, Kx, _equal_time_Phi(net, Kx, state.A, state.Q), G_eq, C)
 
 
+def _readout(problem, A_L, Psi_L, before):
+    """The read-out predictions `f (..., Pa, C)` (THEORY 14) from rows of Abar^L `A_L (..., Pa, TC)` and of
+    `Psi~^L` (same shape), `before` the mask [s < t] of their columns: `<r_c h^L(t)> / gamma0 = sw2
+    sum_s Abar^L(t, (s, c))` (Stein; the read-out source r^L(s, c) = r_c at every s) plus
+    `c sum_{s<t} Psi~^L(t, (s, c))`, `c = eta0 dt / P`."""
+    T, C = problem.n_steps + 1, problem.C
+    c = problem.dt * problem.eta0 / problem.P
+    f = problem.net.sw2 * A_L + c * before * Psi_L
+    return f.reshape(*f.shape[:-1], T, C).sum(-2)
+
+
 def _unit_lower_inverse(N, T):
     """`(I - N)^{-1}` for `N (TC, TC)` strictly lower block-triangular in time (T blocks): N is nilpotent
     (N^T = 0), so the inverse is the finite Neumann series `sum_{j<T} N^j = prod_{k<K} (I + N^(2^k))`,
@@ -208,10 +229,11 @@ def _Q_factor(g2, d, Psi_prev, G_next, Abar, Delta):
     return Q.reshape(T * C, T, Pa), S
 
 
-def _sweep(problem, state, responses=True):
-    """One Jacobi sweep: every layer from the previous iterate of its neighbours and the new Delta."""
+def _sweep(problem, state, responses=True, readout=False):
+    """One Jacobi sweep: every layer from the previous iterate of its neighbours and the new Delta (and,
+    with `readout`, the new correction eps of the predictions)."""
     net, Kx = problem.net, problem.data.Kx
-    Delta = error_signal(problem, _ntk(problem, state))
+    Delta = error_signal(problem, _ntk(problem, state), state.eps)
     c = problem.dt * problem.eta0 / problem.P
     T = Delta.shape[0]
     # `_layer` takes the neighbours as the sources see them: sw2 Abar, sw2 G, sw2 beta, Psi~ (THEORY 11).
@@ -221,10 +243,16 @@ def _sweep(problem, state, responses=True):
     beta = on * jnp.concatenate([state.beta, jnp.zeros_like(state.G[:1])])
     layer = lambda *args: _layer(problem.gamma0**2, c, Delta, *args)
     A, Q, G, beta = jax.vmap(layer)(A_prev, _psi(net, Kx, state.A, state.Q, Delta), G_next, beta)
-    return _State(A=A, Q=Q, G=G, beta=beta[1:])
+    new = _State(A=A, Q=Q, G=G, beta=beta[1:], eps=state.eps)
+    if not readout:
+        return new
+    Psi_L = _next_psi(net, _psi(net, Kx, A, Q, Delta)[-1] + _psi_increment(A[-1], Q[-1], Delta), Delta)
+    before = _causal(T, problem.C, Delta.dtype)[:: problem.C][:, None, :]
+    eps = readout_correction(problem, _readout(problem, A[-1], Psi_L, before), _ntk(problem, new), Delta)
+    return eqx.tree_at(lambda s: s.eps, new, eps)
 
 
-def _march(problem, responses=True):
+def _march(problem, responses=True, readout=False):
     """The closure's exact solution in ONE causal pass over time (the block forward substitution).
 
     Write `g^l = Mt (r + gamma0 d Dc u)`, so that, with `b = Mt d` (`Bbar^{l-1} = b (x) Delta`),
@@ -234,7 +262,9 @@ def _march(problem, responses=True):
     only rows of times < t and those of time t of the layers before it: at each t a downward pass
     gives d, Mt, b, G^l rows, an upward pass gives C, Abar and Psi^l rows (s <= t) and Phi^l(t, t);
     then the Euler step gives Delta(t + 1). Cost O(L T^3 Pa C^2) for the whole solve, no iteration.
-    Returns the fixed point as the iteration's `_State`.
+    With `readout`, f(t) is instead the read-out (`_readout`) of the rows of time t, which depend on
+    Delta(s < t) only: the rows are computed once with the Euler f(t) to read it out, and again with
+    the Delta(t) of the read-out f(t). Returns the fixed point as the iteration's `_State`.
     """
     net, Kx, Y, P, L, C = problem.net, problem.data.Kx, problem.data.Y, problem.P, problem.depth, problem.C
     T, Pa = problem.n_steps + 1, Kx.shape[0]
@@ -245,7 +275,7 @@ def _march(problem, responses=True):
     z = lambda *shape: jnp.zeros(shape, Kx.dtype)
     small = ("DC", "DCb", "d", "Mt", "b", "G", "Sigma")  # (L, TC, TC) each; rows of times < t are final
     carry = dict(f=z(Pa, C), Delta=z(T, Pa, C), **{name: z(L, TC, TC) for name in small})
-    readout = _readout_G(T, C, Kx.dtype)
+    G_readout = _readout_G(T, C, Kx.dtype)
     eye = jnp.eye(TC, dtype=Kx.dtype)
 
     def rows(X, t):
@@ -261,7 +291,7 @@ def _march(problem, responses=True):
     def backward_rows(k, t, before):
         """Rows t of d^l, Mt^l, b^l and G^l, from the last layer down (d^l needs b^{l+1}, G^{l+1})."""
         for l in reversed(range(L)):
-            G_next = sw2 * (k["G"][l + 1] if l + 1 < L else readout)
+            G_next = sw2 * (k["G"][l + 1] if l + 1 < L else G_readout)
             b_next = on * rows(k["b"][l + 1], t) if l + 1 < L else 0.0
             d_row = b_next + c * before * rows(G_next, t)
             d = set_rows(k["d"][l], t, d_row)
@@ -275,7 +305,8 @@ def _march(problem, responses=True):
         return k
 
     def forward_rows(k, t, before, Dt):
-        """Rows t of C^l, Abar^l, Psi^l (s <= t) and Phi^l(t, t), from the first layer up."""
+        """Rows t of C^l, Abar^l, Psi^l (s <= t) and Phi^l(t, t), from the first layer up, and row t of
+        Psi~^L for the read-out."""
         upto = jnp.repeat(jnp.arange(T) <= t, C)
         psi = _psi0(net, Kx, k["Delta"])[0]  # row t of Psi~^0, (Pa, TC)
         Phi_eq, Abar, prev = [], [], Kt
@@ -289,27 +320,41 @@ def _march(problem, responses=True):
             CG = C_row @ k["G"][l]
             Phi_eq.append(prev + g2 * (psi @ Cb.T + Cb @ psi.T + CG @ C_row.T))
             prev = net.preactivation_kernel(Phi_eq[-1])
+            psi = psi + g2 * (psi @ k["DCb"][l].T + Cb @ k["Sigma"][l] + CG @ k["DC"][l].T)
+            psi = upto * _next_psi(net, psi, k["Delta"])
             if l + 1 < L:
-                psi = psi + g2 * (psi @ k["DCb"][l].T + Cb @ k["Sigma"][l] + CG @ k["DC"][l].T)
-                psi = upto * _next_psi(net, psi, k["Delta"])
                 k["Sigma"] = k["Sigma"].at[l + 1].set(set_sym(k["Sigma"][l + 1], t, Dt.T @ psi))
-        return k, jnp.stack(Phi_eq), jnp.stack(Abar)
+        return k, jnp.stack(Phi_eq), jnp.stack(Abar), psi
 
-    def step(k, t):
-        k = dict(k)
-        Dt = jnp.zeros((Pa, C), Kx.dtype).at[:P].set(problem.loss.delta(k["f"][:P], Y))
+    def forward_at(k, t, before, f_t):
+        """The forward rows of time t, given the predictions f(t) (hence Delta(t))."""
+        k = dict(k, f=f_t)
+        Dt = jnp.zeros((Pa, C), Kx.dtype).at[:P].set(problem.loss.delta(f_t[:P], Y))
         k["Delta"] = k["Delta"].at[t].set(Dt)
         sigma0 = jnp.einsum("mc,mn,snd->csd", Dt, Kt, k["Delta"]).reshape(C, TC)
         k["Sigma"] = k["Sigma"].at[0].set(set_sym(k["Sigma"][0], t, sigma0))
+        return *forward_rows(k, t, before, Dt), Dt
+
+    def step(k, t):
         before = jnp.repeat(jnp.arange(T) < t, C)
-        k, Phi_eq, Abar = forward_rows(backward_rows(k, t, before), t, before, Dt)
+        k = backward_rows(dict(k), t, before)  # needs no Delta(t)
+        if readout:  # nor do Abar^L(t) and Psi~^L(t, s < t): read f(t) out of them first
+            _, _, Abar, psi_L, _ = forward_at(k, t, before, k["f"])
+            k["f"] = _readout(problem, Abar[-1], psi_L, before)
+        k, Phi_eq, Abar, _, Dt = forward_at(k, t, before, k["f"])
         G_eq = jax.vmap(lambda G: jax.lax.dynamic_slice(G, (t * C, t * C), (C, C)))(k["G"])  # (L, C, C)
         K = ntk_from_kernels(net, Kx, Phi_eq[:, None], G_eq[:, None], C)[0]
-        k["f"] = k["f"] + c * (K[:, : P * C] @ Dt[:P].reshape(-1)).reshape(Pa, C)  # Euler: f(t + 1)
-        return k, Abar
+        f_t, euler = k["f"], c * (K[:, : P * C] @ Dt[:P].reshape(-1)).reshape(Pa, C)
+        k["f"] = f_t + euler  # Euler: f(t + 1)
+        return k, (Abar, f_t, euler)
 
-    k, Abar = jax.lax.scan(step, carry, jnp.arange(T))
-    return _factorise(problem, jnp.moveaxis(Abar, 0, 1), k["G"], k["d"], k["b"], k["Delta"])
+    k, (Abar, f, euler) = jax.lax.scan(step, carry, jnp.arange(T))
+    state = _factorise(problem, jnp.moveaxis(Abar, 0, 1), k["G"], k["d"], k["b"], k["Delta"])
+    if not readout:
+        return state
+    # What the read-out adds to each Euler step (`readout_correction`, from the steps themselves).
+    eps = jnp.concatenate([f[1:] - f[:-1] - euler[:-1], jnp.zeros_like(f[:1])])
+    return eqx.tree_at(lambda s: s.eps, state, eps)
 
 
 def _factorise(problem, Abar, G, d, b, Delta):
@@ -324,14 +369,16 @@ def _factorise(problem, Abar, G, d, b, Delta):
         Q.append(_Q_factor(g2, d[l], psi, G_next, Abar[l], Delta)[0])
         if l + 1 < L:
             psi = _next_psi(net, psi + _psi_increment(Abar[l], Q[l], Delta), Delta)
-    return _State(A=Abar, Q=jnp.stack(Q), G=G, beta=b[1:])
+    return _State(A=Abar, Q=jnp.stack(Q), G=G, beta=b[1:], eps=jnp.zeros_like(Delta))
 
 
 class LinearClosure(AbstractIterativeSolver):
     """Exact DMFT of deep linear networks (activation `"linear"`), any depth, train and test points.
 
-    Solves the discrete-time closure of THEORY sections 4 and 6 (left-point rule, Euler predictions,
-    so `gamma0 -> 0` is exactly `Lazy(discrete=True)`). The closure is causal, so its solution is
+    Solves the discrete-time closure of THEORY sections 4 and 6 (left-point rule; `gamma0 -> 0` is
+    exactly `Lazy(discrete=True)`) with the predictions of `predictions`, as in `MonteCarlo`:
+    `"readout"` (default; THEORY 14, the infinite-width limit of gradient descent on the grid) or
+    `"euler"` (THEORY 4). The closure is causal, so its solution is
     computed exactly in one forward pass over time (`start="march"`, the default); the damped
     fixed-point iteration of `dmft.solve` (one Jacobi sweep over the layers per iteration) then starts
     from it, so its first residual is the marched solution's own fixed-point residual (~1e-15 in
@@ -342,7 +389,8 @@ class LinearClosure(AbstractIterativeSolver):
     **Arguments:** `damping` (beta in (0, 1]: `new = (1 - beta) old + beta T(old)`), `rtol` (stop when
     the relative change of every order parameter is at most this; None: `1000 eps` of the dtype,
     round-off level in float32 and float64), `max_iters`, `responses` (`False`: the gradient
-    independence approximation, A = B = 0 in the fields; THEORY 9), `start` (`"march"` or `"lazy"`).
+    independence approximation, A = B = 0 in the fields; THEORY 9), `start` (`"march"` or `"lazy"`),
+    `predictions`.
 
     `Solution.G` has shape `(L, T, 1, T, 1)`, `A` `(L-1, T, Pa, T, 1)`, `B` `(L-1, T, 1, T, Pa)`: the
     size-1 axes are sample indices on which these kernels do not depend (they broadcast). `A` is the
@@ -355,18 +403,22 @@ class LinearClosure(AbstractIterativeSolver):
     max_iters: int = eqx.field(static=True, default=200)
     responses: bool = eqx.field(static=True, default=True)
     start: str = eqx.field(static=True, default="march")
+    predictions: str = eqx.field(static=True, default="readout")
 
     def estimate(self, problem):
         """`dmft.Estimate` of a solve: XLA's buffers modelled as `(2.25 L - 0.25) (T Pa)^2` elements
         (the materialised Phi and its temporaries) plus `4.1 L T^2 Pa C` (the factored state) plus
         `23 L T^2 (C^2 - 1)` (the march's (T C)^2 matrices beyond one output), fitted to XLA's memory
-        analysis of compiled solves (within 8% for C = 1 and 9% for C = 3, 10); flops of a sweep,
+        analysis of compiled solves (within 8% for C = 1 and 9% for C = 3, 10), plus `3 L T^2 C^2` for
+        the read-out (the march's forward rows are computed twice, each pass with its own Sigma,
+        DC and DCb); flops of a sweep,
         ~8 L T^3 Pa C^2 (the Psi products), and of the materialisation of Phi, 2 L T C (T Pa)^2. The
         budget is the device."""
         L, T, Pa, C = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0], problem.C
         n = T * Pa
         # C outputs: the factors A, Q grow C-fold and the (T C)^2 matrices of the march C^2-fold.
         elements = (2.25 * L - 0.25) * n * n + 4.1 * L * T * T * Pa * C + 23.0 * L * T * T * (C * C - 1)
+        elements += 3.0 * L * T * T * C * C * (self.predictions == "readout")
         flops = {"sweep": 8.0 * L * T**3 * Pa * C * C, "materialise": 2.0 * L * T * C * n * n}
         sizes = {"T Pa": n, "depth": L}
         item = problem.data.Kx.dtype.itemsize
@@ -382,10 +434,16 @@ class LinearClosure(AbstractIterativeSolver):
             raise ValueError(f"damping must be in (0, 1], got {self.damping}")
         if self.max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
+        if self.predictions not in ("euler", "readout"):
+            raise ValueError(f'predictions must be "euler" or "readout", got {self.predictions!r}')
         if self.start not in ("march", "lazy"):
             raise ValueError(f'start must be "march" or "lazy", got {self.start!r}')
         if self.rtol is not None and not self.rtol >= 0:
             raise ValueError(f"rtol must be None or >= 0, got {self.rtol}")
+
+    def monitor(self, state):
+        # Not eps: it is O(gamma0^2 dt^2), round-off at gamma0 = 0, and a function of the rest.
+        return state.A, state.Q, state.G, state.beta
 
     def tolerance(self, state):
         rtol = 1000 * jnp.finfo(state.G.dtype).eps if self.rtol is None else self.rtol
@@ -393,7 +451,7 @@ class LinearClosure(AbstractIterativeSolver):
 
     def init(self, problem, key):
         if self.start == "march":
-            return _march(problem, self.responses)
+            return _march(problem, self.responses, self.predictions == "readout")
         # Lazy start: Phi^l = Phi^0 (zero factors), G^l = 1 (linear networks), no responses.
         L, T, Pa, C = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0], problem.C
         dtype = problem.data.Kx.dtype
@@ -402,16 +460,17 @@ class LinearClosure(AbstractIterativeSolver):
             Q=jnp.zeros((L, T * C, T, Pa), dtype),
             G=jnp.broadcast_to(_readout_G(T, C, dtype), (L, T * C, T * C)),
             beta=jnp.zeros((L - 1, T * C, T * C), dtype),
+            eps=jnp.zeros((T, Pa, C), dtype),
         )
 
     def step(self, problem, state, key):
-        return _sweep(problem, state, self.responses)
+        return _sweep(problem, state, self.responses, self.predictions == "readout")
 
     def postprocess(self, problem, state, key):
         net, Kx, C = problem.net, problem.data.Kx, problem.C
         K = _ntk(problem, state)
-        f = euler_predictions(problem, K)
-        Delta = error_signal(problem, K)
+        f = euler_predictions(problem, K, state.eps)
+        Delta = error_signal(problem, K, state.eps)
         L, T, Pa = problem.depth, problem.n_steps + 1, Kx.shape[0]
         split = lambda X, *axes: split_classes(problem, X, axes)
         G_eq = _equal_time_G(state.G, T)[:, :, None, :, None, :]

@@ -52,6 +52,7 @@ from ..dynamics import (
     euler_predictions,
     ntk_from_kernels,
     prediction_fields,
+    readout_correction,
     split_classes,
     with_classes,
 )
@@ -62,6 +63,7 @@ from .lazy import lazy_kernels
 
 __all__ = ["MonteCarlo"]
 
+PREDICTIONS = ("euler", "readout")
 _ERRORBAR_RTOL = 0.1  # the replica stage's relative change of the replica spread at convergence
 
 
@@ -69,12 +71,14 @@ class _State(eqx.Module):
     """Order parameters: `Phi (L, T, Pa, T, Pa)`, `G (L, T, Pa C, T, Pa C)`, `A (L-1, T, Pa, T, Pa C)`, `B
     (L-1, T, Pa C, T, Pa)` (Abar^l, Bbar^l for l = 1..L-1; C outputs, `single_site`), with a leading
     replica axis R in `_Replicas.reps`. Depth 1 (THEORY 7) tracks equal times only: `Phi (1, T, Pa, Pa)`,
-    `G (1, T, Pa C, Pa C)`, `A`, `B` empty."""
+    `G (1, T, Pa C, Pa C)`, `A`, `B` empty. `eps (T, Pa, C)`: the correction of each Euler step of the
+    predictions (`dynamics.readout_correction`; zero for `predictions="euler"`)."""
 
     Phi: jax.Array
     G: jax.Array
     A: jax.Array
     B: jax.Array
+    eps: jax.Array
 
 
 class _Pooled(eqx.Module):
@@ -150,6 +154,14 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       relative to the mean eigenvalue of the source covariance: it biases the responses by an amount
       that does not shrink with S, and a smaller one amplifies the sampling noise of a replica's
       S / R samples until the replica stage no longer settles.
+    - `predictions`: `"readout"` (default) takes the predictions from the read-out of the single site,
+      `f(t) = gamma0^{-1} <z^L(t) phi(h^L(t))>` (centred), the infinite-width limit of gradient descent
+      with step `eta0 dt` on the grid (`networks.train(method="gd")`, `dmft.compare`'s default); it
+      is iterated as a correction `eps` of each Euler step (`dynamics.readout_correction`), so the map
+      keeps the Euler rule's contraction. `"euler"` steps them by the NTK, `f(t+1) = f(t) + (eta0 dt /
+      P) K(t) Delta(t)` (THEORY 4), the rule of `LinearClosure`, `Lazy(discrete=True)` and
+      `Perturbative`; it misses gradient descent by O(gamma0^2 dt^2) per step. Both are gradient flow
+      to O(dt).
     - `rtol`: None (default) stops the pooled stage when the relative change of the kernels Phi, G per
       iteration is at most a quarter of their Monte Carlo standard error without feedback (the
       spread of the replicas' kernels at the current iterate), so that the iteration adds little to
@@ -181,6 +193,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     sampling: str = eqx.field(static=True, default="sobol")
     control_variates: bool | None = eqx.field(static=True, default=None)
     responses: str = eqx.field(static=True, default="stein")
+    predictions: str = eqx.field(static=True, default="readout")
     rcond: float = 1e-3
     rtol: float | None = None
     damping: float | None = None
@@ -212,6 +225,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             raise ValueError(f"sampling must be one of {_sampling.SAMPLINGS}, got {self.sampling!r}")
         if self.responses not in _responses.RESPONSES:
             raise ValueError(f"responses must be one of {_responses.RESPONSES}, got {self.responses!r}")
+        if self.predictions not in PREDICTIONS:
+            raise ValueError(f"predictions must be one of {PREDICTIONS}, got {self.predictions!r}")
         n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
         if self.sampling == "sobol":
             if self._per_replica & (self._per_replica - 1):
@@ -298,14 +313,14 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         Phi, G, _ = lazy_kernels(problem)
         L, T, Pa, C = problem.depth, problem.n_steps + 1, Phi.shape[-1], problem.C
         G = with_classes(G, C)
-        floor = jnp.zeros((2,), Phi.dtype)
+        floor, eps = jnp.zeros((2,), Phi.dtype), jnp.zeros((T, Pa, C), Phi.dtype)
         if L == 1:
             tile = lambda X: jnp.broadcast_to(X[:, None], (1, T, *X.shape[1:]))
             empty = jnp.zeros((0, T, Pa, Pa), Phi.dtype)
-            return _Pooled(_State(tile(Phi), tile(G), empty, empty), floor)
+            return _Pooled(_State(tile(Phi), tile(G), empty, empty, eps), floor)
         tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, X.shape[1], T, X.shape[2]))
         A, B = jnp.zeros((L - 1, T, Pa, T, Pa * C), Phi.dtype), jnp.zeros((L - 1, T, Pa * C, T, Pa), Phi.dtype)
-        return _Pooled(_State(tile(Phi), tile(G), A, B), floor)
+        return _Pooled(_State(tile(Phi), tile(G), A, B, eps), floor)
 
     def stages(self):
         return (_PooledStage(self), self)
@@ -373,7 +388,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         depth1 = problem.depth == 1
         Phi_eq, G_eq = (s.Phi, s.G) if depth1 else (equal_time(s.Phi), equal_time(s.G))
         K = ntk_from_kernels(problem.net, problem.data.Kx, Phi_eq, G_eq, problem.C)
-        f = euler_predictions(problem, K)
+        f = euler_predictions(problem, K, s.eps)
         split = lambda X, *axes: split_classes(problem, X, axes)
         two_time = {} if depth1 else dict(Phi=s.Phi, G=split(s.G, -3, -1), A=split(s.A, -1), B=split(s.B, -3))
         return prediction_fields(problem, K, f), dict(Phi_eq=Phi_eq, G_eq=split(G_eq, -2, -1), **two_time)
@@ -411,7 +426,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         n, nC = T * Pa, T * Pa * C_out
         c = problem.dt * problem.eta0 / problem.P
         K = ntk_from_kernels(problem.net, Kx, equal_time(state.Phi), equal_time(state.G), C_out)
-        Delta = error_signal(problem, K)
+        Delta = error_signal(problem, K, state.eps)
         ctrl = self._control(problem)
         Phi_new, G_new, A_new, B_new = [], [], [], []
         means, variances = [], []
@@ -440,6 +455,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 # <chi(u_mu) r_mu c chi(u_nu) r_nu c'> = E_chi_{mu nu} Sr_{mu c, nu c'}; r^L: Sr = sw2 I_C.
                 E_g = with_classes(E_chi, C_out) if last else jnp.repeat(jnp.repeat(E_chi, C_out, 0), C_out, 1)
                 m["Phi"], m["G"] = m["Phi"] + E_psi, m["G"] + E_g * Sr
+                if "F" in m:  # <r_c chi(u) C (chi(u) r)> = sw2 sum over (s, nu) of C(., (s, nu, c)) E_chi
+                    m["F"] = m["F"] + problem.gamma0 * sw**2 * jnp.einsum("ij,ijc->ic", E_chi, C.reshape(n, n, C_out))
             means.append(m)
             variances.append(var)
             if self.responses == "jacobian":
@@ -450,8 +467,22 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 A_new.append(self._response(problem, m, "A", Sr, T, (n, nC)))
             if not first:
                 B_new.append(self._response(problem, m, "B", Su, T, (nC, n)))
-        new = _State(jnp.stack(Phi_new), jnp.stack(G_new), jnp.stack(A_new), jnp.stack(B_new))
+        Phi_new, G_new = jnp.stack(Phi_new), jnp.stack(G_new)
+        eps = state.eps
+        if self.predictions == "readout":  # f(t) = <r phi(h^L(t))> / gamma0 + c sum_{s<t} Phi~^L(t, s) Delta(s)
+            Phi_L = problem.net.preactivation_kernel(Phi_new[-1])
+            f = _over_gamma0(problem, m["F"].reshape(T, Pa, C_out)) + c * jnp.einsum(
+                "tisj,tsjc->tic", Phi_L, jnp.tril(jnp.ones((T, T), Kx.dtype), -1)[:, :, None, None] * Delta[None]
+            )
+            K_new = ntk_from_kernels(problem.net, Kx, equal_time(Phi_new), equal_time(G_new), C_out)
+            eps = self._correction(problem, f, K_new, Delta)
+        new = _State(Phi_new, G_new, jnp.stack(A_new), jnp.stack(B_new), eps)
         return new, _floor(means, variances, keys.shape[0])
+
+    @staticmethod
+    def _correction(problem, f, K, Delta):
+        """`readout_correction`, zero at gamma0 = 0 (where gradient descent is the Euler rule)."""
+        return jnp.where(problem.gamma0 > 0, readout_correction(problem, f, K, Delta), 0.0)
 
     def _response(self, problem, m, name, K, T, shape):
         """Abar (name "A", `shape (T Pa, T Pa C)`) or Bbar ("B", `(T Pa C, T Pa)`) from the moments m, as
@@ -464,8 +495,18 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             R = m[name + "_jac"] * _responses.time_mask(T, shape, lag, K.dtype)
         else:
             R = _responses.causal_stein(m[name], K, self.rcond, T, lag)
-        gamma0 = problem.gamma0  # >= 0; at 0 the responses are irrelevant (they multiply gamma0)
-        return jnp.where(gamma0 > 0, R / jnp.where(gamma0 > 0, gamma0, 1.0), 0.0).reshape(out)
+        return _over_gamma0(problem, R).reshape(out)
+
+    @staticmethod
+    def _lazy_readout(ctrl, u, r, psi0, drift, Su, sw2):
+        """The control variate of the depth-1 read-out moment `<z phi(h)> - <r phi(u)>` `(T, Pa, C)`:
+        its first order in gamma0 with `(psi, chi)` for `(phi, phi')`, divided by gamma0,
+        `sw2 drift^T psi psi^T + r chi(u) Su (chi(u) r drift^T)` summed over samples `u (S, Pa)`, `r (S, C)`,
+        from `psi0 = psi(u)^T psi(u)` and `drift(t) = c sum_{s<t} Delta(s) (T, Pa, C)`."""
+        chi = ctrl.dfn(u)
+        read = sw2 * jnp.einsum("ij,tjc->tic", psi0, drift)  # the read-out weights' drift
+        a = jnp.einsum("sj,sd,tjd,jk->tsk", chi, r, drift, Su)  # the features' drift, per sample
+        return read + jnp.einsum("sk,tsk,sc->tkc", chi, a, r)
 
     def _sources(self, key, i, factors, axes, T, Pa, C, first, last, dtype):
         du, dr = (Pa if first else T * Pa), (C if last else T * Pa * C)
@@ -482,6 +523,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         ctrl = self._control(problem)
         need_A = not last and self.responses == "stein"
         need_B = not first and self.responses == "stein"
+        need_F = last and self.predictions == "readout"
 
         def one_chunk(acc, key_i):
             u, r = self._sources(*key_i, factors, axes, T, Pa, C_out, first, last, C.dtype)
@@ -496,10 +538,17 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 out["A"] = _responses.lower_products(_minus(phis, phi0), r.reshape(chunk, nC), T)
             if need_B:
                 out["B"] = _responses.lower_products(_minus(gs, g0), u.reshape(chunk, n), T)
+            if need_F:  # <r (phi(h) - phi(u))>: phi(u) is independent of the read-out r, its moment is 0
+                r_L = r.reshape(chunk, T, Pa, C_out)[:, 0, 0]
+                out["F"] = (phis - act.fn(u).reshape(chunk, n)).T @ r_L
+                if ctrl is not None:  # minus its first order in gamma0, r chi(u) C (chi(u) r) (`_deep` adds the mean)
+                    chi = ctrl.dfn(u).reshape(chunk, n)
+                    v = (chi[:, :, None] * r_L[:, None, :]).reshape(chunk, nC) @ C.reshape(n, nC).T
+                    out["F"] = out["F"] - gamma0 * (chi * v).T @ r_L
             return jax.tree.map(jnp.add, acc, out), None
 
-        shapes = {"Phi": (n, n), "G": (nC, nC), "A": (n, nC), "B": (nC, n)}
-        names = ["Phi", "G"] + ["A"] * need_A + ["B"] * need_B
+        shapes = {"Phi": (n, n), "G": (nC, nC), "A": (n, nC), "B": (nC, n), "F": (n, C_out)}
+        names = ["Phi", "G"] + ["A"] * need_A + ["B"] * need_B + ["F"] * need_F
         zeros = {k: jnp.zeros(shapes[k], C.dtype) for k in names}
         return _over_replicas(keys, zeros, one_chunk, self._per_replica, chunk, mesh)
 
@@ -524,27 +573,42 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
         net = problem.net
-        Delta = error_signal(problem, ntk_from_kernels(net, Kx, state.Phi, state.G, C))
+        Delta = error_signal(problem, ntk_from_kernels(net, Kx, state.Phi, state.G, C), state.eps)
         Su = net.preactivation_kernel(Kx)
         M_u = _sampling.factor(Su)[0]
         ctrl = self._control(problem)
+        readout = self.predictions == "readout"
+        # sum_{s<t} Delta(s) (T, Pa, C), times c: the read-out's lazy drift per unit of <phi phi^T>.
+        drift = c * (jnp.cumsum(Delta, 0) - Delta)
 
         def one_chunk(acc, key_i):
             e_u, e_r = self._normals(*key_i, Pa, C, axes[0], Kx.dtype)
             u, r = e_u @ M_u.T, net.sigma_w * e_r
-            gram = lambda phi, g: (phi.T @ phi, g.T @ g)
-            Phi, G = two_layer_fields(act, gamma0, c, Su, net.sw2, u, r, Delta, gram)
+            # The read-out's moment <z phi(h)> - <r phi(u)> (the second term has mean 0, a control variate).
+            moments = lambda phi, g, z: (phi.T @ phi, g.T @ g) + ((phi.T @ z - act.fn(u).T @ r,) if readout else ())
+            Phi, G, *F = two_layer_fields(act, gamma0, c, Su, net.sw2, u, r, Delta, moments)
             if ctrl is not None:  # control variates (see `_moments`): the lazy fields, constant in time
                 g0 = (ctrl.dfn(u)[:, :, None] * r[:, None, :]).reshape(r.shape[0], Pa * C)
-                Phi, G = Phi - _sampling.gram(ctrl.fn(u)), G - _sampling.gram(g0)
-            return {"Phi": acc["Phi"] + Phi, "G": acc["G"] + G}, None
+                psi0 = _sampling.gram(ctrl.fn(u))
+                Phi, G = Phi - psi0, G - _sampling.gram(g0)
+                if readout:
+                    F = [F[0] - gamma0 * self._lazy_readout(ctrl, u, r, psi0, drift, Su, net.sw2)]
+            return jax.tree.map(jnp.add, acc, {"Phi": Phi, "G": G} | ({"F": F[0]} if readout else {})), None
 
         zeros = {"Phi": jnp.zeros((T, Pa, Pa), Kx.dtype), "G": jnp.zeros((T, Pa * C, Pa * C), Kx.dtype)}
+        zeros |= {"F": jnp.zeros((T, Pa, C), Kx.dtype)} if readout else {}
         m, var = _over_replicas(keys, zeros, one_chunk, self._per_replica, self._chunk, mesh)
         if ctrl is not None:
             E_psi, E_chi = ctrl.kernels(M_u @ M_u)
-            m = {"Phi": m["Phi"] + E_psi, "G": m["G"] + with_classes(E_chi, C) * net.sw2}
-        new = _State(m["Phi"][None], m["G"][None], state.A, state.B)
+            m |= {"Phi": m["Phi"] + E_psi, "G": m["G"] + with_classes(E_chi, C) * net.sw2}
+            if readout:  # the control's exact mean: the control pair's lazy NTK applied to the drift
+                m["F"] = m["F"] + gamma0 * net.sw2 * jnp.einsum("ij,tjc->tic", E_psi + Su * E_chi, drift)
+        eps = state.eps
+        if readout:  # f(t) = <z phi(h)> / gamma0 plus the read-out bias's drift
+            f = _over_gamma0(problem, m["F"]) + net.sigma_b**2 * drift.sum(1, keepdims=True)
+            K_new = ntk_from_kernels(net, Kx, m["Phi"][None], m["G"][None], C)
+            eps = self._correction(problem, f, K_new, Delta)
+        new = _State(m["Phi"][None], m["G"][None], state.A, state.B, eps)
         return new, _floor([m], [var], keys.shape[0])
 
 
@@ -577,6 +641,12 @@ def _floor(means, variances, K):
     layers of `means` and `variances` (lists of the `_over_replicas` outputs, exact means added)."""
     rel = lambda k: jnp.sqrt(sum(v[k].sum() for v in variances) / K / sum((m[k] ** 2).sum() for m in means))
     return jnp.stack([rel("Phi"), rel("G")])
+
+
+def _over_gamma0(problem, X):
+    """`X / gamma0`, 0 at gamma0 = 0 (responses and read-out moments multiply gamma0 where they enter)."""
+    gamma0 = problem.gamma0
+    return jnp.where(gamma0 > 0, X / jnp.where(gamma0 > 0, gamma0, 1.0), 0.0)
 
 
 def _minus(X, X0):

@@ -314,7 +314,8 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
         x0, x2 = state[:2]
         g2 = problem.gamma0**2
         if isinstance(problem.activation, Linear):
-            return LinearClosure().postprocess(problem, jax.tree.map(lambda a, b: a + g2 * b, x0, x2), key)
+            state = jax.tree.map(lambda a, b: a + g2 * b, x0, x2)
+            return LinearClosure(predictions="euler").postprocess(problem, state, key)
         # Nonlinear: x0 = (Phi0, G0) (L, 1, Pa, Pa), x2 = equal-time (Phi2, G2) per replica
         # (R, L, T, Pa, Pa); deep networks add the two-time kernels.
         (Phi0, G0), (Phi2, G2) = x0, x2
@@ -350,7 +351,7 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
         nodes = C == 1
         r = net.sigma_w * jnp.tile(jnp.asarray(_R_NODES, Kx.dtype), self._chunk)[:, None]
         w = jnp.tile(jnp.asarray(_R_WEIGHTS, Kx.dtype), self._chunk) if nodes else jnp.ones(1, Kx.dtype)
-        weighted = lambda phi, g: ((w[:, None] * phi).T @ phi, (w[:, None] * g).T @ g)
+        weighted = lambda phi, g, z: ((w[:, None] * phi).T @ phi, (w[:, None] * g).T @ g)
 
         def one_chunk(k, i):
             e_u, e_r = self._normals(k, i, Kx.shape[0], 0 if nodes else C, (V_u[:, ::-1], None), Kx.dtype)
@@ -382,7 +383,7 @@ class Perturbative(AbstractSolver, _sampling.Replicated):
         return x0, x2, ((tile(Phi0), tile(G0)), (jnp.stack(Phi_tt), jnp.stack(G_tt)))
 
     def _linear(self, problem, key):
-        base = LinearClosure()
+        base = LinearClosure(predictions="euler")
         p0 = _with_gamma0(problem, jnp.zeros_like(problem.gamma0))
         x0 = base.init(p0, key)  # the exact lazy fixed point (LinearClosure's causal pass)
         T = lambda x, g: base.step(_with_gamma0(problem, g), x, key)
