@@ -585,7 +585,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             e_u, e_r = self._normals(*key_i, Pa, C, axes[0], Kx.dtype)
             u, r = e_u @ M_u.T, net.sigma_w * e_r
             # The read-out's moment <z phi(h)> - <r phi(u)> (the second term has mean 0, a control variate).
-            moments = lambda phi, g, z: (phi.T @ phi, g.T @ g) + ((phi.T @ z - act.fn(u).T @ r,) if readout else ())
+            rphi0 = act.fn(u).T @ r
+            moments = lambda phi, g, z: (phi.T @ phi, g.T @ g) + ((phi.T @ z - rphi0,) if readout else ())
             Phi, G, *F = two_layer_fields(act, gamma0, c, Su, net.sw2, u, r, Delta, moments)
             if ctrl is not None:  # control variates (see `_moments`): the lazy fields, constant in time
                 g0 = (ctrl.dfn(u)[:, :, None] * r[:, None, :]).reshape(r.shape[0], Pa * C)
