@@ -70,9 +70,10 @@ def compare(
     """Solve `problem` with `solver` and train `seeds` networks at each width (`networks.ensemble`:
     vmapped over seeds, the seeds spread over the devices of `mesh`, see there).
 
-    `method="gd"` (default) trains by gradient descent with step `eta0 dt`: the discrete DMFT is its
-    exact infinite-width limit apart from the Euler prediction rule, and it is far cheaper than
-    adaptive gradient flow for ReLU networks; `method="flow"` uses diffrax.
+    `method="gd"` (default) trains by gradient descent with step `eta0 dt`: the discrete DMFT with
+    `predictions="readout"` (the default of `MonteCarlo` and `LinearClosure`) is its exact
+    infinite-width limit, and it is far cheaper than adaptive gradient flow for ReLU networks;
+    `method="flow"` uses diffrax.
     `fluctuations=True` also computes the 1/N seed-to-seed covariances of `dmft.fluctuations` (the
     +-1 sigma band of each width in the figures) where they are defined and affordable: two-layer
     networks whose train grid has at most `MAX_FLUCTUATION_SIZE` (time, point, class) triples (the

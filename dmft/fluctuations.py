@@ -421,8 +421,9 @@ def _check_memory(problem, chunk_size, memory):
 def _check_same_problem(problem, sol, F, f_var, n_samples):
     """Refuse a Solution whose predictions the neurons of `problem`, driven by its error signal, do not
     reproduce: allowed are 5 Monte Carlo standard errors of their mean plus 10% of the predictions'
-    scale, which covers the DMFT's own sampling error and the O(gamma0^2 dt) difference between its
-    Euler rule and gradient descent, and not a different gamma0, activation or data set."""
+    scale, which covers the DMFT's own sampling error and the O(gamma0^2 dt) difference between the
+    Euler rule (`predictions="euler"`, `Lazy`) and gradient descent, and not a different gamma0,
+    activation or data set."""
     f = sol.f.reshape(F.shape)
     allowed = 5 * jnp.sqrt(f_var.max() / n_samples) + 0.1 * jnp.abs(f).max()
     gap = float(jnp.abs(F - f).max())

@@ -263,8 +263,8 @@ def _march(problem, responses=True, readout=False):
     gives d, Mt, b, G^l rows, an upward pass gives C, Abar and Psi^l rows (s <= t) and Phi^l(t, t);
     then the Euler step gives Delta(t + 1). Cost O(L T^3 Pa C^2) for the whole solve, no iteration.
     With `readout`, f(t) is instead the read-out (`_readout`) of the rows of time t, which depend on
-    Delta(s < t) only: the rows are computed once with the Euler f(t) to read it out, and again with
-    the Delta(t) of the read-out f(t). Returns the fixed point as the iteration's `_State`.
+    Delta(s < t) only: the forward rows are computed once with the Euler f(t) to read it out, and
+    again with the Delta(t) of the read-out f(t). Returns the fixed point as the iteration's `_State`.
     """
     net, Kx, Y, P, L, C = problem.net, problem.data.Kx, problem.data.Y, problem.P, problem.depth, problem.C
     T, Pa = problem.n_steps + 1, Kx.shape[0]
