@@ -455,8 +455,6 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 # <chi(u_mu) r_mu c chi(u_nu) r_nu c'> = E_chi_{mu nu} Sr_{mu c, nu c'}; r^L: Sr = sw2 I_C.
                 E_g = with_classes(E_chi, C_out) if last else jnp.repeat(jnp.repeat(E_chi, C_out, 0), C_out, 1)
                 m["Phi"], m["G"] = m["Phi"] + E_psi, m["G"] + E_g * Sr
-                if "F" in m:  # <r_c chi(u) C (chi(u) r)> = sw2 sum over (s, nu) of C(., (s, nu, c)) E_chi
-                    m["F"] = m["F"] + problem.gamma0 * sw**2 * jnp.einsum("ij,ijc->ic", E_chi, C.reshape(n, n, C_out))
             means.append(m)
             variances.append(var)
             if self.responses == "jacobian":
@@ -505,8 +503,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         from `psi0 = psi(u)^T psi(u)` and `drift(t) = c sum_{s<t} Delta(s) (T, Pa, C)`."""
         chi = ctrl.dfn(u)
         read = sw2 * jnp.einsum("ij,tjc->tic", psi0, drift)  # the read-out weights' drift
-        a = jnp.einsum("sj,sd,tjd,jk->tsk", chi, r, drift, Su)  # the features' drift, per sample
-        return read + jnp.einsum("sk,tsk,sc->tkc", chi, a, r)
+        a = (chi * jnp.einsum("sd,tjd->tsj", r, drift)) @ Su  # the features' drift, per sample (T, S, Pa)
+        return read + jnp.einsum("tsk,sc->tkc", chi * a, r)
 
     def _sources(self, key, i, factors, axes, T, Pa, C, first, last, dtype):
         du, dr = (Pa if first else T * Pa), (C if last else T * Pa * C)
@@ -541,10 +539,6 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             if need_F:  # <r (phi(h) - phi(u))>: phi(u) is independent of the read-out r, its moment is 0
                 r_L = r.reshape(chunk, T, Pa, C_out)[:, 0, 0]
                 out["F"] = (phis - act.fn(u).reshape(chunk, n)).T @ r_L
-                if ctrl is not None:  # minus its first order in gamma0, r chi(u) C (chi(u) r) (`_deep` adds the mean)
-                    chi = ctrl.dfn(u).reshape(chunk, n)
-                    v = (chi[:, :, None] * r_L[:, None, :]).reshape(chunk, nC) @ C.reshape(n, nC).T
-                    out["F"] = out["F"] - gamma0 * (chi * v).T @ r_L
             return jax.tree.map(jnp.add, acc, out), None
 
         shapes = {"Phi": (n, n), "G": (nC, nC), "A": (n, nC), "B": (nC, n), "F": (n, C_out)}
