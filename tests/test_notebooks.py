@@ -1,7 +1,7 @@
 """The tutorial notebooks are tests: their code cells assert what the text claims.
 
 Default suite: every code cell in order, in this process, at the notebooks' small sizes
-(DMFT_QUICK=1). Slow suite: the notebooks as a user runs them (a Jupyter kernel, full sizes)."""
+(DMFT_QUICK=1; the two heaviest with the slow suite). Slow suite: the notebooks as a user runs them (a Jupyter kernel, full sizes)."""
 
 import json
 import os
@@ -13,7 +13,13 @@ import pytest
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+# The quickstart repeats the README's blocks (test_readme) and the digits notebook the classification
+# `compare` of test_cli; at ~1-1.5 min each they run with the slow suite, to keep the default under 12 min.
+_HEAVY = {"01_quickstart.ipynb", "04_digits_classification.ipynb"}
+QUICK = [pytest.param(p, marks=pytest.mark.slow) if p.name in _HEAVY else p for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", QUICK, ids=lambda p: p.name)
 def test_notebook_cells_run_quick(path, monkeypatch):
     import matplotlib.pyplot as plt
 

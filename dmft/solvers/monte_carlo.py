@@ -503,8 +503,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         from `psi0 = psi(u)^T psi(u)` and `drift(t) = c sum_{s<t} Delta(s) (T, Pa, C)`."""
         chi = ctrl.dfn(u)
         read = sw2 * jnp.einsum("ij,tjc->tic", psi0, drift)  # the read-out weights' drift
-        a = (chi * jnp.einsum("sd,tjd->tsj", r, drift)) @ Su  # the features' drift, per sample (T, S, Pa)
-        return read + jnp.einsum("tsk,sc->tkc", chi * a, r)
+        a = jnp.einsum("sj,sd,tjd,jk->tsk", chi, r, drift, Su)  # the features' drift, per sample
+        return read + jnp.einsum("sk,tsk,sc->tkc", chi, a, r)
 
     def _sources(self, key, i, factors, axes, T, Pa, C, first, last, dtype):
         du, dr = (Pa if first else T * Pa), (C if last else T * Pa * C)
