@@ -1,7 +1,8 @@
 """The tutorial notebooks are tests: their code cells assert what the text claims.
 
 Default suite: every code cell in order, in this process, at the notebooks' small sizes
-(DMFT_QUICK=1; the two heaviest with the slow suite). Slow suite: the notebooks as a user runs them (a Jupyter kernel, full sizes)."""
+(DMFT_QUICK=1; the two heaviest with the slow suite). Slow suite: the notebooks as a user runs them
+(a Jupyter kernel, full sizes)."""
 
 import json
 import os
