@@ -154,7 +154,8 @@ def test_compare_and_plot(tmp_path):
     assert main(["plot", str(tmp_path)]) == 2
 
 
-@pytest.mark.parametrize("loss", ["logistic", "cross_entropy"])
+# cross_entropy with the slow suite (the default suite's 12-minute budget); logistic covers the path.
+@pytest.mark.parametrize("loss", ["logistic", pytest.param("cross_entropy", marks=pytest.mark.slow)])
 def test_classification_compare_reports_accuracies(tmp_path, loss):
     # A classification problem through the CLI: binary labels from the sphere teacher (logistic) or
     # three digits (cross-entropy, one-hot targets), accuracies in the report, the classification

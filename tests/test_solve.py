@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import dmft
 
@@ -31,6 +32,8 @@ def test_progress_bar_reports_iterations_and_residual_and_changes_nothing(capsys
     assert _leaves_equal(quiet, loud)  # bit-identical: the callbacks only read the loop carry
 
 
+# 17 s, with the slow suite (12-minute budget); the progress-bar test above stays in the default suite.
+@pytest.mark.slow
 def test_progress_works_under_jit_and_vmap(capsys):
     problem, solver = _problem(), dmft.LinearClosure()
     gammas = jnp.array([0.5, 1.0])
