@@ -168,10 +168,13 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       the error bar, or at most that standard error once the change has stopped falling (relu's
       map is only piecewise continuous: it stalls); a number stops it at that relative change.
       `Solution.noise_floor` is the relative standard error of the kernels from the replicas.
-    - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve` (per stage). None
-      (default): undamped (beta = 1) for a smooth activation, 0.5 for relu (its Monte Carlo map is
-      piecewise constant, and undamped iterates jitter instead of settling). `undamped_above`:
-      undamped pooled steps while the relative change is above this, then `damping`.
+    - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve` (per stage; a number
+      applies to both stages). None (default): the pooled stage undamped (beta = 1) for a smooth
+      activation and 0.5 for relu (its Monte Carlo map is piecewise constant, and undamped iterates
+      jitter instead of settling); the replica stage 0.5 for every activation (a replica's map, with
+      S / R samples, amplifies its noise more than the pooled map: undamped, its iterates can jitter
+      by about their own deviation from the answer on long time grids, and the spread with them).
+      `undamped_above`: undamped pooled steps while the relative change is above this, then `damping`.
     - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
       S / R. The result does not depend on it. None (default): up to 1024, halved until the solve
       fits the memory budget.
@@ -333,7 +336,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # One replica after the other (lax.map, not vmap): batched LAPACK kernels (eigh, cholesky,
         # triangular solves) split their batch over XLA's CPU thread pool and wait for it, and two of
         # them running side by side deadlocked the pool (jaxlib 0.10.2, 2 cores).
-        beta = self._beta(problem)
+        beta = self._replica_beta()
         one = lambda sk: self._map(problem, sk[0], sk[1][None], None, beta)[0]
         run = lambda reps, keys: jax.lax.map(one, (reps, keys))
         mesh = self._devices()
@@ -341,13 +344,17 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return _Replicas(run(state.reps, self._keys(key)), state.center)
 
     def damping_at(self, problem, change):
-        return self._beta(problem)
+        return self._replica_beta()
 
     def _beta(self, problem):
-        """The damping beta of both stages (see `damping`)."""
+        """The damping beta of the pooled stage (see `damping`)."""
         if self.damping is not None:
             return self.damping
         return 1.0 if problem.activation.smooth else 0.5
+
+    def _replica_beta(self):
+        """The damping beta of the replica stage (see `damping`)."""
+        return 0.5 if self.damping is None else self.damping
 
     def _devices(self):
         """The mesh the replicas are spread over (`mesh`), or None for one device."""
