@@ -8,6 +8,9 @@ import pytest
 import dmft
 from dmft import plotting
 
+# One worker runs the whole module, so its module fixture (a compare and field samples) is computed once.
+pytestmark = pytest.mark.xdist_group("plotting")
+
 
 @pytest.fixture(scope="module")
 def comparison():
