@@ -15,3 +15,10 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_collection_modifyitems(items):
+    # The two longest tests (a 4-device subprocess; the README's examples, 1.5-2 min each) first: collected
+    # near the end, one of them would run alone while the other xdist worker idles.
+    first = {"test_mesh.py", "test_readme.py"}
+    items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in first)

@@ -1,7 +1,7 @@
 """The tutorial notebooks are tests: their code cells assert what the text claims.
 
 Default suite: every code cell in order, in this process, at the notebooks' small sizes
-(DMFT_QUICK=1; the two heaviest with the slow suite). Slow suite: the notebooks as a user runs them
+(DMFT_QUICK=1; the three heaviest with the slow suite). Slow suite: the notebooks as a user runs them
 (a Jupyter kernel, full sizes)."""
 
 import json
@@ -14,9 +14,11 @@ import pytest
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-# The quickstart repeats the README's blocks (test_readme) and the digits notebook the classification
-# `compare` of test_cli; at ~1-1.5 min each they run with the slow suite, to keep the default under 12 min.
-_HEAVY = {"01_quickstart.ipynb", "04_digits_classification.ipynb"}
+# The quickstart repeats the README's blocks (test_readme), the deep-linear notebook the `compare` of a
+# linear closure against networks (test_plotting's fixture, the README's compare block) and the digits
+# notebook the classification `compare` of test_cli; at 0.5-1.5 min each they run with the slow suite,
+# to keep the default under 12 min.
+_HEAVY = {"01_quickstart.ipynb", "03_deep_linear.ipynb", "04_digits_classification.ipynb"}
 QUICK = [pytest.param(p, marks=pytest.mark.slow) if p.name in _HEAVY else p for p in NOTEBOOKS]
 
 
