@@ -23,8 +23,9 @@ _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def device_memory() -> int:
-    """Bytes of memory of one device of the default backend (the host's physical memory for a CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Bytes of memory of one device of the default backend (the host's physical memory for a CPU).
+    This process's own device: another process's is not addressable (`jax.distributed`)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
