@@ -128,7 +128,7 @@ def _bar_close():
 def damped(old, new, beta):
     """The damped update `(1 - beta) old + beta new` of `solve`'s iteration, for any pytree (solvers
     that sweep over layers reuse it so a layer sees its neighbour exactly as `solve` will mix it)."""
-    return jax.tree.map(lambda a, b: (1 - beta) * a + beta * b, old, new)
+    return jax.tree.map(lambda a, b: ((1 - beta) * a + beta * b).astype(a.dtype), old, new)
 
 
 def _all_finite(tree):

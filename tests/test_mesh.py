@@ -26,6 +26,13 @@ import dmft
 # still 1e5 times below the Monte Carlo error, which any real dependence on the mesh (a replica
 # dropped or counted twice) would show.
 RTOL = 1e-9
+# The replicas of a smooth activation, which give the error bar, run in float32 (rounding ~6e-8, not
+# ~1e-16). On the depth-2 tanh problem below (64 samples per replica) their self-consistency carries
+# a rounding difference in the pooled answer they start from to 1.2e-5 of the loss in the error bar
+# between device counts (measured), about 1e-3 of the error bar itself. A replica dropped or counted
+# twice would move the error bar by ~1/R = 12% of itself, ~1e-3 of the loss; 1e-4 lies a decade from
+# both.
+RTOL_STDERR = 1e-4
 
 _PROBLEM = """
 import jax, json, sys
@@ -46,7 +53,7 @@ for depth, meshes in ((1, (1, 4)), (2, (1, 2, 4))):
     sols = [dmft.solve(problem(depth), dmft.MonteCarlo(n_samples=512, mesh=d), key=3) for d in meshes]
     for name in ("loss", "ntk", "f"):
         out[f"mc{depth}_{name}"] = max(rel(getattr(s, name), getattr(sols[0], name)) for s in sols[1:])
-    # The error bar is a spread of replica answers; they agree to RTOL of their size, not of the spread.
+    # The error bar is a spread of replica answers: its difference is measured against their size.
     out[f"mc{depth}_stderr"] = max(rel(s.stderr["loss"], sols[0].stderr["loss"]) for s in sols[1:]) * float(
         np.max(sols[0].stderr["loss"]) / np.max(np.abs(sols[0].loss))
     )
@@ -79,8 +86,9 @@ def test_same_key_same_answer_on_1_2_4_devices():
     out = json.loads(_run(_DEVICES, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}).splitlines()[-1])
     for depth in (1, 2):  # depth 1 and deeper networks sum their samples in different code paths
         assert len(set(out[f"mc{depth}_iterations"])) == 1, out
-        for name in ("loss", "ntk", "f", "stderr"):
+        for name in ("loss", "ntk", "f"):
             assert out[f"mc{depth}_{name}"] < RTOL, (depth, name, out[f"mc{depth}_{name}"])
+        assert out[f"mc{depth}_stderr"] < RTOL_STDERR, (depth, out[f"mc{depth}_stderr"])
     # Networks: every seed is computed whole on one device; only batched products may round differently.
     assert out["nets_loss"] < RTOL and out["nets_ntk"] < RTOL, out
     assert out["default_devices"] == 4  # the default mesh: all devices (4 divides n_replicas = 8)

@@ -22,7 +22,10 @@ the Sobol net, or independent keys).
    whose per-replica maps jitter). The spread of the replicas' answers over sqrt(R) is the error
    bar: it contains the feedback of the noise (each replica's noise propagated through the
    self-consistency) and is blind to their common O(T Pa R / S) bias, which the pooled answer does
-   not have.
+   not have. For a smooth activation the replicas run in float32 whatever the problem's precision:
+   the error bar needs a few digits, and float32 halves the stage's time and memory on a CPU. relu's
+   replicas do not settle and stop on a jittering iterate, whose spread rounding reshuffles
+   from key to key; they keep the problem's precision, in which their error bars were validated.
 
 **The equal-time response (a correction to THEORY 4, which masks D to s < t).** In the network,
 `z^l(t) = W^l(t)^T g^{l+1}(t) / sqrt(N)` and `g^{l+1}(t)` depends on `W^l(0)` through
@@ -110,7 +113,8 @@ class _PooledStage(AbstractIterativeSolver):
 
     def step(self, problem, state, key):
         mc = self.mc
-        return _Pooled(*mc._map(problem, state.q, mc._keys(key), mc._devices(), mc._beta(problem)))
+        axes = mc._axes(problem)
+        return _Pooled(*mc._map(problem, state.q, mc._keys(key), axes, mc._devices(), mc._beta(problem)))
 
     def monitor(self, state):
         return state.q.Phi, state.q.G
@@ -270,9 +274,10 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     # -- memory and work -------------------------------------------------------------------------------
     def estimate(self, problem):
         """`dmft.Estimate` of a solve: a model of XLA's buffers (temporaries and outputs) fitted to
-        its memory analysis of compiled solves (within 3%, `benchmarks/scale.py`), and the leading
-        flop counts per iteration (fields and moments ~12 S (T Pa)^2 per layer; square roots and
-        Stein regressions ~23 (T Pa)^3 per layer, once pooled, R times in the replica stage)."""
+        its memory analysis of compiled solves (within 15% at depth >= 2 and 25% at depth 1 on the
+        configurations of `benchmarks/RESULTS.md`), and the leading flop counts per iteration (fields
+        and moments ~12 S (T Pa)^2 per layer; square roots and Stein regressions ~23 (T Pa)^3 per
+        layer, once pooled, R times in the replica stage)."""
         L, T, Pa = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0]
         R, S, chunk = self.n_replicas, self.n_samples, self._chunk
         mesh = self._devices()
@@ -280,19 +285,22 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # C outputs: G (and r's covariance) grows C^2-fold, the responses C-fold, Phi not; the model
         # scales each group of kernels by its members' average growth.
         C = problem.C
+        # Elements held per replica (in the replica stage's precision) and once (the problem's).
         if L == 1:  # equal-time kernels (T, Pa, Pa): Phi and G
             m = T * Pa * Pa * (1 + C * C) / 2
-            elements = 7.0 * local * m + 5.3 * m + 0.4 * chunk * Pa
+            replicas, once = 4.6 * local * m, 6.3 * m + 1.1 * chunk * T * Pa * (1 + C) / 2
             flops = {"pooled": 8.0 * S * m, "replicas": 8.0 * S * m}
         else:  # (L, T Pa, T Pa) kernels and responses: 4 L - 2 of them per replica
             n, k = T * Pa, 4 * L - 2
             grow = (L + L * C * C + 2 * (L - 1) * C) / k  # Phi, G, A, B per layer
-            elements = ((2.7 * local + 1.2) * k * grow + 6.0 * (1 + C * C)) * n * n + 2.75 * chunk * n * (1 + C) / 2
+            replicas = 2.7 * local * k * grow * n * n
+            once = (1.2 * k * grow + 6.0 * (1 + C * C)) * n * n + 2.75 * chunk * n * (1 + C) / 2
             samples, factors = 12.0 * S * n * n, 23.0 * n**3
             flops = {"pooled": L * (samples + factors), "replicas": L * (samples + R * factors)}
         sizes = {"T Pa": T * Pa, "depth": L, "samples": S, "chunk": chunk, "replicas per device": local}
         item = problem.data.Kx.dtype.itemsize
-        return costs.Estimate(int(elements * item), costs.budget_bytes(self.memory), flops, sizes)
+        memory = replicas * (4 if problem.activation.smooth else item) + once * item
+        return costs.Estimate(int(memory), costs.budget_bytes(self.memory), flops, sizes)
 
     def sized(self, problem):
         solver = self
@@ -329,15 +337,19 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return (_PooledStage(self), self)
 
     def enter(self, problem, state):
-        reps = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_replicas, *x.shape)), state.q)
+        q = _replica_precision(problem, state.q)
+        reps = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_replicas, *x.shape)), q)
         return _Replicas(reps, state.q)
 
     def step(self, problem, state, key):
         # One replica after the other (lax.map, not vmap): batched LAPACK kernels (eigh, cholesky,
         # triangular solves) split their batch over XLA's CPU thread pool and wait for it, and two of
         # them running side by side deadlocked the pool (jaxlib 0.10.2, 2 cores).
+        # On the Sobol axes of the problem's own precision: eigenvectors of (near-)degenerate
+        # eigenvalues differ between precisions, and then so would the samples.
         beta = self._replica_beta()
-        one = lambda sk: self._map(problem, sk[0], sk[1][None], None, beta)[0]
+        axes, problem = _replica_precision(problem, (self._axes(problem), problem))
+        one = lambda sk: self._map(problem, sk[0], sk[1][None], axes, None, beta)[0]
         run = lambda reps, keys: jax.lax.map(one, (reps, keys))
         mesh = self._devices()
         run = run if mesh is None else _mesh.shard(run, mesh)
@@ -385,9 +397,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
 
     def postprocess(self, problem, state, key):
         fields_, kernels = self._fields(problem, state.center)
-        per_replica = jax.vmap(lambda s: self._fields(problem, s)[0])(state.reps)
+        rp = _replica_precision(problem, problem)
+        per_replica = jax.vmap(lambda s: self._fields(rp, s)[0])(state.reps)
         stderr = _sampling.stderr({k: v for k, v in per_replica.items() if k != "ts"})
-        floor = jnp.max(self.noise_floor(state))
+        dtype = state.center.Phi.dtype
+        stderr, floor = jax.tree.map(lambda x: x.astype(dtype), (stderr, jnp.max(self.noise_floor(state))))
         return dict(**fields_, **kernels, stderr=stderr, noise_floor=floor)
 
     def _fields(self, problem, s):
@@ -416,13 +430,12 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             out.append((_sampling.sobol_axes(Su, 1 if l == 0 else T), axes_r))
         return out
 
-    def _map(self, problem, state, keys, mesh, beta):
+    def _map(self, problem, state, keys, axes, mesh, beta):
         """One application of the map to `state` (no replica axis) with the samples of the replicas
-        `keys (K,)` pooled, spread over the devices of `mesh` (None: one device), in a sweep that mixes
-        each new layer as `solve` will, with damping `beta`: `(new state, floor (2,))`, floor the
-        relative standard errors of the new Phi and G from the spread of the K replicas' kernels (0
-        when K = 1)."""
-        axes = self._axes(problem)
+        `keys (K,)` pooled, on the Sobol `axes` (`_axes`), spread over the devices of `mesh` (None: one
+        device), in a sweep that mixes each new layer as `solve` will, with damping `beta`: `(new
+        state, floor (2,))`, floor the relative standard errors of the new Phi and G from the spread of
+        the K replicas' kernels (0 when K = 1)."""
         if problem.depth == 1:
             return self._two_layer(problem, state, keys, axes, mesh)
         return self._deep(problem, state, keys, axes, mesh, beta)
@@ -636,6 +649,14 @@ def _over_replicas(keys, zeros, one_chunk, per_replica, chunk, mesh):
     mean = {k: v / K for k, v in total.items()}
     var = {k: (squares[k] - K * mean[k] ** 2) / max(K - 1, 1) for k in squares}
     return mean, var
+
+
+def _replica_precision(problem, tree):
+    """`tree` in the precision of the replica stage: float32 for a smooth activation, the problem's
+    own for a non-smooth one (see `MonteCarlo`)."""
+    if not problem.activation.smooth:
+        return tree
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, tree)
 
 
 def _floor(means, variances, K):
