@@ -127,7 +127,8 @@ def _bar_close():
 
 def damped(old, new, beta):
     """The damped update `(1 - beta) old + beta new` of `solve`'s iteration, for any pytree (solvers
-    that sweep over layers reuse it so a layer sees its neighbour exactly as `solve` will mix it)."""
+    that sweep over layers reuse it so a layer sees its neighbour exactly as `solve` will mix it).
+    Each leaf keeps the old iterate's dtype: a float64 beta must not promote float32 replicas."""
     return jax.tree.map(lambda a, b: ((1 - beta) * a + beta * b).astype(a.dtype), old, new)
 
 
