@@ -24,8 +24,8 @@ the Sobol net, or independent keys).
    self-consistency) and is blind to their common O(T Pa R / S) bias, which the pooled answer does
    not have. For a smooth activation the replicas run in float32 whatever the problem's precision:
    the error bar needs a few digits, and float32 halves the stage's time and memory on a CPU. relu's
-   replicas do not settle and stop on a jittering iterate, whose spread rounding reshuffles
-   from key to key; they keep the problem's precision, in which their error bars were validated.
+   replicas do not settle and stop on a jittering iterate, which rounding changes; they keep the
+   problem's precision.
 
 **The equal-time response (a correction to THEORY 4, which masks D to s < t).** In the network,
 `z^l(t) = W^l(t)^T g^{l+1}(t) / sqrt(N)` and `g^{l+1}(t)` depends on `W^l(0)` through
@@ -299,7 +299,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             flops = {"pooled": L * (samples + factors), "replicas": L * (samples + R * factors)}
         sizes = {"T Pa": T * Pa, "depth": L, "samples": S, "chunk": chunk, "replicas per device": local}
         item = problem.data.Kx.dtype.itemsize
-        memory = replicas * (4 if problem.activation.smooth else item) + once * item
+        memory = replicas * _replica_dtype(problem).itemsize + once * item
         return costs.Estimate(int(memory), costs.budget_bytes(self.memory), flops, sizes)
 
     def sized(self, problem):
@@ -651,12 +651,16 @@ def _over_replicas(keys, zeros, one_chunk, per_replica, chunk, mesh):
     return mean, var
 
 
+def _replica_dtype(problem):
+    """The precision of the replica stage: float32 for a smooth activation, the problem's own for a
+    non-smooth one (see `MonteCarlo`)."""
+    return jnp.dtype(jnp.float32 if problem.activation.smooth else problem.data.Kx.dtype)
+
+
 def _replica_precision(problem, tree):
-    """`tree` in the precision of the replica stage: float32 for a smooth activation, the problem's
-    own for a non-smooth one (see `MonteCarlo`)."""
-    if not problem.activation.smooth:
-        return tree
-    return jax.tree.map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, tree)
+    """`tree` with its floating-point arrays in the precision of the replica stage."""
+    dtype = _replica_dtype(problem)
+    return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
 
 
 def _floor(means, variances, K):
