@@ -23,7 +23,8 @@ from the second-order terms (section 13). Everything is estimated from `n_sample
 the Monte Carlo standard error of each coefficient comes from the higher moments of the influences.
 
 Deeper networks in the lazy limit (`_lazy_coefficients`): each layer's N neurons add their sampling
-noise to the kernel recursion of the static NTK (section 13).
+noise to the kernel recursion of the static NTK (section 13). Deep linear networks with feature
+learning: the propagator of the DMFT action (`_propagator`, section 13), exact and dense.
 
 J is built by forward-mode differentiation along each neuron's path. For an activation whose
 derivative jumps (relu: `activation.smooth` is False) a small change of Delta flips `phi'(h)` of the
@@ -42,6 +43,8 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._keys import as_key
+from ._propagator import linear_bytes, linear_coefficients
+from .activations import Linear
 from .costs import budget_bytes
 from .dynamics import euler_predictions
 from .problem import Problem
@@ -99,11 +102,14 @@ def _check(problem, sol, n_samples, chunk_size):
     if not isinstance(problem, Problem) or not isinstance(sol, Solution):
         raise ValueError("fluctuations(problem, sol) takes a dmft.Problem and the dmft.Solution solved for it")
     if problem.depth > 1 and not (float(problem.gamma0) == 0 and problem.activation.smooth and problem.C == 1):
-        raise ValueError(
-            f"fluctuations covers two-layer networks (MLP(depth=1)), and deeper ones (depth {problem.depth}) "
-            "only in the lazy limit (gamma0 = 0) with a smooth activation and scalar targets: with feature "
-            "learning the hidden weights couple the neurons and the response functions fluctuate too"
-        )
+        if not _deep_linear(problem):
+            raise ValueError(
+                f"fluctuations covers two-layer networks (MLP(depth=1)), and deeper ones (depth "
+                f"{problem.depth}) in the lazy limit (gamma0 = 0) with a smooth activation and scalar targets, "
+                "or with feature learning for linear activations, scalar targets, sigma_w = 1 and sigma_b = 0: "
+                "deep nonlinear networks with feature learning need the propagator's response-function "
+                "covariances by Monte Carlo, which is not implemented"
+            )
     if sol.result != RESULTS.successful:
         raise ValueError("the Solution did not converge: fluctuations around it would mean nothing; solve it again")
     T, P, C = problem.n_steps + 1, problem.P, problem.C
@@ -120,6 +126,17 @@ def _check(problem, sol, n_samples, chunk_size):
             f"chunk_size ({chunk_size}) must be even (neurons are paired for the mean shift) and divide "
             f"n_samples ({n_samples})"
         )
+
+
+def _deep_linear(problem):
+    """Whether the deep linear propagator (`_propagator`) covers `problem`."""
+    net = problem.net
+    return (
+        isinstance(problem.activation, Linear)
+        and problem.C == 1
+        and float(net.sigma_w) == 1.0
+        and float(net.sigma_b) == 0.0
+    )
 
 
 def _normal(key, shape, dtype):
@@ -375,8 +392,10 @@ def fluctuations(
     """The leading-order covariances across seeds of width-N networks around the DMFT `sol` of
     `problem`, as coefficients of 1/N (`Fluctuations`): two-layer networks (`MLP(depth=1)`), any
     activation, loss and number of outputs; `problem.gamma0 = 0` gives the lazy limit (pass the
-    `dmft.Lazy(discrete=True)` solution), at any depth for smooth activations and scalar targets
-    (theory section 13; no mean shift there).
+    `dmft.Lazy(discrete=True)` solution), at any depth for smooth activations and scalar targets; deep
+    linear networks with feature learning (scalar targets, `sigma_w = 1`, `sigma_b = 0`; pass the
+    `dmft.LinearClosure()` solution), exactly (standard errors 0; `key`, `n_samples` and `chunk_size`
+    unused). Theory section 13; no mean shift at depth >= 2.
 
     `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
     converged solution of this problem. `n_samples` independent neurons estimate the covariances (their
@@ -395,8 +414,12 @@ def fluctuations(
             "(tens of per cent for relu at gamma0 * t_max ~ 10); the mean shift is not computed",
             stacklevel=2,
         )
-    coefficients = _coefficients if problem.depth == 1 else _lazy_coefficients
-    coef, se, F = coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
+    if problem.depth > 1 and float(problem.gamma0) > 0:
+        f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
+        coef, se, F = linear_coefficients(problem, f)
+    else:
+        coefficients = _coefficients if problem.depth == 1 else _lazy_coefficients
+        coef, se, F = coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)
 
@@ -407,14 +430,16 @@ def _check_memory(problem, chunk_size, memory):
     budget, `n = T P C`."""
     T, P, C, Pa = problem.n_steps + 1, problem.P, problem.C, problem.data.Kx.shape[0]
     n = T * P * C
-    numbers = 2 * n * T * (Pa * C + (P * C) ** 2) + 3 * n**2 + 4 * P * C * chunk_size * (Pa + 1) * C * T
-    needed = numbers * problem.data.Kx.dtype.itemsize
+    if problem.depth > 1 and float(problem.gamma0) > 0:  # the dense propagator of the deep linear network
+        needed, what = linear_bytes(problem), f"T Pa = {T * Pa} (time, point) pairs in {problem.depth} layers"
+    else:
+        numbers = 2 * n * T * (Pa * C + (P * C) ** 2) + 3 * n**2 + 4 * P * C * chunk_size * (Pa + 1) * C * T
+        needed, what = numbers * problem.data.Kx.dtype.itemsize, f"T P C = {n} train (time, point, class) triples"
     budget = budget_bytes(memory)
     if needed > budget:
         raise ValueError(
-            f"these fluctuations need about {needed / 1e9:.3g} GB (T P C = {n} train (time, point, class) "
-            f"triples), more than the memory budget of {budget / 1e9:.3g} GB: raise memory=, or use fewer "
-            "steps or points"
+            f"these fluctuations need about {needed / 1e9:.3g} GB ({what}), more than the memory budget of "
+            f"{budget / 1e9:.3g} GB: raise memory=, or use fewer steps or points"
         )
 
 

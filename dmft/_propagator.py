@@ -1,0 +1,254 @@
+"""The 1/N fluctuations of deep linear networks with feature learning: the propagator of the DMFT
+action (docs/theory_extensions.md section 13, "Deep linear networks with feature learning").
+
+Every hidden layer l of a linear network is a Gaussian single site over the n = T Pa (time, point)
+pairs, time-major: `h = chi + Kh z`, `z = xi + Kz h` with `chi ~ N(0, Phi^{l-1})` (`Kx` constant in time
+for l = 1), `xi ~ N(0, G^{l+1})` (the read-out, all ones, for l = L) and the strictly causal drifts
+
+    Kh[(t mu), (s nu)] = c gamma0 [s < t] Delta_nu(s) Phi^{l-1}[(t mu), (s nu)] + alpha^{l-1}[(t mu), (s nu)],
+    Kz[(t mu), (s nu)] = c gamma0 [s < t] Delta_nu(s) G^{l+1}[(t mu), (s nu)]   + beta^{l+1}[(s nu), (t mu)],
+
+c = eta0 dt / P, with the responses `alpha^l = dh^l / dxi^l` and `beta^l(a, b) = dz^l(b) / dchi^l(a)`. The
+order parameters q (every `Phi^l`, `G^l`, `alpha^l` (l < L), `beta^l` (l > 1), and the centred predictions
+`f`) are site averages of the observables O (`h h^T`, `z z^T`, `-h (i zhat)^T`, `-(i hhat) z^T`,
+`(z h - z(0) h(0)) / gamma0` of layer L). At width N they fluctuate with
+
+    N Cov(q) = M^{-1} kappa (M^T - Hab M^{-1} kappa)^{-1},     M = I - dE[O] / dq,
+
+where `kappa` is the covariance of the observables within each site (Isserlis' theorem on the site's
+fields and response fields, `<v (i vhat)^T> = -(I - K)^{-1}`, `<(i vhat) (i vhat)^T> = 0`), and `Hab`
+pairs `alpha^l` with `beta^{l+1}` (the term `alpha^l . beta^{l+1}` of the action, which the average over
+`W^l(0)` leaves). Everything is dense: memory O(m^2) and time O(m^3) for m = (4 L - 2) n^2 + n.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["linear_bytes", "linear_coefficients"]
+
+
+def linear_bytes(problem) -> int:
+    """The memory of the dense propagator: a few `(m, m)` matrices, m = (4 L - 2) n^2 + n."""
+    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    m = (4 * problem.depth - 2) * n * n + n
+    return 6 * m * m * problem.data.Kx.dtype.itemsize
+
+
+def _produced(L, l):
+    """`(name, layer)` of the blocks of q that layer l's site averages, in `_observables` order."""
+    alpha, beta, f = [("alpha", l)] * (l < L), [("beta", l)] * (l > 1), [("f", L)] * (l == L)
+    return [("Phi", l), ("G", l), *alpha, *beta, *f]
+
+
+def _names(L):
+    """`(name, layer)` of every block of q, in order: layer by layer, `f` last."""
+    return [key for l in range(1, L + 1) for key in _produced(L, l)]
+
+
+def _error_signal(problem, f):
+    """`Delta (T, Pa)` of the centred predictions `f (T Pa,)`: `-dl/df` on train points, 0 on test points."""
+    P, f = problem.P, f.reshape(-1, problem.data.Kx.shape[0])
+    Delta = problem.loss.delta(f[:, :P, None], problem.data.Y)[..., 0]
+    return jnp.zeros_like(f).at[:, :P].set(Delta)
+
+
+def _site(problem, l, Phi_prev, G_next, alpha_prev, beta_next, f):
+    """The covariance `(4n, 4n)` of layer l's fields and response fields `X = (h, z, i hhat, i zhat)`."""
+    Kx, L, T, Pa = problem.data.Kx, problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0]
+    n, dtype = T * Pa, Kx.dtype
+    c = problem.dt * problem.eta0 / problem.P
+    causal = jnp.kron(jnp.tril(jnp.ones((T, T), dtype), -1), jnp.ones((Pa, Pa), dtype))
+    drift = c * problem.gamma0 * causal * _error_signal(problem, f).reshape(1, n)
+    ones, tiled = jnp.ones((n, n), dtype), jnp.kron(jnp.ones((T, T), dtype), Kx)
+    S_chi = tiled if l == 1 else Phi_prev
+    S_xi = ones if l == L else G_next
+    Kh = drift * S_chi + (0.0 if l == 1 else alpha_prev)
+    Kz = drift * S_xi + (0.0 if l == L else beta_next.T)
+    eye = jnp.eye(n, dtype=dtype)
+    R = jnp.linalg.inv(jnp.block([[eye, -Kh], [-Kz, eye]]))  # responses of (h, z) to their equations
+    C = R @ jax.scipy.linalg.block_diag(S_chi, S_xi) @ R.T
+    return jnp.block([[C, -R], [-R.T, jnp.zeros_like(C)]])
+
+
+def _observables(L, l, n):
+    """Layer l's observables as bilinears `sign * X[p] X[q]` of `_site`'s X: `{name: (p, q, sign)}`;
+    "zh" (`z h` at equal (time, point)) gives the predictions."""
+    a, b = (x.ravel() for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    h, z, hhat, zhat = 0, n, 2 * n, 3 * n
+    obs = {"Phi": (h + a, h + b, 1.0), "G": (z + a, z + b, 1.0)}
+    if l < L:
+        obs["alpha"] = (h + a, zhat + b, -1.0)
+    if l > 1:
+        obs["beta"] = (hhat + a, z + b, -1.0)
+    if l == L:
+        obs["f"] = (z + np.arange(n), h + np.arange(n), 1.0)
+    return obs
+
+
+def _centred(problem, zh):
+    """`(z h - z(0) h(0)) / gamma0` over (time, point) of `zh (n,)`: the predictions' observable."""
+    Pa = problem.data.Kx.shape[0]
+    zh = zh.reshape(-1, Pa)
+    return ((zh - zh[:1]) / problem.gamma0).ravel()
+
+
+def _means(problem, l, X):
+    """The site averages of layer l's observables, concatenated in `_names` order."""
+    out = []
+    for name, (p, q, sign) in _observables(problem.depth, l, X.shape[0] // 4).items():
+        m = sign * X[p, q]
+        out.append(_centred(problem, m) if name == "f" else m)
+    return jnp.concatenate(out)
+
+
+def _kappa(problem, l, X):
+    """The covariance of layer l's observables (Isserlis), `(k, k)` in `_means` order."""
+    L, n, Pa = problem.depth, X.shape[0] // 4, problem.data.Kx.shape[0]
+    obs = _observables(L, l, n)
+    p = np.concatenate([o[0] for o in obs.values()])
+    q = np.concatenate([o[1] for o in obs.values()])
+    s = jnp.asarray(np.concatenate([np.full(len(o[0]), o[2]) for o in obs.values()]), X.dtype)
+    k = X[np.ix_(p, p)] * X[np.ix_(q, q)] + X[np.ix_(p, q)] * X[np.ix_(q, p)]
+    k = s[:, None] * k * s[None, :]
+    if l == L:  # z h -> (z h - z(0) h(0)) / gamma0 on the last n rows
+        E = np.eye(n) - np.kron(np.ones((n // Pa, 1)) @ np.eye(1, n // Pa), np.eye(Pa))
+        E = jax.scipy.linalg.block_diag(jnp.eye(len(p) - n, dtype=X.dtype), jnp.asarray(E, X.dtype) / problem.gamma0)
+        k = E @ k @ E.T
+    return k
+
+
+def _unpack(problem, q):
+    """`{(name, layer): block}` of the flat order parameters `q (m,)`: matrices `(n, n)`, f `(n,)`."""
+    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    blocks, start = {}, 0
+    for key in _names(problem.depth):
+        size = n if key[0] == "f" else n * n
+        blocks[key] = q[start : start + size].reshape((n,) if key[0] == "f" else (n, n))
+        start += size
+    return blocks
+
+
+def _inputs(blocks, l, L):
+    """Layer l's site inputs `(Phi^{l-1}, G^{l+1}, alpha^{l-1}, beta^{l+1}, f)` from `blocks` (None where
+    the layer has none)."""
+    get = lambda name, k: blocks[(name, k)] if 1 <= k <= L and (name, k) in blocks else None
+    return get("Phi", l - 1), get("G", l + 1), get("alpha", l - 1), get("beta", l + 1), blocks[("f", L)]
+
+
+def _sweep(problem, q, update_f=True):
+    """One Gauss-Seidel sweep of the closure over the layers, 1 to L, on the flat `q`; with `update_f`
+    False the predictions stay as they are."""
+    L = problem.depth
+    blocks = _unpack(problem, q)
+    for l in range(1, L + 1):
+        means = _means(problem, l, _site(problem, l, *_inputs(blocks, l, L)))
+        keys = _produced(L, l)
+        parts = jnp.split(means, np.cumsum([blocks[key].size for key in keys])[:-1])
+        for key, part in zip(keys, parts):
+            if key[0] != "f" or update_f:
+                blocks[key] = part.reshape(blocks[key].shape)
+    return jnp.concatenate([blocks[key].ravel() for key in _names(L)])
+
+
+@eqx.filter_jit
+def _fixed_point(problem, f):
+    """The closure's fixed point `q (m,)` for the predictions `f (T, Pa)` of its solution. With the error
+    signal held at f's, every block is causal in time and within a time the backward fields pass down one
+    layer per sweep, so L (T + 1) sweeps from the lazy start reach the kernels and responses exactly
+    (letting f move from a wrong start instead can overflow at late times). The change of one more
+    sweep, f included, is returned as a check."""
+    L, Kx, T = problem.depth, problem.data.Kx, problem.n_steps + 1
+    n = T * Kx.shape[0]
+    tiled = jnp.kron(jnp.ones((T, T), Kx.dtype), Kx)
+    start = {("f", L): f}
+    for l in range(1, L + 1):
+        start[("Phi", l)], start[("G", l)] = tiled, jnp.ones((n, n), Kx.dtype)
+    q = jnp.concatenate(
+        [start.get(key, jnp.zeros(n if key[0] == "f" else (n, n), Kx.dtype)).ravel() for key in _names(L)]
+    )
+    q = jax.lax.fori_loop(0, L * (T + 1), lambda i, q: _sweep(problem, q, update_f=False), q)
+    return q, jnp.max(jnp.abs(_sweep(problem, q) - q))
+
+
+@eqx.filter_jit
+def _covariance(problem, q):
+    """`N Cov(q)` at the fixed point `q` (module docstring), dense `(m, m)`."""
+    L, m = problem.depth, q.shape[0]
+    blocks = _unpack(problem, q)
+    starts = dict(zip(_names(L), np.cumsum([0] + [blocks[k].size for k in _names(L)])[:-1]))
+    D = jnp.zeros((m, m), q.dtype)
+    kappa = jnp.zeros((m, m), q.dtype)
+    for l in range(1, L + 1):
+        Phi_prev, G_next, alpha_prev, beta_next, f = _inputs(blocks, l, L)
+        r0 = starts[_produced(L, l)[0]]
+
+        def means(Phi_prev, G_next, f, l=l, alpha_prev=alpha_prev, beta_next=beta_next):
+            return _means(problem, l, _site(problem, l, Phi_prev, G_next, alpha_prev, beta_next, f))
+
+        X = _site(problem, l, Phi_prev, G_next, alpha_prev, beta_next, f)
+        k = _kappa(problem, l, X)
+        kappa = kappa.at[r0 : r0 + k.shape[0], r0 : r0 + k.shape[0]].set(k)
+        zeros = jnp.zeros_like(blocks[("Phi", 1)])
+        J = jax.jacfwd(means, argnums=(0, 1, 2))(
+            zeros if Phi_prev is None else Phi_prev, zeros if G_next is None else G_next, f
+        )
+        for key, Jk, used in ((("Phi", l - 1), J[0], l > 1), (("G", l + 1), J[1], l < L), (("f", L), J[2], True)):
+            if used:
+                c0 = starts[key]
+                D = D.at[r0 : r0 + k.shape[0], c0 : c0 + blocks[key].size].add(Jk.reshape(k.shape[0], -1))
+    H = jnp.zeros((m, m), q.dtype)
+    for l in range(1, L):
+        a, b, size = starts[("alpha", l)], starts[("beta", l + 1)], blocks[("alpha", l)].size
+        H = H.at[a : a + size, b : b + size].set(jnp.eye(size, dtype=q.dtype))
+        H = H.at[b : b + size, a : a + size].set(jnp.eye(size, dtype=q.dtype))
+    M = jnp.eye(m, dtype=q.dtype) - D
+    Mk = jnp.linalg.solve(M, kappa)
+    return Mk @ jnp.linalg.inv(M.T - H @ Mk)
+
+
+def _ntk(problem, q):
+    """The train NTK `(T, P, P)` of the order parameters `q` (THEORY 2: `sum_l G^{l+1} Phi^l` at equal times)."""
+    L, Kx, P, T = problem.depth, problem.data.Kx, problem.P, problem.n_steps + 1
+    Pa = Kx.shape[0]
+    blocks = _unpack(problem, q)
+    eq = lambda X: jnp.stack([X[t * Pa : t * Pa + P, t * Pa : t * Pa + P] for t in range(T)])
+    K = eq(blocks[("G", 1)]) * Kx[None, :P, :P] + eq(blocks[("Phi", L)])
+    for l in range(1, L):
+        K = K + eq(blocks[("G", l + 1)]) * eq(blocks[("Phi", l)])
+    return K
+
+
+def linear_coefficients(problem, f):
+    """The variance coefficients of `fluctuations` for a deep linear network at gamma0 > 0 around the
+    closure's predictions `f (T, Pa)`: `(coef, stderr, F)` as `fluctuations._coefficients` returns them
+    (exact: the standard errors are 0)."""
+    q, change = _fixed_point(problem, f.astype(problem.data.Kx.dtype).ravel())
+    scale = float(jnp.max(jnp.abs(q)))
+    if not float(change) <= 1e-4 * scale:
+        raise ValueError(
+            f"sol does not solve this problem: the deep linear closure driven by its predictions moves them "
+            f"by {float(change):.3g} (scale {scale:.3g}); pass the Problem the Solution was solved for"
+        )
+    cov = _covariance(problem, q)
+    data, P, loss = problem.data, problem.P, problem.loss
+    T, Pa = problem.n_steps + 1, data.Kx.shape[0]
+    m, n = q.shape[0], T * Pa
+    F = q[m - n :].reshape(T, Pa)
+    C_f = cov[m - n :, m - n :]
+    coef = {"f": jnp.diagonal(C_f).reshape(T, Pa, 1)}
+    grads = {"loss": (data.Y, slice(None, P)), "loss_test": (data.Y_test, slice(P, None))}
+    for name, (Y, points) in grads.items():
+        if Y is None:
+            continue
+        g = jax.vmap(jax.grad(lambda f, Y=Y: loss.value(f[:, None], Y)))(F[:, points])  # (T, points)
+        g = jnp.zeros((T, Pa), q.dtype).at[:, points].set(g)
+        G = jnp.einsum("ts,tp->tsp", jnp.eye(T, dtype=q.dtype), g).reshape(T, n)  # d loss(t) / d f
+        coef[name] = G @ C_f @ G.T
+    dK = jax.jacfwd(lambda q: _ntk(problem, q).ravel())(q)  # (T P P, m)
+    coef["ntk"] = jnp.einsum("im,mn,in->i", dK, cov, dK).reshape(T, P, P)
+    se = {name: jnp.zeros_like(x) for name, x in coef.items()}
+    return coef, se, F[:, :P, None]
