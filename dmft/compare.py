@@ -10,7 +10,7 @@ import numpy as np
 
 from . import networks
 from ._keys import as_key
-from .fluctuations import Fluctuations
+from .fluctuations import Fluctuations, deep_linear
 from .fluctuations import fluctuations as fluctuations_of
 from .solution import Solution
 from .solve import solve
@@ -19,6 +19,7 @@ from .solvers import Lazy
 __all__ = ["Comparison", "compare", "MAX_FLUCTUATION_SIZE"]
 
 MAX_FLUCTUATION_SIZE = 1024
+MAX_LINEAR_FLUCTUATION_SIZE = 24  # (time, point) pairs of a deep linear network's dense propagator
 
 
 class Comparison(eqx.Module):
@@ -50,8 +51,16 @@ class Comparison(eqx.Module):
     def seed_sd(self, width: int) -> jax.Array:
         """The predicted standard deviation across seeds of the loss `(n+1,)` at `width`."""
         if self.fluctuations is None:
-            raise ValueError("this comparison has no fluctuations (compare(..., fluctuations=True), depth 1)")
+            raise ValueError("this comparison has no fluctuations (fluctuations=True, on a problem they cover)")
         return self.fluctuations.sd("loss", width)
+
+
+def _fluctuations_affordable(problem):
+    """Whether `compare` computes `dmft.fluctuations` for `problem` (see `compare`)."""
+    T, Pa = problem.n_steps + 1, problem.data.Kx.shape[0]
+    if problem.depth == 1:
+        return T * problem.P * problem.C <= MAX_FLUCTUATION_SIZE
+    return float(problem.gamma0) > 0 and deep_linear(problem) and T * Pa <= MAX_LINEAR_FLUCTUATION_SIZE
 
 
 def compare(
@@ -77,7 +86,9 @@ def compare(
     `fluctuations=True` also computes the 1/N seed-to-seed covariances of `dmft.fluctuations` (the
     +-1 sigma band of each width in the figures) where they are defined and affordable: two-layer
     networks whose train grid has at most `MAX_FLUCTUATION_SIZE` (time, point, class) triples (the
-    cost grows with its square).
+    cost grows with its square), and deep linear networks with feature learning whose grid has at most
+    `MAX_LINEAR_FLUCTUATION_SIZE` (time, point) pairs (the dense propagator's cost grows with its sixth
+    power).
     `progress=True` shows tqdm bars on stderr: the DMFT iterations (residual live), then the widths.
     """
     widths = tuple(int(w) for w in widths)
@@ -107,6 +118,6 @@ def compare(
     else:
         exponent = jnp.array(jnp.nan)
     fl = None
-    if fluctuations and problem.depth == 1 and (problem.n_steps + 1) * problem.P * problem.C <= MAX_FLUCTUATION_SIZE:
+    if fluctuations and _fluctuations_affordable(problem):
         fl = fluctuations_of(problem, sol, key=jr.fold_in(k_solve, 1))
     return Comparison(sol, lazy, widths, runs, loss_error, loss_se, f_error, ntk_error, max_loss_error, exponent, fl)

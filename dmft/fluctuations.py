@@ -102,7 +102,7 @@ def _check(problem, sol, n_samples, chunk_size):
     if not isinstance(problem, Problem) or not isinstance(sol, Solution):
         raise ValueError("fluctuations(problem, sol) takes a dmft.Problem and the dmft.Solution solved for it")
     if problem.depth > 1 and not (float(problem.gamma0) == 0 and problem.activation.smooth and problem.C == 1):
-        if not _deep_linear(problem):
+        if not deep_linear(problem):
             raise ValueError(
                 f"fluctuations covers two-layer networks (MLP(depth=1)), and deeper ones (depth "
                 f"{problem.depth}) in the lazy limit (gamma0 = 0) with a smooth activation and scalar targets, "
@@ -128,7 +128,7 @@ def _check(problem, sol, n_samples, chunk_size):
         )
 
 
-def _deep_linear(problem):
+def deep_linear(problem) -> bool:
     """Whether the deep linear propagator (`_propagator`) covers `problem`."""
     net = problem.net
     return (
