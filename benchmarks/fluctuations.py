@@ -8,6 +8,10 @@ ratio. The fluctuations build the Jacobian of the mean predictions with respect 
 forward mode, one tangent per (time, point, class) of the train grid, over all sampled neurons: their
 cost grows like (T P)^2 S, the solve's like T P^2 S per iteration.
 
+Then the deep linear propagator (depth 2 and 3, gamma0 = 1, `sphere(3, 8)`, t_max = 1.5) against the
+`LinearClosure` solve: dense in m = (4 L - 2) (T Pa)^2 + T Pa order parameters, so its cost grows like
+m^3 ~ (T Pa)^6.
+
 Run: python benchmarks/fluctuations.py
 """
 
@@ -47,5 +51,20 @@ def main():
         print(f"{sizes}   {s1:8.1f} / {s2:6.2f}{'':14s}{f1:8.1f} / {f2:6.2f}{'':18s}{f1 / s1:5.1f} / {f2 / s2:5.0f}")
 
 
+def deep_linear():
+    print("depth   T Pa      m   closure first / compiled (s)   propagator first / compiled (s)")
+    for depth, n_steps in ((2, 3), (2, 5), (2, 7), (3, 3), (3, 5)):
+        data = dmft.datasets.sphere(3, 8, 0)
+        p = dmft.Problem(data, dmft.MLP(depth, "linear"), gamma0=1.0, t_max=1.5, n_steps=n_steps)
+        s1, sol = wall(dmft.solve, p, dmft.LinearClosure())
+        s2, _ = wall(dmft.solve, p, dmft.LinearClosure())
+        f1, _ = wall(dmft.fluctuations, p, sol, key=0)
+        f2, _ = wall(dmft.fluctuations, p, sol, key=0)
+        n = (n_steps + 1) * p.P
+        m = (4 * depth - 2) * n * n + n
+        print(f"{depth:5d} {n:6d} {m:6d}   {s1:12.2f} / {s2:6.3f}{'':13s}{f1:10.1f} / {f2:6.2f}")
+
+
 if __name__ == "__main__":
     main()
+    deep_linear()

@@ -32,10 +32,11 @@ __all__ = ["linear_bytes", "linear_coefficients"]
 
 
 def linear_bytes(problem) -> int:
-    """The memory of the dense propagator: a few `(m, m)` matrices, m = (4 L - 2) n^2 + n."""
+    """The memory of the dense propagator: the eight `(m, m)` matrices `_covariance` holds (D, kappa,
+    Hab, M, two solves, their product and a temporary), m = (4 L - 2) n^2 + n."""
     n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
     m = (4 * problem.depth - 2) * n * n + n
-    return 6 * m * m * problem.data.Kx.dtype.itemsize
+    return 8 * m * m * problem.data.Kx.dtype.itemsize
 
 
 def _produced(L, l):
@@ -231,7 +232,8 @@ def linear_coefficients(problem, f):
     if not float(change) <= 1e-4 * scale:
         raise ValueError(
             f"sol does not solve this problem: the deep linear closure driven by its predictions moves them "
-            f"by {float(change):.3g} (scale {scale:.3g}); pass the Problem the Solution was solved for"
+            f"by {float(change):.3g} (scale {scale:.3g}); pass the Problem the Solution was solved for, and "
+            "the dmft.LinearClosure() solution (a Monte Carlo one is off by its sampling error)"
         )
     cov = _covariance(problem, q)
     data, P, loss = problem.data, problem.P, problem.loss
