@@ -315,7 +315,8 @@ def test_deep_linear_matches_seed_ensembles(depth, t_max, n_steps):
     theory = np.concatenate([np.diagonal(fl.loss_cov)[1:], fl.f_var[-1]])
     net = {}
     for width in (512, 1024):
-        runs = [_ensemble(problem, width, 64, key=1000 * width + i) for i in range(32)]
+        train = jax.jit(jax.vmap(lambda k, width=width: dmft.networks.train(problem, width, k, method="gd")))
+        runs = [train(keys) for keys in jr.split(jr.PRNGKey(width), 2048).reshape(32, 64, -1)]  # 64 at a time
         loss = np.concatenate([np.asarray(r.loss[:, 1:]) for r in runs])
         f = np.concatenate([np.asarray(r.f[:, -1]) for r in runs])
         net[width] = _nvar(np.concatenate([loss, f], 1), width)
