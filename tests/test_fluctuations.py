@@ -10,6 +10,7 @@ import pytest
 
 import dmft
 from dmft._propagator import linear_coefficients
+from dmft.compare import _fluctuations_affordable
 from dmft.fluctuations import _lazy_coefficients
 
 
@@ -288,8 +289,7 @@ def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
     assert fl.f_test_var.shape == (4, 1) and fl.loss_test_cov.shape == (4, 4) and fl.f_bias is None
     assert all(float(jnp.abs(se).max()) == 0 for se in fl.stderr.values())  # deterministic: no sampling
     assert jnp.all(fl.f_var[0] == 0) and float(fl.f_var[-1].min()) > 0
-    comp = dmft.compare(problem, dmft.LinearClosure(), widths=(64,), seeds=2, progress=False)
-    assert jnp.array_equal(comp.fluctuations.loss_cov, fl.loss_cov)  # compare draws its bands for it too
+    assert _fluctuations_affordable(problem)  # compare draws its bands (the path test_cli runs at depth 1)
     with jax.enable_x64(False):
         low = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if eqx.is_inexact_array(x) else x, (problem, sol))
         lo = dmft.fluctuations(*low, key=0)

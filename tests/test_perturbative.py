@@ -93,7 +93,9 @@ def _z(K2, se, samples, slack):
     return (np.abs(K2[-1] - samples.mean(0)) - slack) / se_total, se_total
 
 
-@pytest.mark.parametrize("sigmas, C", [((1.0, 0.0), 1), ((0.9, 0.4), 1), ((0.9, 0.4), 3)])
+# The weight and bias variances with one output and with three share their code path; the
+# (0.9, 0.4), C = 1 case was dropped from the default suite to keep it under 12 minutes.
+@pytest.mark.parametrize("sigmas, C", [((1.0, 0.0), 1), ((0.9, 0.4), 3)])
 def test_nonlinear_path_on_the_identity_matches_the_linear_closure(sigmas, C):
     # The identity as a generic smooth activation runs the nonlinear two-layer path (forward-mode
     # second derivative of the sampled single site); the exact closure's finite difference
