@@ -262,6 +262,7 @@ def _deep_linear(depth, n_steps=5, t_max=3.0, **kw):
     return dmft.Problem(data, dmft.MLP(depth, "linear"), gamma0=1.0, t_max=t_max, n_steps=n_steps)
 
 
+@pytest.mark.slow  # 12 s, moved out of the default suite's 12 minutes
 def test_deep_linear_propagator_at_depth_1_is_the_neuron_path():
     """The propagator of the action (`_propagator`, exact, any depth) and the neuron path (Monte Carlo
     over 16384 neurons) at depth 1, where both apply: the same variance coefficients of the predictions,
