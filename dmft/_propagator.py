@@ -77,7 +77,7 @@ def _site(problem, l, Phi_prev, G_next, alpha_prev, beta_next, f):
 
 def _observables(L, l, n):
     """Layer l's observables as bilinears `sign * X[p] X[q]` of `_site`'s X: `{name: (p, q, sign)}`;
-    "zh" (`z h` at equal (time, point)) gives the predictions."""
+    "f" is `z h` at equal (time, point), which `_centred` turns into the predictions."""
     a, b = (x.ravel() for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
     h, z, hhat, zhat = 0, n, 2 * n, 3 * n
     obs = {"Phi": (h + a, h + b, 1.0), "G": (z + a, z + b, 1.0)}
