@@ -122,15 +122,21 @@ def _kappa(problem, l, X):
     return k
 
 
-def _unpack(problem, q):
-    """`{(name, layer): block}` of the flat order parameters `q (m,)`: matrices `(n, n)`, f `(n,)`."""
+def _layout(problem):
+    """`{(name, layer): (start, shape)}` of the blocks of the flat order parameters q, in `_names` order:
+    matrices `(n, n)`, f `(n,)`."""
     n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
-    blocks, start = {}, 0
+    layout, start = {}, 0
     for key in _names(problem.depth):
-        size = n if key[0] == "f" else n * n
-        blocks[key] = q[start : start + size].reshape((n,) if key[0] == "f" else (n, n))
-        start += size
-    return blocks
+        shape = (n,) if key[0] == "f" else (n, n)
+        layout[key] = (start, shape)
+        start += int(np.prod(shape))
+    return layout
+
+
+def _unpack(problem, q):
+    """`{(name, layer): block}` of the flat order parameters `q (m,)` (`_layout`)."""
+    return {key: q[s : s + int(np.prod(shape))].reshape(shape) for key, (s, shape) in _layout(problem).items()}
 
 
 def _inputs(blocks, l, L):
@@ -180,27 +186,23 @@ def _covariance(problem, q):
     """`N Cov(q)` at the fixed point `q` (module docstring), dense `(m, m)`."""
     L, m = problem.depth, q.shape[0]
     blocks = _unpack(problem, q)
-    starts = dict(zip(_names(L), np.cumsum([0] + [blocks[k].size for k in _names(L)])[:-1]))
+    starts = {key: start for key, (start, _) in _layout(problem).items()}
     D = jnp.zeros((m, m), q.dtype)
     kappa = jnp.zeros((m, m), q.dtype)
     for l in range(1, L + 1):
-        Phi_prev, G_next, alpha_prev, beta_next, f = _inputs(blocks, l, L)
+        inputs = _inputs(blocks, l, L)
         r0 = starts[_produced(L, l)[0]]
-
-        def means(Phi_prev, G_next, f, l=l, alpha_prev=alpha_prev, beta_next=beta_next):
-            return _means(problem, l, _site(problem, l, Phi_prev, G_next, alpha_prev, beta_next, f))
-
-        X = _site(problem, l, Phi_prev, G_next, alpha_prev, beta_next, f)
+        X = _site(problem, l, *inputs)
         k = _kappa(problem, l, X)
         kappa = kappa.at[r0 : r0 + k.shape[0], r0 : r0 + k.shape[0]].set(k)
-        zeros = jnp.zeros_like(blocks[("Phi", 1)])
-        J = jax.jacfwd(means, argnums=(0, 1, 2))(
-            zeros if Phi_prev is None else Phi_prev, zeros if G_next is None else G_next, f
-        )
-        for key, Jk, used in ((("Phi", l - 1), J[0], l > 1), (("G", l + 1), J[1], l < L), (("f", L), J[2], True)):
-            if used:
-                c0 = starts[key]
-                D = D.at[r0 : r0 + k.shape[0], c0 : c0 + blocks[key].size].add(Jk.reshape(k.shape[0], -1))
+        # The Jacobian with respect to the inputs that vary with q: Phi^{l-1} (l > 1), G^{l+1} (l < L), f.
+        varying = [i for i, used in ((0, l > 1), (1, l < L), (4, True)) if used]
+        means = lambda *inputs, l=l: _means(problem, l, _site(problem, l, *inputs))
+        J = jax.jacfwd(means, argnums=tuple(varying))(*inputs)
+        for i, Jk in zip(varying, J):
+            key = (("Phi", l - 1), ("G", l + 1), None, None, ("f", L))[i]
+            c0 = starts[key]
+            D = D.at[r0 : r0 + k.shape[0], c0 : c0 + blocks[key].size].add(Jk.reshape(k.shape[0], -1))
     H = jnp.zeros((m, m), q.dtype)
     for l in range(1, L):
         a, b, size = starts[("alpha", l)], starts[("beta", l + 1)], blocks[("alpha", l)].size
