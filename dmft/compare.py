@@ -79,6 +79,9 @@ def compare(
     """Solve `problem` with `solver` and train `seeds` networks at each width (`networks.ensemble`:
     vmapped over seeds, the seeds spread over the devices of `mesh`, see there).
 
+    `solver`: a solver (solved here, with a key drawn from `key`), or a `Solution` of `problem` at
+    hand, compared as it is.
+
     `method="gd"` (default) trains by gradient descent with step `eta0 dt`: the discrete DMFT with
     `predictions="readout"` (the default of `MonteCarlo` and `LinearClosure`) is its exact
     infinite-width limit, and it is far cheaper than adaptive gradient flow for ReLU networks;
@@ -98,7 +101,15 @@ def compare(
         raise ValueError(f"seeds must be >= 2 (standard errors need a spread), got {seeds}")
     key = as_key(key)
     k_solve, k_nets = jr.split(key)
-    sol = solve(problem, solver, key=k_solve, progress=progress)
+    if isinstance(solver, Solution):
+        sol = solver
+        if sol.f.shape[:2] != (problem.n_steps + 1, problem.P):
+            raise ValueError(
+                f"the Solution's predictions have shape {sol.f.shape}, not ({problem.n_steps + 1}, {problem.P}, ...) "
+                "of this problem's time grid and train points: pass the Solution solved for this problem"
+            )
+    else:
+        sol = solve(problem, solver, key=k_solve, progress=progress)
     lazy = solve(problem, Lazy(discrete=method == "gd"))
     iterator = widths
     if progress:

@@ -16,8 +16,17 @@ pytestmark = pytest.mark.xdist_group("plotting")
 def comparison():
     data = dmft.datasets.sphere(5, 4, 0)
     problem = dmft.Problem(data, dmft.MLP(2, "linear"), gamma0=1.0, t_max=3.0, n_steps=6)
-    comp = dmft.compare(problem, dmft.LinearClosure(), widths=[16, 64], seeds=2, progress=False)
+    sol = dmft.solve(problem, dmft.LinearClosure())
+    comp = dmft.compare(problem, sol, widths=[16, 64], seeds=2, progress=False)  # a Solution is compared as it is
+    assert comp.dmft is sol
     return comp, data.y, dmft.field_samples(problem, comp.dmft, n_samples=2000, key=1)
+
+
+def test_compare_refuses_a_solution_of_another_problem(comparison):
+    comp = comparison[0]
+    other = dmft.Problem(dmft.datasets.sphere(5, 4, 0), dmft.MLP(2, "linear"), gamma0=1.0, t_max=3.0, n_steps=8)
+    with pytest.raises(ValueError, match="pass the Solution solved for this problem"):
+        dmft.compare(other, comp.dmft, widths=[16], seeds=2, progress=False)
 
 
 def test_comparison_figure_writes_png(comparison, tmp_path):
