@@ -9,12 +9,13 @@ forward mode, one tangent per (time, point, class) of the train grid, over all s
 cost grows like (T P)^2 S, the solve's like T P^2 S per iteration.
 
 Then the deep linear propagator (depth 2 and 3, gamma0 = 1, `sphere(3, 8)`, t_max = 1.5) against the
-`LinearClosure` solve: dense in m = (4 L - 2) (T Pa)^2 + T Pa order parameters, so its cost grows like
-m^3 ~ (T Pa)^6.
+`LinearClosure` solve: m = (4 L - 2) (T Pa)^2 + T Pa order parameters, one Krylov solve per prediction
+and NTK entry (T Pa + T P (P + 1) / 2 of them), each product O(L (T Pa)^3).
 
-Run: python benchmarks/fluctuations.py
+Run: python benchmarks/fluctuations.py [--deep-linear]   (--deep-linear: only the deep linear table)
 """
 
+import sys
 import time
 import warnings
 
@@ -53,7 +54,7 @@ def main():
 
 def deep_linear():
     print("depth   T Pa      m   closure first / compiled (s)   propagator first / compiled (s)")
-    for depth, n_steps in ((2, 3), (2, 5), (2, 7), (3, 3), (3, 5)):
+    for depth, n_steps in ((2, 3), (2, 5), (2, 7), (2, 11), (2, 15), (3, 3), (3, 5), (3, 7)):
         data = dmft.datasets.sphere(3, 8, 0)
         p = dmft.Problem(data, dmft.MLP(depth, "linear"), gamma0=1.0, t_max=1.5, n_steps=n_steps)
         s1, sol = wall(dmft.solve, p, dmft.LinearClosure())
@@ -66,5 +67,6 @@ def deep_linear():
 
 
 if __name__ == "__main__":
-    main()
+    if "--deep-linear" not in sys.argv:
+        main()
     deep_linear()

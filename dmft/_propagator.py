@@ -18,7 +18,14 @@ order parameters q (every `Phi^l`, `G^l`, `alpha^l` (l < L), `beta^l` (l > 1), a
 where `kappa` is the covariance of the observables within each site (Isserlis' theorem on the site's
 fields and response fields, `<v (i vhat)^T> = -(I - K)^{-1}`, `<(i vhat) (i vhat)^T> = 0`), and `Hab`
 pairs `alpha^l` with `beta^{l+1}` (the term `alpha^l . beta^{l+1}` of the action, which the average over
-`W^l(0)` leaves). Everything is dense: memory O(m^2) and time O(m^3) for m = (4 L - 2) n^2 + n.
+`W^l(0)` leaves). There are m = (4 L - 2) n^2 + n order parameters, so nothing of size m^2 is formed:
+the covariance is applied to the few directions the outputs need (the predictions, the NTK entries),
+each by a Krylov solve (GMRES) of the equivalent sparse system
+
+    [[M^T, -Hab], [-kappa, M]] [y; z] = [g; 0],     z = N Cov(q) g,
+
+whose products are a forward and a reverse derivative of the site averages (`M`, `M^T`), and kappa
+applied by Isserlis' theorem in O(n^3) (`_kappa`): memory O(m) per direction, time O(L n^3) per product.
 """
 
 from __future__ import annotations
@@ -30,13 +37,19 @@ import numpy as np
 
 __all__ = ["linear_bytes", "linear_coefficients"]
 
+_RESTART = 40  # GMRES's Krylov basis per restart
+_CHUNK = 16  # directions solved at once (vmapped)
+
 
 def linear_bytes(problem) -> int:
-    """The memory of the dense propagator: the eight `(m, m)` matrices `_covariance` holds (D, kappa,
-    Hab, M, two solves, their product and a temporary), m = (4 L - 2) n^2 + n."""
-    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    """The memory of `linear_coefficients`: its k directions (every prediction and NTK entry mu <= nu) and
+    their solutions, and the Krylov solves of `_CHUNK` directions at once, each a basis of `_RESTART`
+    vectors of the 2m unknowns plus a few more, m = (4 L - 2) n^2 + n."""
+    T, P = problem.n_steps + 1, problem.P
+    n = T * problem.data.Kx.shape[0]
     m = (4 * problem.depth - 2) * n * n + n
-    return 8 * m * m * problem.data.Kx.dtype.itemsize
+    k = n + T * P * (P + 1) // 2
+    return (2 * k + _CHUNK * (_RESTART + 6) * 2) * m * problem.data.Kx.dtype.itemsize
 
 
 def _produced(L, l):
@@ -106,20 +119,28 @@ def _means(problem, l, X):
     return jnp.concatenate(out)
 
 
-def _kappa(problem, l, X):
-    """The covariance of layer l's observables (Isserlis), `(k, k)` in `_means` order."""
-    L, n, Pa = problem.depth, X.shape[0] // 4, problem.data.Kx.shape[0]
+def _kappa(problem, l, X, v):
+    """The covariance of layer l's observables (`_means` order) applied to `v`, by Isserlis' theorem:
+    for bilinears `O_j = s_j X_p X_q` of a Gaussian X with covariance C, `Cov(O_j, O_k) = s_j s_k (C_pr C_qs
+    + C_ps C_qr)`, so `(kappa v)_j = 2 s_j (C B C)_pq` with `B = sum_k s_k v_k (e_r e_s^T + e_s e_r^T) / 2`."""
+    L, n = problem.depth, X.shape[0] // 4
     obs = _observables(L, l, n)
     p = np.concatenate([o[0] for o in obs.values()])
     q = np.concatenate([o[1] for o in obs.values()])
     s = jnp.asarray(np.concatenate([np.full(len(o[0]), o[2]) for o in obs.values()]), X.dtype)
-    k = X[np.ix_(p, p)] * X[np.ix_(q, q)] + X[np.ix_(p, q)] * X[np.ix_(q, p)]
-    k = s[:, None] * k * s[None, :]
-    if l == L:  # z h -> (z h - z(0) h(0)) / gamma0 on the last n rows
-        E = np.eye(n) - np.kron(np.ones((n // Pa, 1)) @ np.eye(1, n // Pa), np.eye(Pa))
-        E = jax.scipy.linalg.block_diag(jnp.eye(len(p) - n, dtype=X.dtype), jnp.asarray(E, X.dtype) / problem.gamma0)
-        k = E @ k @ E.T
-    return k
+    if l == L:  # the last n observables are z h, centred and over gamma0 (`_centred`): kappa -> E kappa E^T
+        v = v.at[-n:].set(_centred_transpose(problem, v[-n:]))
+    w = s * v / 2
+    B = jnp.zeros_like(X).at[p, q].add(w).at[q, p].add(w)
+    out = 2 * s * (X @ B @ X)[p, q]
+    return out.at[-n:].set(_centred(problem, out[-n:])) if l == L else out
+
+
+def _centred_transpose(problem, v):
+    """The transpose of `_centred` applied to `v (n,)`: `(v - [t = 0] sum_t v(t)) / gamma0`."""
+    Pa = problem.data.Kx.shape[0]
+    v = v.reshape(-1, Pa)
+    return (v.at[0].add(-v.sum(0)) / problem.gamma0).ravel()
 
 
 def _layout(problem):
@@ -181,36 +202,60 @@ def _fixed_point(problem, f):
     return q, jnp.max(jnp.abs(_sweep(problem, q) - q))
 
 
-@eqx.filter_jit
-def _covariance(problem, q):
-    """`N Cov(q)` at the fixed point `q` (module docstring), dense `(m, m)`."""
-    L, m = problem.depth, q.shape[0]
+def _operators(problem, q):
+    """`(M, M^T, kappa, Hab)` at the fixed point `q (m,)` as functions of a vector `(m,)` (module docstring)."""
+    L, n = problem.depth, (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    layout = _layout(problem)
     blocks = _unpack(problem, q)
-    starts = {key: start for key, (start, _) in _layout(problem).items()}
-    D = jnp.zeros((m, m), q.dtype)
-    kappa = jnp.zeros((m, m), q.dtype)
-    for l in range(1, L + 1):
-        inputs = _inputs(blocks, l, L)
-        r0 = starts[_produced(L, l)[0]]
-        X = _site(problem, l, *inputs)
-        k = _kappa(problem, l, X)
-        kappa = kappa.at[r0 : r0 + k.shape[0], r0 : r0 + k.shape[0]].set(k)
-        # The Jacobian with respect to the inputs that vary with q: Phi^{l-1} (l > 1), G^{l+1} (l < L), f.
-        varying = [i for i, used in ((0, l > 1), (1, l < L), (4, True)) if used]
-        means = lambda *inputs, l=l: _means(problem, l, _site(problem, l, *inputs))
-        J = jax.jacfwd(means, argnums=tuple(varying))(*inputs)
-        for i, Jk in zip(varying, J):
-            key = (("Phi", l - 1), ("G", l + 1), None, None, ("f", L))[i]
-            c0 = starts[key]
-            D = D.at[r0 : r0 + k.shape[0], c0 : c0 + blocks[key].size].add(Jk.reshape(k.shape[0], -1))
-    H = jnp.zeros((m, m), q.dtype)
-    for l in range(1, L):
-        a, b, size = starts[("alpha", l)], starts[("beta", l + 1)], blocks[("alpha", l)].size
-        H = H.at[a : a + size, b : b + size].set(jnp.eye(size, dtype=q.dtype))
-        H = H.at[b : b + size, a : a + size].set(jnp.eye(size, dtype=q.dtype))
-    M = jnp.eye(m, dtype=q.dtype) - D
-    Mk = jnp.linalg.solve(M, kappa)
-    return Mk @ jnp.linalg.inv(M.T - H @ Mk)
+    fixed = jax.lax.stop_gradient  # alpha and beta enter through Hab, not through D
+
+    def averages(q):
+        b = _unpack(problem, q)
+        out = []
+        for l in range(1, L + 1):
+            Phi_prev, G_next, alpha_prev, beta_next, f = _inputs(b, l, L)
+            alpha_prev, beta_next = (None if x is None else fixed(x) for x in (alpha_prev, beta_next))
+            out.append(_means(problem, l, _site(problem, l, Phi_prev, G_next, alpha_prev, beta_next, f)))
+        return jnp.concatenate(out)
+
+    _, D = jax.linearize(averages, q)
+    DT = jax.linear_transpose(D, q)
+    sites = [(_site(problem, l, *_inputs(blocks, l, L)), layout[_produced(L, l)[0]][0]) for l in range(1, L + 1)]
+    ends = [start for _, start in sites[1:]] + [q.shape[0]]
+
+    def kappa(v):  # block diagonal over the layers
+        return jnp.concatenate([_kappa(problem, l, X, v[a:b]) for l, ((X, a), b) in enumerate(zip(sites, ends), 1)])
+
+    def Hab(v):
+        out = jnp.zeros_like(v)
+        for l in range(1, L):
+            a, b = layout[("alpha", l)][0], layout[("beta", l + 1)][0]
+            out = out.at[a : a + n * n].set(v[b : b + n * n]).at[b : b + n * n].set(v[a : a + n * n])
+        return out
+
+    return (lambda v: v - D(v)), (lambda v: v - DT(v)[0]), kappa, Hab
+
+
+@eqx.filter_jit
+def _covariance(problem, q, directions):
+    """`N Cov(q) g` for every row g of `directions (k, m)`, and the relative residual of each solve."""
+    M, MT, kappa, Hab = _operators(problem, q)
+    m = q.shape[0]
+    tol = 1e-10 if q.dtype == jnp.float64 else 1e-5
+
+    def A(x):
+        y, z = x[:m], x[m:]
+        return jnp.concatenate([MT(y) - Hab(z), M(z) - kappa(y)])
+
+    def one(g):
+        b = jnp.concatenate([g, jnp.zeros_like(g)])
+        x, _ = jax.scipy.sparse.linalg.gmres(A, b, tol=tol, atol=0.0, restart=_RESTART, maxiter=50)
+        return x[m:], jnp.linalg.norm(A(x) - b) / jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
+
+    k = directions.shape[0]
+    chunks = jnp.pad(directions, ((0, -k % _CHUNK), (0, 0))).reshape(-1, _CHUNK, m)
+    z, residual = jax.lax.map(jax.vmap(one), chunks)
+    return z.reshape(-1, m)[:k], residual.ravel()[:k], tol
 
 
 def _ntk(problem, q):
@@ -237,12 +282,24 @@ def linear_coefficients(problem, f):
             f"by {float(change):.3g} (scale {scale:.3g}); pass the Problem the Solution was solved for, and "
             "the dmft.LinearClosure() solution (a Monte Carlo one is off by its sampling error)"
         )
-    cov = _covariance(problem, q)
     data, P, loss = problem.data, problem.P, problem.loss
     T, Pa = problem.n_steps + 1, data.Kx.shape[0]
     m, n = q.shape[0], T * Pa
+    # The directions: every prediction, and every NTK entry with mu <= nu (the NTK is symmetric).
+    upper = np.triu_indices(P)
+    ntk = lambda q: _ntk(problem, q)[:, upper[0], upper[1]].ravel()
+    _, ntk_vjp = jax.vjp(ntk, q)
+    dK = jax.vmap(lambda e: ntk_vjp(e)[0])(jnp.eye(T * len(upper[0]), dtype=q.dtype))
+    directions = jnp.concatenate([jnp.eye(n, m, m - n, dtype=q.dtype), dK])
+    z, residual, tol = _covariance(problem, q, directions)
+    if not float(residual.max()) <= 10 * tol:
+        raise ValueError(
+            f"the propagator's Krylov solves did not converge (relative residual {float(residual.max()):.3g}, "
+            f"tolerance {tol:.0e}): the closure's fixed point may be at the edge of stability; use a smaller "
+            "eta0 or t_max"
+        )
     F = q[m - n :].reshape(T, Pa)
-    C_f = cov[m - n :, m - n :]
+    C_f = z[:n, m - n :]
     coef = {"f": jnp.diagonal(C_f).reshape(T, Pa, 1)}
     grads = {"loss": (data.Y, slice(None, P)), "loss_test": (data.Y_test, slice(P, None))}
     for name, (Y, points) in grads.items():
@@ -252,7 +309,7 @@ def linear_coefficients(problem, f):
         g = jnp.zeros((T, Pa), q.dtype).at[:, points].set(g)
         G = jnp.einsum("ts,tp->tsp", jnp.eye(T, dtype=q.dtype), g).reshape(T, n)  # d loss(t) / d f
         coef[name] = G @ C_f @ G.T
-    dK = jax.jacfwd(lambda q: _ntk(problem, q).ravel())(q)  # (T P P, m)
-    coef["ntk"] = jnp.einsum("im,mn,in->i", dK, cov, dK).reshape(T, P, P)
+    var = jnp.einsum("km,km->k", dK, z[n:]).reshape(T, -1)
+    coef["ntk"] = jnp.zeros((T, P, P), q.dtype).at[:, upper[0], upper[1]].set(var).at[:, upper[1], upper[0]].set(var)
     se = {name: jnp.zeros_like(x) for name, x in coef.items()}
     return coef, se, F[:, :P, None]

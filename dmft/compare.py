@@ -19,7 +19,7 @@ from .solvers import Lazy
 __all__ = ["Comparison", "compare", "MAX_FLUCTUATION_SIZE"]
 
 MAX_FLUCTUATION_SIZE = 1024
-MAX_LINEAR_FLUCTUATION_SIZE = 24  # (time, point) pairs of a deep linear network's dense propagator
+MAX_LINEAR_FLUCTUATION_SIZE = 36  # (time, point) pairs of a deep linear network's propagator
 
 
 class Comparison(eqx.Module):
@@ -90,7 +90,7 @@ def compare(
     +-1 sigma band of each width in the figures) where they are defined and affordable: two-layer
     networks whose train grid has at most `MAX_FLUCTUATION_SIZE` (time, point, class) triples (the
     cost grows with its square), and deep linear networks with feature learning whose grid has at most
-    `MAX_LINEAR_FLUCTUATION_SIZE` (time, point) pairs (the dense propagator's cost grows with its sixth
+    `MAX_LINEAR_FLUCTUATION_SIZE` (time, point) pairs (the propagator's cost grows with about its third
     power).
     `progress=True` shows tqdm bars on stderr: the DMFT iterations (residual live), then the widths.
     """

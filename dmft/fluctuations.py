@@ -24,7 +24,7 @@ the Monte Carlo standard error of each coefficient comes from the higher moments
 
 Deeper networks in the lazy limit (`_lazy_coefficients`): each layer's N neurons add their sampling
 noise to the kernel recursion of the static NTK (section 13). Deep linear networks with feature
-learning: the propagator of the DMFT action (`_propagator`, section 13), exact and dense.
+learning: the propagator of the DMFT action (`_propagator`, section 13), exact, by Krylov solves.
 
 J is built by forward-mode differentiation along each neuron's path. For an activation whose
 derivative jumps (relu: `activation.smooth` is False) a small change of Delta flips `phi'(h)` of the
@@ -430,7 +430,7 @@ def _check_memory(problem, chunk_size, memory):
     budget, `n = T P C`."""
     T, P, C, Pa = problem.n_steps + 1, problem.P, problem.C, problem.data.Kx.shape[0]
     n = T * P * C
-    if problem.depth > 1 and float(problem.gamma0) > 0:  # the dense propagator of the deep linear network
+    if problem.depth > 1 and float(problem.gamma0) > 0:  # the deep linear propagator's Krylov solves
         needed, what = linear_bytes(problem), f"T Pa = {T * Pa} (time, point) pairs in {problem.depth} layers"
     else:
         numbers = 2 * n * T * (Pa * C + (P * C) ** 2) + 3 * n**2 + 4 * P * C * chunk_size * (Pa + 1) * C * T

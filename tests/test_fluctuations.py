@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import dmft
+from dmft import _propagator
 from dmft._propagator import linear_coefficients
 from dmft.compare import _fluctuations_affordable
 from dmft.fluctuations import _lazy_coefficients
@@ -283,10 +284,44 @@ def test_deep_linear_propagator_at_depth_1_is_the_neuron_path():
         assert z.max() < 4, z.max()
 
 
+def _dense_propagator(problem, f):
+    """`(N Cov(q) (m, m), q)` of the deep linear network assembled densely: M and Hab from `_propagator`'s
+    operators applied to the identity, kappa entry by entry from Isserlis' theorem (not `_kappa`'s
+    matrix form), and `M^-1 kappa (M^T - Hab M^-1 kappa)^-1` by direct solves."""
+    q, _ = _propagator._fixed_point(problem, f.ravel())
+    M, MT, _, Hab = _propagator._operators(problem, q)
+    eye = jnp.eye(q.shape[0], dtype=q.dtype)
+    Md = jax.vmap(M)(eye).T
+    assert jnp.allclose(jax.vmap(MT)(eye), Md, rtol=0, atol=1e-12)  # the transpose is M's
+    L, n, Pa = problem.depth, f.size, f.shape[1]
+    kappa = []
+    for l in range(1, L + 1):
+        X = _propagator._site(problem, l, *_propagator._inputs(_propagator._unpack(problem, q), l, L))
+        obs = _propagator._observables(L, l, n).values()
+        p, r = (np.concatenate([o[i] for o in obs]) for i in (0, 1))
+        s = np.concatenate([np.full(len(o[0]), o[2]) for o in obs])
+        k = s[:, None] * (X[np.ix_(p, p)] * X[np.ix_(r, r)] + X[np.ix_(p, r)] * X[np.ix_(r, p)]) * s[None, :]
+        if l == L:  # the predictions' observable (z h - z(0) h(0)) / gamma0
+            E = np.eye(len(p))
+            E[-n:, -n:] -= np.kron(np.ones((n // Pa, 1)) @ np.eye(1, n // Pa), np.eye(Pa))
+            E[-n:, -n:] /= float(problem.gamma0)
+            k = E @ k @ E.T
+        kappa.append(k)
+    kappa = jax.scipy.linalg.block_diag(*kappa)
+    Mk = jnp.linalg.solve(Md, kappa)
+    return Mk @ jnp.linalg.inv(Md.T - jax.vmap(Hab)(eye) @ Mk), q
+
+
 def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
     problem = _deep_linear(2, n_steps=3, t_max=1.8, P_test=1)
     sol = dmft.solve(problem, dmft.LinearClosure())
     fl = dmft.fluctuations(problem, sol, key=0)
+    # The Krylov solves (tolerance 1e-10) against the dense formula (m = 1552 order parameters).
+    cov, q = _dense_propagator(problem, jnp.concatenate([sol.f, sol.f_test], 1))
+    n = q.shape[0] - 16
+    np.testing.assert_allclose(fl.f_var, jnp.diagonal(cov[n:, n:]).reshape(4, 4)[:, :3], rtol=1e-8, atol=0)
+    dK = jax.jacfwd(lambda q: _propagator._ntk(problem, q).ravel())(q)
+    np.testing.assert_allclose(fl.ntk_var.ravel(), jnp.einsum("im,mn,in->i", dK, cov, dK), rtol=1e-8, atol=0)
     assert fl.f_test_var.shape == (4, 1) and fl.loss_test_cov.shape == (4, 4) and fl.f_bias is None
     assert all(float(jnp.abs(se).max()) == 0 for se in fl.stderr.values())  # deterministic: no sampling
     assert jnp.all(fl.f_var[0] == 0) and float(fl.f_var[-1].min()) > 0
@@ -295,9 +330,8 @@ def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
         low = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if eqx.is_inexact_array(x) else x, (problem, sol))
         lo = dmft.fluctuations(*low, key=0)
     assert lo.f_var.dtype == jnp.float32
-    # the same dense solves in float32: round-off (6e-8) amplified by the solves with M = I - D and its
-    # Schur complement (m = 1552 order parameters), measured 1.0e-6 of the largest coefficient; 1e-5
-    # leaves a factor 10 for other BLAS orderings, and is far below any error of the formula
+    # the same Krylov solves in float32, stopped at a relative residual of 1e-5: measured 5.7e-7 of the
+    # largest coefficient; 1e-5, the residual's tolerance, bounds the error of a well-conditioned solve
     for a, b in ((lo.f_var, fl.f_var), (lo.loss_cov, fl.loss_cov), (lo.ntk_var, fl.ntk_var)):
         assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1e-5 * float(np.abs(b).max())
 
