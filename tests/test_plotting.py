@@ -8,8 +8,8 @@ import pytest
 import dmft
 from dmft import plotting
 
-# One worker runs the whole module, so its module fixture (a compare and field samples) is computed once.
-pytestmark = pytest.mark.xdist_group("plotting")
+# One worker runs the whole module (pytest-xdist's `--dist loadfile`, pyproject.toml), so its module
+# fixture (a compare and field samples) is computed once.
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,8 @@ def comparison():
     data = dmft.datasets.sphere(5, 4, 0)
     problem = dmft.Problem(data, dmft.MLP(2, "linear"), gamma0=1.0, t_max=3.0, n_steps=6)
     sol = dmft.solve(problem, dmft.LinearClosure())
-    comp = dmft.compare(problem, sol, widths=[16, 64], seeds=2, progress=False)  # a Solution is compared as it is
+    # A Solution is compared as it is; the fluctuation bands are drawn in test_cli (25 s less here).
+    comp = dmft.compare(problem, sol, widths=[16, 64], seeds=2, fluctuations=False, progress=False)
     assert comp.dmft is sol
     return comp, data.y, dmft.field_samples(problem, comp.dmft, n_samples=2000, key=1)
 
