@@ -41,6 +41,11 @@ _RESTART = 40  # GMRES's Krylov basis per restart
 _CHUNK = 16  # directions solved at once (vmapped)
 
 
+def _tolerance(dtype):
+    """GMRES's relative residual: well above the round-off of the products in either precision."""
+    return 1e-10 if dtype == jnp.float64 else 1e-5
+
+
 def linear_bytes(problem) -> int:
     """The memory of `linear_coefficients`: its k directions (every prediction and NTK entry mu <= nu) and
     their solutions, and the Krylov solves of `_CHUNK` directions at once, each a basis of `_RESTART`
@@ -241,7 +246,7 @@ def _covariance(problem, q, directions):
     """`N Cov(q) g` for every row g of `directions (k, m)`, and the relative residual of each solve."""
     M, MT, kappa, Hab = _operators(problem, q)
     m = q.shape[0]
-    tol = 1e-10 if q.dtype == jnp.float64 else 1e-5
+    tol = _tolerance(q.dtype)
 
     def A(x):
         y, z = x[:m], x[m:]
@@ -255,7 +260,7 @@ def _covariance(problem, q, directions):
     k = directions.shape[0]
     chunks = jnp.pad(directions, ((0, -k % _CHUNK), (0, 0))).reshape(-1, _CHUNK, m)
     z, residual = jax.lax.map(jax.vmap(one), chunks)
-    return z.reshape(-1, m)[:k], residual.ravel()[:k], tol
+    return z.reshape(-1, m)[:k], residual.ravel()[:k]
 
 
 def _ntk(problem, q):
@@ -291,7 +296,8 @@ def linear_coefficients(problem, f):
     _, ntk_vjp = jax.vjp(ntk, q)
     dK = jax.vmap(lambda e: ntk_vjp(e)[0])(jnp.eye(T * len(upper[0]), dtype=q.dtype))
     directions = jnp.concatenate([jnp.eye(n, m, m - n, dtype=q.dtype), dK])
-    z, residual, tol = _covariance(problem, q, directions)
+    z, residual = _covariance(problem, q, directions)
+    tol = _tolerance(q.dtype)
     if not float(residual.max()) <= 10 * tol:
         raise ValueError(
             f"the propagator's Krylov solves did not converge (relative residual {float(residual.max()):.3g}, "
