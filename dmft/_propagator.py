@@ -255,8 +255,7 @@ def _covariance(problem, q, directions):
     def one(g):
         b = jnp.concatenate([g, jnp.zeros_like(g)])
         # Modified Gram-Schmidt ("incremental"): with the classical one ("batched") the basis loses its
-        # orthogonality in float32 and some directions ran all 50 restarts (165 s instead of 25 s at
-        # T Pa = 36); in float64 it is as fast.
+        # orthogonality in float32, and solves stall short of the tolerance until maxiter.
         x, _ = jax.scipy.sparse.linalg.gmres(
             A, b, tol=tol, atol=0.0, restart=_RESTART, maxiter=50, solve_method="incremental"
         )

@@ -318,8 +318,9 @@ def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
     fl = dmft.fluctuations(problem, sol, key=0)
     # The Krylov solves (tolerance 1e-10) against the dense formula (m = 1552 order parameters).
     cov, q = _dense_propagator(problem, jnp.concatenate([sol.f, sol.f_test], 1))
-    n = q.shape[0] - 16
-    np.testing.assert_allclose(fl.f_var, jnp.diagonal(cov[n:, n:]).reshape(4, 4)[:, :3], rtol=1e-8, atol=0)
+    T, Pa = 4, 4  # 3 steps; 3 train points and 1 test point
+    f = slice(q.shape[0] - T * Pa, None)  # the predictions are the last T Pa order parameters
+    np.testing.assert_allclose(fl.f_var, jnp.diagonal(cov[f, f]).reshape(T, Pa)[:, :3], rtol=1e-8, atol=0)
     dK = jax.jacfwd(lambda q: _propagator._ntk(problem, q).ravel())(q)
     np.testing.assert_allclose(fl.ntk_var.ravel(), jnp.einsum("im,mn,in->i", dK, cov, dK), rtol=1e-8, atol=0)
     assert fl.f_test_var.shape == (4, 1) and fl.loss_test_cov.shape == (4, 4) and fl.f_bias is None
