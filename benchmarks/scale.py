@@ -8,13 +8,19 @@ Prints
   T Pa whose estimate fits this machine's memory;
 * `LinearClosure` at depth 2, T Pa = 250 ... 8000: the whole converged solve and XLA's memory;
 * the first depth-3 solve at 100 steps and S = 4096: seconds to trace and to compile (the rest of the
-  time to the first result is the iterations, `benchmarks/monte_carlo.py`).
+  time to the first result is the iterations, `benchmarks/monte_carlo.py`);
+* with --mesh instead: the memory of one device's share of a solve spread over 1, 2, 4 and 8 (forced
+  CPU) devices, `dmft.estimate` next to XLA's memory analysis (depth 2 and 3 tanh, S = 4096, R = 8).
 
-Run: python benchmarks/scale.py [--quick]   (--quick: T Pa up to 1000)
+Run: python benchmarks/scale.py [--quick | --mesh]   (--quick: T Pa up to 1000)
 """
 
+import os
 import sys
 import time
+
+if "--mesh" in sys.argv:  # before JAX starts
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import equinox as eqx
 import jax
@@ -113,7 +119,21 @@ def compile_time():
     print(f"\nfirst depth-3 tanh solve, 100 steps, S = 4096: trace and lower {traced:.1f} s, compile {compiled:.1f} s")
 
 
+def mesh():
+    print("MonteCarlo on a mesh, tanh, S = 4096, R = 8, P = 10, float64: memory of one device (GB)")
+    print(f"{'depth':>5} {'T Pa':>6} {'devices':>7} {'est GB':>7} {'XLA GB':>7} {'est / XLA':>9}")
+    for depth in (2, 3):
+        for T_Pa in (500, 1000):
+            for d in (1, 2, 4, 8):
+                p, solver = problem(T_Pa // 10 - 1, depth), dmft.MonteCarlo(n_samples=4096, mesh=d)
+                est, xla = dmft.estimate(p, solver).memory, xla_bytes(p, solver)
+                print(f"{depth:>5} {T_Pa:>6} {d:>7} {est / 1e9:>7.3f} {xla / 1e9:>7.3f} {est / xla:>9.2f}", flush=True)
+
+
 if __name__ == "__main__":
+    if "--mesh" in sys.argv:
+        mesh()
+        sys.exit()
     quick = "--quick" in sys.argv
     monte_carlo([250, 500, 1000] if quick else [250, 500, 1000, 2000])
     linear([250, 500, 1000] if quick else [250, 500, 1000, 2000, 4000, 8000])

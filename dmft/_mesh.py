@@ -1,5 +1,6 @@
 """Device meshes: how `MonteCarlo` (replicas) and `networks.ensemble` (seeds) spread independent work
-over devices, through `jax.shard_map` (every device its share of the items, sums reduced by `psum`).
+over devices, through `jax.shard_map` (every device its share of the items, sums reduced by
+`psum_scatter` into blocks of rows: time blocks of the time-major kernels).
 
 With several processes (`jax.distributed.initialize`), `jax.devices()` lists the devices of all of
 them, so the default mesh spans every host.
@@ -8,10 +9,11 @@ them, so the default mesh spans every host.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["resolve", "shard"]
+__all__ = ["resolve", "shard", "time_blocks"]
 
 
 def resolve(mesh, n, what):
@@ -42,15 +44,36 @@ def resolve(mesh, n, what):
 def shard(fn, mesh, reduce=False):
     """`fn` over the leading axis of every argument, split across the devices of `mesh` (each device
     calls fn on its contiguous block). `reduce=False`: the outputs are the blocks in order (leading
-    axis); True: fn's outputs are partial sums, added across devices (`psum`), the same everywhere."""
-    axes = mesh.axis_names
+    axis). True: fn's outputs are partial sums, added across devices; a matrix (2-d output) is
+    reduce-scattered, so that each device holds only its block of rows of the total (zero-padded to a
+    multiple of the device count inside, cut back to its length in the result, which is sharded over
+    the mesh by rows), anything else is the same everywhere (`psum`)."""
+    axes, d = mesh.axis_names, mesh.size
     spec = PartitionSpec(axes)
+
+    def total(x):
+        if x.ndim != 2:
+            return jax.lax.psum(x, axes)
+        padded = jnp.pad(x, ((0, -x.shape[0] % d), (0, 0)))
+        return jax.lax.psum_scatter(padded, axes, scatter_dimension=0, tiled=True)
 
     def local(*args):
         out = fn(*args)
-        return jax.lax.psum(out, axes) if reduce else out
+        return jax.tree.map(total, out) if reduce else out
 
-    out_specs = PartitionSpec() if reduce else spec
-    return lambda *args: jax.shard_map(
-        local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=out_specs, check_vma=False
-    )(*args)
+    def run(*args):
+        out_specs, shapes = spec, None
+        if reduce:
+            shapes = jax.eval_shape(fn, *[jax.ShapeDtypeStruct((x.shape[0] // d, *x.shape[1:]), x.dtype) for x in args])
+            out_specs = jax.tree.map(lambda x: spec if x.ndim == 2 else PartitionSpec(), shapes)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=out_specs, check_vma=False)(*args)
+        return out if shapes is None else jax.tree.map(lambda x, s: x[: s.shape[0]], out, shapes)
+
+    return run
+
+
+def time_blocks(tree, mesh):
+    """`tree` with every two-time array `(L, T, ., T, .)` (5-d) split over the devices of `mesh` in blocks
+    of its first time axis (rows), and the rest left as it is."""
+    rows = NamedSharding(mesh, PartitionSpec(None, mesh.axis_names))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows) if x.ndim == 5 else x, tree)

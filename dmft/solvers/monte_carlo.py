@@ -36,7 +36,7 @@ networks and is O(1), not O(dt), for nonlinear ones. Abar stays strictly causal.
 
 Cost per iteration: O(L S T^2 Pa^2) for the fields and kernels plus O(L (T Pa)^3) (pooled stage) or
 O(L R (T Pa)^3) (replica stage) for the square roots and the Stein regressions (S samples in R
-replicas, T = n + 1 times, Pa points); memory O(L R (T Pa)^2 + chunk T Pa).
+replicas, T = n + 1 times, Pa points); memory per device O(L (R / d + 1) (T Pa)^2 + chunk T Pa) on d devices.
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ class _PooledStage(AbstractIterativeSolver):
     rtol = property(lambda self: self.mc.rtol)
 
     def step(self, problem, state, key):
-        mc = self.mc
-        axes = mc._axes(problem)
-        return _Pooled(*mc._map(problem, state.q, mc._keys(key), axes, mc._devices(), mc._beta(problem)))
+        mc, mesh = self.mc, self.mc._devices()
+        q, floor = mc._map(problem, state.q, mc._keys(key), mc._axes(problem), mesh, mc._beta(problem))
+        return _Pooled(q if mesh is None else _mesh.time_blocks(q, mesh), floor)
 
     def monitor(self, state):
         return state.q.Phi, state.q.G
@@ -186,7 +186,10 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       device; `dmft.costs`). `dmft.solve` refuses, before allocating anything, a solve whose
       `dmft.estimate` exceeds it, saying what it needs.
     - `mesh`: the devices the replicas are spread over, each device its R / d replicas (pooled stage:
-      their sample sums, added across devices; replica stage: their maps). None (default): the
+      their sample sums, added across devices into blocks of rows, so that each device keeps one
+      time block of the pooled kernels and responses; replica stage: their maps). The square roots
+      and Stein regressions of the pooled stage gather one layer's matrices at a time: they have no
+      time-blocked form (eigh, clipped eigenvalues). None (default): the
       largest number d of `jax.devices()` (all processes after `jax.distributed.initialize`) that
       divides R; an int d: the first d devices; or a `jax.sharding.Mesh` (all axes flattened) whose
       size divides R. A key gives the same result on any number of devices, up to the order of the
@@ -274,10 +277,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     # -- memory and work -------------------------------------------------------------------------------
     def estimate(self, problem):
         """`dmft.Estimate` of a solve: a model of XLA's buffers (temporaries and outputs) fitted to
-        its memory analysis of compiled solves (within 15% at depth >= 2 and 25% at depth 1 on the
-        configurations of `benchmarks/RESULTS.md`), and the leading flop counts per iteration (fields
-        and moments ~12 S (T Pa)^2 per layer; square roots and Stein regressions ~23 (T Pa)^3 per
-        layer, once pooled, R times in the replica stage)."""
+        its memory analysis of compiled solves (within 15% at depth >= 2 and 25% at depth 1 on one
+        device, 20% at depth >= 2 on meshes of 2-8 devices, on the configurations of
+        `benchmarks/RESULTS.md`), and the leading flop counts per iteration (fields and moments
+        ~12 S (T Pa)^2 per layer; square roots and Stein regressions ~23 (T Pa)^3 per layer, once
+        pooled, R times in the replica stage)."""
         L, T, Pa = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0]
         R, S, chunk = self.n_replicas, self.n_samples, self._chunk
         mesh = self._devices()
@@ -294,7 +298,10 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             n, k = T * Pa, 4 * L - 2
             grow = (L + L * C * C + 2 * (L - 1) * C) / k  # Phi, G, A, B per layer
             replicas = 2.7 * local * k * grow * n * n
-            once = (1.2 * k * grow + 6.0 * (1 + C * C)) * n * n + 2.75 * chunk * n * (1 + C) / 2
+            # On a mesh the pooled kernels are kept in time blocks, but each device's partial sums and
+            # the matrices gathered for the factorisations are whole.
+            pooled = (1.2 * k * grow + 6.0 * (1 + C * C)) if mesh is None else 2.1 * k * grow
+            once = pooled * n * n + 2.75 * chunk * n * (1 + C) / 2
             samples, factors = 12.0 * S * n * n, 23.0 * n**3
             flops = {"pooled": L * (samples + factors), "replicas": L * (samples + R * factors)}
         sizes = {"T Pa": T * Pa, "depth": L, "samples": S, "chunk": chunk, "replicas per device": local}
