@@ -5,6 +5,7 @@ infinite-width limit is the discrete DMFT up to the Euler prediction rule (O(dt)
 Seed-averaged centred networks differ from the limit by O(1/N) bias plus O(1/sqrt(N seeds)) noise.
 """
 
+import jax.random as jr
 import numpy as np
 import pytest
 
@@ -107,3 +108,48 @@ def test_nonlinear_networks_approach_monte_carlo(act, L):
             f"{act} L={L}: loss error vs N=4096 networks: full DMFT {err_full:.4f}, gradient independence {err_gia:.4f}"
         )
         assert err_gia > err_full
+
+
+def _networks_limit(problem, seeds):
+    """The width -> infinity limit of the seed-averaged loss `(n+1,)` and its standard error: networks of
+    width 1024 and 4096 trained by GD on the problem's grid (batches of 8 seeds), the mean at each
+    width extrapolated linearly in 1/N, `(4 m_4096 - m_1024) / 3`."""
+    means, ses = [], []
+    for N in (1024, 4096):
+        batches = [jr.split(jr.fold_in(jr.key(7), N + i), 8) for i in range(seeds // 8)]
+        loss = np.concatenate([np.asarray(dmft.networks.ensemble(problem, N, k, method="gd").loss) for k in batches])
+        means.append(loss.mean(0))
+        ses.append(loss.std(0, ddof=1) / np.sqrt(seeds))
+    return (4 * means[1] - means[0]) / 3, np.sqrt(16 * ses[1] ** 2 + ses[0] ** 2) / 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_defaults_are_within_half_a_percent_of_the_networks_limit(act, L):
+    # Issue 16 item 4: `MonteCarlo` at its defaults against the networks' limit (the discrete DMFT is
+    # the limit of GD on its grid, THEORY 14). The error must be below 0.5% of the initial loss at
+    # every time, and within 2 combined standard errors at the time where it is largest and at the
+    # final time (two checks, not 30: the errors of neighbouring times are strongly correlated, and
+    # |z| <= 2 at all of them would fail by chance alone).
+    # The limit's standard error is 4/3 of the N = 4096 mean's. relu networks of depth >= 2 spread most
+    # from seed to seed (per-seed sd of the final loss ~0.005 at N = 4096): 64 seeds bring the limit's
+    # SE to ~0.15-0.25% of the initial loss (with 16 it was ~0.3%, and the 16-seed limit of depth-2 relu
+    # moved by 0.0016 when 48 seeds were added). Depth-3 relu at the default 4096 samples has its own
+    # standard error at 0.7-1.1% of the initial loss mid-training (keys 0 and 1, benchmarks/RESULTS.md),
+    # above the bound itself: that case runs at 16384 samples (0.17-0.33%).
+    problem = dmft.Problem(dmft.datasets.sphere(10, 50, 0), dmft.MLP(L, act), gamma0=1.0, t_max=6.0, n_steps=30)
+    solver = dmft.MonteCarlo(n_samples=16384) if (act, L) == ("relu", 3) else dmft.MonteCarlo()
+    sol = dmft.solve(problem, solver, key=0)
+    limit, se_limit = _networks_limit(problem, 64 if act == "relu" and L >= 2 else 16)
+    loss0 = float(sol.loss[0])
+    err = (np.asarray(sol.loss) - limit)[1:]  # t = 0: the same loss exactly, with no error
+    z = err / np.sqrt(se_limit[1:] ** 2 + np.asarray(sol.stderr["loss"])[1:] ** 2)
+    t = int(np.argmax(np.abs(err)))
+    print(
+        f"{act} L={L}: max |DMFT - limit| {np.abs(err[t]) / loss0:.3%} of the initial loss at step {t + 1} "
+        f"(z {z[t]:+.1f}), final z {z[-1]:+.1f}, max |z| {np.max(np.abs(z)):.1f}; final loss {float(sol.loss[-1]):.5f} "
+        f"+- {float(sol.stderr['loss'][-1]):.5f}, limit {limit[-1]:.5f} +- {se_limit[-1]:.5f}"
+    )
+    assert np.abs(err[t]) <= 0.005 * loss0
+    assert abs(z[t]) <= 2 and abs(z[-1]) <= 2
