@@ -64,8 +64,11 @@ def ntk_from_kernels(net, Kx, Phi_eq, G_eq, C=1):
     pre = lambda X: net.preactivation_kernel(X)[..., :, None, :, None]
     G = _unflatten(G_eq, C)
     K = G[0] * pre(Kx) + pre(Phi_eq[-1]) * jnp.eye(C, dtype=Kx.dtype)[:, None, :]
-    if Phi_eq.shape[0] > 1:
-        K = K + jnp.sum(G[1:] * pre(Phi_eq[:-1]), axis=0)
+    # Layer by layer, not `jnp.sum(G[1:] * pre(Phi_eq[:-1]), axis=0)`: under vmap in float32 that
+    # reduction over two layers (depth 3) with several classes crashes XLA's CPU runtime (segmentation
+    # fault, jaxlib 0.10.2).
+    for l in range(1, Phi_eq.shape[0]):
+        K = K + G[l] * pre(Phi_eq[l - 1])
     n = Kx.shape[0] * C
     return K.reshape(*K.shape[:-4], n, n)
 

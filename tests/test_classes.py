@@ -41,6 +41,15 @@ def test_shapes_follow_the_targets():
     assert run.f.shape == sol.f.shape and run.ntk.shape == sol.ntk.shape and run.G_eq.shape == sol.G_eq.shape
 
 
+def test_depth_3_monte_carlo_with_classes_runs():
+    # Regression: the NTK's sum over the hidden layers, vmapped over the replicas (float32 for tanh in
+    # either precision), crashed XLA's CPU runtime at depth 3 with several classes
+    # (`dynamics.ntk_from_kernels`).
+    sol = dmft.solve(_problem(3, "tanh", n_steps=4), dmft.MonteCarlo(n_samples=256), key=0)
+    assert sol.f.shape == (5, 6, C) and bool(jnp.all(jnp.isfinite(sol.ntk)))
+    assert bool(jnp.all(jnp.isfinite(sol.stderr["loss"])))
+
+
 def test_lazy_limit_is_the_scalar_solution_per_output():
     # At gamma0 -> 0 the NTK is shared by the outputs, K (x) I_C: each output follows its own scalar
     # gradient flow (the MSE closed form), exactly.
