@@ -38,12 +38,6 @@ def problem(n_steps, depth=2, act="tanh", P=10):
     return dmft.Problem(data, dmft.MLP(depth, act), gamma0=1.0, t_max=0.1 * n_steps, n_steps=n_steps)
 
 
-def xla_bytes(p, solver, key=0):
-    compiled = _solve.lower(p, solver.sized(p), as_key(key), True, False).compile().compiled
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-
-
 def stage_times(p, solver):
     """`[(compile s, seconds per iteration)]` of each stage's compiled step (one timed iteration)."""
     key = jr.key(0)
@@ -83,8 +77,9 @@ def monte_carlo(sizes):
         est = dmft.estimate(p, solver)
         (c1, t1), (c2, t2) = stage_times(p, solver)
         ratio = "" if previous is None else f"x{t1 / previous[0]:.1f} / x{t2 / previous[1]:.1f}"
+        xla = dmft.costs.xla_bytes(p, solver)
         print(
-            f"{T_Pa:>6} {est.memory / 1e9:>7.3f} {xla_bytes(p, solver) / 1e9:>7.3f} {est.flops['pooled'] / 1e9:>9.0f} "
+            f"{T_Pa:>6} {est.memory / 1e9:>7.3f} {xla / 1e9:>7.3f} {est.flops['pooled'] / 1e9:>9.0f} "
             f"{c1 + c2:>9.1f} {t1:>9.2f} {t2:>9.2f} {ratio:>11}",
             flush=True,
         )
@@ -105,7 +100,7 @@ def linear(sizes):
         start = time.perf_counter()
         sol = jax.block_until_ready(run(p))
         seconds = time.perf_counter() - start
-        print(f"{T_Pa:>6} {xla_bytes(p, solver) / 1e9:>7.3f} {seconds:>8.3f} {int(sol.iterations):>10}")
+        print(f"{T_Pa:>6} {dmft.costs.xla_bytes(p, solver) / 1e9:>7.3f} {seconds:>8.3f} {int(sol.iterations):>10}")
 
 
 def compile_time():
@@ -126,7 +121,7 @@ def mesh():
         for T_Pa in (500, 1000):
             for d in (1, 2, 4, 8):
                 p, solver = problem(T_Pa // 10 - 1, depth), dmft.MonteCarlo(n_samples=4096, mesh=d)
-                est, xla = dmft.estimate(p, solver).memory, xla_bytes(p, solver)
+                est, xla = dmft.estimate(p, solver).memory, dmft.costs.xla_bytes(p, solver)
                 print(f"{depth:>5} {T_Pa:>6} {d:>7} {est / 1e9:>7.3f} {xla / 1e9:>7.3f} {est / xla:>9.2f}", flush=True)
 
 

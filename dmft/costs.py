@@ -16,7 +16,7 @@ import jax
 
 from .problem import Problem
 
-__all__ = ["Estimate", "estimate", "budget_bytes"]
+__all__ = ["Estimate", "estimate", "budget_bytes", "xla_bytes"]
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -86,3 +86,13 @@ def estimate(problem: Problem, solver) -> Estimate:
             f"{type(solver).__name__} has no cost model; dmft.estimate supports MonteCarlo and LinearClosure"
         )
     return solver.estimate(problem)
+
+
+def xla_bytes(problem: Problem, solver, key=0) -> int:
+    """Peak bytes of the compiled `dmft.solve(problem, solver)` on one device by XLA's own buffer
+    assignment (arguments, outputs and temporaries): what `estimate` models. Compiles, runs nothing."""
+    from ._keys import as_key
+    from .solve import _solve
+
+    m = _solve.lower(problem, solver.sized(problem), as_key(key), True, False).compile().compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

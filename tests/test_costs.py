@@ -7,21 +7,11 @@ import numpy as np
 import pytest
 
 import dmft
-from dmft._keys import as_key
-from dmft.solve import _solve
 
 
 def _problem(depth, P, n_steps):
     data = dmft.datasets.sphere(P, 10, 0, target="noise")
     return dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=1.0, t_max=1.0, n_steps=n_steps)
-
-
-def _xla_bytes(problem, solver):
-    """Peak bytes of the compiled solve by XLA's buffer assignment: arguments, outputs, temporaries."""
-    solver = solver.sized(problem)
-    compiled = _solve.lower(problem, solver, as_key(0), True, False).compile().compiled
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
 
 # Configurations outside the ones the model's coefficients were fitted on (benchmarks/scale.py).
@@ -39,7 +29,7 @@ def test_estimate_is_within_25_percent_of_xla(depth, P, n_steps, S, R, chunk, x6
         problem = _problem(depth, P, n_steps)
         solver = dmft.MonteCarlo(n_samples=S, n_replicas=R, chunk_size=chunk)
         estimate = dmft.estimate(problem, solver)
-        xla = _xla_bytes(problem, solver)
+        xla = dmft.costs.xla_bytes(problem, solver)
     assert abs(estimate.memory / xla - 1) <= 0.25, (estimate.memory, xla)
     assert set(estimate.flops) == {"pooled", "replicas"} and estimate.flops["replicas"] >= estimate.flops["pooled"] > 0
     assert estimate.fits and estimate.sizes["T Pa"] == (n_steps + 1) * P
@@ -52,7 +42,7 @@ def test_linear_closure_estimate_is_within_25_percent_of_xla(depth, P, n_steps, 
     data = dmft.datasets.sphere(P, 10, 0, target="noise", P_test=P_test)
     problem = dmft.Problem(data, dmft.MLP(depth, "linear"), gamma0=1.0, t_max=1.0, n_steps=n_steps)
     estimate = dmft.estimate(problem, dmft.LinearClosure())
-    xla = _xla_bytes(problem, dmft.LinearClosure())
+    xla = dmft.costs.xla_bytes(problem, dmft.LinearClosure())
     assert abs(estimate.memory / xla - 1) <= 0.25, (estimate.memory, xla)
     assert estimate.flops["sweep"] > 0 and estimate.budget == dmft.costs.device_memory()
 
@@ -67,7 +57,7 @@ def test_estimate_with_ten_outputs_is_within_25_percent_of_xla(solver):
     data = dmft.Dataset(base.X, Y[:8], base.X_test, Y[8:])
     act = "linear" if isinstance(solver, dmft.LinearClosure) else "tanh"
     problem = dmft.Problem(data, dmft.MLP(2, act), gamma0=1.0, t_max=1.0, n_steps=10)
-    estimate, xla = dmft.estimate(problem, solver), _xla_bytes(problem, solver)
+    estimate, xla = dmft.estimate(problem, solver), dmft.costs.xla_bytes(problem, solver)
     assert abs(estimate.memory / xla - 1) <= 0.25, (estimate.memory, xla)
 
 

@@ -65,17 +65,12 @@ out["nets_ntk"] = max(rel(r.ntk, runs[0].ntk) for r in runs[1:])
 out["default_devices"] = dmft.MonteCarlo()._devices().size
 # dmft.estimate on a mesh against XLA's memory analysis of one device's share (configurations outside
 # the model's fit, benchmarks/RESULTS.md).
-from dmft._keys import as_key
-from dmft.solve import _solve
-def xla_bytes(p, s):
-    m = _solve.lower(p, s.sized(p), as_key(0), True, False).compile().compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 # (A problem as small as `problem` above is mostly fixed overheads, which the model leaves out.)
 def sized(depth, P, n_steps):
     return dmft.Problem(dmft.datasets.sphere(P, 10, 0), dmft.MLP(depth, "tanh"), gamma0=1.0, t_max=1.0, n_steps=n_steps)
 solvers = [(sized(2, 8, 40), dmft.MonteCarlo(n_samples=2048, mesh=d)) for d in (2, 4)]
 solvers.append((sized(1, 12, 30), dmft.MonteCarlo(n_samples=2048, mesh=4)))
-out["memory"] = [dmft.estimate(p, s).memory / xla_bytes(p, s) for p, s in solvers]
+out["memory"] = [dmft.estimate(p, s).memory / dmft.costs.xla_bytes(p, s) for p, s in solvers]
 errors = []
 for bad in (dict(n_replicas=6, n_samples=384, mesh=4), dict(mesh=5), dict(mesh="all")):
     try:
