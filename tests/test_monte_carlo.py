@@ -1,9 +1,8 @@
 """MonteCarlo: unbiased against exact answers, error bars that hold, its options and bad settings.
 
-Error bars: `stderr` is the standard error of the mean of R = 8 independent replicas, scaled so that
-+-2 stderr is the 95.4% interval of Student's t with 7 degrees of freedom. An error against an exact
-answer is therefore `stderr * T_7 / 1.19`-distributed: it exceeds 4 stderr (T_7 beyond 4.76) with
-probability 0.2%. Comparisons of whole curves use L2 norms over times and entries (pooling makes
+Error bars: `stderr` is the standard error of the mean of R = 8 independent replicas, `sd / sqrt(8)`.
+An error against an exact answer is therefore `stderr * T_7`-distributed (Student's t with 7 degrees
+of freedom): it exceeds 4 stderr with probability 0.5%. Comparisons of whole curves use L2 norms over times and entries (pooling makes
 the per-entry multiplicity harmless).
 """
 
@@ -268,7 +267,8 @@ def test_needs_a_key():
 @pytest.mark.parametrize("L", [1, 3])
 def test_error_bars_cover_the_exact_answer(L):
     # Over 64 keys, +-2 stderr must cover the exact final loss and final NTK diagonal in 90-99% of
-    # the (key, quantity) pairs (expected 95.4%). Entries of one key are correlated, so the effective
+    # the (key, quantity) pairs (91.4% for a T_7-distributed error, more if the replicas' spread is
+    # conservative). Entries of one key are correlated, so the effective
     # number of checks is between 64 and 64 * 7: the binomial spread of the fraction is 1-3%.
     problem = _linear_problem(L, 1.5)
     exact = dmft.solve(problem, dmft.LinearClosure())
@@ -288,9 +288,10 @@ def test_error_bars_cover_the_exact_answer(L):
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 def test_error_bars_match_the_spread_over_keys(act):
     # The mean reported stderr of the final loss against the standard deviation of the final loss
-    # over 32 keys: within a factor 1.5 (the stderr's t scaling is 1.19). 32 keys, not 16: the answers
-    # of Sobol + control-variate solves have heavy tails over keys, and the sd over 16 keys is far less
-    # precise than the Gaussian ~18% (tanh: 3.98e-4 over keys 0-15, 8.34e-4 over keys 16-31).
+    # over 32 keys: within a factor 1.5 (an exact one averages 0.96, the mean of an sd with 7 degrees
+    # of freedom). 32 keys, not 16: the answers of Sobol + control-variate solves have heavy tails over
+    # keys, and the sd over 16 keys is far less precise than the Gaussian ~18% (tanh: 3.98e-4 over keys
+    # 0-15, 8.34e-4 over keys 16-31).
     data = dmft.datasets.sphere(8, 12, 0)
     problem = dmft.Problem(data, dmft.MLP(2, act), gamma0=1.0, t_max=4.0, n_steps=20)
     sols = [dmft.solve(problem, dmft.MonteCarlo(n_samples=4096), key=k) for k in range(32)]

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import scipy.stats
 from jax.scipy.special import ndtri
 
 __all__ = ["SAMPLINGS", "SOBOL_MAX_DIM", "Replicated", "factor", "sobol_axes", "normals", "sources", "gram", "stderr"]
@@ -154,14 +153,8 @@ def gram(X, X0=None):
 
 
 def stderr(per_replica):
-    """Standard errors of the means over the leading (replica) axis of every array in a dict:
-    `sd / sqrt(R)` scaled by `t_{R-1}(0.977) / 2`, so that +-2 stderr is a 95.4% interval (Student's t
-    with R - 1 degrees of freedom) despite the few replicas. Entries that are None are dropped."""
-    out = {}
-    for k, v in per_replica.items():
-        if v is None:
-            continue
-        R = v.shape[0]
-        scale = scipy.stats.t.ppf(scipy.stats.norm.cdf(2.0), R - 1) / 2.0 / np.sqrt(R)
-        out[k] = scale * jnp.std(v, axis=0, ddof=1)
-    return out
+    """Standard errors of the means over the leading (replica) axis of every array in a dict,
+    `sd / sqrt(R)` (sd with R - 1 degrees of freedom). With few replicas an interval needs Student's t:
+    +-t_{R-1}(0.975) stderr is a 95% interval (2.36 stderr at R = 8; +-2 stderr is 91%). Entries
+    that are None are dropped."""
+    return {k: jnp.std(v, axis=0, ddof=1) / v.shape[0] ** 0.5 for k, v in per_replica.items() if v is not None}

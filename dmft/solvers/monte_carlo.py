@@ -142,8 +142,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       like a network of width S; quasi-random sources do better; the feedback bias is O(T Pa / S)
       for T times and Pa points).
     - `n_replicas`: R independent replicas of S / R samples each (see the module docstring).
-      `Solution.stderr` is their spread over sqrt(R), `sd / sqrt(R)`, scaled by `t_{R-1}(0.977) / 2`
-      so that +-2 stderr is a 95% interval despite the few replicas.
+      `Solution.stderr` is their spread over sqrt(R), `sd / sqrt(R)`, the standard error of the
+      answer; with R - 1 degrees of freedom, +-2.36 stderr is a 95% interval at R = 8.
     - `sampling`: `"sobol"` (default: randomised quasi-Monte Carlo, S / R a power of 2), `"plain"`
       or `"antithetic"` (pairs `(e_u, +-e_r)`, which cancel the leading noise of the Stein sums at
       small gamma0).
