@@ -2,8 +2,8 @@
 
 Error bars: `stderr` is the standard error of the mean of R = 8 independent replicas, `sd / sqrt(8)`.
 An error against an exact answer is therefore `stderr * T_7`-distributed (Student's t with 7 degrees
-of freedom): it exceeds 4 stderr with probability 0.5%. Comparisons of whole curves use L2 norms over times and entries (pooling makes
-the per-entry multiplicity harmless).
+of freedom): it exceeds 4 stderr with probability 0.5%. Comparisons of whole curves use L2 norms over
+times and entries (pooling makes the per-entry multiplicity harmless).
 """
 
 import jax
