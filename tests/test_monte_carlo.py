@@ -268,8 +268,8 @@ def test_needs_a_key():
 def test_error_bars_cover_the_exact_answer(L):
     # Over 64 keys, +-2 stderr must cover the exact final loss and final NTK diagonal in 90-99% of
     # the (key, quantity) pairs (91.4% for a T_7-distributed error, more if the replicas' spread is
-    # conservative). Entries of one key are correlated, so the effective
-    # number of checks is between 64 and 64 * 7: the binomial spread of the fraction is 1-3%.
+    # conservative). Entries of one key are correlated, so the effective number of checks is between
+    # 64 and 64 * 7: the binomial spread of the fraction is 1-3%.
     problem = _linear_problem(L, 1.5)
     exact = dmft.solve(problem, dmft.LinearClosure())
     truth = np.concatenate([[float(exact.loss[-1])], np.diag(np.asarray(exact.ntk[-1]))])
