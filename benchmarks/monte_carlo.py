@@ -53,7 +53,7 @@ def per_iteration(p, S, **kwargs):
 def _replica_stage(sol):
     """Iterations of the replica stage: its first residual is 1 (the spread grows from zero)."""
     res = np.asarray(sol.residuals)[: int(sol.iterations)]
-    return int(sol.iterations) - int(np.flatnonzero(res == 1.0)[-1])
+    return int(sol.iterations) - int(np.flatnonzero(np.isclose(res, 1.0))[-1])
 
 
 def full_solve(p, solver):

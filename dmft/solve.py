@@ -14,7 +14,9 @@ Two kinds of solver, both `equinox.Module`s:
   `|T(x) - x| / |T(x)|` of every leaf of `monitor(state)` is at most the tolerance of
   `tolerance(T(x))` (default `rtol`; a sampling solver derives it from its own Monte Carlo error,
   leaf by leaf), or at most its stall tolerance once the change has stopped falling (not halved in
-  5 iterations). `damping_at(problem, change)` may adapt beta to the problem and the largest change.
+  5 iterations). `damping_at(problem, change, ratio, beta)` may adapt beta to the problem, the largest
+  change and the secant ratio of the last two raw changes of `secant_view(state)` (an estimate of the
+  damped iteration's dominant eigenvalue).
   A solver may iterate in `stages()`: each stage is an iterative solver of its own, entered with
   `stage.enter(problem, state)` from the state the previous stage converged to; the Solution counts
   the iterations of all stages and converges only when every stage did.
@@ -71,6 +73,11 @@ class AbstractIterativeSolver(AbstractSolver):
         """The part of the state whose relative change decides convergence (default: all of it)."""
         return state
 
+    def secant_view(self, state):
+        """A small part of the state whose last two changes give `damping_at` its secant ratio (default:
+        none, ratio 0). Small, because the loop keeps its previous change."""
+        return ()
+
     def tolerance(self, state):
         """`(tol, stall_tol)`: the iteration has converged when the relative change of every monitored
         leaf is at most `tol`, or at most `stall_tol` once the change has stopped falling (a map that is
@@ -78,8 +85,13 @@ class AbstractIterativeSolver(AbstractSolver):
         Scalars or one per leaf of `monitor`; default `(rtol, rtol)`."""
         return self.rtol, self.rtol
 
-    def damping_at(self, problem: Problem, change):
-        """The damping beta of the update that follows an iteration with relative change `change`."""
+    def damping_at(self, problem: Problem, change, ratio, beta):
+        """The damping beta of the update that follows an iteration with relative change `change`.
+
+        `ratio = <r_k, r_{k-1}> / |r_{k-1}|^2` for the raw changes `r = T(x) - x` of `secant_view` in
+        this and the previous iteration (0 in the first): the factor by which the dominant mode of the
+        damped iteration shrank, negative when it oscillates. `beta`: the previous update's damping (NaN
+        before the first). Default: `damping`."""
         return self.damping
 
     def stages(self):
@@ -139,16 +151,24 @@ def _all_finite(tree):
 _STALL = 5  # iterations over which a change that has not halved counts as stalled
 
 
+def _secant_ratio(r, r_prev):
+    """`<r, r_prev> / |r_prev|^2` over all leaves (0 when r_prev is zero)."""
+    dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(r), jax.tree.leaves(r_prev)))
+    norm2 = sum(jnp.vdot(b, b) for b in jax.tree.leaves(r_prev))
+    return jnp.where(norm2 > 0, dot / jnp.where(norm2 > 0, norm2, 1.0), 0.0)
+
+
 def _iterate(problem, solver, state, key, progress):
     """The damped fixed-point loop: `(state, iterations, residuals, converged)`."""
     n = solver.max_iters
+    dtype = problem.data.Kx.dtype
 
     def cond(carry):
-        it, _, _, done, bad = carry
+        it, _, _, done, bad, _, _ = carry
         return (it < n) & ~done & ~bad
 
     def body(carry):
-        it, state, residuals, _, _ = carry
+        it, state, residuals, _, _, r_prev, beta = carry
         new = solver.step(problem, state, key)
         changes = _relative_change(solver.monitor(new), solver.monitor(state))
         change = jnp.max(changes)
@@ -156,16 +176,19 @@ def _iterate(problem, solver, state, key, progress):
         earlier = jnp.where(it >= _STALL, residuals[jnp.maximum(it - _STALL, 0)], jnp.inf)
         stalled = change > 0.5 * earlier
         done = jnp.all(changes <= tol) | (stalled & jnp.all(changes <= stall_tol))
-        mixed = damped(state, new, solver.damping_at(problem, change))
+        r = jax.tree.map(jnp.subtract, solver.secant_view(new), solver.secant_view(state))
+        beta = jnp.asarray(solver.damping_at(problem, change, _secant_ratio(r, r_prev).astype(dtype), beta), dtype)
+        mixed = damped(state, new, beta)
         if progress:
             jax.debug.callback(_bar_step, it, change, ordered=True)
-        return it + 1, mixed, residuals.at[it].set(change), done, ~jnp.isfinite(change)
+        return it + 1, mixed, residuals.at[it].set(change), done, ~jnp.isfinite(change), r, beta
 
-    residuals = jnp.full((n,), jnp.nan, problem.data.Kx.dtype)
-    carry = (jnp.array(0), state, residuals, jnp.array(False), jnp.array(False))
+    residuals = jnp.full((n,), jnp.nan, dtype)
+    r0 = jax.tree.map(jnp.zeros_like, solver.secant_view(state))
+    carry = (jnp.array(0), state, residuals, jnp.array(False), jnp.array(False), r0, jnp.asarray(jnp.nan, dtype))
     if progress:
         jax.debug.callback(lambda: _bar_open(n), ordered=True)
-    iterations, state, residuals, converged, _ = jax.lax.while_loop(cond, body, carry)
+    iterations, state, residuals, converged, *_ = jax.lax.while_loop(cond, body, carry)
     if progress:
         jax.debug.callback(_bar_close, ordered=True)
     return state, iterations, residuals, converged

@@ -1,7 +1,7 @@
 """Nonlinear networks: the alternating Monte Carlo solution of the DMFT (THEORY sections 3-5, 7, 10).
 
 Each application of the map, for every layer l in turn (Gauss-Seidel: this sweep's Phi^{l-1},
-Abar^{l-1}, damped as `solve` damps them, and the previous iterate's G^{l+1}, Bbar^l):
+Abar^{l-1}, damped with the stage's base damping, and the previous iterate's G^{l+1}, Bbar^l):
 
 1. sources `u ~ N(0, Phi^{l-1})`, `r ~ N(0, G^{l+1})` over the whole (time, point) grid from standard
    normals that are the same every iteration (common random numbers: the map is deterministic);
@@ -119,6 +119,11 @@ class _PooledStage(AbstractIterativeSolver):
     def monitor(self, state):
         return state.q.Phi, state.q.G
 
+    def secant_view(self, state):
+        # The read-out's correction of the predictions: small, and it carries the oscillating mode
+        # of deep maps on long grids (zero with predictions="euler": no adaptation).
+        return state.q.eps
+
     def tolerance(self, state):
         if self.rtol is not None:
             return self.rtol, self.rtol
@@ -126,11 +131,11 @@ class _PooledStage(AbstractIterativeSolver):
         # the error bar. A map that stalls (relu) stops at the floor itself.
         return 0.25 * state.floor, state.floor
 
-    def damping_at(self, problem, change):
-        beta = self.mc._beta(problem)
-        if self.mc.undamped_above is None:
-            return beta
-        return jnp.where(change > self.mc.undamped_above, 1.0, beta)
+    def damping_at(self, problem, change, ratio, beta):
+        base = self.mc._beta(problem)
+        if self.mc.undamped_above is not None:
+            return jnp.where(change > self.mc.undamped_above, 1.0, base)
+        return _secant(base, ratio, beta, base) if self.mc._adaptive(problem) else base
 
 
 class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
@@ -173,12 +178,15 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       map is only piecewise continuous: it stalls); a number stops it at that relative change.
       `Solution.noise_floor` is the relative standard error of the kernels from the replicas.
     - `damping` (beta), `max_iters`: the damped iteration of `dmft.solve` (per stage; a number
-      applies to both stages). None (default): the pooled stage undamped (beta = 1) for a smooth
-      activation and 0.5 for relu (its Monte Carlo map is piecewise constant, and undamped iterates
-      jitter instead of settling); the replica stage 0.5 for every activation (a replica's map, with
-      S / R samples, amplifies its noise more than the pooled map: undamped, its iterates can jitter
-      by about their own deviation from the answer on long time grids, and the spread with them).
-      `undamped_above`: undamped pooled steps while the relative change is above this, then `damping`.
+      applies to both stages, fixed). None (default): for a smooth activation, adaptive: the pooled
+      stage starts undamped (beta = 1), the replica stage at 0.5, and each update divides the previous
+      beta by `1 - ratio`, within [0.1, 1], with `ratio` the secant ratio of the last two changes of
+      the read-out's correction `eps` (`dmft.solve`). That cancels the dominant mode: an oscillating
+      one (deep networks on long grids) lowers beta, a slow monotone one raises it (with
+      `predictions="euler"` there is no `eps`, and beta stays where it starts). For relu fixed at 0.5
+      in both stages: its Monte Carlo map is piecewise constant, undamped iterates jitter instead of
+      settling, and a ratio of jittering changes says nothing. `undamped_above`: undamped pooled steps
+      while the relative change is above this, then the fixed `damping` (or the default's start).
     - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
       S / R. The result does not depend on it. None (default): up to 1024, halved until the solve
       fits the memory budget.
@@ -362,8 +370,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         run = run if mesh is None else _mesh.shard(run, mesh)
         return _Replicas(run(state.reps, self._keys(key)), state.center)
 
-    def damping_at(self, problem, change):
-        return self._replica_beta()
+    def damping_at(self, problem, change, ratio, beta):
+        base = self._replica_beta()
+        return _secant(base, ratio, beta, 1.0) if self._adaptive(problem) else base
 
     def _beta(self, problem):
         """The damping beta of the pooled stage (see `damping`)."""
@@ -374,6 +383,10 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     def _replica_beta(self):
         """The damping beta of the replica stage (see `damping`)."""
         return 0.5 if self.damping is None else self.damping
+
+    def _adaptive(self, problem):
+        """Whether the damping adapts to the iteration (`_secant`): by default, for a smooth activation."""
+        return self.damping is None and problem.activation.smooth
 
     def _devices(self):
         """The mesh the replicas are spread over (`mesh`), or None for one device."""
@@ -388,6 +401,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # replica mean (the mean itself drifts to the replicas' common bias, which is not reported).
         spread = lambda X: X - X.mean(0)
         return spread(state.reps.Phi), spread(state.reps.G)
+
+    def secant_view(self, state):
+        return state.reps.eps - state.reps.eps.mean(0)
 
     def noise_floor(self, state):
         """Relative Monte Carlo standard errors `(2,)` of the replica-mean Phi and G (Frobenius norms)."""
@@ -440,7 +456,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     def _map(self, problem, state, keys, axes, mesh, beta):
         """One application of the map to `state` (no replica axis) with the samples of the replicas
         `keys (K,)` pooled, on the Sobol `axes` (`_axes`), spread over the devices of `mesh` (None: one
-        device), in a sweep that mixes each new layer as `solve` will, with damping `beta`: `(new
+        device), in a sweep that mixes each new layer with the old by damping `beta`: `(new
         state, floor (2,))`, floor the relative standard errors of the new Phi and G from the spread of
         the K replicas' kernels (0 when K = 1)."""
         if problem.depth == 1:
@@ -656,6 +672,14 @@ def _over_replicas(keys, zeros, one_chunk, per_replica, chunk, mesh):
     mean = {k: v / K for k, v in total.items()}
     var = {k: (squares[k] - K * mean[k] ** 2) / max(K - 1, 1) for k in squares}
     return mean, var
+
+
+def _secant(base, ratio, beta, hi):
+    """Adaptive damping: the previous update's `beta` (`base` before the first) divided by `1 - ratio`,
+    the damping that cancels the dominant mode of the last two changes (their secant `ratio`, `solve`),
+    within [0.1, hi]. An oscillating mode (ratio < 0) lowers it, a slow monotone one raises it."""
+    beta = jnp.where(jnp.isnan(beta), base, beta)
+    return jnp.clip(beta / (1 - jnp.clip(ratio, -0.9, 0.9)), 0.1, hi)
 
 
 def _replica_dtype(problem):
