@@ -135,7 +135,7 @@ class _PooledStage(AbstractIterativeSolver):
         base = self.mc._beta(problem)
         if self.mc.undamped_above is not None:
             return jnp.where(change > self.mc.undamped_above, 1.0, base)
-        return _secant(base, ratio, beta, base) if self.mc._adaptive(problem) else base
+        return _secant(base, ratio, beta) if self.mc._adaptive(problem) else base
 
 
 class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
@@ -372,7 +372,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
 
     def damping_at(self, problem, change, ratio, beta):
         base = self._replica_beta()
-        return _secant(base, ratio, beta, 1.0) if self._adaptive(problem) else base
+        return _secant(base, ratio, beta) if self._adaptive(problem) else base
 
     def _beta(self, problem):
         """The damping beta of the pooled stage (see `damping`)."""
@@ -674,12 +674,12 @@ def _over_replicas(keys, zeros, one_chunk, per_replica, chunk, mesh):
     return mean, var
 
 
-def _secant(base, ratio, beta, hi):
+def _secant(base, ratio, beta):
     """Adaptive damping: the previous update's `beta` (`base` before the first) divided by `1 - ratio`,
     the damping that cancels the dominant mode of the last two changes (their secant `ratio`, `solve`),
-    within [0.1, hi]. An oscillating mode (ratio < 0) lowers it, a slow monotone one raises it."""
+    within [0.1, 1]. An oscillating mode (ratio < 0) lowers it, a slow monotone one raises it."""
     beta = jnp.where(jnp.isnan(beta), base, beta)
-    return jnp.clip(beta / (1 - jnp.clip(ratio, -0.9, 0.9)), 0.1, hi)
+    return jnp.clip(beta / (1 - jnp.clip(ratio, -0.9, 0.9)), 0.1, 1.0)
 
 
 def _replica_dtype(problem):
