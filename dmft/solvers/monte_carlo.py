@@ -18,14 +18,14 @@ the Sobol net, or independent keys).
    the feedback of the sampling noise through the nonlinear self-consistency biases a solve with S
    samples by O(T Pa / S), the least the samples allow.
 2. Replicas: every replica, started at the pooled fixed point, iterates the map with its own S / R
-   samples until the replicas' spread has converged (to a tenth, or has stopped changing for relu,
-   whose per-replica maps jitter). The spread of the replicas' answers over sqrt(R) is the error
-   bar: it contains the feedback of the noise (each replica's noise propagated through the
-   self-consistency) and is blind to their common O(T Pa R / S) bias, which the pooled answer does
-   not have. For a smooth activation the replicas run in float32 whatever the problem's precision:
-   the error bar needs a few digits, and float32 halves the stage's time and memory on a CPU. relu's
-   replicas do not settle and stop on a jittering iterate, which rounding changes; they keep the
-   problem's precision.
+   samples until the replicas' spread, the standard deviation over them of every kernel entry, has
+   converged to a tenth (relu, whose per-replica maps jitter: until their deviations stop growing).
+   The spread of the replicas' answers over sqrt(R) is the error bar: it contains the feedback of
+   the noise (each replica's noise propagated through the self-consistency) and is blind to their
+   common O(T Pa R / S) bias, which the pooled answer does not have. For a smooth activation the
+   replicas run in float32 whatever the problem's precision: the error bar needs a few digits, and
+   float32 halves the stage's time and memory on a CPU. relu's replicas do not settle and stop on a
+   jittering iterate, which rounding changes; they keep the problem's precision.
 
 **The equal-time response (a correction to THEORY 4, which masks D to s < t).** In the network,
 `z^l(t) = W^l(t)^T g^{l+1}(t) / sqrt(N)` and `g^{l+1}(t)` depends on `W^l(0)` through
@@ -93,11 +93,13 @@ class _Pooled(eqx.Module):
 
 
 class _Replicas(eqx.Module):
-    """The replica stage's state: every replica's order parameters `reps` (a `_State`, leading axis R)
-    and `center`, the pooled fixed point they started from (the reported answer)."""
+    """The replica stage's state: every replica's order parameters `reps` (a `_State`, leading axis R),
+    `center`, the pooled fixed point they started from (the reported answer), and whether the
+    activation is smooth (`MonteCarlo.monitor`)."""
 
     reps: _State
     center: _State
+    smooth: bool = eqx.field(static=True)
 
 
 class _PooledStage(AbstractIterativeSolver):
@@ -354,7 +356,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     def enter(self, problem, state):
         q = _replica_precision(problem, state.q)
         reps = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_replicas, *x.shape)), q)
-        return _Replicas(reps, state.q)
+        return _Replicas(reps, state.q, problem.activation.smooth)
 
     def step(self, problem, state, key):
         # One replica after the other (lax.map, not vmap): batched LAPACK kernels (eigh, cholesky,
@@ -368,7 +370,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         run = lambda reps, keys: jax.lax.map(one, (reps, keys))
         mesh = self._devices()
         run = run if mesh is None else _mesh.shard(run, mesh)
-        return _Replicas(run(state.reps, self._keys(key)), state.center)
+        return _Replicas(run(state.reps, self._keys(key)), state.center, state.smooth)
 
     def damping_at(self, problem, change, ratio, beta):
         base = self._replica_beta()
@@ -397,8 +399,15 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return jax.vmap(lambda r: jr.fold_in(key, r))(jnp.arange(self.n_replicas))
 
     def monitor(self, state):
-        # The replicas converge when their spread, the error bar, has: their deviations from the
-        # replica mean (the mean itself drifts to the replicas' common bias, which is not reported).
+        # The replicas converge when their spread, the error bar, has (not their mean: it drifts to the
+        # replicas' common bias, which is not reported). Smooth maps: the standard deviation over the
+        # replicas of every entry; the deviations themselves keep rotating among the replicas at late
+        # times, which depend on the whole history, long after it has settled. relu: the deviations,
+        # whose change stays at ~0.6 from the second iteration on, so that the stall rule ends the
+        # stage as soon as they have stopped growing (the standard deviation's change falls to a
+        # jitter of ~0.2 that the rule needs five more iterations to call a stall).
+        if state.smooth:
+            return state.reps.Phi.std(0), state.reps.G.std(0)
         spread = lambda X: X - X.mean(0)
         return spread(state.reps.Phi), spread(state.reps.G)
 
