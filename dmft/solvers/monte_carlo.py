@@ -299,15 +299,17 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # C outputs: G (and r's covariance) grows C^2-fold, the responses C-fold, Phi not; the model
         # scales each group of kernels by its members' average growth.
         C = problem.C
-        # Elements held per replica (in the replica stage's precision) and once (the problem's).
+        # Elements held per replica (in the replica stage's precision) and once (the problem's). relu's
+        # replica stage also holds the replicas' deviations that it monitors (`monitor`).
+        smooth = problem.activation.smooth
         if L == 1:  # equal-time kernels (T, Pa, Pa): Phi and G
             m = T * Pa * Pa * (1 + C * C) / 2
-            replicas, once = 4.6 * local * m, 6.3 * m + 1.1 * chunk * T * Pa * (1 + C) / 2
+            replicas, once = (2.9 if smooth else 4.6) * local * m, 6.3 * m + 1.1 * chunk * T * Pa * (1 + C) / 2
             flops = {"pooled": 8.0 * S * m, "replicas": 8.0 * S * m}
         else:  # (L, T Pa, T Pa) kernels and responses: 4 L - 2 of them per replica
             n, k = T * Pa, 4 * L - 2
             grow = (L + L * C * C + 2 * (L - 1) * C) / k  # Phi, G, A, B per layer
-            replicas = 2.7 * local * k * grow * n * n
+            replicas = (2.1 if smooth else 2.7) * local * k * grow * n * n
             # On a mesh the pooled kernels are kept in time blocks, but each device's partial sums and
             # the matrices gathered for the factorisations are whole.
             pooled = (1.2 * k * grow + 6.0 * (1 + C * C)) if mesh is None else 2.1 * k * grow
