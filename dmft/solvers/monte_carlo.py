@@ -405,9 +405,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # replicas' common bias, which is not reported). Smooth maps: the standard deviation over the
         # replicas of every entry; the deviations themselves keep rotating among the replicas at late
         # times, which depend on the whole history, long after it has settled. relu: the deviations,
-        # whose change stays at ~0.6 from the second iteration on, so that the stall rule ends the
-        # stage as soon as they have stopped growing (the standard deviation's change falls to a
-        # jitter of ~0.2 that the rule needs five more iterations to call a stall).
+        # whose change stops falling as soon as they have stopped growing, so that the stall rule
+        # ends the stage then (the jittering replicas keep the standard deviation falling slowly).
         if state.smooth:
             return state.reps.Phi.std(0), state.reps.G.std(0)
         spread = lambda X: X - X.mean(0)
