@@ -247,6 +247,17 @@ def test_bad_settings(kwargs, match):
         dmft.solve(_linear_problem(2, 1.0), dmft.MonteCarlo(**kwargs), key=0)
 
 
+def test_default_samples_follow_the_accuracy_target():
+    # n_samples=None: 4096, and 16384 for relu at depth >= 3, whose error bar at 4096 samples exceeds the
+    # half percent that test_finite_width.py's slow test holds the defaults to. An explicit S is kept.
+    problem = lambda L, act: dmft.Problem(dmft.datasets.sphere(4, 4, 0), dmft.MLP(L, act), n_steps=3)
+    samples = lambda L, act, **kw: dmft.estimate(problem(L, act), dmft.MonteCarlo(**kw)).sizes["samples"]
+    assert samples(3, "relu") == samples(4, "relu") == 16384
+    assert samples(1, "relu") == samples(2, "relu") == samples(3, "tanh") == 4096
+    assert samples(3, "relu", n_samples=2048) == 2048
+    assert dmft.MonteCarlo().sized(problem(3, "relu")).n_samples == 16384
+
+
 def test_sobol_dimension_limit():
     problem = dmft.Problem(dmft.datasets.sphere(30, 4, 0), dmft.MLP(2, "tanh"), n_steps=400)
     with pytest.raises(ValueError, match='use sampling="plain"'):

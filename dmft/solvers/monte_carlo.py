@@ -147,7 +147,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
 
     - `n_samples`: single-site samples S per layer and iteration, over all replicas (error ~ S^-1/2,
       like a network of width S; quasi-random sources do better; the feedback bias is O(T Pa / S)
-      for T times and Pa points).
+      for T times and Pa points). None (default): 4096, and 16384 for an activation that is not
+      smooth (relu) at depth >= 3, whose error bar at 4096 samples is larger than the half percent of
+      the initial loss that the defaults are held to against networks (`benchmarks/RESULTS.md`).
     - `n_replicas`: R independent replicas of S / R samples each (see the module docstring).
       `Solution.stderr` is their spread over sqrt(R), `sd / sqrt(R)`, the standard error of the
       answer; with R - 1 degrees of freedom, +-2.36 stderr is a 95% interval at R = 8.
@@ -208,7 +210,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     Depth 1 uses the equal-time fast path of THEORY 7 (`Solution.Phi = None`).
     """
 
-    n_samples: int = eqx.field(static=True, default=4096)
+    n_samples: int | None = eqx.field(static=True, default=None)
     n_replicas: int = eqx.field(static=True, default=8)
     sampling: str = eqx.field(static=True, default="sobol")
     control_variates: bool | None = eqx.field(static=True, default=None)
@@ -231,7 +233,16 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     def samples(self, problem):
         return True
 
+    def _filled(self, problem):
+        """This solver with `n_samples` chosen for `problem` where it is None (see `n_samples`)."""
+        if self.n_samples is not None:
+            return self
+        kinked_and_deep = not problem.activation.smooth and problem.depth >= 3
+        return dataclasses.replace(self, n_samples=16384 if kinked_and_deep else 4096)
+
     def validate(self, problem):
+        if self.n_samples is None:
+            return self._filled(problem).validate(problem)
         S, R = self.n_samples, self.n_replicas
         if R < 2 or S % R or S // R < 2:
             raise ValueError(
@@ -292,6 +303,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         `benchmarks/RESULTS.md`), and the leading flop counts per iteration (fields and moments
         ~12 S (T Pa)^2 per layer; square roots and Stein regressions ~23 (T Pa)^3 per layer, once
         pooled, R times in the replica stage)."""
+        if self.n_samples is None:
+            return self._filled(problem).estimate(problem)
         L, T, Pa = problem.depth, problem.n_steps + 1, problem.data.Kx.shape[0]
         R, S, chunk = self.n_replicas, self.n_samples, self._chunk
         mesh = self._devices()
@@ -322,11 +335,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return costs.Estimate(int(memory), costs.budget_bytes(self.memory), flops, sizes)
 
     def sized(self, problem):
-        solver = self
+        solver = self._filled(problem)
         if self.chunk_size is None:  # about halve the chunk until it fits; it must divide a replica's samples
             pairs = 2 if self.sampling == "antithetic" else 1
             while not solver.estimate(problem).fits and solver._chunk > 2 * pairs:
-                divisors = [c for c in range(pairs, solver._chunk // 2 + 1, pairs) if self._per_replica % c == 0]
+                divisors = [c for c in range(pairs, solver._chunk // 2 + 1, pairs) if solver._per_replica % c == 0]
                 solver = dataclasses.replace(solver, chunk_size=divisors[-1])
         estimate = solver.estimate(problem)
         if not estimate.fits:
