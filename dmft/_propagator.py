@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["linear_bytes", "linear_coefficients"]
+__all__ = ["linear_bytes", "linear_coefficients", "outputs"]
 
 _RESTART = 40  # GMRES's Krylov basis per restart
 _CHUNK = 16  # directions solved at once (vmapped)
@@ -291,15 +291,9 @@ def linear_coefficients(problem, f):
             f"by {float(change):.3g} (scale {scale:.3g}); pass the Problem the Solution was solved for, and "
             "the dmft.LinearClosure() solution (a Monte Carlo one is off by its sampling error)"
         )
-    data, P, loss = problem.data, problem.P, problem.loss
-    T, Pa = problem.n_steps + 1, data.Kx.shape[0]
-    m, n = q.shape[0], T * Pa
-    # The directions: every prediction, and every NTK entry with mu <= nu (the NTK is symmetric).
-    upper = np.triu_indices(P)
-    ntk = lambda q: _ntk(problem, q)[:, upper[0], upper[1]].ravel()
-    _, ntk_vjp = jax.vjp(ntk, q)
-    dK = jax.vmap(lambda e: ntk_vjp(e)[0])(jnp.eye(T * len(upper[0]), dtype=q.dtype))
-    directions = jnp.concatenate([jnp.eye(n, m, m - n, dtype=q.dtype), dK])
+    n = f.size
+    dK, upper = _ntk_directions(problem, q)
+    directions = jnp.concatenate([jnp.eye(n, q.shape[0], q.shape[0] - n, dtype=q.dtype), dK])
     z, residual = _covariance(problem, q, directions)
     tol = _tolerance(q.dtype)
     if not float(residual.max()) <= 10 * tol:
@@ -308,8 +302,29 @@ def linear_coefficients(problem, f):
             f"tolerance {tol:.0e}): the closure's fixed point may be at the edge of stability; use a smaller "
             "eta0 or t_max"
         )
+    var = jnp.einsum("km,km->k", dK, z[n:])
+    coef, F = _outputs(problem, q, z[:n, q.shape[0] - n :], var, upper)
+    return coef, {name: jnp.zeros_like(x) for name, x in coef.items()}, F
+
+
+def _ntk_directions(problem, q):
+    """The gradients `(k, m)` of every train NTK entry with mu <= nu (the NTK is symmetric) over time
+    with respect to q, and those index pairs."""
+    upper = np.triu_indices(problem.P)
+    ntk = lambda q: _ntk(problem, q)[:, upper[0], upper[1]].ravel()
+    _, ntk_vjp = jax.vjp(ntk, q)
+    k = (problem.n_steps + 1) * len(upper[0])
+    return jax.vmap(lambda e: ntk_vjp(e)[0])(jnp.eye(k, dtype=q.dtype)), upper
+
+
+def _outputs(problem, q, C_f, ntk_var, upper):
+    """`(coef, F)` of `fluctuations`: the variance coefficients of the predictions, the losses' covariances
+    over time and the NTK entries' variances from `C_f = N Cov(f) (n, n)` and `ntk_var` (`_ntk_directions`
+    order), with the predictions `F (T, P, 1)` of the fixed point q."""
+    data, P, loss = problem.data, problem.P, problem.loss
+    T, Pa = problem.n_steps + 1, data.Kx.shape[0]
+    m, n = q.shape[0], T * Pa
     F = q[m - n :].reshape(T, Pa)
-    C_f = z[:n, m - n :]
     coef = {"f": jnp.diagonal(C_f).reshape(T, Pa, 1)}
     grads = {"loss": (data.Y, slice(None, P)), "loss_test": (data.Y_test, slice(P, None))}
     for name, (Y, points) in grads.items():
@@ -319,7 +334,13 @@ def linear_coefficients(problem, f):
         g = jnp.zeros((T, Pa), q.dtype).at[:, points].set(g)
         G = jnp.einsum("ts,tp->tsp", jnp.eye(T, dtype=q.dtype), g).reshape(T, n)  # d loss(t) / d f
         coef[name] = G @ C_f @ G.T
-    var = jnp.einsum("km,km->k", dK, z[n:]).reshape(T, -1)
+    var = ntk_var.reshape(T, -1)
     coef["ntk"] = jnp.zeros((T, P, P), q.dtype).at[:, upper[0], upper[1]].set(var).at[:, upper[1], upper[0]].set(var)
-    se = {name: jnp.zeros_like(x) for name, x in coef.items()}
-    return coef, se, F[:, :P, None]
+    return coef, F[:, :P, None]
+
+
+def outputs(problem, q, cov):
+    """`_outputs` from the dense `N Cov(q) (m, m)`."""
+    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    dK, upper = _ntk_directions(problem, q)
+    return _outputs(problem, q, cov[-n:, -n:], jnp.einsum("km,mn,kn->k", dK, cov, dK), upper)
