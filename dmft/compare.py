@@ -10,7 +10,8 @@ import numpy as np
 
 from . import networks
 from ._keys import as_key
-from .fluctuations import Fluctuations, deep_linear
+from .activations import Linear
+from .fluctuations import Fluctuations, deep_propagator
 from .fluctuations import fluctuations as fluctuations_of
 from .solution import Solution
 from .solve import solve
@@ -60,7 +61,8 @@ def _fluctuations_affordable(problem):
     T, Pa = problem.n_steps + 1, problem.data.Kx.shape[0]
     if problem.depth == 1:
         return T * problem.P * problem.C <= MAX_FLUCTUATION_SIZE
-    return float(problem.gamma0) > 0 and deep_linear(problem) and T * Pa <= MAX_LINEAR_FLUCTUATION_SIZE
+    linear = isinstance(problem.activation, Linear) and deep_propagator(problem)
+    return float(problem.gamma0) > 0 and linear and T * Pa <= MAX_LINEAR_FLUCTUATION_SIZE
 
 
 def compare(

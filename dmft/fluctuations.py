@@ -23,8 +23,9 @@ from the second-order terms (section 13). Everything is estimated from `n_sample
 the Monte Carlo standard error of each coefficient comes from the higher moments of the influences.
 
 Deeper networks in the lazy limit (`_lazy_coefficients`): each layer's N neurons add their sampling
-noise to the kernel recursion of the static NTK (section 13). Deep linear networks with feature
-learning: the propagator of the DMFT action (`_propagator`, section 13), exact, by Krylov solves.
+noise to the kernel recursion of the static NTK (section 13). Deep networks with feature learning:
+the propagator of the DMFT action (section 13), exact by Krylov solves for linear activations
+(`_propagator`), with its ingredients sampled for other smooth ones (`_sampled_propagator`).
 
 J is built by forward-mode differentiation along each neuron's path. For an activation whose
 derivative jumps (relu: `activation.smooth` is False) a small change of Delta flips `phi'(h)` of the
@@ -44,6 +45,7 @@ import jax.random as jr
 
 from ._keys import as_key
 from ._propagator import linear_bytes, linear_coefficients
+from ._sampled_propagator import sampled_bytes, sampled_coefficients
 from .activations import Linear
 from .costs import budget_bytes
 from .dynamics import euler_predictions
@@ -102,13 +104,12 @@ def _check(problem, sol, n_samples, chunk_size):
     if not isinstance(problem, Problem) or not isinstance(sol, Solution):
         raise ValueError("fluctuations(problem, sol) takes a dmft.Problem and the dmft.Solution solved for it")
     if problem.depth > 1 and not (float(problem.gamma0) == 0 and problem.activation.smooth and problem.C == 1):
-        if not deep_linear(problem):
+        if not deep_propagator(problem):
             raise ValueError(
                 f"fluctuations covers two-layer networks (MLP(depth=1)), and deeper ones (depth "
                 f"{problem.depth}) in the lazy limit (gamma0 = 0) with a smooth activation and scalar targets, "
-                "or with feature learning for linear activations, scalar targets, sigma_w = 1 and sigma_b = 0: "
-                "deep nonlinear networks with feature learning need the propagator's response-function "
-                "covariances by Monte Carlo, which is not implemented"
+                "or with feature learning for smooth activations (not relu: its phi'' is a delta that the "
+                "sampled propagator's derivatives miss), scalar targets, sigma_w = 1 and sigma_b = 0"
             )
     if sol.result != RESULTS.successful:
         raise ValueError("the Solution did not converge: fluctuations around it would mean nothing; solve it again")
@@ -128,15 +129,12 @@ def _check(problem, sol, n_samples, chunk_size):
         )
 
 
-def deep_linear(problem) -> bool:
-    """Whether the deep linear propagator (`_propagator`) covers `problem`."""
+def deep_propagator(problem) -> bool:
+    """Whether the propagator of the action covers `problem` at depth >= 2 with feature learning:
+    exactly (`_propagator`) for a linear activation, by sampling (`_sampled_propagator`) for another
+    smooth one."""
     net = problem.net
-    return (
-        isinstance(problem.activation, Linear)
-        and problem.C == 1
-        and float(net.sigma_w) == 1.0
-        and float(net.sigma_b) == 0.0
-    )
+    return problem.activation.smooth and problem.C == 1 and float(net.sigma_w) == 1.0 and float(net.sigma_b) == 0.0
 
 
 def _normal(key, shape, dtype):
@@ -393,9 +391,11 @@ def fluctuations(
     `problem`, as coefficients of 1/N (`Fluctuations`): two-layer networks (`MLP(depth=1)`), any
     activation, loss and number of outputs; `problem.gamma0 = 0` gives the lazy limit (pass the
     `dmft.Lazy(discrete=True)` solution), at any depth for smooth activations and scalar targets; deep
-    linear networks with feature learning (scalar targets, `sigma_w = 1`, `sigma_b = 0`; pass the
-    `dmft.LinearClosure()` solution), exactly (standard errors 0; `key`, `n_samples` and `chunk_size`
-    unused). Theory section 13; no mean shift at depth >= 2.
+    networks with feature learning and a smooth activation (scalar targets, `sigma_w = 1`, `sigma_b =
+    0`): linear ones exactly (pass the `dmft.LinearClosure()` solution; standard errors 0; `key`,
+    `n_samples` and `chunk_size` unused), others from `n_samples` sampled single sites per layer (a
+    multiple of 8; dense, cost ~ `n_samples (T Pa)^5`: small grids only; `chunk_size` unused, the
+    samples differentiated at once follow from `memory`). Theory section 13; no mean shift at depth >= 2.
 
     `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
     converged solution of this problem. `n_samples` independent neurons estimate the covariances (their
@@ -406,7 +406,7 @@ def fluctuations(
     (`benchmarks/fluctuations.py`).
     """
     _check(problem, sol, n_samples, chunk_size)
-    _check_memory(problem, chunk_size, memory)
+    _check_memory(problem, n_samples, chunk_size, memory)
     if not problem.activation.smooth:
         warnings.warn(
             f"{type(problem.activation).__name__} is not smooth: the fluctuations miss the neurons whose phi'(h) "
@@ -416,7 +416,10 @@ def fluctuations(
         )
     if problem.depth > 1 and float(problem.gamma0) > 0:
         f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
-        coef, se, F = linear_coefficients(problem, f)
+        if isinstance(problem.activation, Linear):
+            coef, se, F = linear_coefficients(problem, f)
+        else:
+            coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget_bytes(memory))
     else:
         coefficients = _coefficients if problem.depth == 1 else _lazy_coefficients
         coef, se, F = coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
@@ -424,14 +427,17 @@ def fluctuations(
     return _assemble(problem, coef, se, n_samples)
 
 
-def _check_memory(problem, chunk_size, memory):
+def _check_memory(problem, n_samples, chunk_size, memory):
     """Refuse a problem whose dense Jacobians `(n, T, Pa C)`, `(n, T, (P C)^2)`, their running sum, the
     `(n, n)` propagator and one chunk's tangents (`P C` per neuron, `(Pa + 1) C` numbers each) exceed the
-    budget, `n = T P C`."""
+    budget, `n = T P C`; at depth >= 2 with feature learning, the propagator's memory (`linear_bytes`,
+    `sampled_bytes`)."""
     T, P, C, Pa = problem.n_steps + 1, problem.P, problem.C, problem.data.Kx.shape[0]
     n = T * P * C
-    if problem.depth > 1 and float(problem.gamma0) > 0:  # the deep linear propagator's Krylov solves
-        needed, what = linear_bytes(problem), f"T Pa = {T * Pa} (time, point) pairs in {problem.depth} layers"
+    if problem.depth > 1 and float(problem.gamma0) > 0:  # the propagator of the action
+        linear = isinstance(problem.activation, Linear)
+        needed = linear_bytes(problem) if linear else sampled_bytes(problem, n_samples, budget_bytes(memory))
+        what = f"T Pa = {T * Pa} (time, point) pairs in {problem.depth} layers"
     else:
         numbers = 2 * n * T * (Pa * C + (P * C) ** 2) + 3 * n**2 + 4 * P * C * chunk_size * (Pa + 1) * C * T
         needed, what = numbers * problem.data.Kx.dtype.itemsize, f"T P C = {n} train (time, point, class) triples"

@@ -1,0 +1,359 @@
+"""The 1/N fluctuations of deep networks with a smooth activation and feature learning: the
+propagator of the DMFT action (`_propagator`, docs/theory_extensions.md section 13) with the site
+averages, their derivatives and the observables' covariance estimated from single-site samples.
+
+Layer l's site is `h = chi + Kh g`, `z = xi + Kz phi(h)`, `g = phi'(h) z` over the n = T Pa (time,
+point) pairs, with `chi ~ N(0, Phi^{l-1})`, `xi ~ N(0, G^{l+1})` and the drifts `Kh`, `Kz` of
+`_propagator` (for `phi(h) = h` it is that module's linear site). Its observables are `phi phi^T`,
+`g g^T`, `-phi (i zhat)^T` (alpha^l, l < L), `-(i hhat) g^T` (beta^l, l > 1) and, in layer L, the
+centred predictions `(z phi - z(0) phi(0)) / gamma0`. Every sample is a deterministic function
+`y(s)` of its sources `s = (chi, xi)`, so a response field is a derivative: `<F (i shat_p)> =
+-E[dF/ds_p]` and `<F (i shat_p)(i shat_q)> = E[d2F/ds_p ds_q]`. From forward-mode derivatives of y:
+
+* the averages and the fixed point q (the responses `E[dphi/dxi]`, `E[dg/dchi]` pathwise, exact per
+  sample, unlike `MonteCarlo`'s Stein regression);
+* `D = dE[O]/dq`: through the drifts pathwise, and through the source covariances by Price's
+  theorem, `dE[O]/dK_pq = E[d2 O / ds_p ds_q] / 2` (differentiating the samples `K^{1/2} e` instead
+  has the factor `1 / (s_i + s_j)` on pairs of small singular values: its noise is unbounded);
+* `kappa`, every `E[O_A O_B] = E[D_A D_B (X_A X_B)]` with `D = d/ds_p` for a response observable.
+
+Everything is dense: m = (4 L - 2) n^2 + n order parameters, and per sample the Hessians of the
+observables (third derivatives of y for the responses), so the cost grows like `S n^5` and this path is
+for small T Pa (`sampled_bytes`). The answer is the mean of `_GROUPS` independent estimates, each with
+its own samples and its own fixed point, and its standard error their spread over sqrt(_GROUPS): the
+fixed point's sampling error is common to every group of samples that shares it, and batch means
+around one fixed point miss it (`benchmarks/RESULTS.md`).
+Smooth activations only: for relu `phi''` is a delta that pathwise derivatives miss.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from . import _propagator as lp
+from .solvers._sampling import factor
+
+__all__ = ["sampled_bytes", "sampled_coefficients"]
+
+_GROUPS = 8  # independent estimates (replicas), whose spread is the standard error
+_MAX_ITERS = 500  # of the fixed point's damped iteration, which stops at a relative change of sqrt(eps)
+
+
+def _inputs(problem, blocks, l):
+    """Layer l's `(S_chi, S_xi, alpha^{l-1}, beta^{l+1}, f)`: the fixed source covariances of layer 1
+    (`Kx` in every time pair) and layer L (the read-outs: ones) carry no derivative."""
+    L, Kx, T = problem.depth, problem.data.Kx, problem.n_steps + 1
+    n = T * Kx.shape[0]
+    Phi_prev, G_next, alpha_prev, beta_next, f = lp._inputs(blocks, l, L)
+    fixed = jax.lax.stop_gradient
+    S_chi = fixed(jnp.kron(jnp.ones((T, T), Kx.dtype), Kx)) if l == 1 else Phi_prev
+    S_xi = fixed(jnp.ones((n, n), Kx.dtype)) if l == L else G_next
+    # alpha and beta enter through the pairing Hab of the action, not through D (`_propagator`)
+    alpha_prev, beta_next = (None if x is None else fixed(x) for x in (alpha_prev, beta_next))
+    return S_chi, S_xi, alpha_prev, beta_next, f
+
+
+def _site(problem, S_chi, S_xi, alpha_prev, beta_next, f):
+    """`y(s) = (phi(h), g, z phi(h))` `(3n,)` of one sample's sources `s = (chi, xi)` `(2n,)`, solved
+    forward in time (Kh strictly causal, Kz causal with its equal-time block)."""
+    act, T, Pa = problem.activation, problem.n_steps + 1, problem.data.Kx.shape[0]
+    n, dtype = T * Pa, S_chi.dtype
+    c = problem.dt * problem.eta0 / problem.P
+    causal = jnp.kron(jnp.tril(jnp.ones((T, T), dtype), -1), jnp.ones((Pa, Pa), dtype))
+    drift = c * problem.gamma0 * causal * lp._error_signal(problem, f).reshape(1, n)
+    Kh = drift * S_chi + (0.0 if alpha_prev is None else alpha_prev)
+    Kz = drift * S_xi + (0.0 if beta_next is None else beta_next.T)
+
+    def y(s):
+        chi, xi = s[:n], s[n:]
+        phi, g, z = (jnp.zeros(n, dtype) for _ in range(3))
+        for t in range(T):
+            now = slice(t * Pa, (t + 1) * Pa)
+            h = chi[now] + Kh[now] @ g
+            phi = phi.at[now].set(act.fn(h))
+            z = z.at[now].set(xi[now] + Kz[now] @ phi)
+            g = g.at[now].set(act.dfn(h) * z[now])
+        return jnp.concatenate([phi, g, z * phi])
+
+    return y
+
+
+def _sources(inputs, e):
+    """Sources `(S, 2n)` from standard normals `e (S, 2n)`, by a square root held fixed: their
+    dependence on the covariances is Price's part of D (`_chunk_sums`)."""
+    n, root = inputs[0].shape[0], lambda K: factor(jax.lax.stop_gradient(K))[0]
+    return jnp.concatenate([e[:, :n] @ root(inputs[0]).T, e[:, n:] @ root(inputs[1]).T], axis=1)
+
+
+def _observables(problem, l, y, n):
+    """Layer l's observables of one sample in `_propagator._means` order (the predictions not yet
+    centred): a function of s, with the responses as derivatives of y."""
+    L = problem.depth
+
+    def obs(s):
+        Y = y(s)
+        phi, g = Y[:n], Y[n : 2 * n]
+        out = [jnp.outer(phi, phi).ravel(), jnp.outer(g, g).ravel()]
+        J = jax.jacfwd(y)(s)
+        if l < L:  # alpha_ab = d phi_a / d xi_b
+            out.append(J[:n, n:].ravel())
+        if l > 1:  # beta_ab = d g_b / d chi_a
+            out.append(J[n : 2 * n, :n].T.ravel())
+        if l == L:
+            out.append(Y[2 * n :])
+        return jnp.concatenate(out)
+
+    return obs
+
+
+def _centre_rows(problem, l, X):
+    """Layer L's rows of the predictions (the last n rows of `X (n_obs, k)`) centred and over gamma0."""
+    if l != problem.depth:
+        return X
+    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    return X.at[-n:].set(jax.vmap(lambda v: lp._centred(problem, v), in_axes=1, out_axes=1)(X[-n:]))
+
+
+def _pair(kind_a, a, kind_b, b, Y, J, H):
+    """`sum_s E-integrand of O_A O_B` `(|A|, |B|)` over a chunk, for two groups of observables of one
+    kind each: "P" `(i, j)` the products `y_i y_j`, "F" `(i, None)` the values `y_i`, "R" `(i, p)` the
+    responses `-y_i (i shat_p)`; `E[O_A O_B] = E[D_A D_B (X_A X_B)]` (module docstring). `Y (c, 3n)`,
+    `J (c, 3n, 2n)`, `H (c, 3n, 2n, 2n)`: y and its derivatives over the chunk."""
+    if kind_a == "R" and kind_b != "R":
+        return _pair(kind_b, b, kind_a, a, Y, J, H).T
+    value = lambda kind, x: Y[:, x[0]] * Y[:, x[1]] if kind == "P" else Y[:, x[0]]
+    if kind_b != "R":
+        return value(kind_a, a).T @ value(kind_b, b)
+    (i, p) = b
+    if kind_a != "R":  # E[d_p (X_A y_i)]
+        dX = J[:, a[0]][:, :, p]
+        if kind_a == "P":
+            dX = dX * Y[:, a[1]][:, :, None] + Y[:, a[0]][:, :, None] * J[:, a[1]][:, :, p]
+        return jnp.einsum("sab,sb->ab", dX, Y[:, i]) + value(kind_a, a).T @ J[:, i, p]
+    (k, q) = a  # E[d_q d_p (y_k y_i)] = E[H_kqp y_i + J_kq J_ip + J_kp J_iq + y_k H_ipq]
+    swap = lambda X: jnp.swapaxes(X, 1, 2)
+    return (
+        jnp.einsum("sab,sb->ab", H[:, k, q][:, :, p], Y[:, i])
+        + jnp.einsum("sa,sab->ab", Y[:, k], swap(H[:, i, p][:, :, q]))
+        + J[:, k, q].T @ J[:, i, p]
+        + jnp.einsum("sab,sab->ab", J[:, k][:, :, p], swap(J[:, i][:, :, q]))
+    )
+
+
+def _kinds(problem, l, n):
+    """Layer l's observables in `_means` order as `(kind, (index into y, second index))` groups."""
+    L = problem.depth
+    a, b = (x.ravel() for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    kinds = [("P", (a, b)), ("P", (n + a, n + b))]
+    if l < L:
+        kinds.append(("R", (a, n + b)))  # alpha_ab: y = phi_a, source xi_b
+    if l > 1:
+        kinds.append(("R", (n + b, a)))  # beta_ab: y = g_b, source chi_a
+    if l == L:
+        kinds.append(("F", (2 * n + np.arange(n), None)))
+    return kinds
+
+
+def _variables(problem, l):
+    """The q blocks layer l's averages depend on through D, with the slice of its sources whose
+    covariance each is (None for f, which enters through the drifts only)."""
+    L, n = problem.depth, (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    out = [(("Phi", l - 1), slice(0, n))] if l > 1 else []
+    out += [(("G", l + 1), slice(n, 2 * n))] if l < L else []
+    return out + [(("f", L), None)]
+
+
+def _derivative(problem, l, blocks, key, sources, s):
+    """Summed over the samples `s (c, 2n)`: the derivative `(n_obs, |key|)` of layer l's observables
+    with respect to the q block `key`, pathwise through the drifts with the sources held fixed, plus,
+    when `key` is the covariance of the `sources` slice of s, Price's theorem
+    `dE[O] / dK_pq = E[d2 O / ds_p ds_q] / 2`."""
+
+    def of(x, s):  # the observables of sample s as a function of the q block `key`
+        inputs = _inputs(problem, blocks | {key: x}, l)
+        return _observables(problem, l, _site(problem, *inputs), inputs[0].shape[0])(s)
+
+    x = blocks[key]
+    total = jax.vmap(lambda s: jax.jacfwd(of)(x, s))(s).sum(0).reshape(-1, x.size)
+    if sources is None:
+        return total
+    within = lambda v, s: of(x, s.at[sources].set(v))
+    price = jax.vmap(lambda s: jax.jacfwd(jax.jacfwd(within))(s[sources], s))(s).sum(0)
+    return total + 0.5 * price.reshape(total.shape)
+
+
+def _first(kind, index, Y, J):
+    """Summed over the chunk: the observables of one `_kinds` group (responses: `E[dy_i / ds_p]`)."""
+    i, j = index
+    return (Y[:, i] * Y[:, j] if kind == "P" else J[:, i, j] if kind == "R" else Y[:, i]).sum(0)
+
+
+def _chunk_sums(problem, l, blocks, s):
+    """Sums over a chunk of samples `s (c, 2n)` of layer l: `(d, m1, m2)`, d the derivatives of its
+    observables with respect to its `_variables` (`_derivative`), m1 and m2 their first and second
+    moments (`_pair`)."""
+    inputs = _inputs(problem, blocks, l)
+    y = _site(problem, *inputs)
+    d = {key: _derivative(problem, l, blocks, key, sources, s) for key, sources in _variables(problem, l)}
+    Y = jax.vmap(y)(s)
+    J = jax.vmap(jax.jacfwd(y))(s)
+    H = jax.vmap(jax.jacfwd(jax.jacfwd(y)))(s)
+    kinds = _kinds(problem, l, inputs[0].shape[0])
+    m1 = jnp.concatenate([_first(kind, index, Y, J) for kind, index in kinds])
+    m2 = jnp.block([[_pair(ka, a, kb, b, Y, J, H) for kb, b in kinds] for ka, a in kinds])
+    return d, m1, m2
+
+
+def _normals(problem, key, S):
+    """Standard normals `(L, S, 2n)`, layer by layer, drawn in float32 and cast: the same sources in
+    either precision."""
+    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    e = jax.vmap(lambda l: jr.normal(jr.fold_in(key, l), (S, 2 * n), jnp.float32))(jnp.arange(problem.depth))
+    return e.astype(problem.data.Kx.dtype)
+
+
+def _averages(problem, q, e):
+    """The sampled map: every layer's site averages from the normals `e (L, S, 2n)`, `(m,)`."""
+    blocks = lp._unpack(problem, q)
+    out = []
+    for l in range(1, problem.depth + 1):
+        inputs = _inputs(problem, blocks, l)
+        obs = _observables(problem, l, _site(problem, *inputs), inputs[0].shape[0])
+        mean = jax.vmap(obs)(_sources(inputs, e[l - 1])).mean(0)
+        out.append(_centre_rows(problem, l, mean[:, None])[:, 0])
+    return jnp.concatenate(out)
+
+
+def _fixed_point(problem, f, e):
+    """The sampled map's fixed point `q (m,)` from the lazy kernels and the predictions f, by damped
+    iteration, and its last change relative to the largest order parameter."""
+    L, Kx, T = problem.depth, problem.data.Kx, problem.n_steps + 1
+    n = T * Kx.shape[0]
+    start = {("f", L): f.ravel()}
+    for l in range(1, L + 1):
+        start[("Phi", l)], start[("G", l)] = jnp.kron(jnp.ones((T, T), Kx.dtype), Kx), jnp.ones((n, n), Kx.dtype)
+    q = jnp.concatenate([start.get(k, jnp.zeros(n if k[0] == "f" else (n, n), Kx.dtype)).ravel() for k in lp._names(L)])
+    tol = jnp.finfo(Kx.dtype).eps ** 0.5  # far below the sampling error of any affordable S
+
+    def body(carry):
+        it, q, _ = carry
+        new = _averages(problem, q, e)
+        change = jnp.max(jnp.abs(new - q)) / jnp.maximum(jnp.max(jnp.abs(new)), 1.0)
+        return it + 1, 0.5 * (q + new), change
+
+    _, q, change = jax.lax.while_loop(lambda c: (c[0] < _MAX_ITERS) & (c[2] > tol), body, (0, q, jnp.inf))
+    return q, change
+
+
+def _group_sums(problem, q, e, chunk):
+    """Per layer, the sums `(d, m1, m2)` of `_chunk_sums` over the samples `e (L, S, 2n)`, `chunk` at a
+    time."""
+    blocks = lp._unpack(problem, q)
+    out = []
+    for l in range(1, problem.depth + 1):
+        s = _sources(_inputs(problem, blocks, l), e[l - 1]).reshape(-1, chunk, e.shape[-1])
+        out.append(_summed(lambda c, l=l: _chunk_sums(problem, l, blocks, c), s))
+    return out
+
+
+def _summed(fn, chunks):
+    """`sum_i fn(chunks[i])` over the leading axis, one chunk at a time."""
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, chunks[0]))
+    return jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, fn(c)), None), zeros, chunks)[0]
+
+
+def _covariance(problem, sums, S):
+    """`N Cov(q) (m, m)` from the layers' sums over S samples: `M^-1 kappa (M^T - Hab M^-1 kappa)^-1`."""
+    L, layout = problem.depth, lp._layout(problem)
+    m = sum(int(np.prod(shape)) for _, shape in layout.values())
+    dtype = problem.data.Kx.dtype
+    D, kappas = jnp.zeros((m, m), dtype), []
+    for l, (d, m1, m2) in enumerate(sums, 1):
+        row = layout[lp._produced(L, l)[0]][0]
+        for key, block in d.items():
+            col = layout[key][0]
+            D = D.at[row : row + block.shape[0], col : col + block.shape[1]].set(_centre_rows(problem, l, block / S))
+        m1, m2 = m1 / S, m2 / S
+        kappa = _centre_rows(problem, l, m2 - jnp.outer(m1, m1))
+        kappas.append(_centre_rows(problem, l, kappa.T).T)
+    M = jnp.eye(m, dtype=dtype) - D
+    Mk = jnp.linalg.solve(M, jax.scipy.linalg.block_diag(*kappas))
+    return Mk @ jnp.linalg.inv(M.T - _pairing(problem, m, dtype) @ Mk)
+
+
+def _pairing(problem, m, dtype):
+    """Hab `(m, m)`: the pairing of alpha^l with beta^{l+1} in the action."""
+    layout, n2 = lp._layout(problem), ((problem.n_steps + 1) * problem.data.Kx.shape[0]) ** 2
+    H = jnp.zeros((m, m), dtype)
+    for l in range(1, problem.depth):
+        a, b = layout[("alpha", l)][0] + jnp.arange(n2), layout[("beta", l + 1)][0] + jnp.arange(n2)
+        H = H.at[a, b].set(1.0).at[b, a].set(1.0)
+    return H
+
+
+@eqx.filter_jit
+def _solve(problem, f, key, n_samples, chunk):
+    """`_GROUPS` independent estimates, each with its own n_samples / _GROUPS samples per layer: the
+    sampled map's fixed point, its largest last change, and `(coef, F)` of `_propagator.outputs`."""
+
+    def one(e):
+        q, change = _fixed_point(problem, f, e)
+        cov = _covariance(problem, _group_sums(problem, q, e, chunk), e.shape[1])
+        return change, lp.outputs(problem, q, cov)
+
+    e = _normals(problem, key, n_samples)
+    change, out = jax.lax.map(one, jnp.moveaxis(e.reshape(e.shape[0], _GROUPS, -1, e.shape[-1]), 1, 0))
+    return jnp.max(change), out
+
+
+def _per_sample_bytes(problem):
+    """The largest per-sample temporaries of `_chunk_sums`: the derivative of the observables' own
+    derivatives (the responses, 2n tangents of y (3n)) along the n^2 entries of a covariance."""
+    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    return 4 * n**2 * 2 * n * 3 * n * 2 * n * problem.data.Kx.dtype.itemsize
+
+
+def _dense_bytes(problem):
+    """The dense m x m matrices (D, kappa, the solves and their group copies, a few at a time)."""
+    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    m = (4 * problem.depth - 2) * n * n + n
+    return 8 * m * m * problem.data.Kx.dtype.itemsize
+
+
+def sampled_chunk(problem, n_samples, budget) -> int:
+    """Samples processed at a time within `budget` bytes: a power of 2 dividing a group, at least 1."""
+    room = max(budget - _dense_bytes(problem), 0) // _per_sample_bytes(problem)
+    chunk = 1
+    while 2 * chunk <= room and (n_samples // _GROUPS) % (2 * chunk) == 0:
+        chunk *= 2
+    return chunk
+
+
+def sampled_bytes(problem, n_samples, budget) -> int:
+    """The memory of `sampled_coefficients` at the chunk `sampled_chunk` chooses."""
+    return _dense_bytes(problem) + sampled_chunk(problem, n_samples, budget) * _per_sample_bytes(problem)
+
+
+def sampled_coefficients(problem, f, key, n_samples, budget):
+    """The variance coefficients of `fluctuations` for a deep network with a smooth activation at
+    gamma0 > 0 around the predictions `f (T, Pa)` of its solution: `(coef, stderr, F)` as
+    `_propagator.linear_coefficients` returns them, the mean of `_GROUPS` independent estimates and its
+    standard error; `budget` bytes of memory."""
+    if n_samples % _GROUPS:
+        raise ValueError(
+            f"n_samples ({n_samples}) must be a multiple of {_GROUPS} for deep nonlinear networks (the "
+            f"standard errors come from {_GROUPS} groups of samples)"
+        )
+    chunk = sampled_chunk(problem, n_samples, budget)
+    change, (coef, F) = _solve(problem, f.astype(problem.data.Kx.dtype), key, n_samples, chunk)
+    if not float(change) <= jnp.finfo(F.dtype).eps ** 0.5:
+        raise ValueError(
+            f"the sampled DMFT map did not reach its fixed point in {_MAX_ITERS} iterations (relative change "
+            f"{float(change):.3g}): the problem may be at the edge of stability; use a smaller eta0 or t_max"
+        )
+    se = {k: jnp.std(x, axis=0, ddof=1) / _GROUPS**0.5 for k, x in coef.items()}
+    return {k: x.mean(0) for k, x in coef.items()}, se, F.mean(0)
