@@ -12,7 +12,11 @@ Then the deep linear propagator (depth 2 and 3, gamma0 = 1, `sphere(3, 8)`, t_ma
 `LinearClosure` solve: m = (4 L - 2) (T Pa)^2 + T Pa order parameters, one Krylov solve per prediction
 and NTK entry (T Pa + T P (P + 1) / 2 of them), each product O(L (T Pa)^3).
 
-Run: python benchmarks/fluctuations.py [--deep-linear]   (--deep-linear: only the deep linear table)
+Then the sampled propagator of deep tanh networks (`sphere(3, 8)`, gamma0 = 1, t_max = 0.6 per step,
+4096 samples) against the `MonteCarlo(n_samples=16384)` solve: dense m x m algebra and per-sample
+derivatives costing O((T Pa)^5) each.
+
+Run: python benchmarks/fluctuations.py [--deep]   (--deep: only the deep tables)
 """
 
 import sys
@@ -66,7 +70,23 @@ def deep_linear():
         print(f"{depth:5d} {n:6d} {m:6d}   {s1:12.2f} / {s2:6.3f}{'':13s}{f1:10.1f} / {f2:6.2f}")
 
 
+def deep_tanh():
+    print("depth   T Pa      m   MonteCarlo first / compiled (s)   sampled propagator first / compiled (s)")
+    for depth, n_steps in ((2, 2), (2, 3), (3, 2)):
+        data = dmft.datasets.sphere(3, 8, 0)
+        p = dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=1.0, t_max=0.6 * n_steps, n_steps=n_steps)
+        solver = dmft.MonteCarlo(n_samples=16384)
+        s1, sol = wall(dmft.solve, p, solver, key=0)
+        s2, _ = wall(dmft.solve, p, solver, key=1)
+        f1, _ = wall(dmft.fluctuations, p, sol, key=0)
+        f2, _ = wall(dmft.fluctuations, p, sol, key=1)
+        n = (n_steps + 1) * p.P
+        m = (4 * depth - 2) * n * n + n
+        print(f"{depth:5d} {n:6d} {m:6d}   {s1:15.2f} / {s2:6.2f}{'':13s}{f1:12.1f} / {f2:6.1f}")
+
+
 if __name__ == "__main__":
-    if "--deep-linear" not in sys.argv:
+    if "--deep" not in sys.argv:
         main()
     deep_linear()
+    deep_tanh()
