@@ -137,6 +137,12 @@ def deep_propagator(problem) -> bool:
     return problem.activation.smooth and problem.C == 1 and float(net.sigma_w) == 1.0 and float(net.sigma_b) == 0.0
 
 
+def _sampled(problem) -> bool:
+    """Whether `fluctuations` uses the sampled propagator (`_sampled_propagator`): depth >= 2, feature
+    learning, a nonlinear activation."""
+    return problem.depth > 1 and float(problem.gamma0) > 0 and not isinstance(problem.activation, Linear)
+
+
 def _normal(key, shape, dtype):
     """Standard normals drawn in float32 and cast: the same neurons in either precision."""
     return jr.normal(key, shape, jnp.float32).astype(dtype)
@@ -385,7 +391,7 @@ def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
 
 
 def fluctuations(
-    problem: Problem, sol: Solution, *, key, n_samples: int = 4096, chunk_size: int = 512, memory=None
+    problem: Problem, sol: Solution, *, key, n_samples: int | None = None, chunk_size: int = 512, memory=None
 ) -> Fluctuations:
     """The leading-order covariances across seeds of width-N networks around the DMFT `sol` of
     `problem`, as coefficients of 1/N (`Fluctuations`): two-layer networks (`MLP(depth=1)`), any
@@ -399,12 +405,15 @@ def fluctuations(
 
     `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
     converged solution of this problem. `n_samples` independent neurons estimate the covariances (their
-    relative Monte Carlo error is about `sqrt(2 / n_samples)`, reported in `stderr`); `chunk_size`
+    relative Monte Carlo error is about `sqrt(2 / n_samples)`, reported in `stderr`; None: 4096, and
+    16384 for the sampled propagator, whose error bars at 4096 are up to 2x too small); `chunk_size`
     neurons are processed at a time (memory only: the result does not depend on it). `memory` is the
     budget (bytes, "8GB", or a fraction of the device; None: half of it): a problem whose Jacobians do
     not fit is refused before anything is allocated. The cost grows like `(T P C)^2 n_samples`
     (`benchmarks/fluctuations.py`).
     """
+    if n_samples is None:
+        n_samples = 16384 if _sampled(problem) else 4096
     _check(problem, sol, n_samples, chunk_size)
     _check_memory(problem, n_samples, chunk_size, memory)
     if not problem.activation.smooth:
@@ -416,10 +425,10 @@ def fluctuations(
         )
     if problem.depth > 1 and float(problem.gamma0) > 0:
         f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
-        if isinstance(problem.activation, Linear):
-            coef, se, F = linear_coefficients(problem, f)
-        else:
+        if _sampled(problem):
             coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget_bytes(memory))
+        else:
+            coef, se, F = linear_coefficients(problem, f)
     else:
         coefficients = _coefficients if problem.depth == 1 else _lazy_coefficients
         coef, se, F = coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
@@ -435,8 +444,8 @@ def _check_memory(problem, n_samples, chunk_size, memory):
     T, P, C, Pa = problem.n_steps + 1, problem.P, problem.C, problem.data.Kx.shape[0]
     n = T * P * C
     if problem.depth > 1 and float(problem.gamma0) > 0:  # the propagator of the action
-        linear = isinstance(problem.activation, Linear)
-        needed = linear_bytes(problem) if linear else sampled_bytes(problem, n_samples, budget_bytes(memory))
+        sampled = _sampled(problem)
+        needed = sampled_bytes(problem, n_samples, budget_bytes(memory)) if sampled else linear_bytes(problem)
         what = f"T Pa = {T * Pa} (time, point) pairs in {problem.depth} layers"
     else:
         numbers = 2 * n * T * (Pa * C + (P * C) ** 2) + 3 * n**2 + 4 * P * C * chunk_size * (Pa + 1) * C * T
