@@ -13,7 +13,7 @@ Then the deep linear propagator (depth 2 and 3, gamma0 = 1, `sphere(3, 8)`, t_ma
 and NTK entry (T Pa + T P (P + 1) / 2 of them), each product O(L (T Pa)^3).
 
 Then the sampled propagator of deep tanh networks (`sphere(3, 8)`, gamma0 = 1, t_max = 0.6 per step,
-4096 samples) against the `MonteCarlo(n_samples=16384)` solve: dense m x m algebra and per-sample
+its default 16384 samples) against the `MonteCarlo(n_samples=16384)` solve: dense m x m algebra and per-sample
 derivatives costing O((T Pa)^5) each.
 
 Run: python benchmarks/fluctuations.py [--deep]   (--deep: only the deep tables)
