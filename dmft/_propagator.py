@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["linear_bytes", "linear_coefficients", "outputs"]
+__all__ = ["linear_bytes", "linear_coefficients", "outputs", "lazy_start", "pairing"]
 
 _RESTART = 40  # GMRES's Krylov basis per restart
 _CHUNK = 16  # directions solved at once (vmapped)
@@ -188,28 +188,43 @@ def _sweep(problem, q, update_f=True):
 
 
 @eqx.filter_jit
+def lazy_start(problem, f):
+    """The flat order parameters `q (m,)` of the lazy start: `Kx` in every time pair for each Phi^l,
+    ones for each G^l, zero responses, and the predictions `f` (T Pa entries)."""
+    L, Kx, T = problem.depth, problem.data.Kx, problem.n_steps + 1
+    n = T * Kx.shape[0]
+    start = {("f", L): f.ravel()}
+    for l in range(1, L + 1):
+        start[("Phi", l)], start[("G", l)] = jnp.kron(jnp.ones((T, T), Kx.dtype), Kx), jnp.ones((n, n), Kx.dtype)
+    return jnp.concatenate(
+        [start.get(key, jnp.zeros(n if key[0] == "f" else (n, n), Kx.dtype)).ravel() for key in _names(L)]
+    )
+
+
+def pairing(problem, v):
+    """Hab applied to `v (m,)`: the pairing of alpha^l with beta^{l+1} in the action swaps those blocks."""
+    n2 = ((problem.n_steps + 1) * problem.data.Kx.shape[0]) ** 2
+    layout, out = _layout(problem), jnp.zeros_like(v)
+    for l in range(1, problem.depth):
+        a, b = layout[("alpha", l)][0], layout[("beta", l + 1)][0]
+        out = out.at[a : a + n2].set(v[b : b + n2]).at[b : b + n2].set(v[a : a + n2])
+    return out
+
+
 def _fixed_point(problem, f):
     """The closure's fixed point `q (m,)` for the predictions `f (T, Pa)` of its solution. With the error
     signal held at f's, every block is causal in time and within a time the backward fields pass down one
     layer per sweep, so L (T + 1) sweeps from the lazy start reach the kernels and responses exactly
     (letting f move from a wrong start instead can overflow at late times). The change of one more
     sweep, f included, is returned as a check."""
-    L, Kx, T = problem.depth, problem.data.Kx, problem.n_steps + 1
-    n = T * Kx.shape[0]
-    tiled = jnp.kron(jnp.ones((T, T), Kx.dtype), Kx)
-    start = {("f", L): f}
-    for l in range(1, L + 1):
-        start[("Phi", l)], start[("G", l)] = tiled, jnp.ones((n, n), Kx.dtype)
-    q = jnp.concatenate(
-        [start.get(key, jnp.zeros(n if key[0] == "f" else (n, n), Kx.dtype)).ravel() for key in _names(L)]
-    )
-    q = jax.lax.fori_loop(0, L * (T + 1), lambda i, q: _sweep(problem, q, update_f=False), q)
+    L, T = problem.depth, problem.n_steps + 1
+    q = jax.lax.fori_loop(0, L * (T + 1), lambda i, q: _sweep(problem, q, update_f=False), lazy_start(problem, f))
     return q, jnp.max(jnp.abs(_sweep(problem, q) - q))
 
 
 def _operators(problem, q):
     """`(M, M^T, kappa, Hab)` at the fixed point `q (m,)` as functions of a vector `(m,)` (module docstring)."""
-    L, n = problem.depth, (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    L = problem.depth
     layout = _layout(problem)
     blocks = _unpack(problem, q)
     fixed = jax.lax.stop_gradient  # alpha and beta enter through Hab, not through D
@@ -231,14 +246,7 @@ def _operators(problem, q):
     def kappa(v):  # block diagonal over the layers
         return jnp.concatenate([_kappa(problem, l, X, v[a:b]) for l, ((X, a), b) in enumerate(zip(sites, ends), 1)])
 
-    def Hab(v):
-        out = jnp.zeros_like(v)
-        for l in range(1, L):
-            a, b = layout[("alpha", l)][0], layout[("beta", l + 1)][0]
-            out = out.at[a : a + n * n].set(v[b : b + n * n]).at[b : b + n * n].set(v[a : a + n * n])
-        return out
-
-    return (lambda v: v - D(v)), (lambda v: v - DT(v)[0]), kappa, Hab
+    return (lambda v: v - D(v)), (lambda v: v - DT(v)[0]), kappa, (lambda v: pairing(problem, v))
 
 
 @eqx.filter_jit

@@ -231,13 +231,8 @@ def _averages(problem, q, e):
 def _fixed_point(problem, f, e):
     """The sampled map's fixed point `q (m,)` from the lazy kernels and the predictions f, by damped
     iteration, and its last change relative to the largest order parameter."""
-    L, Kx, T = problem.depth, problem.data.Kx, problem.n_steps + 1
-    n = T * Kx.shape[0]
-    start = {("f", L): f.ravel()}
-    for l in range(1, L + 1):
-        start[("Phi", l)], start[("G", l)] = jnp.kron(jnp.ones((T, T), Kx.dtype), Kx), jnp.ones((n, n), Kx.dtype)
-    q = jnp.concatenate([start.get(k, jnp.zeros(n if k[0] == "f" else (n, n), Kx.dtype)).ravel() for k in lp._names(L)])
-    tol = jnp.finfo(Kx.dtype).eps ** 0.5  # far below the sampling error of any affordable S
+    q = lp.lazy_start(problem, f)
+    tol = jnp.finfo(q.dtype).eps ** 0.5  # far below the sampling error of any affordable S
 
     def body(carry):
         it, q, _ = carry
@@ -282,17 +277,8 @@ def _covariance(problem, sums, S):
         kappas.append(_centre_rows(problem, l, kappa.T).T)
     M = jnp.eye(m, dtype=dtype) - D
     Mk = jnp.linalg.solve(M, jax.scipy.linalg.block_diag(*kappas))
-    return Mk @ jnp.linalg.inv(M.T - _pairing(problem, m, dtype) @ Mk)
-
-
-def _pairing(problem, m, dtype):
-    """Hab `(m, m)`: the pairing of alpha^l with beta^{l+1} in the action."""
-    layout, n2 = lp._layout(problem), ((problem.n_steps + 1) * problem.data.Kx.shape[0]) ** 2
-    H = jnp.zeros((m, m), dtype)
-    for l in range(1, problem.depth):
-        a, b = layout[("alpha", l)][0] + jnp.arange(n2), layout[("beta", l + 1)][0] + jnp.arange(n2)
-        H = H.at[a, b].set(1.0).at[b, a].set(1.0)
-    return H
+    Hab_Mk = jax.vmap(lambda v: lp.pairing(problem, v), in_axes=1, out_axes=1)(Mk)
+    return Mk @ jnp.linalg.inv(M.T - Hab_Mk)
 
 
 @eqx.filter_jit
