@@ -202,7 +202,10 @@ class Problem(eqx.Module):
         _check_scalar("gamma0", gamma0, 0.0, strict=False)
         _check_scalar("t_max", t_max, 0.0, strict=True)
         _check_scalar("eta0", eta0, 0.0, strict=True)
-        self.data, self.net, self.n_steps = data, net, int(n_steps)
+        # One precision, JAX's current default: a Dataset or MLP built under the other x64 setting is cast.
+        as_default = lambda x: jnp.asarray(x, dtype=float) if eqx.is_inexact_array(x) else x
+        self.data, self.net = jax.tree.map(as_default, (data, net))
+        self.n_steps = int(n_steps)
         self.gamma0 = jnp.asarray(gamma0, dtype=float)
         self.t_max = jnp.asarray(t_max, dtype=float)
         self.eta0 = jnp.asarray(eta0, dtype=float)

@@ -100,3 +100,16 @@ def test_logistic_lazy_flow():
     lo, hi = _both(solve)
     _close(lo.loss, hi.loss, float(hi.loss[0]))
     _close(lo.loss_test, hi.loss_test, float(hi.loss_test[0]))
+
+
+def test_a_problem_has_one_precision():
+    # Data built under one x64 setting and the Problem under the other: the Problem casts it (a float32
+    # Dataset beside float64 scalars used to fail inside LinearClosure's jitted sweep).
+    with jax.enable_x64(False):
+        data = dmft.Dataset(*_DATA)
+    make = lambda data: dmft.Problem(data, dmft.MLP(2, "linear"), gamma0=1.0, t_max=4.0, n_steps=10)
+    p = make(data)
+    assert p.data.X.dtype == p.gamma0.dtype == p.net.sigma_w.dtype == np.float64
+    lo, hi = dmft.solve(p, dmft.LinearClosure()), dmft.solve(make(dmft.Dataset(*_DATA)), dmft.LinearClosure())
+    # the float64 solve of float32-rounded inputs (relative rounding 6e-8): far inside 1e-4
+    assert np.abs(np.asarray(lo.loss) - np.asarray(hi.loss)).max() <= 1e-4 * float(hi.loss[0])
