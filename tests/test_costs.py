@@ -96,3 +96,18 @@ def test_solvers_without_a_cost_model_say_so():
     with pytest.raises(ValueError, match="has no cost model"):
         dmft.estimate(_problem(2, 4, 4), dmft.Lazy())
     assert isinstance(dmft.estimate(_problem(1, 4, 4), dmft.MonteCarlo()), eqx.Module)
+
+
+# Out of the fit set of `networks.train._PER_PARAMETER` (depths 1-3, one output, P 10-20, widths
+# 512-2048): several outputs, test points, other widths.
+@pytest.mark.parametrize("depth, width, method", [(1, 256, "flow"), (3, 384, "gd"), (2, 200, "flow")])
+def test_ensemble_bytes_are_within_25_percent_of_xla(depth, width, method):
+    data = dmft.datasets.one_hot(np.arange(8) % 3, 3)
+    data = dmft.Dataset(dmft.datasets.sphere(8, 12, 0).X, data, dmft.datasets.sphere(4, 12, 1).X)
+    problem = dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=1.0, t_max=2.0, n_steps=15)
+    keys = jax.random.split(jax.random.key(0), 4)
+    run = jax.jit(lambda keys: dmft.networks.ensemble(problem, width, keys, mesh=1, method=method))
+    m = run.lower(keys).compile().memory_analysis()
+    xla = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    model = dmft.networks.ensemble_bytes(problem, width, 4, method)
+    assert abs(model / xla - 1) <= 0.25, (model, xla)

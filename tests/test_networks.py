@@ -196,3 +196,15 @@ def test_gd_step_from_fields_equals_autodiff(L, act, sigmas, loss, C):
     got = _gd_update(problem, params, *_fields(problem, params, f0))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_ensemble_trains_in_batches_within_its_memory_budget():
+    problem, keys = _problem(L=2, act="tanh", n_steps=5), jr.split(jr.key(2), 5)
+    one = dmft.networks.ensemble_bytes(problem, 16, 1, "gd")
+    whole = dmft.networks.ensemble(problem, 16, keys, mesh=1, method="gd")
+    # batches of 2 seeds (and a last one of 1): the same networks, to the rounding of batched products
+    batched = dmft.networks.ensemble(problem, 16, keys, mesh=1, method="gd", memory=2.5 * one)
+    np.testing.assert_allclose(batched.loss, whole.loss, rtol=1e-12)
+    np.testing.assert_allclose(batched.h_last, whole.h_last, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="one network of width 16 .* needs"):
+        dmft.networks.ensemble(problem, 16, keys, mesh=1, method="gd", memory=0.5 * one)

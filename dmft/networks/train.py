@@ -17,13 +17,17 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from .. import _mesh
+from .. import _mesh, costs
 from .._keys import as_key
 from ..dynamics import ntk_from_kernels, prediction_fields, split_classes
 
-__all__ = ["Run", "train", "ensemble", "init_params", "forward"]
+__all__ = ["Run", "train", "ensemble", "ensemble_bytes", "init_params", "forward"]
 
 _METHODS = ("flow", "gd")
+# Peak bytes of one seed's training per byte of its parameters, beside its outputs: GD holds the
+# parameters, their update and the fields; diffrax's Tsit5 its stages, the error estimate and the
+# dense output. Fitted on XLA's memory analysis of compiled ensembles (benchmarks/RESULTS.md).
+_PER_PARAMETER = {"gd": 4.0, "flow": 19.0}
 
 
 class Run(eqx.Module):
@@ -239,12 +243,45 @@ def train(
     )
 
 
-def ensemble(problem, width: int, keys, *, mesh=None, **kwargs) -> Run:
+def ensemble(problem, width: int, keys, *, mesh=None, memory=None, **kwargs) -> Run:
     """`train` for every key of `keys (n_seeds,)` (e.g. `jr.split(key, 64)`), vmapped, with the seeds
     spread over the devices of `mesh`: None (default) the largest number of `jax.devices()` that
     divides n_seeds, an int d the first d devices, or a `jax.sharding.Mesh` whose size divides
-    n_seeds. `kwargs` go to `train`. Returns a `Run` with a leading seed axis; a seed's network does
-    not depend on the mesh (up to the rounding of batched products)."""
-    run = jax.vmap(lambda k: train(problem, width, k, **kwargs))
+    n_seeds. `kwargs` go to `train`.
+
+    `memory`: one device's budget (bytes, a string such as "8GB", or a fraction of the device; None:
+    half of it, `dmft.costs`). A device trains its seeds in batches of as many as fit
+    (`ensemble_bytes`), one batch after the other; a ValueError says so when one seed does not fit.
+
+    Returns a `Run` with a leading seed axis; a seed's network does not depend on the mesh or the
+    batches (up to the rounding of batched products)."""
     mesh = _mesh.resolve(mesh, keys.shape[0], "the number of seeds")
+    per_device = keys.shape[0] // (1 if mesh is None else mesh.size)
+    batch = _batch(problem, width, per_device, kwargs.get("method", "flow"), memory)
+    one = lambda k: train(problem, width, k, **kwargs)
+    run = jax.vmap(one) if batch == per_device else lambda keys: jax.lax.map(one, keys, batch_size=batch)
     return run(keys) if mesh is None else _mesh.shard(run, mesh)(keys)
+
+
+def ensemble_bytes(problem, width: int, n_seeds: int = 1, method: str = "flow") -> int:
+    """Peak bytes on one device of training `n_seeds` networks of `width` at once (`ensemble`, one
+    batch): a model of XLA's buffers, per seed `_PER_PARAMETER[method]` times the parameters' bytes
+    plus the outputs' (exact, from the traced shapes)."""
+    _check(problem, width, method)
+    key = jr.key(0)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    params = nbytes(jax.eval_shape(lambda: init_params(problem, width, key)))
+    outputs = nbytes(jax.eval_shape(lambda: train(problem, width, key, method=method)))
+    return int(n_seeds * (_PER_PARAMETER[method] * params + outputs))
+
+
+def _batch(problem, width, n_seeds, method, memory):
+    """How many of a device's `n_seeds` seeds train at once within the budget `memory`."""
+    budget, one = costs.budget_bytes(memory), ensemble_bytes(problem, width, 1, method)
+    if one > budget:
+        raise ValueError(
+            f"one network of width {width} (method={method!r}) needs ~{one / 1e9:.3g} GB, more than the "
+            f"memory budget of {budget / 1e9:.3g} GB: raise memory=, or use a smaller width"
+            + (" or method='gd' (it needs less)" if method == "flow" else "")
+        )
+    return min(n_seeds, budget // one)
