@@ -26,6 +26,8 @@ bar on the host (opened before the loop, advanced by every iteration with its re
 it), so the report is live, works under `jit` and `vmap` and leaves the result unchanged.
 """
 
+import contextlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -242,7 +244,8 @@ def solve(
       same either way. Closed-form solvers show nothing.
 
     Runs under `equinox.filter_jit`: `gamma0` and `eta0` are traced (a sweep does not recompile),
-    shapes (`depth`, `n_steps`, data sizes, sample counts) are static.
+    shapes (`depth`, `n_steps`, data sizes, sample counts) are static. A solver that does not sample
+    multiplies matrices at `jax.default_matmul_precision("highest")` (full float32 on a GPU too).
     """
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a dmft.Problem, got {type(problem).__name__}")
@@ -257,7 +260,11 @@ def solve(
         if solver.samples(problem):
             raise ValueError(f"{type(solver).__name__} samples random numbers here: pass key=<int or jax.random.key>")
         key = 0
-    sol = _solve(problem, solver, as_key(key), throw, progress)
+    # A solver that does not sample is exact up to rounding, and keeps float32's digits on a GPU, whose
+    # default multiplies float32 in TF32 (10-bit mantissa); a sampling solver's noise is far larger.
+    exact = contextlib.nullcontext() if solver.samples(problem) else jax.default_matmul_precision("highest")
+    with exact:
+        sol = _solve(problem, solver, as_key(key), throw, progress)
     if progress:
         jax.effects_barrier()  # the bar is closed (and flushed) before solve returns
     return sol
