@@ -36,6 +36,7 @@ is computed.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import equinox as eqx
@@ -46,7 +47,7 @@ import jax.random as jr
 from ._keys import as_key
 from ._propagator import linear_bytes, linear_coefficients
 from ._sampled_propagator import sampled_bytes, sampled_coefficients
-from .activations import Linear
+from .activations import Linear, ReLU
 from .costs import budget_bytes
 from .dynamics import euler_predictions
 from .problem import Problem
@@ -103,11 +104,11 @@ class Fluctuations(eqx.Module):
 def _check(problem, sol, n_samples, chunk_size):
     if not isinstance(problem, Problem) or not isinstance(sol, Solution):
         raise ValueError("fluctuations(problem, sol) takes a dmft.Problem and the dmft.Solution solved for it")
-    if problem.depth > 1 and not (float(problem.gamma0) == 0 and problem.activation.smooth and problem.C == 1):
+    if problem.depth > 1 and not (float(problem.gamma0) == 0 and _lazy_deep(problem.activation) and problem.C == 1):
         if not deep_propagator(problem):
             raise ValueError(
                 f"fluctuations covers two-layer networks (MLP(depth=1)), and deeper ones (depth "
-                f"{problem.depth}) in the lazy limit (gamma0 = 0) with a smooth activation and scalar targets, "
+                f"{problem.depth}) in the lazy limit (gamma0 = 0) with a smooth activation or relu and scalar targets, "
                 "or with feature learning for smooth activations (not relu: its phi'' is a delta that the "
                 "sampled propagator's derivatives miss), scalar targets, sigma_w = 1 and sigma_b = 0"
             )
@@ -127,6 +128,12 @@ def _check(problem, sol, n_samples, chunk_size):
             f"chunk_size ({chunk_size}) must be even (neurons are paired for the mean shift) and divide "
             f"n_samples ({n_samples})"
         )
+
+
+def _lazy_deep(act) -> bool:
+    """Whether deep networks in the lazy limit are covered: Price's theorem holds pathwise for a smooth
+    activation, and in closed form for relu (`_relu_price`)."""
+    return act.smooth or isinstance(act, ReLU)
 
 
 def deep_propagator(problem) -> bool:
@@ -322,6 +329,23 @@ def _price(A, B, dS):
     return 0.5 * A * d[:, None] + B * dS + 0.5 * A.T * d[None, :]
 
 
+def _relu_price(S, dS):
+    """relu's `(d E[phi(u) phi(u)^T], d E[phi'(u) phi'(u)^T])` along a change `dS` of the covariance S
+    of u, in closed form (`_price` with phi'' a delta: `E[delta(u_c) relu(u_d)] = sqrt(S_cc S_dd -
+    S_cd^2) / (2 pi S_cc)`; the derivative of the arc-cosine kernel `(pi - theta) / (2 pi)`). The
+    second is 0 on the diagonal (`E[phi'(u_c)^2] = 1/2`) and infinite off it where two inputs are
+    parallel (theta = 0 or pi), where it is set to 0."""
+    c = jnp.diagonal(S)
+    norm = jnp.sqrt(c[:, None] * c[None, :])
+    cos = jnp.clip(S / norm, -1.0, 1.0)
+    sin = jnp.sqrt(1.0 - cos**2)
+    dPhi = _price(norm * sin / (2 * jnp.pi * c[:, None]), (jnp.pi - jnp.arccos(cos)) / (2 * jnp.pi), dS)
+    d = jnp.diagonal(dS) / c
+    dcos = dS / norm - 0.5 * cos * (d[:, None] + d[None, :])
+    parallel = sin <= jnp.finfo(S.dtype).eps ** 0.5
+    return dPhi, jnp.where(parallel, 0.0, dcos / (2 * jnp.pi * jnp.where(parallel, 1.0, sin)))
+
+
 @eqx.filter_jit
 def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
     """`_coefficients` in the lazy limit at any depth (section 13, "Deeper networks in the lazy limit"):
@@ -342,19 +366,23 @@ def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
         u = _normal(k_u, (n_samples, Pa), dtype) @ factor(pre(Phis[l]))[0].T
         z = _normal(k_z, (n_samples, Pa), dtype) @ factor(sw2 * Gs[l + 1])[0].T  # GIA: z independent of u at t = 0
         phi, dphi, ddphi = act.fn(u), d1(u), d2(u)
-        D = (mean(ddphi, phi), mean(dphi, dphi)), (mean(d3(u), dphi), mean(ddphi, ddphi))
+        if act.smooth:  # Price's theorem with the sampled moments of phi's derivatives
+            D = (mean(ddphi, phi), mean(dphi, dphi)), (mean(d3(u), dphi), mean(ddphi, ddphi))
+            price = lambda dS, D=D: (_price(*D[0], dS), _price(*D[1], dS))
+        else:
+            price = functools.partial(_relu_price, pre(Phis[l]))
         g = dphi * z
-        layers.append((phi, g, D, (mean(phi, phi), mean(g, g))))  # last: the layer's sample kernels
+        layers.append((phi, g, price, (mean(phi, phi), mean(g, g))))  # last: the layer's sample kernels
     Gdot = [act.kernels(pre(Phis[l]))[1] for l in range(L)]
 
     def dK(noise):
         """The NTK's change `(Pa, Pa)` for sampling noise `[(xi_Phi^l, xi_G^l)]` added to each layer."""
         dPhi = [jnp.zeros_like(K)]
         for l in range(L):
-            dPhi.append(_price(*layers[l][2][0], sw2 * dPhi[l]) + noise[l][0])
+            dPhi.append(layers[l][2](sw2 * dPhi[l])[0] + noise[l][0])
         dG = [jnp.zeros_like(K)]  # G^{L+1} = 1 is exact
         for l in reversed(range(L)):
-            dGdot = _price(*layers[l][2][1], sw2 * dPhi[l])
+            dGdot = layers[l][2](sw2 * dPhi[l])[1]
             dG.insert(0, sw2 * (dG[0] * Gdot[l] + Gs[l + 1] * dGdot) + noise[l][1])
         return sum(dG[l] * pre(Phis[l]) + Gs[l] * sw2 * dPhi[l] for l in range(L + 1))
 
@@ -396,7 +424,7 @@ def fluctuations(
     """The leading-order covariances across seeds of width-N networks around the DMFT `sol` of
     `problem`, as coefficients of 1/N (`Fluctuations`): two-layer networks (`MLP(depth=1)`), any
     activation, loss and number of outputs; `problem.gamma0 = 0` gives the lazy limit (pass the
-    `dmft.Lazy(discrete=True)` solution), at any depth for smooth activations and scalar targets; deep
+    `dmft.Lazy(discrete=True)` solution), at any depth for smooth activations and relu with scalar targets; deep
     networks with feature learning and a smooth activation (scalar targets, `sigma_w = 1`, `sigma_b =
     0`): linear ones exactly (pass the `dmft.LinearClosure()` solution; standard errors 0; `key`,
     `n_samples` and `chunk_size` unused), others from `n_samples` sampled single sites per layer (a
@@ -416,7 +444,7 @@ def fluctuations(
         n_samples = 16384 if _sampled(problem) else 4096
     _check(problem, sol, n_samples, chunk_size)
     _check_memory(problem, n_samples, chunk_size, memory)
-    if not problem.activation.smooth:
+    if not problem.activation.smooth and float(problem.gamma0) > 0:  # lazy: the fields do not move
         warnings.warn(
             f"{type(problem.activation).__name__} is not smooth: the fluctuations miss the neurons whose phi'(h) "
             "jumps as the error signal changes, and come out too small when many cross zero during training "

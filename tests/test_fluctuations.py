@@ -13,7 +13,7 @@ from dmft import _propagator
 from dmft._propagator import linear_coefficients
 from dmft._sampled_propagator import sampled_coefficients
 from dmft.compare import _fluctuations_affordable
-from dmft.fluctuations import _lazy_coefficients
+from dmft.fluctuations import _lazy_coefficients, _relu_price
 
 
 def _problem(activation="tanh", gamma0=1.0, n_steps=12, P=6, P_test=0, depth=1, **kw):
@@ -160,7 +160,7 @@ def test_variance_is_flat_in_width_and_matches(activation, gamma0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("depth, activation", [(2, "tanh"), (3, "erf")])
+@pytest.mark.parametrize("depth, activation", [(2, "tanh"), (3, "erf"), (2, "relu"), (3, "relu")])
 def test_deep_lazy_limit_matches_seed_ensembles(depth, activation):
     """Deeper networks in the lazy limit (networks at gamma0 = 0.01): N Var of the loss at three times and
     of three final predictions, 256 seeds (in groups of 64) at N = 256, 512, 1024; flat in N and within
@@ -468,3 +468,16 @@ def test_float32_agrees_with_float64():
     # through T = 13 steps and the (I - J H) solve, ~1e3 eps, far below the ~2% Monte Carlo error
     for a, b in ((lo.f_var, hi.f_var), (lo.loss_cov, hi.loss_cov), (lo.ntk_var, hi.ntk_var)):
         assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1e-4 * float(np.abs(b).max())
+
+
+def test_relu_price_is_the_derivative_of_the_arc_cosine_kernels():
+    # relu's phi'' is a delta, so the lazy kernel recursion's derivatives come in closed form; against
+    # central differences of `ReLU.kernels` (step 1e-6: truncation ~1e-12, rounding ~1e-10)
+    X = dmft.datasets.sphere(5, 4, 0).X
+    S = 1.3 * X @ X.T / 4 + 0.2
+    dS = jr.normal(jr.key(0), S.shape)
+    dS = dS + dS.T
+    kernels, h = dmft.activations.ReLU().kernels, 1e-6
+    central = [(a - b) / (2 * h) for a, b in zip(kernels(S + h * dS), kernels(S - h * dS))]
+    for exact, fd in zip(_relu_price(S, dS), central):
+        np.testing.assert_allclose(exact, fd, atol=1e-8)
