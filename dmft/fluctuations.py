@@ -365,8 +365,9 @@ def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
         k_u, k_z = jr.split(k)
         u = _normal(k_u, (n_samples, Pa), dtype) @ factor(pre(Phis[l]))[0].T
         z = _normal(k_z, (n_samples, Pa), dtype) @ factor(sw2 * Gs[l + 1])[0].T  # GIA: z independent of u at t = 0
-        phi, dphi, ddphi = act.fn(u), d1(u), d2(u)
+        phi, dphi = act.fn(u), d1(u)
         if act.smooth:  # Price's theorem with the sampled moments of phi's derivatives
+            ddphi = d2(u)
             D = (mean(ddphi, phi), mean(dphi, dphi)), (mean(d3(u), dphi), mean(ddphi, ddphi))
             price = lambda dS, D=D: (_price(*D[0], dS), _price(*D[1], dS))
         else:

@@ -102,8 +102,8 @@ def test_solvers_without_a_cost_model_say_so():
 # 512-2048): several outputs, test points, other widths.
 @pytest.mark.parametrize("depth, width, method", [(1, 256, "flow"), (3, 384, "gd"), (2, 200, "flow")])
 def test_ensemble_bytes_are_within_25_percent_of_xla(depth, width, method):
-    data = dmft.datasets.one_hot(np.arange(8) % 3, 3)
-    data = dmft.Dataset(dmft.datasets.sphere(8, 12, 0).X, data, dmft.datasets.sphere(4, 12, 1).X)
+    Y = dmft.datasets.one_hot(np.arange(8) % 3, 3)
+    data = dmft.Dataset(dmft.datasets.sphere(8, 12, 0).X, Y, dmft.datasets.sphere(4, 12, 1).X)
     problem = dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=1.0, t_max=2.0, n_steps=15)
     keys = jax.random.split(jax.random.key(0), 4)
     run = jax.jit(lambda keys: dmft.networks.ensemble(problem, width, keys, mesh=1, method=method))
