@@ -378,13 +378,14 @@ def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
 
     def dK(noise):
         """The NTK's change `(Pa, Pa)` for sampling noise `[(xi_Phi^l, xi_G^l)]` added to each layer."""
-        dPhi = [jnp.zeros_like(K)]
-        for l in range(L):
-            dPhi.append(layers[l][2](sw2 * dPhi[l])[0] + noise[l][0])
+        dPhi, dGdot = [jnp.zeros_like(K)], []
+        for l in range(L):  # both kernel maps of layer l move with the layer below
+            d_phi, d_gdot = layers[l][2](sw2 * dPhi[l])
+            dPhi.append(d_phi + noise[l][0])
+            dGdot.append(d_gdot)
         dG = [jnp.zeros_like(K)]  # G^{L+1} = 1 is exact
         for l in reversed(range(L)):
-            dGdot = layers[l][2](sw2 * dPhi[l])[1]
-            dG.insert(0, sw2 * (dG[0] * Gdot[l] + Gs[l + 1] * dGdot) + noise[l][1])
+            dG.insert(0, sw2 * (dG[0] * Gdot[l] + Gs[l + 1] * dGdot[l]) + noise[l][1])
         return sum(dG[l] * pre(Phis[l]) + Gs[l] * sw2 * dPhi[l] for l in range(L + 1))
 
     F, f_lin = jax.linearize(lambda K_: euler_predictions(problem, jnp.broadcast_to(K_, (T, Pa, Pa))), K)
