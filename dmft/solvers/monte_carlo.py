@@ -517,6 +517,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         K = ntk_from_kernels(problem.net, Kx, equal_time(state.Phi), equal_time(state.G), C_out)
         Delta = error_signal(problem, K, state.eps)
         ctrl = self._control(problem)
+        root = lambda S, ref: _sampling.factor(S) if ref is None else _sampling.factor_near(S, ref, self.rcond)
         Phi_new, G_new, A_new, B_new = [], [], [], []
         means, variances = [], []
         for l in range(L):  # layer l + 1 of THEORY
@@ -529,10 +530,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             G_next = None if last else state.G[l + 1]
             B = 0.0 if last else state.B[l]
             Su, Sr, C, D = layer_memory(problem.net, Phi_prev, A_prev, G_next, B, Delta, c)
-            # The covariances the sources really have (negative eigenvalues clipped); u of layer 1 is
-            # constant in time, r of layer L one scalar.
-            # (Near the replicas' centre: to first order around its eigensystems.)
-            root = lambda S, ref: _sampling.factor(S) if ref is None else _sampling.factor_near(S, ref, self.rcond)
+            # The covariances the sources really have, M^2 (negative eigenvalues clipped, or the square of
+            # the first-order root near the replicas' centre); u of layer 1 is constant in time, r of
+            # layer L one scalar.
             refs = (None, None) if roots is None else roots[l]
             M_u, V_u = root(Su[0, :, 0, :] if first else Su.reshape(n, n), refs[0])
             sw = problem.net.sigma_w
