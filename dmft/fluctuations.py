@@ -432,6 +432,7 @@ def fluctuations(
     `n_samples` and `chunk_size` unused), others from `n_samples` sampled single sites per layer (a
     multiple of 8; dense, cost ~ `n_samples (T Pa)^5`: small grids only; `chunk_size` unused, the
     samples differentiated at once follow from `memory`). Theory section 13; no mean shift at depth >= 2.
+    Matrices are multiplied at `jax.default_matmul_precision("highest")`, as in `dmft.solve`.
 
     `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
     converged solution of this problem. `n_samples` independent neurons estimate the covariances (their
@@ -453,15 +454,18 @@ def fluctuations(
             "(tens of per cent for relu at gamma0 * t_max ~ 10); the mean shift is not computed",
             stacklevel=2,
         )
-    if problem.depth > 1 and float(problem.gamma0) > 0:
-        f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
-        if _sampled(problem):
-            coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget_bytes(memory))
+    # As in `dmft.solve`: full float32 products on a GPU, not TF32, which costs exact linear algebra
+    # three digits (the linear closure's, benchmarks/RESULTS.md).
+    with jax.default_matmul_precision("highest"):
+        if problem.depth > 1 and float(problem.gamma0) > 0:
+            f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
+            if _sampled(problem):
+                coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget_bytes(memory))
+            else:
+                coef, se, F = linear_coefficients(problem, f)
         else:
-            coef, se, F = linear_coefficients(problem, f)
-    else:
-        coefficients = _coefficients if problem.depth == 1 else _lazy_coefficients
-        coef, se, F = coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
+            coefficients = _coefficients if problem.depth == 1 else _lazy_coefficients
+            coef, se, F = coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)
 

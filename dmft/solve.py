@@ -26,8 +26,6 @@ bar on the host (opened before the loop, advanced by every iteration with its re
 it), so the report is live, works under `jit` and `vmap` and leaves the result unchanged.
 """
 
-import contextlib
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -244,8 +242,8 @@ def solve(
       same either way. Closed-form solvers show nothing.
 
     Runs under `equinox.filter_jit`: `gamma0` and `eta0` are traced (a sweep does not recompile),
-    shapes (`depth`, `n_steps`, data sizes, sample counts) are static. A solver that does not sample
-    multiplies matrices at `jax.default_matmul_precision("highest")` (full float32 on a GPU too).
+    shapes (`depth`, `n_steps`, data sizes, sample counts) are static. Matrices are multiplied at
+    `jax.default_matmul_precision("highest")` (full float32 on a GPU too).
     """
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a dmft.Problem, got {type(problem).__name__}")
@@ -260,10 +258,10 @@ def solve(
         if solver.samples(problem):
             raise ValueError(f"{type(solver).__name__} samples random numbers here: pass key=<int or jax.random.key>")
         key = 0
-    # A solver that does not sample is exact up to rounding, and keeps float32's digits on a GPU, whose
-    # default multiplies float32 in TF32 (10-bit mantissa); a sampling solver's noise is far larger.
-    exact = contextlib.nullcontext() if solver.samples(problem) else jax.default_matmul_precision("highest")
-    with exact:
+    # Full float32 products on a GPU too, whose default for float32 is TF32 (10-bit mantissa): the
+    # square roots and Stein regressions of a Monte Carlo solve at large T Pa are ill-conditioned enough
+    # for TF32 to corrupt its responses (`benchmarks/RESULTS.md`).
+    with jax.default_matmul_precision("highest"):
         sol = _solve(problem, solver, as_key(key), throw, progress)
     if progress:
         jax.effects_barrier()  # the bar is closed (and flushed) before solve returns
