@@ -14,8 +14,8 @@ Parts (all but `mesh` by default; name some to run only those):
   width 4096 (CPU) or 16384 (GPU): seconds, and the loss's distance to the DMFT;
 * `precision`: float32 against float64 on the same problem (linear closure, networks, Monte Carlo
   with the same key), at JAX's default matmul precision and at "highest" (on a GPU the default
-  multiplies float32 in TF32; `dmft.solve` runs the linear closure at "highest" either way, so its
-  two columns agree);
+  multiplies float32 in TF32; `dmft.solve` runs every solver at "highest" either way, so only the
+  networks' two columns differ);
 * `mesh`: the memory of one device's share of a solve spread over 1, 2, 4 and 8 (forced CPU) devices,
   `dmft.estimate` next to XLA's memory analysis (depth 2 and 3 tanh, S = 4096, R = 8).
 
