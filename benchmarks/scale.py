@@ -1,6 +1,6 @@
 """How far one machine goes: memory, compile time and time per iteration as T Pa doubles.
 
-Parts (all but `mesh` by default; name some to run only those):
+Parts (`monte_carlo`, `linear` and `compile` by default; name some to run only those):
 * `monte_carlo`: depth-2 tanh `MonteCarlo` at its defaults (S = 4096, R = 8), P = 10, T Pa doubling
   from 250 (CPU) or 1250 (GPU) to 2000 / 10000: the `dmft.estimate` of the solve (memory, flops per
   iteration) next to XLA's memory analysis, the compile time of each stage's step, the seconds per
