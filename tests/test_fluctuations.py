@@ -338,9 +338,11 @@ def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
         assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1e-5 * float(np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_sampled_propagator_reproduces_the_exact_linear_one():
     """The sampled propagator (`_sampled_propagator`, for smooth nonlinear activations) on a deep linear
-    network, against the exact one: its averages, Price's derivatives and sampled kappa all enter."""
+    network, against the exact one, at its default 16384 samples: its averages, Price's derivatives and
+    sampled kappa all enter."""
     problem = _deep_linear(2, n_steps=3, t_max=1.8)
     sol = dmft.solve(problem, dmft.LinearClosure())
     exact = linear_coefficients(problem, sol.f)[0]
@@ -355,9 +357,15 @@ def test_sampled_propagator_reproduces_the_exact_linear_one():
     # of freedom (E z^2 = 7/5, P(|z| > 6) = 5e-4 per number). The ~60 numbers are strongly correlated, so
     # their mean z^2 scatters by about its own size (0.1-1.6 over 4 keys at this S, benchmarks/RESULTS.md).
     assert np.mean(z**2) < 3 and np.abs(z).max() < 6, (np.mean(z**2), np.abs(z).max())
-    # the memory budget only sets how many samples are differentiated at once
+
+
+def test_sampled_propagator_memory_budget_and_float32():
+    """The sampled propagator's memory budget sets only how many samples are differentiated at once, and
+    float32 agrees with float64 (its accuracy: the slow test above)."""
+    problem = _deep_linear(2, n_steps=3, t_max=1.8)
+    sol = dmft.solve(problem, dmft.LinearClosure())
     big, small = (sampled_coefficients(problem, sol.f, jr.key(1), 64, budget)[0] for budget in (2e9, 1e8))
-    for k in coef:
+    for k in big:
         np.testing.assert_allclose(small[k], big[k], rtol=1e-9, atol=1e-12)
     # float32: the same sources (drawn in float32 either way); round-off through the fixed points and
     # the dense solves (m = 876; 8 samples per estimate here, so M is far from well conditioned) measured
@@ -365,7 +373,7 @@ def test_sampled_propagator_reproduces_the_exact_linear_one():
     with jax.enable_x64(False):
         low = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if eqx.is_inexact_array(x) else x, (problem, sol))
         lo = sampled_coefficients(low[0], low[1].f, jr.key(1), 64, 2e9)[0]
-    for k in coef:
+    for k in big:
         assert lo[k].dtype == jnp.float32
         assert np.abs(np.asarray(lo[k], np.float64) - np.asarray(big[k])).max() <= 2e-3 * np.abs(big[k]).max(), k
 
