@@ -42,6 +42,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import numpy as np  # noqa: E402
+from monte_carlo import _replica_stage  # noqa: E402  (benchmarks/monte_carlo.py, beside this script)
 
 import dmft  # noqa: E402
 from dmft._keys import as_key  # noqa: E402
@@ -111,8 +112,7 @@ def solved(T_Pa):
     sol = dmft.solve(p, dmft.MonteCarlo(n_samples=4096), key=0, throw=False)
     sol.loss.block_until_ready()
     seconds = time.perf_counter() - start
-    stages = np.asarray(sol.residuals)[: int(sol.iterations)]
-    replica = int(sol.iterations) - int(np.flatnonzero(np.isclose(stages, 1.0))[-1])  # starts at change 1
+    replica = _replica_stage(sol)
     outcome = "converged" if sol.result == dmft.RESULTS.successful else sol.result
     print(
         f"\nMonteCarlo converged at T Pa = {T_Pa} (depth 2 tanh, S = 4096, {jnp.zeros(()).dtype}): {seconds:.1f} s "
