@@ -266,6 +266,27 @@ def test_sobol_dimension_limit():
     dmft.MonteCarlo().validate(dmft.Problem(dmft.datasets.sphere(30, 4, 0), dmft.MLP(1, "tanh"), n_steps=400))
 
 
+def test_sobol_axes_do_not_depend_on_the_eigenvector_signs():
+    """A key must give the same samples on every backend, but eigh returns each eigenvector up to a
+    sign that differs between LAPACK and cuSOLVER. Permuting the points permutes the axes' rows
+    exactly, however eigh signs the permuted matrix's eigenvectors; with classes, the degenerate
+    eigenspaces are spanned by the classes' unit vectors."""
+    from dmft.solvers._sampling import sobol_axes
+
+    x = np.random.default_rng(0).standard_normal((5, 7))
+    K0 = jnp.asarray(x @ x.T / 7)
+    perm = np.array([3, 0, 4, 1, 2])
+    T, C = 3, 2
+    rows = (np.arange(T)[:, None, None] * 5 * C + perm[None, :, None] * C + np.arange(C)).ravel()
+    axes, axes_perm = sobol_axes(K0, T, C), sobol_axes(K0[perm][:, perm], T, C)
+    np.testing.assert_allclose(axes_perm, axes[rows], atol=1e-12)
+    np.testing.assert_allclose(axes.T @ axes, np.eye(T * 5 * C), atol=1e-12)
+    # The leading axis: the slowest time mode of the top eigenvector, for class 0 alone.
+    lam, V = np.linalg.eigh(np.asarray(K0))
+    top = V[:, -1] * np.sign(V[np.argmax(np.abs(V[:, -1])), -1])
+    np.testing.assert_allclose(axes[:, 0], np.kron(np.full(T, T**-0.5), np.kron(top, [1.0, 0.0])), atol=1e-12)
+
+
 def test_needs_a_key():
     with pytest.raises(ValueError, match="pass key="):
         dmft.solve(_linear_problem(2, 1.0), dmft.MonteCarlo())

@@ -61,20 +61,29 @@ def factor(K):
     return (V * jnp.sqrt(jnp.maximum(lam, 0.0))) @ V.T, V
 
 
-def sobol_axes(K0, T):
-    """Fixed orthonormal axes `(T M, T M)` for the quasi-random coordinates of a source over T times
-    and M points, in decreasing expected variance: time cosine modes (DCT-II) times the eigenvectors
-    of the lazy kernel `K0 (M, M)`, column `(k, j)` weighted `lam_j / (1 + k)^2` (two-time kernels are
-    smooth in time, so their variance sits in the slow modes). The axes must not change between
-    iterations (the current kernels' eigenvectors rotate and flip), or the map is not deterministic.
+def sobol_axes(K0, T, C=1):
+    """Fixed orthonormal axes `(T M C, T M C)` for the quasi-random coordinates of a source over T
+    times, M points and C classes, in decreasing expected variance: time cosine modes (DCT-II) times
+    the eigenvectors of the lazy kernel `K0 (M, M)` times the classes (the lazy gradient kernels are
+    `K0 (x) I_C`, `dynamics.with_classes`), column `(k, j, c)` weighted `lam_j / (1 + k)^2` (two-time
+    kernels are smooth in time, so their variance sits in the slow modes). The axes must not change
+    between iterations (the current kernels' eigenvectors rotate and flip), or the map is not
+    deterministic.
+
+    The axes are the same on every backend: each eigenvector's largest entry is made positive (eigh
+    fixes an eigenvector only up to its sign, and flipping an axis turns the net's digital shift on
+    that coordinate into its complement: another sample), and the classes' degenerate eigenspaces
+    are spanned by the unit vectors of the classes rather than by whatever basis eigh returns.
     """
     lam, V = jnp.linalg.eigh(K0)
+    peak = jnp.take_along_axis(V, jnp.argmax(jnp.abs(V), axis=0)[None], axis=0)
+    V = V * jnp.where(peak < 0, -1.0, 1.0).astype(V.dtype)
     k = np.arange(T)
     dct = np.sqrt(2.0 / T) * np.cos(np.pi * (k[:, None] + 0.5) * k[None, :] / T)  # column k: mode k
     dct[:, 0] /= np.sqrt(2.0)
-    axes = jnp.kron(jnp.asarray(dct, K0.dtype), V)
-    weight = jnp.kron(1.0 / (1.0 + k) ** 2, jnp.maximum(lam, 0.0))
-    return axes[:, jnp.argsort(-weight)]
+    axes = jnp.kron(jnp.asarray(dct, K0.dtype), jnp.kron(V, jnp.eye(C, dtype=V.dtype)))
+    weight = jnp.kron(1.0 / (1.0 + k) ** 2, jnp.repeat(jnp.maximum(lam, 0.0), C))
+    return axes[:, jnp.argsort(-weight, stable=True)]
 
 
 @functools.lru_cache(maxsize=8)

@@ -472,7 +472,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         out = []
         for l in range(L):
             Su = problem.net.preactivation_kernel(problem.data.Kx if l == 0 else Phi0[l - 1])
-            axes_r = None if l == L - 1 else _sampling.sobol_axes(with_classes(G0[l + 1], problem.C), T)
+            axes_r = None if l == L - 1 else _sampling.sobol_axes(G0[l + 1], T, problem.C)
             out.append((_sampling.sobol_axes(Su, 1 if l == 0 else T), axes_r))
         return out
 
