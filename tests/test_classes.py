@@ -44,10 +44,13 @@ def test_shapes_follow_the_targets():
 def test_depth_3_monte_carlo_with_classes_runs():
     # Regression: the NTK's sum over the hidden layers, vmapped over the replicas (float32 for tanh in
     # either precision), crashed XLA's CPU runtime at depth 3 with several classes
-    # (`dynamics.ntk_from_kernels`).
-    sol = dmft.solve(_problem(3, "tanh", n_steps=4), dmft.MonteCarlo(n_samples=256), key=0)
-    assert sol.f.shape == (5, 6, C) and bool(jnp.all(jnp.isfinite(sol.ntk)))
-    assert bool(jnp.all(jnp.isfinite(sol.stderr["loss"])))
+    # (`dynamics.ntk_from_kernels`). And at 32 samples per replica the replicas' first-order square
+    # roots overshoot their covariances so far that, unguarded, they ran away on keys 0 and 2 of these.
+    problem, solver = _problem(3, "tanh", n_steps=4), dmft.MonteCarlo(n_samples=256)
+    for key in range(4):
+        sol = dmft.solve(problem, solver, key=key)
+        assert sol.f.shape == (5, 6, C) and bool(jnp.all(jnp.isfinite(sol.ntk)))
+        assert bool(jnp.all(jnp.isfinite(sol.stderr["loss"])))
 
 
 def test_lazy_limit_is_the_scalar_solution_per_output():

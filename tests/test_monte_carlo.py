@@ -258,6 +258,24 @@ def test_default_samples_follow_the_accuracy_target():
     assert dmft.MonteCarlo().sized(problem(3, "relu")).n_samples == 16384
 
 
+def test_first_order_root_near_a_known_eigensystem():
+    # factor_near expands the symmetric root around K0's eigensystem: its error is second order in the
+    # perturbation, so halving it quarters the error, up to the third-order term, at most eps |E| / lam_min
+    # = 1e-3 * 9 / 0.1 = 9% of the second here (half that in the ratio); and it is exact at K0.
+    from dmft.solvers._sampling import factor, factor_near
+
+    A, E = np.random.default_rng(0).normal(size=(2, 40, 40))
+    K0, E = A @ A.T / 40 + 0.1 * np.eye(40), (E + E.T) / 2
+    lam, V = np.linalg.eigh(K0)
+    root = lambda eps, tol=np.inf: factor_near(K0 + eps * E, (V, lam), 1e-3, tol)[0]
+    error = lambda eps: np.abs(root(eps) - factor(K0 + eps * E)[0]).max()
+    assert error(0.0) < 1e-12
+    assert 3.6 < error(1e-3) / error(5e-4) < 4.4
+    # Far from K0 (the square of the expansion overshoots K by more than tol of it) the exact root.
+    np.testing.assert_array_equal(root(0.5, 1e-2), factor(K0 + 0.5 * E)[0])
+    assert np.abs(root(1e-3, 1e-2) - factor(K0 + 1e-3 * E)[0]).max() == error(1e-3)
+
+
 def test_sobol_dimension_limit():
     problem = dmft.Problem(dmft.datasets.sphere(30, 4, 0), dmft.MLP(2, "tanh"), n_steps=400)
     with pytest.raises(ValueError, match='use sampling="plain"'):

@@ -24,7 +24,18 @@ import jax.random as jr
 import numpy as np
 from jax.scipy.special import ndtri
 
-__all__ = ["SAMPLINGS", "SOBOL_MAX_DIM", "Replicated", "factor", "sobol_axes", "normals", "sources", "gram", "stderr"]
+__all__ = [
+    "SAMPLINGS",
+    "SOBOL_MAX_DIM",
+    "Replicated",
+    "factor",
+    "factor_near",
+    "sobol_axes",
+    "normals",
+    "sources",
+    "gram",
+    "stderr",
+]
 
 SAMPLINGS = ("sobol", "plain", "antithetic")
 SOBOL_MAX_DIM = 21201  # scipy.stats.qmc.Sobol's direction numbers (Joe & Kuo)
@@ -59,6 +70,28 @@ def factor(K):
     """
     lam, V = jnp.linalg.eigh(K)
     return (V * jnp.sqrt(jnp.maximum(lam, 0.0))) @ V.T, V
+
+
+def factor_near(K, ref, rcond, tol):
+    """`(M, V)` as `factor`, for a covariance K near a reference `K0 = V diag(lam) V^T` whose eigensystem
+    `ref = (V, lam)` is known: the symmetric root to first order in `E = V^T K V - diag(lam)`,
+    `M = V (diag(s) + X) V^T`, `X = E / (s_i + s_j)` with `s = sqrt(max(lam, 0))` (the solution of
+    `M0 X + X M0 = K - K0`), in four matrix products instead of an eigendecomposition. The root of a
+    near-zero eigenvalue is not differentiable: `s_i + s_j` is floored at `2 sqrt(rcond * mean(lam))`,
+    the scale below which the Stein regressions' ridge hides a direction anyway.
+
+    The square of M, the covariance the sources really have, is `K + V X^2 V^T`: it overshoots K by a
+    positive semidefinite second-order term, which far from the reference grows the sources, hence
+    the kernels, hence the overshoot. Where its bound `||X||^2 >= ||X^2||` exceeds `tol ||K||`
+    (Frobenius norms) the exact root (`factor`) is taken instead.
+    """
+    V, lam = ref
+    s = jnp.sqrt(jnp.maximum(lam, 0.0))
+    floor = jnp.maximum(2 * jnp.sqrt(rcond * jnp.mean(s**2)), jnp.finfo(K.dtype).tiny)
+    E = V.T @ K @ V - jnp.diag(lam)
+    X = E / jnp.maximum(s[:, None] + s[None, :], floor)
+    near = jnp.sum(X * X) <= tol * jnp.linalg.norm(E + jnp.diag(lam))
+    return jax.lax.cond(near, lambda: (V @ (jnp.diag(s) + X) @ V.T, V), lambda: factor(K))
 
 
 def sobol_axes(K0, T, C=1):

@@ -18,8 +18,13 @@ the Sobol net, or independent keys).
    the feedback of the sampling noise through the nonlinear self-consistency biases a solve with S
    samples by O(T Pa / S), the least the samples allow.
 2. Replicas: every replica, started at the pooled fixed point, iterates the map with its own S / R
-   samples until the replicas' spread, the standard deviation over them of every kernel entry, has
-   converged to a tenth (relu, whose per-replica maps jitter: until their deviations stop growing).
+   samples (its square roots to first order around the eigensystems of the centre's source
+   covariances, `_sampling.factor_near`: a replica stays within its sampling noise of the centre,
+   and the error of the expansion is second order in that noise; a replica whose root would overshoot
+   its covariance by more than `_ROOT_TOL` of it, as with few samples per replica, takes the exact
+   root) until the replicas' spread, the
+   standard deviation over them of every kernel entry, has converged to a tenth (relu, whose
+   per-replica maps jitter: until their deviations stop growing).
    The spread of the replicas' answers over sqrt(R) is the error bar: it contains the feedback of
    the noise (each replica's noise propagated through the self-consistency) and is blind to their
    common O(T Pa R / S) bias, which the pooled answer does not have. For a smooth activation the
@@ -68,6 +73,7 @@ __all__ = ["MonteCarlo"]
 
 PREDICTIONS = ("euler", "readout")
 _ERRORBAR_RTOL = 0.1  # the replica stage's relative change of the replica spread at convergence
+_ROOT_TOL = 1e-2  # largest overshoot (bound) of a replica's first-order root, relative to its covariance
 
 
 class _State(eqx.Module):
@@ -94,11 +100,13 @@ class _Pooled(eqx.Module):
 
 class _Replicas(eqx.Module):
     """The replica stage's state: every replica's order parameters `reps` (a `_State`, leading axis R),
-    `center`, the pooled fixed point they started from (the reported answer), and whether the
-    activation is smooth (`MonteCarlo.monitor`)."""
+    `center`, the pooled fixed point they started from (the reported answer), the eigensystems
+    `roots` of the centre's source covariances (`MonteCarlo._roots`), and whether the activation is
+    smooth (`MonteCarlo.monitor`)."""
 
     reps: _State
     center: _State
+    roots: list
     smooth: bool = eqx.field(static=True)
 
 
@@ -326,7 +334,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             # On a mesh the pooled kernels are kept in time blocks, but each device's partial sums and
             # the matrices gathered for the factorisations are whole.
             pooled = (1.2 * k * grow + 6.0 * (1 + C * C)) if mesh is None else 2.1 * k * grow
-            once = pooled * n * n + 2.75 * chunk * n * (1 + C) / 2
+            # The replicas' reference eigensystems (`_roots`), made in the problem's precision.
+            roots = 2.0 * (L - 1) * (1 + C * C)
+            once = (pooled + roots) * n * n + 2.75 * chunk * n * (1 + C) / 2
             samples, factors = 12.0 * S * n * n, 23.0 * n**3
             flops = {"pooled": L * (samples + factors), "replicas": L * (samples + R * factors)}
         sizes = {"T Pa": T * Pa, "depth": L, "samples": S, "chunk": chunk, "replicas per device": local}
@@ -371,7 +381,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     def enter(self, problem, state):
         q = _replica_precision(problem, state.q)
         reps = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_replicas, *x.shape)), q)
-        return _Replicas(reps, state.q, problem.activation.smooth)
+        roots = _replica_precision(problem, self._roots(problem, state.q))
+        return _Replicas(reps, state.q, roots, problem.activation.smooth)
 
     def step(self, problem, state, key):
         # One replica after the other (lax.map, not vmap): batched LAPACK kernels (eigh, cholesky,
@@ -381,11 +392,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # eigenvalues differ between precisions, and then so would the samples.
         beta = self._replica_beta()
         axes, problem = _replica_precision(problem, (self._axes(problem), problem))
-        one = lambda sk: self._map(problem, sk[0], sk[1][None], axes, None, beta)[0]
+        one = lambda sk: self._map(problem, sk[0], sk[1][None], axes, None, beta, state.roots)[0]
         run = lambda reps, keys: jax.lax.map(one, (reps, keys))
         mesh = self._devices()
         run = run if mesh is None else _mesh.shard(run, mesh)
-        return _Replicas(run(state.reps, self._keys(key)), state.center, state.smooth)
+        return _Replicas(run(state.reps, self._keys(key)), state.center, state.roots, state.smooth)
 
     def damping_at(self, problem, change, ratio, beta):
         base = self._replica_beta()
@@ -476,17 +487,32 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             out.append((_sampling.sobol_axes(Su, 1 if l == 0 else T), axes_r))
         return out
 
-    def _map(self, problem, state, keys, axes, mesh, beta):
+    def _roots(self, problem, q):
+        """Per THEORY layer l + 1, the eigensystems `(V, lam)` of the source covariances `(Su, Sr)` of
+        the order parameters q (None for layer 1's u, whose covariance is fixed, and layer L's scalar r;
+        `[]` at depth 1): the replicas, which stay near q, take their square roots to first order around
+        these (`_sampling.factor_near`) instead of eigendecomposing R matrices per layer and iteration."""
+        L = problem.depth
+        if L == 1:
+            return []
+        n, nC = q.Phi.shape[1] * q.Phi.shape[2], q.G.shape[1] * q.G.shape[2]
+        eig = lambda S, m: jnp.linalg.eigh(S.reshape(m, m))[::-1]
+        Su = lambda l: eig(problem.net.preactivation_kernel(q.Phi[l - 1]), n)
+        Sr = lambda l: eig(problem.net.sw2 * q.G[l + 1], nC)
+        return [(None if l == 0 else Su(l), None if l == L - 1 else Sr(l)) for l in range(L)]
+
+    def _map(self, problem, state, keys, axes, mesh, beta, roots=None):
         """One application of the map to `state` (no replica axis) with the samples of the replicas
         `keys (K,)` pooled, on the Sobol `axes` (`_axes`), spread over the devices of `mesh` (None: one
         device), in a sweep that mixes each new layer with the old by damping `beta`: `(new
         state, floor (2,))`, floor the relative standard errors of the new Phi and G from the spread of
-        the K replicas' kernels (0 when K = 1)."""
+        the K replicas' kernels (0 when K = 1). `roots`: the replica stage's `_roots`, or None to
+        eigendecompose every source covariance."""
         if problem.depth == 1:
             return self._two_layer(problem, state, keys, axes, mesh)
-        return self._deep(problem, state, keys, axes, mesh, beta)
+        return self._deep(problem, state, keys, axes, mesh, beta, roots)
 
-    def _deep(self, problem, state, keys, axes, mesh, beta):
+    def _deep(self, problem, state, keys, axes, mesh, beta, roots):
         L, Kx, C_out = problem.depth, problem.data.Kx, problem.C
         T, Pa = state.Phi.shape[1:3]
         n, nC = T * Pa, T * Pa * C_out
@@ -494,6 +520,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         K = ntk_from_kernels(problem.net, Kx, equal_time(state.Phi), equal_time(state.G), C_out)
         Delta = error_signal(problem, K, state.eps)
         ctrl = self._control(problem)
+        root = lambda S, ref: (
+            _sampling.factor(S) if ref is None else _sampling.factor_near(S, ref, self.rcond, _ROOT_TOL)
+        )
         Phi_new, G_new, A_new, B_new = [], [], [], []
         means, variances = [], []
         for l in range(L):  # layer l + 1 of THEORY
@@ -506,11 +535,13 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             G_next = None if last else state.G[l + 1]
             B = 0.0 if last else state.B[l]
             Su, Sr, C, D = layer_memory(problem.net, Phi_prev, A_prev, G_next, B, Delta, c)
-            # The covariances the sources really have (negative eigenvalues clipped); u of layer 1 is
-            # constant in time, r of layer L one scalar.
-            M_u, V_u = _sampling.factor(Su[0, :, 0, :] if first else Su.reshape(n, n))
+            # The covariances the sources really have, M^2 (negative eigenvalues clipped, or the square of
+            # the first-order root near the replicas' centre); u of layer 1 is constant in time, r of
+            # layer L one scalar.
+            refs = (None, None) if roots is None else roots[l]
+            M_u, V_u = root(Su[0, :, 0, :] if first else Su.reshape(n, n), refs[0])
             sw = problem.net.sigma_w
-            M_r, V_r = (sw, None) if last else _sampling.factor(Sr.reshape(nC, nC))
+            M_r, V_r = (sw, None) if last else root(Sr.reshape(nC, nC), refs[1])
             Su, Sr = M_u @ M_u, sw**2 if last else M_r @ M_r
             layer_keys = jax.vmap(jr.fold_in, in_axes=(0, None))(keys, l)
             m, var = self._moments(problem, layer_keys, (M_u, M_r), axes[l], C, D, first, last, mesh)
