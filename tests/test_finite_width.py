@@ -137,9 +137,9 @@ def test_defaults_are_within_half_a_percent_of_the_networks_limit(act, L):
     # was ~0.3% of the initial loss, and the 16-seed limit of depth-2 relu moved by 0.0016 when 48
     # seeds were added; with 64, the combined SE of depth-3 relu at its worst time was 0.47% of the
     # initial loss, as large as the bound, and the depth-2 limit sat 1.5 of its SE above the 192-seed
-    # one. 192 seeds divide the limit's SE by sqrt(3) again (benchmarks/RESULTS.md). Depth-3 relu's own standard error at 4096 samples is
-    # 0.7-1.1% of the initial loss mid-training (keys 0 and 1, benchmarks/RESULTS.md), above the bound
-    # itself: its default is 16384 samples (0.17-0.33%).
+    # one. 192 seeds divide the limit's SE by sqrt(3) again (benchmarks/RESULTS.md). Depth-3 relu's own
+    # standard error at 4096 samples is 0.7-1.1% of the initial loss mid-training (keys 0 and 1,
+    # benchmarks/RESULTS.md), above the bound itself: its default is 16384 samples (0.17-0.33%).
     problem = dmft.Problem(dmft.datasets.sphere(10, 50, 0), dmft.MLP(L, act), gamma0=1.0, t_max=6.0, n_steps=30)
     sol = dmft.solve(problem, dmft.MonteCarlo(), key=0)
     limit, se_limit = _networks_limit(problem, 192 if act == "relu" and L >= 2 else 16)
