@@ -7,7 +7,8 @@
   samples are cut into chunks.
 * Sources from normals (`factor`, `sources`): `u = M_u e_u ~ N(0, Phi^{l-1})`, `r = M_r e_r ~ N(0, G^{l+1})`
   with `M` the symmetric square root of the covariance (negative eigenvalues clipped), which is
-  continuous in the covariance: the common-random-number map stays continuous.
+  continuous in the covariance: the common-random-number map stays continuous. The replicas, near a
+  centre whose eigensystem is known, take it to first order (`factor_near`).
 * Control variates (`gram`): subtract from a sample moment the same moment of the lazy fields
   `psi(u)`, `chi(u) r` of the same sources; the solver adds back their exact (closed-form) means,
   `E[psi psi^T] = ctrl.kernels(Su)[0]` and `E[chi r (chi r)^T] = ctrl.kernels(Su)[1] * Sr`.
