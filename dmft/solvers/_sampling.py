@@ -91,7 +91,7 @@ def factor_near(K, ref, rcond, tol):
     floor = jnp.maximum(2 * jnp.sqrt(rcond * jnp.mean(s**2)), jnp.finfo(K.dtype).tiny)
     E = V.T @ K @ V - jnp.diag(lam)
     X = E / jnp.maximum(s[:, None] + s[None, :], floor)
-    near = jnp.sum(X * X) <= tol * jnp.linalg.norm(E + jnp.diag(lam))
+    near = jnp.sum(X * X) <= tol * jnp.linalg.norm(K)
     return jax.lax.cond(near, lambda: (V @ (jnp.diag(s) + X) @ V.T, V), lambda: factor(K))
 
 

@@ -22,9 +22,8 @@ the Sobol net, or independent keys).
    covariances, `_sampling.factor_near`: a replica stays within its sampling noise of the centre,
    and the error of the expansion is second order in that noise; a replica whose root would overshoot
    its covariance by more than `_ROOT_TOL` of it, as with few samples per replica, takes the exact
-   root) until the replicas' spread, the
-   standard deviation over them of every kernel entry, has converged to a tenth (relu, whose
-   per-replica maps jitter: until their deviations stop growing).
+   root) until the replicas' spread, the standard deviation over them of every kernel entry, has
+   converged to a tenth (relu, whose per-replica maps jitter: until their deviations stop growing).
    The spread of the replicas' answers over sqrt(R) is the error bar: it contains the feedback of
    the noise (each replica's noise propagated through the self-consistency) and is blind to their
    common O(T Pa R / S) bias, which the pooled answer does not have. For a smooth activation the
