@@ -33,6 +33,7 @@ __all__ = [
     "factor_near",
     "sobol_axes",
     "normals",
+    "fold_axes",
     "sources",
     "gram",
     "stderr",
@@ -121,13 +122,14 @@ def sobol_axes(K0, T, C=1):
 
 
 @functools.lru_cache(maxsize=8)
-def _sobol_points(n, d):
-    """`(n, d)` uint32: the first n (a power of 2) points of the unscrambled Sobol sequence, as
-    integers `x * 2^32` (exact: scipy's coordinates are multiples of 2^-30). Host side, cached."""
+def _sobol_points(n, du, dr):
+    """`(n, du + dr)` uint32: the first n (a power of 2) points of the unscrambled Sobol sequence, as
+    integers `x * 2^32` (exact: scipy's coordinates are multiples of 2^-30), the columns of u first,
+    then those of r (`_interleave`): contiguous slices on the device. Host side, cached."""
     from scipy.stats import qmc
 
-    x = qmc.Sobol(d, scramble=False).random_base2(int(n).bit_length() - 1)
-    return np.ldexp(x, 32).astype(np.uint32)
+    x = qmc.Sobol(du + dr, scramble=False).random_base2(int(n).bit_length() - 1)
+    return np.ldexp(x[:, np.concatenate(_interleave(du, dr))], 32).astype(np.uint32)
 
 
 def _interleave(du, dr):
@@ -144,12 +146,12 @@ def _sobol(key, start, n, n_total, du, dr, dtype):
     power-of-2 block a net. The uniforms are the centres of `2^-bits` cells, with `bits` such that
     the largest is below 1 in the dtype (float32 cannot resolve 2^-32: ndtri(1) = inf).
     """
-    table = jnp.asarray(_sobol_points(n_total, du + dr))
-    x = jax.lax.dynamic_slice_in_dim(table, start, n) ^ jr.bits(key, (du + dr,), jnp.uint32)
+    table = jnp.asarray(_sobol_points(n_total, du, dr))
+    shift = jr.bits(key, (du + dr,), jnp.uint32)[np.concatenate(_interleave(du, dr))]
+    x = jax.lax.dynamic_slice_in_dim(table, start, n) ^ shift
     bits = min(32, jnp.finfo(dtype).nmant)
     e = ndtri(((x >> (32 - bits)).astype(dtype) + 0.5) * 2.0**-bits)
-    cols_u, cols_r = _interleave(du, dr)
-    return e[:, cols_u], e[:, cols_r]
+    return e[:, :du], e[:, du:]
 
 
 def normals(sampling, key, start, n, n_total, du, dr, axes, dtype):
@@ -169,6 +171,19 @@ def normals(sampling, key, start, n, n_total, du, dr, axes, dtype):
     if pairs:  # (e_u, e_r), (e_u, -e_r): consecutive samples, so aligned even blocks keep pairs whole
         e_r = e_r * jnp.where((start + jnp.arange(n)) % 2 == 0, 1.0, -1.0).astype(dtype)[:, None]
     return e_u, e_r
+
+
+def fold_axes(factors, axes, n_samples):
+    """`(factors, axes)` with the Sobol axes of a coordinate folded into its square root, `W = M V`
+    (and its axes then None), so that `sources` of the unrotated normals e' gives `M (V e')` in one
+    product per sample instead of two, where that is cheaper: `(d, d)` factors cost d^3 to fold and
+    `n_samples d^2` to rotate the samples. `axes` None (not sobol) or a coordinate without axes
+    leaves its factor as it is."""
+    if axes is None:
+        return factors, None
+    fold = lambda M, V: V is not None and V.shape[0] <= n_samples
+    W = tuple(M @ V if fold(M, V) else M for M, V in zip(factors, axes))
+    return W, tuple(None if fold(M, V) else V for M, V in zip(factors, axes))
 
 
 def sources(e_u, e_r, M_u, M_r, T, Pa, first, last):

@@ -618,6 +618,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         need_A = not last and self.responses == "stein"
         need_B = not first and self.responses == "stein"
         need_F = last and self.predictions == "readout"
+        factors, axes = _sampling.fold_axes(factors, axes, keys.shape[0] * self._per_replica)
 
         def one_chunk(acc, key_i):
             u, r = self._sources(*key_i, factors, axes, T, Pa, C_out, first, last, C.dtype)
