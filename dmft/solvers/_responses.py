@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ..single_site import segments
+from ._sampling import tdot
 
 __all__ = ["RESPONSES", "time_mask", "lower_products", "causal_stein", "jacobian", "jacobian_moments"]
 
@@ -33,7 +34,7 @@ def lower_products(X, Y, T):
     zero above: all the causal Stein moments need (their mask keeps s <= t), at about 5/8 of the full
     product's cost."""
     a, b = X.shape[1] // T, Y.shape[1] // T
-    rows = [jnp.pad(X[:, t0 * a : t1 * a].T @ Y[:, : t1 * b], ((0, 0), (0, (T - t1) * b))) for t0, t1 in segments(T)]
+    rows = [jnp.pad(tdot(X[:, t0 * a : t1 * a], Y[:, : t1 * b]), ((0, 0), (0, (T - t1) * b))) for t0, t1 in segments(T)]
     return jnp.concatenate(rows)
 
 
