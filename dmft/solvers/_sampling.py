@@ -126,17 +126,18 @@ def sobol_axes(K0, T, C=1):
 def _sobol_points(n, du, dr):
     """`(n, du + dr)` uint32: the first n (a power of 2) points of the unscrambled Sobol sequence, as
     integers `x * 2^32` (exact: scipy's coordinates are multiples of 2^-30), the columns of u first,
-    then those of r (`_interleave`): contiguous slices on the device. Host side, cached."""
+    then those of r (`_u_then_r`): contiguous slices on the device. Host side, cached."""
     from scipy.stats import qmc
 
     x = qmc.Sobol(du + dr, scramble=False).random_base2(int(n).bit_length() - 1)
-    return np.ldexp(x[:, np.concatenate(_interleave(du, dr))], 32).astype(np.uint32)
+    return np.ldexp(x[:, _u_then_r(du, dr)], 32).astype(np.uint32)
 
 
-def _interleave(du, dr):
-    """Columns of u and r in the Sobol coordinate order u_1, r_1, u_2, r_2, ... (best first)."""
+def _u_then_r(du, dr):
+    """`(du + dr,)` indices of the Sobol coordinates of u's columns, then r's: the coordinates go to
+    u and r alternately, u_1, r_1, u_2, r_2, ... (best first)."""
     order = sorted([(k, 0) for k in range(du)] + [(k, 1) for k in range(dr)])
-    return tuple(np.array([j for j, o in enumerate(order) if o[1] == side], dtype=int) for side in (0, 1))
+    return np.array([j for side in (0, 1) for j, o in enumerate(order) if o[1] == side], dtype=int)
 
 
 def _sobol(key, start, n, n_total, du, dr, dtype):
@@ -148,7 +149,7 @@ def _sobol(key, start, n, n_total, du, dr, dtype):
     the largest is below 1 in the dtype (float32 cannot resolve 2^-32: ndtri(1) = inf).
     """
     table = jnp.asarray(_sobol_points(n_total, du, dr))
-    shift = jr.bits(key, (du + dr,), jnp.uint32)[np.concatenate(_interleave(du, dr))]
+    shift = jr.bits(key, (du + dr,), jnp.uint32)[_u_then_r(du, dr)]
     x = jax.lax.dynamic_slice_in_dim(table, start, n) ^ shift
     bits = min(32, jnp.finfo(dtype).nmant)
     e = ndtri(((x >> (32 - bits)).astype(dtype) + 0.5) * 2.0**-bits)
