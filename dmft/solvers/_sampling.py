@@ -37,6 +37,8 @@ __all__ = [
     "sources",
     "gram",
     "tdot",
+    "replica_mean",
+    "replica_std",
     "stderr",
 ]
 
@@ -152,8 +154,10 @@ def _sobol(key, start, n, n_total, du, dr, dtype):
     shift = jr.bits(key, (du + dr,), jnp.uint32)[_u_then_r(du, dr)]
     x = jax.lax.dynamic_slice_in_dim(table, start, n) ^ shift
     bits = min(32, jnp.finfo(dtype).nmant)
-    e = ndtri(((x >> (32 - bits)).astype(dtype) + 0.5) * 2.0**-bits)
-    return e[:, :du], e[:, du:]
+    # u and r mapped apart: XLA fuses the map into every consumer and would otherwise recompute all
+    # du + dr coordinates wherever a few are used (the last layer's one read-out weight per sample).
+    normal = lambda x: ndtri(((x >> (32 - bits)).astype(dtype) + 0.5) * 2.0**-bits)
+    return normal(x[:, :du]), normal(x[:, du:])
 
 
 def normals(sampling, key, start, n, n_total, du, dr, axes, dtype):
@@ -222,9 +226,23 @@ def gram(X, X0=None):
     return 0.5 * (M + M.T)
 
 
+def replica_mean(X):
+    """The mean over the leading (replica) axis of X, as additions of its slices: XLA's CPU reduction
+    over a short leading axis of a large array is many times slower than the same sums as elementwise
+    additions (`benchmarks/RESULTS.md`)."""
+    return sum(X[r] for r in range(X.shape[0])) / X.shape[0]
+
+
+def replica_std(X):
+    """The standard deviation over the leading (replica) axis of X, with R - 1 degrees of freedom (as
+    `replica_mean`)."""
+    mean = replica_mean(X)
+    return jnp.sqrt(sum((X[r] - mean) ** 2 for r in range(X.shape[0])) / (X.shape[0] - 1))
+
+
 def stderr(per_replica):
     """Standard errors of the means over the leading (replica) axis of every array in a dict,
     `sd / sqrt(R)` (sd with R - 1 degrees of freedom). With few replicas an interval needs Student's t:
     +-t_{R-1}(0.975) stderr is a 95% interval (2.36 stderr at R = 8; +-2 stderr is 91%). Entries
     that are None are dropped."""
-    return {k: jnp.std(v, axis=0, ddof=1) / v.shape[0] ** 0.5 for k, v in per_replica.items() if v is not None}
+    return {k: replica_std(v) / v.shape[0] ** 0.5 for k, v in per_replica.items() if v is not None}

@@ -431,17 +431,17 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # whose change stops falling as soon as they have stopped growing, so that the stall rule
         # ends the stage then (the jittering replicas keep the standard deviation falling slowly).
         if state.smooth:
-            return state.reps.Phi.std(0), state.reps.G.std(0)
-        spread = lambda X: X - X.mean(0)
+            return _sampling.replica_std(state.reps.Phi), _sampling.replica_std(state.reps.G)
+        spread = lambda X: X - _sampling.replica_mean(X)
         return spread(state.reps.Phi), spread(state.reps.G)
 
     def secant_view(self, state):
-        return state.reps.eps - state.reps.eps.mean(0)
+        return state.reps.eps - _sampling.replica_mean(state.reps.eps)
 
     def noise_floor(self, state):
         """Relative Monte Carlo standard errors `(2,)` of the replica-mean Phi and G (Frobenius norms)."""
-        R = self.n_replicas
-        rel = lambda X: jnp.linalg.norm(X.std(0, ddof=1)) / jnp.sqrt(R) / jnp.linalg.norm(X.mean(0))
+        spread, mean = _sampling.replica_std, _sampling.replica_mean
+        rel = lambda X: jnp.linalg.norm(spread(X)) / jnp.sqrt(self.n_replicas) / jnp.linalg.norm(mean(X))
         return jnp.stack([rel(state.reps.Phi), rel(state.reps.G)])
 
     def tolerance(self, state):
