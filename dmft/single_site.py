@@ -64,6 +64,9 @@ def layer_memory(net, Phi_prev, A_prev, G_next, B, Delta, c):
     return Su, Sr, memory(net.sw2 * A_prev, Su_Delta, c), memory(net.sw2 * B, Sr_Delta, c)
 
 
+_BLOCKS = 6  # time blocks of the causal pass (`fields`)
+
+
 def segments(T, n=4):
     """Time boundaries `[(t0, t1), ...]` of n near-equal segments of the grid (fewer when T < n)."""
     edges = sorted(set(np.linspace(0, T, min(n, T) + 1).round().astype(int).tolist()))
@@ -76,8 +79,9 @@ def fields(act, gamma0, u, r, C, D, full=False):
 
     Returns `phi(h) (S, T Pa)` and `g (S, T Pa C)` (time-major), and with `full=True` also `h (S, T, Pa)`,
     `z (S, T, Pa C)`.
-    The scan runs in `segments`: within the segment ending at t1 the history and the memory kernels
-    are cut to the first t1 times (causality), which saves about 3/8 of the products.
+    The time steps run in `_BLOCKS` blocks (`segments`): the memory of the earlier blocks enters a
+    block's fields in two matrix products, and only the memory within the block is a product per time
+    step (skinny products, which run far below a full product's speed, over a short history).
     """
     S, T, Pa = u.shape
     PC = r.shape[2]
@@ -85,23 +89,28 @@ def fields(act, gamma0, u, r, C, D, full=False):
     Cm, Dm = (gamma0 * C).reshape(T, Pa, T * PC), (gamma0 * D).reshape(T, PC, T * Pa)
 
     def step(carry, xs):
-        phis, gs = carry
-        t, C_t, D_t = xs
-        h = u[:, t] + gs @ C_t.T
-        phis = jax.lax.dynamic_update_slice(phis, act.fn(h), (0, t * Pa))
-        z = r[:, t] + phis @ D_t.T
+        phis, gs = carry  # the block's fields so far, zero ahead
+        k, h_past, z_past, C_t, D_t = xs
+        h = h_past + gs @ C_t.T
+        phis = jax.lax.dynamic_update_slice(phis, act.fn(h), (0, k * Pa))
+        z = z_past + phis @ D_t.T
         g = act.dfn(h) * z if PC == Pa else (act.dfn(h)[:, :, None] * z.reshape(S, Pa, PC // Pa)).reshape(S, PC)
-        gs = jax.lax.dynamic_update_slice(gs, g, (0, t * PC))
+        gs = jax.lax.dynamic_update_slice(gs, g, (0, k * PC))
         return (phis, gs), (h, z) if full else None
 
     phis = jnp.zeros((S, 0), u.dtype)
     gs = jnp.zeros((S, 0), u.dtype)
     hz = []
-    for t0, t1 in segments(T):
-        phis = jnp.pad(phis, ((0, 0), (0, t1 * Pa - phis.shape[1])))
-        gs = jnp.pad(gs, ((0, 0), (0, t1 * PC - gs.shape[1])))
-        xs = (jnp.arange(t0, t1), Cm[t0:t1, :, : t1 * PC], Dm[t0:t1, :, : t1 * Pa])
-        (phis, gs), out = jax.lax.scan(step, (phis, gs), xs)
+    for t0, t1 in segments(T, _BLOCKS):
+        b = t1 - t0
+        # The sources plus the memory of times before t0 (zero for the first block).
+        h_past = u[:, t0:t1] + (gs @ Cm[t0:t1, :, : t0 * PC].reshape(b * Pa, t0 * PC).T).reshape(S, b, Pa)
+        z_past = r[:, t0:t1] + (phis @ Dm[t0:t1, :, : t0 * Pa].reshape(b * PC, t0 * Pa).T).reshape(S, b, PC)
+        xs = (jnp.arange(b), jnp.moveaxis(h_past, 1, 0), jnp.moveaxis(z_past, 1, 0))
+        xs += (Cm[t0:t1, :, t0 * PC : t1 * PC], Dm[t0:t1, :, t0 * Pa : t1 * Pa])
+        block = (jnp.zeros((S, b * Pa), u.dtype), jnp.zeros((S, b * PC), u.dtype))
+        (block_phis, block_gs), out = jax.lax.scan(step, block, xs)
+        phis, gs = jnp.concatenate([phis, block_phis], 1), jnp.concatenate([gs, block_gs], 1)
         hz.append(out)
     if not full:
         return phis, gs
