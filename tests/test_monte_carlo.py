@@ -331,6 +331,17 @@ def test_folded_axes_and_transposed_products_are_the_same_sums():
         np.testing.assert_allclose(tdot(X, Y), np.asarray(X, np.float64).T @ np.asarray(Y, np.float64), atol=atol)
 
 
+@pytest.mark.parametrize("R", [2, 3, 7, 8])
+def test_replica_mean_and_spread_are_numpys(R):
+    # The halving sums over the replica axis (odd counts fold the last slice into the first) against
+    # numpy's reductions: the same sums in another order, float64 rounding.
+    from dmft.solvers._sampling import replica_mean, replica_std
+
+    X = np.random.default_rng(R).standard_normal((R, 3, 4))
+    np.testing.assert_allclose(replica_mean(jnp.asarray(X)), X.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(replica_std(jnp.asarray(X)), X.std(0, ddof=1), rtol=1e-13)
+
+
 def test_needs_a_key():
     with pytest.raises(ValueError, match="pass key="):
         dmft.solve(_linear_problem(2, 1.0), dmft.MonteCarlo())

@@ -227,17 +227,27 @@ def gram(X, X0=None):
 
 
 def replica_mean(X):
-    """The mean over the leading (replica) axis of X, as additions of its slices: XLA's CPU reduction
-    over a short leading axis of a large array is many times slower than the same sums as elementwise
-    additions (`benchmarks/RESULTS.md`)."""
-    return sum(X[r] for r in range(X.shape[0])) / X.shape[0]
+    """The mean over the leading (replica) axis of X (`_leading_sum`)."""
+    return _leading_sum(X) / X.shape[0]
 
 
 def replica_std(X):
-    """The standard deviation over the leading (replica) axis of X, with R - 1 degrees of freedom (as
-    `replica_mean`)."""
+    """The standard deviation over the leading (replica) axis of X, with R - 1 degrees of freedom
+    (`_leading_sum`)."""
     mean = replica_mean(X)
-    return jnp.sqrt(sum((X[r] - mean) ** 2 for r in range(X.shape[0])) / (X.shape[0] - 1))
+    return jnp.sqrt(_leading_sum((X - mean) ** 2) / (X.shape[0] - 1))
+
+
+def _leading_sum(X):
+    """The sum over the leading axis of X by halving: the first half plus the second, until one slice
+    is left. XLA's CPU reduction over a short leading axis of a large array runs many times slower
+    than these elementwise additions, and a sum of all R slices at once makes XLA keep the slices as
+    buffers of their own (`benchmarks/RESULTS.md`)."""
+    while X.shape[0] > 1:
+        h = X.shape[0] // 2
+        head = X[:h] + X[h : 2 * h]
+        X = head.at[0].add(X[2 * h]) if X.shape[0] % 2 else head
+    return X[0]
 
 
 def stderr(per_replica):
