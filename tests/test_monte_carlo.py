@@ -14,6 +14,7 @@ import pytest
 from scipy import integrate
 
 import dmft
+from dmft.solvers.monte_carlo import _ERRORBAR_RTOL
 
 MC = dict(n_samples=2048)
 
@@ -201,8 +202,8 @@ def test_same_key_same_result_whatever_the_chunks(sampling):
 
 def test_explicit_rtol_and_the_noise_floor():
     # Default: the pooled stage stops when the change is a quarter of the noise floor (or the floor
-    # itself once the change stalls), then the replica stage converges the error bars to a tenth;
-    # an explicit rtol replaces the floor.
+    # itself once the change stalls), then the replica stage iterates until the replicas' spread
+    # changes by at most its tolerance; an explicit rtol replaces the floor.
     problem = _linear_problem(2, 1.0)
     solver = dmft.MonteCarlo(**MC)
     sol = dmft.solve(problem, solver, key=0)
@@ -211,7 +212,7 @@ def test_explicit_rtol_and_the_noise_floor():
     res = np.asarray(sol.residuals)
     it = int(sol.iterations)
     assert np.isnan(res[it:]).all() and np.isfinite(res[:it]).sum() == it
-    assert res[it - 1] <= 0.1  # the replica stage's tolerance on the change of the replicas' spread
+    assert res[it - 1] <= _ERRORBAR_RTOL  # the replica stage's tolerance on the change of the spread
     loose = dmft.solve(problem, dmft.MonteCarlo(rtol=0.05, **MC), key=0)
     assert int(loose.iterations) < it
     assert short.result == dmft.RESULTS.max_iters_reached  # one iteration per stage is not enough
