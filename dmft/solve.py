@@ -140,8 +140,10 @@ def _bar_close():
 def damped(old, new, beta):
     """The damped update `(1 - beta) old + beta new` of `solve`'s iteration, for any pytree (solvers
     that sweep over layers reuse it so a layer sees its neighbour exactly as `solve` will mix it).
-    Each leaf keeps the old iterate's dtype: a float64 beta must not promote float32 replicas."""
-    return jax.tree.map(lambda a, b: ((1 - beta) * a + beta * b).astype(a.dtype), old, new)
+    Each leaf keeps the old iterate's dtype: a float64 beta must not promote float32 replicas.
+    Integer and boolean leaves (flags, counters) are not mixed: they take the new iterate's value."""
+    mix = lambda a, b: ((1 - beta) * a + beta * b).astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else b
+    return jax.tree.map(mix, old, new)
 
 
 def _all_finite(tree):

@@ -200,6 +200,28 @@ def test_same_key_same_result_whatever_the_chunks(sampling):
     assert a.stderr["ntk"].shape == (7, 5, 5) and a.stderr["f_test"].shape == (7, 2)
 
 
+def test_the_warm_up_reaches_the_same_fixed_point(monkeypatch):
+    # The pooled stage's first iterations take half the replicas' samples (`_PooledStage`); its fixed
+    # point is the full map's either way. Each solve stops at a change of at most a quarter of the
+    # noise floor, with the map contracting by at least half per iteration here, so it is within
+    # ~0.25 floor of the fixed point, and the two solves within ~0.5 floor of each other: bound 1.
+    from dmft.solvers import monte_carlo
+
+    data = dmft.datasets.sphere(8, 12, 0)
+    problem = dmft.Problem(data, dmft.MLP(2, "tanh"), gamma0=1.0, t_max=4.0, n_steps=10)
+    pooled_iterations = lambda sol: int(np.argmax(np.asarray(sol.residuals) == 1.0))  # the replicas' first
+    warm, loose = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0), dmft.MonteCarlo(rtol=1e9, **MC)
+    # A warm-up iterate never ends the stage, whatever the tolerance.
+    assert pooled_iterations(dmft.solve(problem, loose, key=0)) >= 2
+    monkeypatch.setattr(monte_carlo, "_WARMUP_MAX", 0)
+    jax.clear_caches()  # the constant is read when the solve is traced
+    cold = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0)
+    assert pooled_iterations(dmft.solve(problem, loose, key=0)) == 1
+    for name in ("Phi", "G"):
+        a, b = np.asarray(getattr(warm, name)), np.asarray(getattr(cold, name))
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) <= float(cold.noise_floor)
+
+
 def test_explicit_rtol_and_the_noise_floor():
     # Default: the pooled stage stops when the change is a quarter of the noise floor (or the floor
     # itself once the change stalls), then the replica stage iterates until the replicas' spread

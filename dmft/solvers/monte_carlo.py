@@ -14,7 +14,8 @@ Abar^{l-1}, damped with the stage's base damping, and the previous iterate's G^{
 the Sobol net, or independent keys).
 
 1. Pooled: the map with all S samples (the square roots and Stein regressions computed once per
-   layer), iterated from the lazy kernels to its noise floor. Its fixed point is the reported answer:
+   layer; half of them in the first iterations, `_PooledStage`), iterated from the lazy kernels to
+   its noise floor. Its fixed point is the reported answer:
    the feedback of the sampling noise through the nonlinear self-consistency biases a solve with S
    samples by O(T Pa / S), the least the samples allow.
 2. Replicas: every replica, started at the pooled fixed point, iterates the map with its own S / R
@@ -65,7 +66,7 @@ from ..dynamics import (
     with_classes,
 )
 from ..single_site import fields, layer_memory, two_layer_fields
-from ..solve import AbstractIterativeSolver, damped
+from ..solve import AbstractIterativeSolver, _relative_change, damped
 from . import _responses, _sampling
 from .lazy import lazy_kernels
 
@@ -73,6 +74,8 @@ __all__ = ["MonteCarlo"]
 
 PREDICTIONS = ("euler", "readout")
 _ERRORBAR_RTOL = 0.2  # the replica stage's relative change of the replica spread at convergence
+_WARMUP_ABOVE = 0.3  # the pooled stage's warm-up (half the replicas' samples) while the relative change is above
+_WARMUP_MAX = 8  # and for at most this many iterations
 _ROOT_TOL = 1e-2  # largest overshoot (bound) of a replica's first-order root, relative to its covariance
 
 
@@ -91,11 +94,15 @@ class _State(eqx.Module):
 
 
 class _Pooled(eqx.Module):
-    """The pooled stage's state: the order parameters `q` (a `_State` without the replica axis) and the
-    relative standard errors `floor (2,)` of its Phi, G over the replicas' samples (without feedback)."""
+    """The pooled stage's state: the order parameters `q` (a `_State` without the replica axis), the
+    relative standard errors `floor (2,)` of its Phi, G over the replicas' samples (without feedback),
+    whether q is a warm-up iterate `warm ()` (bool: made from the samples of the first half of the
+    replicas) and the warm-up steps left `warm_left ()` (int; `_PooledStage`)."""
 
     q: _State
     floor: jax.Array
+    warm: jax.Array
+    warm_left: jax.Array
 
 
 class _Replicas(eqx.Module):
@@ -113,7 +120,13 @@ class _Replicas(eqx.Module):
 class _PooledStage(AbstractIterativeSolver):
     """The first stage of `MonteCarlo`: the map with all replicas' samples pooled, iterated to its noise
     floor (the spread of the replicas' kernels at the current iterate, which leaves out the feedback
-    and so stops a little late rather than early)."""
+    and so stops a little late rather than early).
+
+    Warm-up: while the kernels change by more than `_WARMUP_ABOVE` per iteration (at most
+    `_WARMUP_MAX` iterations), the map takes the samples of the first half of the replicas only, at
+    about half the cost. So far from the fixed point, the noise of half the samples does not slow the
+    iteration; switching later does not pay, since the full map then needs as many iterations to
+    remove the half map's noise from its iterate."""
 
     mc: MonteCarlo
 
@@ -123,8 +136,12 @@ class _PooledStage(AbstractIterativeSolver):
 
     def step(self, problem, state, key):
         mc, mesh = self.mc, self.mc._devices()
-        q, floor = mc._map(problem, state.q, mc._keys(key), mc._axes(problem), mesh, mc._beta(problem))
-        return _Pooled(q if mesh is None else _mesh.time_blocks(q, mesh), floor)
+        warm = state.warm_left > 0
+        active = jnp.arange(mc.n_replicas) < jnp.where(warm, mc.n_replicas // 2, mc.n_replicas)
+        q, floor = mc._map(problem, state.q, mc._keys(key), mc._axes(problem), mesh, mc._beta(problem), active=active)
+        change = jnp.max(_relative_change((q.Phi, q.G), (state.q.Phi, state.q.G)))
+        left = jnp.where(warm & (change > _WARMUP_ABOVE), state.warm_left - 1, 0)
+        return _Pooled(q if mesh is None else _mesh.time_blocks(q, mesh), floor, warm, left)
 
     def monitor(self, state):
         return state.q.Phi, state.q.G
@@ -135,11 +152,11 @@ class _PooledStage(AbstractIterativeSolver):
         return state.q.eps
 
     def tolerance(self, state):
-        if self.rtol is not None:
-            return self.rtol, self.rtol
         # A quarter of the noise floor: the iteration error left then adds at most a few per cent to
-        # the error bar. A map that stalls (relu) stops at the floor itself.
-        return 0.25 * state.floor, state.floor
+        # the error bar. A map that stalls (relu) stops at the floor itself. A warm-up iterate never ends
+        # the stage.
+        tol, stall_tol = (self.rtol, self.rtol) if self.rtol is not None else (0.25 * state.floor, state.floor)
+        return jnp.where(state.warm, -1.0, tol), jnp.where(state.warm, -1.0, stall_tol)
 
     def damping_at(self, problem, change, ratio, beta):
         base = self.mc._beta(problem)
@@ -367,13 +384,14 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         L, T, Pa, C = problem.depth, problem.n_steps + 1, Phi.shape[-1], problem.C
         G = with_classes(G, C)
         floor, eps = jnp.zeros((2,), Phi.dtype), jnp.zeros((T, Pa, C), Phi.dtype)
+        pooled = lambda q: _Pooled(q, floor, jnp.array(True), jnp.array(_WARMUP_MAX))
         if L == 1:
             tile = lambda X: jnp.broadcast_to(X[:, None], (1, T, *X.shape[1:]))
             empty = jnp.zeros((0, T, Pa, Pa), Phi.dtype)
-            return _Pooled(_State(tile(Phi), tile(G), empty, empty, eps), floor)
+            return pooled(_State(tile(Phi), tile(G), empty, empty, eps))
         tile = lambda X: jnp.broadcast_to(X[:, None, :, None, :], (L, T, X.shape[1], T, X.shape[2]))
         A, B = jnp.zeros((L - 1, T, Pa, T, Pa * C), Phi.dtype), jnp.zeros((L - 1, T, Pa * C, T, Pa), Phi.dtype)
-        return _Pooled(_State(tile(Phi), tile(G), A, B, eps), floor)
+        return pooled(_State(tile(Phi), tile(G), A, B, eps))
 
     def stages(self):
         return (_PooledStage(self), self)
@@ -500,18 +518,18 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         Sr = lambda l: eig(problem.net.sw2 * q.G[l + 1], nC)
         return [(None if l == 0 else Su(l), None if l == L - 1 else Sr(l)) for l in range(L)]
 
-    def _map(self, problem, state, keys, axes, mesh, beta, roots=None):
+    def _map(self, problem, state, keys, axes, mesh, beta, roots=None, active=None):
         """One application of the map to `state` (no replica axis) with the samples of the replicas
-        `keys (K,)` pooled, on the Sobol `axes` (`_axes`), spread over the devices of `mesh` (None: one
-        device), in a sweep that mixes each new layer with the old by damping `beta`: `(new
-        state, floor (2,))`, floor the relative standard errors of the new Phi and G from the spread of
-        the K replicas' kernels (0 when K = 1). `roots`: the replica stage's `_roots`, or None to
-        eigendecompose every source covariance."""
+        `keys (K,)` pooled (or of those that are `active (K,)`, bool), on the Sobol `axes` (`_axes`),
+        spread over the devices of `mesh` (None: one device), in a sweep that mixes each new layer
+        with the old by damping `beta`: `(new state, floor (2,))`, floor the relative standard errors
+        of the new Phi and G from the spread of the replicas' kernels (0 for one replica). `roots`: the
+        replica stage's `_roots`, or None to eigendecompose every source covariance."""
         if problem.depth == 1:
-            return self._two_layer(problem, state, keys, axes, mesh)
-        return self._deep(problem, state, keys, axes, mesh, beta, roots)
+            return self._two_layer(problem, state, keys, axes, mesh, active)
+        return self._deep(problem, state, keys, axes, mesh, beta, roots, active)
 
-    def _deep(self, problem, state, keys, axes, mesh, beta, roots):
+    def _deep(self, problem, state, keys, axes, mesh, beta, roots, active):
         L, Kx, C_out = problem.depth, problem.data.Kx, problem.C
         T, Pa = state.Phi.shape[1:3]
         n, nC = T * Pa, T * Pa * C_out
@@ -543,7 +561,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             M_r, V_r = (sw, None) if last else root(Sr.reshape(nC, nC), refs[1])
             Su, Sr = M_u @ M_u, sw**2 if last else M_r @ M_r
             layer_keys = jax.vmap(jr.fold_in, in_axes=(0, None))(keys, l)
-            m, var = self._moments(problem, layer_keys, (M_u, M_r), axes[l], C, D, first, last, mesh)
+            m, var = self._moments(problem, layer_keys, (M_u, M_r), axes[l], C, D, first, last, mesh, active)
             if ctrl is not None:  # the exact means of the control variates subtracted in `_moments`
                 E_psi, E_chi = ctrl.kernels(Su)
                 if first:  # u of layer 1 is constant in time
@@ -554,7 +572,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             means.append(m)
             variances.append(var)
             if self.responses == "jacobian":
-                m |= self._jacobians(problem, layer_keys, (M_u, M_r), (V_u, V_r), axes[l], C, D, first, last)
+                factors, eigvecs = (M_u, M_r), (V_u, V_r)
+                m |= self._jacobians(problem, layer_keys, factors, eigvecs, axes[l], C, D, first, last, active)
             Phi_new.append(m["Phi"].reshape(T, Pa, T, Pa))
             G_new.append(m["G"].reshape(T, Pa * C_out, T, Pa * C_out))
             if not last:
@@ -571,7 +590,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             K_new = ntk_from_kernels(problem.net, Kx, equal_time(Phi_new), equal_time(G_new), C_out)
             eps = self._correction(problem, f, K_new, Delta)
         new = _State(Phi_new, G_new, jnp.stack(A_new), jnp.stack(B_new), eps)
-        return new, _floor(means, variances, keys.shape[0])
+        return new, _floor(means, variances, _count(keys, active))
 
     @staticmethod
     def _correction(problem, f, K, Delta):
@@ -607,7 +626,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         e_u, e_r = self._normals(key, i, du, dr, axes, dtype)
         return _sampling.sources(e_u, e_r, *factors, T, Pa, first, last)
 
-    def _moments(self, problem, keys, factors, axes, C, D, first, last, mesh):
+    def _moments(self, problem, keys, factors, axes, C, D, first, last, mesh, active):
         """Sample means over the replicas `keys (K,)` of one layer, over (T Pa): `<phi phi^T>`, `<g g^T>` and
         the Stein moments `<phi r^T>`, `<g u^T>` (lower time blocks only), control variates subtracted;
         and the variances over the replicas of the Phi and G moments, entry by entry (`_over_replicas`)."""
@@ -641,9 +660,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         shapes = {"Phi": (n, n), "G": (nC, nC), "A": (n, nC), "B": (nC, n), "F": (n, C_out)}
         names = ["Phi", "G"] + ["A"] * need_A + ["B"] * need_B + ["F"] * need_F
         zeros = {k: jnp.zeros(shapes[k], C.dtype) for k in names}
-        return _over_replicas(keys, zeros, one_chunk, self._per_replica, chunk, mesh)
+        return _over_replicas(keys, zeros, one_chunk, self._per_replica, chunk, mesh, active)
 
-    def _jacobians(self, problem, keys, factors, eigvecs, axes, C, D, first, last):
+    def _jacobians(self, problem, keys, factors, eigvecs, axes, C, D, first, last, active):
         """`<d phi(h)/d r>` and `<d g/d u>` by forward mode (`_responses.jacobian_moments`) over the
         samples of the replicas `keys (K,)` of this layer."""
         T, Pa = C.shape[:2]
@@ -652,12 +671,15 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         def mean_over_samples(fn):
             total = lambda key, i: fn(*self._sources(key, i, factors, axes, T, Pa, problem.C, first, last, C.dtype))
             per_key = lambda key: jax.lax.map(lambda i: total(key, i), chunks).sum(0)
-            return jax.lax.map(per_key, keys).sum(0) / (keys.shape[0] * self._per_replica)
+            per_replica = jax.lax.map(per_key, keys)
+            if active is not None:  # (computed for every replica: a validation mode)
+                per_replica = jnp.where(active.reshape(-1, *[1] * (per_replica.ndim - 1)), per_replica, 0)
+            return per_replica.sum(0) / (_count(keys, active) * self._per_replica)
 
         field_fn = lambda u, r: fields(problem.activation, problem.gamma0, u, r, C, D)
         return _responses.jacobian_moments(mean_over_samples, field_fn, eigvecs, self.n_directions, first, last)
 
-    def _two_layer(self, problem, state, keys, axes, mesh):
+    def _two_layer(self, problem, state, keys, axes, mesh, active):
         """THEORY 7: u ~ N(0, Kx) constant, r (one per class) constant, equal-time kernels only (O(S Pa^2 C^2)
         memory)."""
         Kx, act, gamma0, C = problem.data.Kx, problem.activation, problem.gamma0, problem.C
@@ -689,7 +711,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
 
         zeros = {"Phi": jnp.zeros((T, Pa, Pa), Kx.dtype), "G": jnp.zeros((T, Pa * C, Pa * C), Kx.dtype)}
         zeros |= {"F": jnp.zeros((T, Pa, C), Kx.dtype)} if readout else {}
-        m, var = _over_replicas(keys, zeros, one_chunk, self._per_replica, self._chunk, mesh)
+        m, var = _over_replicas(keys, zeros, one_chunk, self._per_replica, self._chunk, mesh, active)
         if ctrl is not None:
             E_psi, E_chi = ctrl.kernels(M_u @ M_u)
             m |= {"Phi": m["Phi"] + E_psi, "G": m["G"] + with_classes(E_chi, C) * net.sw2}
@@ -701,31 +723,44 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             K_new = ntk_from_kernels(net, Kx, m["Phi"][None], m["G"][None], C)
             eps = self._correction(problem, f, K_new, Delta)
         new = _State(m["Phi"][None], m["G"][None], state.A, state.B, eps)
-        return new, _floor([m], [var], keys.shape[0])
+        return new, _floor([m], [var], _count(keys, active))
 
 
-def _over_replicas(keys, zeros, one_chunk, per_replica, chunk, mesh):
-    """Sample means `{name: (...)}` over every chunk of every replica `keys (K,)`, accumulated by
-    `one_chunk(acc, (key, i)) -> (acc, None)` from `zeros`, and the variances across the K replicas
-    of the replica means of "Phi" and "G", entry by entry (zero when K = 1). The replicas are spread
-    over the devices of `mesh` (None: one device), each summing its own."""
+def _over_replicas(keys, zeros, one_chunk, per_replica, chunk, mesh, active=None):
+    """Sample means `{name: (...)}` over every chunk of the replicas `keys (K,)`, or of those that are
+    `active (K,)` (bool), accumulated by `one_chunk(acc, (key, i)) -> (acc, None)` from `zeros`, and the
+    variances across those replicas of the replica means of "Phi" and "G", entry by entry (zero for one
+    replica). The replicas are spread over the devices of `mesh` (None: one device), each summing its own."""
 
-    def one_replica(carry, key):
+    def add(carry, key):
         total, squares = carry
         acc, _ = jax.lax.scan(lambda a, i: one_chunk(a, (key, i)), zeros, jnp.arange(per_replica // chunk))
         m = {k: v / per_replica for k, v in acc.items()}
         squares = {k: squares[k] + m[k] ** 2 for k in squares}
-        return (jax.tree.map(jnp.add, total, m), squares), None
+        return jax.tree.map(jnp.add, total, m), squares
 
-    def sums(keys):
+    def one_replica(carry, key_on):
+        key, on = key_on
+        if on is None:
+            return add(carry, key), None
+        return jax.lax.cond(on, add, lambda carry, key: carry, carry, key), None
+
+    def sums(keys, *active):
         squares = {k: zeros[k] for k in ("Phi", "G")}
-        return jax.lax.scan(one_replica, (zeros, squares), keys)[0]
+        on = active[0] if active else None
+        return jax.lax.scan(one_replica, (zeros, squares), (keys, on))[0]
 
-    K = keys.shape[0]
-    total, squares = sums(keys) if mesh is None else _mesh.shard(sums, mesh, reduce=True)(keys)
+    args = (keys,) if active is None else (keys, active)
+    total, squares = sums(*args) if mesh is None else _mesh.shard(sums, mesh, reduce=True)(*args)
+    K = _count(keys, active)
     mean = {k: v / K for k, v in total.items()}
-    var = {k: (squares[k] - K * mean[k] ** 2) / max(K - 1, 1) for k in squares}
+    var = {k: (squares[k] - K * mean[k] ** 2) / jnp.maximum(K - 1, 1) for k in squares}
     return mean, var
+
+
+def _count(keys, active):
+    """The number of replicas whose samples a map uses: those of `keys (K,)`, or the `active (K,)` ones."""
+    return keys.shape[0] if active is None else jnp.sum(active)
 
 
 def _secant(base, ratio, beta):
