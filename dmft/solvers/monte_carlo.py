@@ -384,7 +384,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         L, T, Pa, C = problem.depth, problem.n_steps + 1, Phi.shape[-1], problem.C
         G = with_classes(G, C)
         floor, eps = jnp.zeros((2,), Phi.dtype), jnp.zeros((T, Pa, C), Phi.dtype)
-        pooled = lambda q: _Pooled(q, floor, jnp.array(True), jnp.array(_WARMUP_MAX))
+        pooled = lambda q: _Pooled(q, floor, jnp.array(True), jnp.array(_WARMUP_MAX, jnp.int32))
         if L == 1:
             tile = lambda X: jnp.broadcast_to(X[:, None], (1, T, *X.shape[1:]))
             empty = jnp.zeros((0, T, Pa, Pa), Phi.dtype)
