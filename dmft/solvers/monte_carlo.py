@@ -13,11 +13,11 @@ Abar^{l-1}, damped with the stage's base damping, and the previous iterate's G^{
 **Two stages.** The samples are split into `n_replicas` independent replicas (independent shifts of
 the Sobol net, or independent keys).
 
-1. Pooled: the map with all S samples (the square roots and Stein regressions computed once per
-   layer; half of them in the first iterations, `_PooledStage`), iterated from the lazy kernels to
-   its noise floor. Its fixed point is the reported answer:
-   the feedback of the sampling noise through the nonlinear self-consistency biases a solve with S
-   samples by O(T Pa / S), the least the samples allow.
+1. Pooled: the map with all S samples (half of them in its first iterations, `_PooledStage`; the
+   square roots and Stein regressions computed once per layer), iterated from the lazy kernels to
+   its noise floor. Its fixed point is the reported answer: the feedback of the sampling noise
+   through the nonlinear self-consistency biases a solve with S samples by O(T Pa / S), the least
+   the samples allow.
 2. Replicas: every replica, started at the pooled fixed point, iterates the map with its own S / R
    samples (its square roots to first order around the eigensystems of the centre's source
    covariances, `_sampling.factor_near`: a replica stays within its sampling noise of the centre,
@@ -210,9 +210,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       applies to both stages, fixed). None (default): for a smooth activation, adaptive: each stage
       starts undamped (beta = 1) and each update divides the previous beta by `1 - ratio`, within
       [0.1, 1], with `ratio` the secant ratio of the last two changes of the read-out's correction
-      `eps` (`dmft.solve`). That cancels the dominant mode: an oscillating
-      one (deep networks on long grids) lowers beta, a slow monotone one raises it (with
-      `predictions="euler"` there is no `eps`, and beta stays where it starts). For relu fixed at 0.5
+      `eps` (`dmft.solve`). That cancels the dominant mode: an oscillating one (deep networks on long
+      grids) lowers beta, a slow monotone one raises it (with `predictions="euler"` there is no
+      `eps`, and beta stays where it starts). For relu fixed at 0.5
       in both stages: its Monte Carlo map is piecewise constant, undamped iterates jitter instead of
       settling, and a ratio of jittering changes says nothing. `undamped_above`: undamped pooled steps
       while the relative change is above this, then the fixed `damping` (or the default's start).
