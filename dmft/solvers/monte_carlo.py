@@ -177,7 +177,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       the initial loss that the defaults are held to against networks (`benchmarks/RESULTS.md`).
     - `n_replicas`: R independent replicas of S / R samples each (see the module docstring).
       `Solution.stderr` is their spread over sqrt(R), `sd / sqrt(R)`, the standard error of the
-      answer; with R - 1 degrees of freedom, +-2.36 stderr is a 95% interval at R = 8.
+      answer; with R - 1 degrees of freedom, +-2.36 stderr is a 95% interval at R = 8. The first
+      iterations, while the kernels still change by more than 0.3 per iteration, take the samples of
+      R / 2 replicas only (a warm-up at half the cost; the answer is the full map's fixed point).
     - `sampling`: `"sobol"` (default: randomised quasi-Monte Carlo, S / R a power of 2), `"plain"`
       or `"antithetic"` (pairs `(e_u, +-e_r)`, which cancel the leading noise of the Stein sums at
       small gamma0).
