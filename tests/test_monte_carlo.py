@@ -57,6 +57,18 @@ def test_linear_activation_matches_closure(L, gamma0, sigmas):
     assert _within(sol, exact)
 
 
+def test_a_strongly_feature_learning_deep_map_is_stepped_within_bounds():
+    # Depth 3, gamma0 = 1.5, t_max = 4: from the lazy start the first map returns a top-layer Phi ~55
+    # times its input (the fixed point's is ~3 times); stepping there undamped, the next map's Euler
+    # predictions overflow. The pooled stage bounds each step relative to the iterate, and the solve
+    # reaches the closure's answer (within 4 standard errors, as above).
+    problem = dmft.Problem(dmft.datasets.sphere(8, 12, 0), dmft.MLP(3, "linear"), gamma0=1.5, t_max=4.0, n_steps=20)
+    exact = dmft.solve(problem, dmft.LinearClosure())
+    sol = dmft.solve(problem, dmft.MonteCarlo(**MC), key=0)
+    assert sol.result == dmft.RESULTS.successful
+    assert _within(sol, exact)
+
+
 @pytest.mark.parametrize("L, act", [(1, "relu"), (2, "tanh"), pytest.param(3, "relu", marks=pytest.mark.slow)])
 def test_small_gamma0_reproduces_lazy(L, act):
     # At gamma0 = 1e-3 the kernels are the lazy ones up to O(gamma0^2) = 1e-6 plus Monte Carlo noise.

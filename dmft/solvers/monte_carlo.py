@@ -76,6 +76,7 @@ PREDICTIONS = ("euler", "readout")
 _ERRORBAR_RTOL = 0.2  # the replica stage's relative change of the replica spread at convergence
 _WARMUP_ABOVE = 0.3  # the pooled stage's warm-up (half the replicas' samples) while the relative change is above
 _WARMUP_MAX = 8  # and for at most this many iterations
+_GROWTH_MAX = 8.0  # the pooled map's largest step, relative to the iterate, per layer (`_PooledStage`)
 _ROOT_TOL = 1e-2  # largest overshoot (bound) of a replica's first-order root, relative to its covariance
 
 
@@ -126,7 +127,12 @@ class _PooledStage(AbstractIterativeSolver):
     `_WARMUP_MAX` iterations), the map takes the samples of the first half of the replicas only, at
     about half the cost. So far from the fixed point, the noise of half the samples does not slow the
     iteration; switching later does not pay, since the full map then needs as many iterations to
-    remove the half map's noise from its iterate."""
+    remove the half map's noise from its iterate.
+
+    A step is at most `_GROWTH_MAX` times the iterate (the Frobenius norm of each layer's Phi and G):
+    far from the fixed point, a strongly feature-learning deep map can return kernels tens of times
+    its input, whose NTK the Euler rule of the next map cannot step stably (the predictions
+    overflow); the fixed point's own steps are far smaller."""
 
     mc: MonteCarlo
 
@@ -139,6 +145,7 @@ class _PooledStage(AbstractIterativeSolver):
         warm = state.warm_left > 0
         active = jnp.arange(mc.n_replicas) < jnp.where(warm, mc.n_replicas // 2, mc.n_replicas)
         q, floor = mc._map(problem, state.q, mc._keys(key), mc._axes(problem), mesh, mc._beta(problem), active=active)
+        q = damped(state.q, q, jnp.minimum(1.0, _GROWTH_MAX / _growth(q, state.q)))
         change = jnp.max(_relative_change((q.Phi, q.G), (state.q.Phi, state.q.G)))
         left = jnp.where(warm & (change > _WARMUP_ABOVE), state.warm_left - 1, 0)
         return _Pooled(q if mesh is None else _mesh.time_blocks(q, mesh), floor, warm, left)
@@ -218,6 +225,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       in both stages: its Monte Carlo map is piecewise constant, undamped iterates jitter instead of
       settling, and a ratio of jittering changes says nothing. `undamped_above`: undamped pooled steps
       while the relative change is above this, then the fixed `damping` (or the default's start).
+      Whatever the damping, a pooled step moves no layer's Phi or G by more than 8 times its norm.
     - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
       S / R. The result does not depend on it. None (default): up to 1024, halved until the solve
       fits the memory budget.
@@ -758,6 +766,13 @@ def _over_replicas(keys, zeros, one_chunk, per_replica, chunk, mesh, active=None
     mean = {k: v / K for k, v in total.items()}
     var = {k: (squares[k] - K * mean[k] ** 2) / jnp.maximum(K - 1, 1) for k in squares}
     return mean, var
+
+
+def _growth(new, old):
+    """The largest relative step `|new - old| / |old|` over the layers of Phi and G (Frobenius norms)."""
+    norm = lambda X: jnp.linalg.norm(X.reshape(X.shape[0], -1), axis=1)
+    rel = lambda a, b: norm(a - b) / jnp.maximum(norm(b), jnp.finfo(b.dtype).tiny)
+    return jnp.maximum(jnp.max(rel(new.Phi, old.Phi)), jnp.max(rel(new.G, old.G)))
 
 
 def _count(keys, active):
