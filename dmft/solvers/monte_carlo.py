@@ -15,9 +15,9 @@ the Sobol net, or independent keys).
 
 1. Pooled: the map with all S samples (half of them in its first iterations, `_PooledStage`; the
    square roots and Stein regressions computed once per layer), iterated from the lazy kernels to
-   its noise floor. Its fixed point is the reported answer: the feedback of the sampling noise
-   through the nonlinear self-consistency biases a solve with S samples by O(T Pa / S), the least
-   the samples allow.
+   its noise floor (by continuation in time where the map grows too fast from there). Its fixed
+   point is the reported answer: the feedback of the sampling noise through the nonlinear
+   self-consistency biases a solve with S samples by O(T Pa / S), the least the samples allow.
 2. Replicas: every replica, started at the pooled fixed point, iterates the map with its own S / R
    samples (its square roots to first order around the eigensystems of the centre's source
    covariances, `_sampling.factor_near`: a replica stays within its sampling noise of the centre,
@@ -77,6 +77,7 @@ _ERRORBAR_RTOL = 0.2  # the replica stage's relative change of the replica sprea
 _WARMUP_ABOVE = 0.3  # the pooled stage's warm-up (half the replicas' samples) while the relative change is above
 _WARMUP_MAX = 8  # and for at most this many iterations
 _GROWTH_MAX = 8.0  # the pooled map's largest step, relative to the iterate, per layer (`_PooledStage`)
+_WINDOW_RTOL = 0.05  # the pooled stage's time window doubles once the relative change is at most this
 _ROOT_TOL = 1e-2  # largest overshoot (bound) of a replica's first-order root, relative to its covariance
 
 
@@ -98,12 +99,14 @@ class _Pooled(eqx.Module):
     """The pooled stage's state: the order parameters `q` (a `_State` without the replica axis), the
     relative standard errors `floor (2,)` of its Phi, G over the replicas' samples (without feedback),
     whether q is a warm-up iterate `warm ()` (bool: made from the samples of the first half of the
-    replicas) and the warm-up steps left `warm_left ()` (int; `_PooledStage`)."""
+    replicas), the warm-up steps left `warm_left ()` (int) and the time window `window ()` (int: the
+    last time step iterated; `_PooledStage`)."""
 
     q: _State
     floor: jax.Array
     warm: jax.Array
     warm_left: jax.Array
+    window: jax.Array
 
 
 class _Replicas(eqx.Module):
@@ -129,10 +132,18 @@ class _PooledStage(AbstractIterativeSolver):
     iteration; switching later does not pay, since the full map then needs as many iterations to
     remove the half map's noise from its iterate.
 
-    A step is at most `_GROWTH_MAX` times the iterate (the Frobenius norm of each layer's Phi and G):
-    far from the fixed point, a strongly feature-learning deep map can return kernels tens of times
-    its input, whose NTK the Euler rule of the next map cannot step stably (the predictions
-    overflow); the fixed point's own steps are far smaller."""
+    Continuation in time: far from the fixed point, a strongly feature-learning deep map can return
+    kernels tens of times its input, whose NTK the Euler rule of the next map cannot step stably (the
+    predictions overflow); the fixed point's own steps are far smaller. A map that would move a layer's
+    Phi or G by more than `_GROWTH_MAX` times its norm (Frobenius, over the times `0..w`) for some
+    w shrinks the time window to the longest such prefix: the iteration continues on the time steps
+    `0..window` only, training stopped after the window (the error signal zero after its last step),
+    every kernel held at its value at the window's last step beyond it and the responses and read-out
+    corrections zero there. The map is causal, so the window's fixed point is, up to sampling noise,
+    that of the whole grid restricted to it; once the change is at most `_WINDOW_RTOL` (or the noise
+    floor) the window doubles, and the stage cannot end before it covers the grid. On a window of one
+    step the step itself is bounded at `_GROWTH_MAX` times the iterate. A map that never grows that
+    much (the window starts at the whole grid) is iterated exactly as without the window."""
 
     mc: MonteCarlo
 
@@ -142,13 +153,21 @@ class _PooledStage(AbstractIterativeSolver):
 
     def step(self, problem, state, key):
         mc, mesh = self.mc, self.mc._devices()
-        warm = state.warm_left > 0
+        warm, n = state.warm_left > 0, problem.n_steps
         active = jnp.arange(mc.n_replicas) < jnp.where(warm, mc.n_replicas // 2, mc.n_replicas)
-        q, floor = mc._map(problem, state.q, mc._keys(key), mc._axes(problem), mesh, mc._beta(problem), active=active)
-        q = damped(state.q, q, jnp.minimum(1.0, _GROWTH_MAX / _growth(q, state.q)))
-        change = jnp.max(_relative_change((q.Phi, q.G), (state.q.Phi, state.q.G)))
+        x, beta = state.q, mc._beta(problem)
+        y, floor = mc._map(problem, x, mc._keys(key), mc._axes(problem), mesh, beta, active=active, window=state.window)
+        # The longest prefix of the window on which no layer moves by more than _GROWTH_MAX times itself
+        # (at least one step: the kernels at t = 0 are fixed), and the step there bounded.
+        growth = _prefix_growth(y, x)
+        within = jnp.sum(jnp.cumprod(growth <= _GROWTH_MAX)) - 1
+        window = jnp.clip(within, 1, state.window).astype(state.window.dtype)
+        q = damped(x, _windowed(y, window), jnp.minimum(1.0, _GROWTH_MAX / growth[window]))
+        change = jnp.max(_relative_change((q.Phi, q.G), (x.Phi, x.G)))
+        grow = (window == state.window) & (change <= jnp.maximum(_WINDOW_RTOL, jnp.max(floor)))
+        window = jnp.where(grow, jnp.minimum(2 * window, n), window)
         left = jnp.where(warm & (change > _WARMUP_ABOVE), state.warm_left - 1, 0)
-        return _Pooled(q if mesh is None else _mesh.time_blocks(q, mesh), floor, warm, left)
+        return _Pooled(q if mesh is None else _mesh.time_blocks(q, mesh), floor, warm, left, window)
 
     def monitor(self, state):
         return state.q.Phi, state.q.G
@@ -160,10 +179,11 @@ class _PooledStage(AbstractIterativeSolver):
 
     def tolerance(self, state):
         # A quarter of the noise floor: the iteration error left then adds at most a few per cent to
-        # the error bar. A map that stalls (relu) stops at the floor itself. A warm-up iterate never ends
-        # the stage.
+        # the error bar. A map that stalls (relu) stops at the floor itself. Neither a warm-up iterate
+        # nor one on a part of the time grid ends the stage.
         tol, stall_tol = (self.rtol, self.rtol) if self.rtol is not None else (0.25 * state.floor, state.floor)
-        return jnp.where(state.warm, -1.0, tol), jnp.where(state.warm, -1.0, stall_tol)
+        going = state.warm | (state.window < state.q.eps.shape[0] - 1)
+        return jnp.where(going, -1.0, tol), jnp.where(going, -1.0, stall_tol)
 
     def damping_at(self, problem, change, ratio, beta):
         base = self.mc._beta(problem)
@@ -225,7 +245,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       in both stages: its Monte Carlo map is piecewise constant, undamped iterates jitter instead of
       settling, and a ratio of jittering changes says nothing. `undamped_above`: undamped pooled steps
       while the relative change is above this, then the fixed `damping` (or the default's start).
-      Whatever the damping, a pooled step moves no layer's Phi or G by more than 8 times its norm.
+      Whatever the damping, where the pooled map would move a layer's Phi or G by more than 8 times its
+      norm, the pooled stage continues in time: it iterates a prefix of the grid, then widens it.
     - `chunk_size`: samples of a replica processed at once (memory O(chunk T Pa)); must divide
       S / R. The result does not depend on it. None (default): up to 1024, halved until the solve
       fits the memory budget.
@@ -394,7 +415,9 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         L, T, Pa, C = problem.depth, problem.n_steps + 1, Phi.shape[-1], problem.C
         G = with_classes(G, C)
         floor, eps = jnp.zeros((2,), Phi.dtype), jnp.zeros((T, Pa, C), Phi.dtype)
-        pooled = lambda q: _Pooled(q, floor, jnp.array(True), jnp.array(_WARMUP_MAX, jnp.int32))
+        pooled = lambda q: _Pooled(
+            q, floor, jnp.array(True), jnp.array(_WARMUP_MAX, jnp.int32), jnp.array(problem.n_steps, jnp.int32)
+        )
         if L == 1:
             tile = lambda X: jnp.broadcast_to(X[:, None], (1, T, *X.shape[1:]))
             empty = jnp.zeros((0, T, Pa, Pa), Phi.dtype)
@@ -528,24 +551,25 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         Sr = lambda l: eig(problem.net.sw2 * q.G[l + 1], nC)
         return [(None if l == 0 else Su(l), None if l == L - 1 else Sr(l)) for l in range(L)]
 
-    def _map(self, problem, state, keys, axes, mesh, beta, roots=None, active=None):
+    def _map(self, problem, state, keys, axes, mesh, beta, roots=None, active=None, window=None):
         """One application of the map to `state` (no replica axis) with the samples of the replicas
         `keys (K,)` pooled (or of those that are `active (K,)`, bool), on the Sobol `axes` (`_axes`),
         spread over the devices of `mesh` (None: one device), in a sweep that mixes each new layer
         with the old by damping `beta`: `(new state, floor (2,))`, floor the relative standard errors
         of the new Phi and G from the spread of the replicas' kernels (0 for one replica). `roots`: the
-        replica stage's `_roots`, or None to eigendecompose every source covariance."""
+        replica stage's `_roots`, or None to eigendecompose every source covariance. `window`: the error
+        signal is zero after this time step (`_PooledStage`), or None: never."""
         if problem.depth == 1:
-            return self._two_layer(problem, state, keys, axes, mesh, active)
-        return self._deep(problem, state, keys, axes, mesh, beta, roots, active)
+            return self._two_layer(problem, state, keys, axes, mesh, active, window)
+        return self._deep(problem, state, keys, axes, mesh, beta, roots, active, window)
 
-    def _deep(self, problem, state, keys, axes, mesh, beta, roots, active):
+    def _deep(self, problem, state, keys, axes, mesh, beta, roots, active, window):
         L, Kx, C_out = problem.depth, problem.data.Kx, problem.C
         T, Pa = state.Phi.shape[1:3]
         n, nC = T * Pa, T * Pa * C_out
         c = problem.dt * problem.eta0 / problem.P
         K = ntk_from_kernels(problem.net, Kx, equal_time(state.Phi), equal_time(state.G), C_out)
-        Delta = error_signal(problem, K, state.eps)
+        Delta = _stopped(error_signal(problem, K, state.eps), window)
         ctrl = self._control(problem)
         root = lambda S, ref: (
             _sampling.factor(S) if ref is None else _sampling.factor_near(S, ref, self.rcond, _ROOT_TOL)
@@ -689,14 +713,14 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         field_fn = lambda u, r: fields(problem.activation, problem.gamma0, u, r, C, D)
         return _responses.jacobian_moments(mean_over_samples, field_fn, eigvecs, self.n_directions, first, last)
 
-    def _two_layer(self, problem, state, keys, axes, mesh, active):
+    def _two_layer(self, problem, state, keys, axes, mesh, active, window):
         """THEORY 7: u ~ N(0, Kx) constant, r (one per class) constant, equal-time kernels only (O(S Pa^2 C^2)
         memory)."""
         Kx, act, gamma0, C = problem.data.Kx, problem.activation, problem.gamma0, problem.C
         T, Pa = state.Phi.shape[1:3]
         c = problem.dt * problem.eta0 / problem.P
         net = problem.net
-        Delta = error_signal(problem, ntk_from_kernels(net, Kx, state.Phi, state.G, C), state.eps)
+        Delta = _stopped(error_signal(problem, ntk_from_kernels(net, Kx, state.Phi, state.G, C), state.eps), window)
         Su = net.preactivation_kernel(Kx)
         M_u = _sampling.factor(Su)[0]
         ctrl = self._control(problem)
@@ -768,11 +792,39 @@ def _over_replicas(keys, zeros, one_chunk, per_replica, chunk, mesh, active=None
     return mean, var
 
 
-def _growth(new, old):
-    """The largest relative step `|new - old| / |old|` over the layers of Phi and G (Frobenius norms)."""
-    norm = lambda X: jnp.linalg.norm(X.reshape(X.shape[0], -1), axis=1)
-    rel = lambda a, b: norm(a - b) / jnp.maximum(norm(b), jnp.finfo(b.dtype).tiny)
-    return jnp.maximum(jnp.max(rel(new.Phi, old.Phi)), jnp.max(rel(new.G, old.G)))
+def _windowed(q, window):
+    """The order parameters q on the time steps `0..window` (`_PooledStage`): kernels beyond it held at
+    their value at `window` (in both times), responses and read-out corrections zero beyond it; q
+    itself when the window covers the grid."""
+
+    def hold(q):
+        T = q.eps.shape[0]
+        t = jnp.arange(T)
+        idx, inside = jnp.minimum(t, window), t <= window
+        held = lambda X: X[:, idx] if X.ndim == 4 else X[:, idx][:, :, :, idx]  # depth 1: equal times
+        both = (inside[:, None] & inside[None, :])[None, :, None, :, None]
+        A, B = (q.A, q.B) if q.A.ndim == 4 else (jnp.where(both, q.A, 0.0), jnp.where(both, q.B, 0.0))
+        return _State(held(q.Phi), held(q.G), A, B, jnp.where(inside[:, None, None], q.eps, 0.0))
+
+    return jax.lax.cond(window < q.eps.shape[0] - 1, hold, lambda q: q, q)
+
+
+def _stopped(Delta, window):
+    """The error signal `Delta (T, Pa, C)` zero after the time step `window` (None: unchanged)."""
+    return Delta if window is None else jnp.where((jnp.arange(Delta.shape[0]) <= window)[:, None, None], Delta, 0.0)
+
+
+def _prefix_growth(new, old):
+    """`(T,)`: for every time step w, the largest relative step `|new - old| / |old|` over the layers of
+    Phi and G, Frobenius norms over the times `0..w`."""
+
+    def squares(X):  # (L, T): each layer's squared norm over the times 0..w
+        if X.ndim == 4:  # equal times (depth 1)
+            return jnp.cumsum((X**2).sum((2, 3)), 1)
+        return jnp.diagonal(jnp.cumsum(jnp.cumsum((X**2).sum((2, 4)), 1), 2), axis1=1, axis2=2)
+
+    rel = lambda a, b: jnp.sqrt(squares(a - b) / jnp.maximum(squares(b), jnp.finfo(b.dtype).tiny)).max(0)
+    return jnp.maximum(rel(new.Phi, old.Phi), rel(new.G, old.G))
 
 
 def _count(keys, active):
