@@ -24,8 +24,8 @@ the Sobol net, or independent keys).
    and the error of the expansion is second order in that noise; a replica whose root would overshoot
    its covariance by more than `_ROOT_TOL` of it, as with few samples per replica, takes the exact
    root) until the replicas' spread, the standard deviation over them of every kernel entry, changes
-   by at most a fifth per iteration (`MonteCarlo.tolerance`; relu, whose per-replica maps jitter:
-   until their deviations stop growing).
+   per iteration by at most its own statistical uncertainty, 1 / sqrt(2 (R - 1)) (`MonteCarlo.tolerance`;
+   relu, whose per-replica maps jitter: until their deviations stop growing).
    The spread of the replicas' answers over sqrt(R) is the error bar: it contains the feedback of
    the noise (each replica's noise propagated through the self-consistency) and is blind to their
    common O(T Pa R / S) bias, which the pooled answer does not have. For a smooth activation the
@@ -73,7 +73,6 @@ from .lazy import lazy_kernels
 __all__ = ["MonteCarlo"]
 
 PREDICTIONS = ("euler", "readout")
-_ERRORBAR_RTOL = 0.2  # the replica stage's relative change of the replica spread at convergence
 _WARMUP_ABOVE = 0.3  # the pooled stage's warm-up (half the replicas' samples) while the relative change is above
 _WARMUP_MAX = 8  # and for at most this many iterations
 _GROWTH_MAX = 8.0  # the pooled map's largest step, relative to the iterate, per layer (`_PooledStage`)
@@ -493,14 +492,14 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return jnp.stack([rel(state.reps.Phi), rel(state.reps.G)])
 
     def tolerance(self, state):
-        # The spread to a fifth of itself per iteration: with R replicas it is uncertain by a factor
-        # 1 +- 1 / sqrt(2 (R - 1)) anyway (27% at R = 8), and from an undamped start the spread of what
-        # is reported (loss, predictions) is within ~5% of its converged value once the change of the
-        # spread of every kernel entry, which keeps rotating among the replicas at late times, is
-        # below a fifth (`benchmarks/RESULTS.md`). Or, for a map that stalls (relu: the replicas
-        # jitter by about their own deviation), once the deviations have stopped growing: the jitter
-        # is independent between replicas and enters the spread.
-        return _ERRORBAR_RTOL, 1.0
+        # The spread to its own statistical uncertainty per iteration (`_spread_rtol`, 27% at R = 8):
+        # from an undamped start, the spread of what is reported (loss, predictions) is then within
+        # ~8% of its converged value, though the change of the spread of every kernel entry, which keeps
+        # rotating among the replicas at late times, falls slowly (`benchmarks/RESULTS.md`). Or, for
+        # a map that stalls (relu: the replicas jitter by about their own deviation), once the
+        # deviations have stopped growing: the jitter is independent between replicas and enters the
+        # spread.
+        return _spread_rtol(self.n_replicas), 1.0
 
     def postprocess(self, problem, state, key):
         fields_, kernels = self._fields(problem, state.center)
@@ -825,6 +824,12 @@ def _prefix_growth(new, old):
 
     rel = lambda a, b: jnp.sqrt(squares(a - b) / jnp.maximum(squares(b), jnp.finfo(b.dtype).tiny)).max(0)
     return jnp.maximum(rel(new.Phi, old.Phi), rel(new.G, old.G))
+
+
+def _spread_rtol(R):
+    """The relative standard error of a standard deviation over R Gaussian replicas, 1 / sqrt(2 (R - 1)):
+    the replica stage's tolerance on the change of their spread."""
+    return 1 / (2 * (R - 1)) ** 0.5
 
 
 def _count(keys, active):
