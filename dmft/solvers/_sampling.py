@@ -25,6 +25,8 @@ import jax.random as jr
 import numpy as np
 from jax.scipy.special import ndtri
 
+from .. import _mesh
+
 __all__ = [
     "SAMPLINGS",
     "SOBOL_MAX_DIM",
@@ -226,23 +228,28 @@ def gram(X, X0=None):
     return 0.5 * (M + M.T)
 
 
-def replica_mean(X):
-    """The mean over the leading (replica) axis of X (`_leading_sum`)."""
-    return _leading_sum(X) / X.shape[0]
+def replica_mean(X, mesh=None):
+    """The mean over the leading (replica) axis of X (`_leading_sum`; `mesh`: the mesh that axis is
+    sharded over, or None)."""
+    return _leading_sum(X, mesh) / X.shape[0]
 
 
-def replica_std(X):
+def replica_std(X, mesh=None):
     """The standard deviation over the leading (replica) axis of X, with R - 1 degrees of freedom
     (`_leading_sum`)."""
-    mean = replica_mean(X)
-    return jnp.sqrt(_leading_sum((X - mean) ** 2) / (X.shape[0] - 1))
+    mean = replica_mean(X, mesh)
+    return jnp.sqrt(_leading_sum((X - mean) ** 2, mesh) / (X.shape[0] - 1))
 
 
-def _leading_sum(X):
+def _leading_sum(X, mesh=None):
     """The sum over the leading axis of X by halving: the first half plus the second, until one slice
     is left. XLA's CPU reduction over a short leading axis of a large array runs many times slower
     than these elementwise additions, and a sum of all R slices at once makes XLA keep the slices as
-    buffers of their own (`benchmarks/RESULTS.md`)."""
+    buffers of their own (`benchmarks/RESULTS.md`). With the axis sharded over the devices of `mesh`,
+    each device sums its own slices and the partial sums are added across devices: halving the
+    sharded axis would move whole halves between devices and keep them there."""
+    if mesh is not None:
+        return _mesh.shard(lambda x: _leading_sum(x)[None], mesh, reduce=True)(X)[0]
     while X.shape[0] > 1:
         h = X.shape[0] // 2
         head = X[:h] + X[h : 2 * h]

@@ -477,9 +477,10 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         # times, which depend on the whole history, long after it has settled. relu: the deviations,
         # whose change stops falling as soon as they have stopped growing, so that the stall rule
         # ends the stage then (the jittering replicas keep the standard deviation falling slowly).
+        mesh = self._devices()
         if state.smooth:
-            return _sampling.replica_std(state.reps.Phi), _sampling.replica_std(state.reps.G)
-        spread = lambda X: X - _sampling.replica_mean(X)
+            return _sampling.replica_std(state.reps.Phi, mesh), _sampling.replica_std(state.reps.G, mesh)
+        spread = lambda X: X - _sampling.replica_mean(X, mesh)
         return spread(state.reps.Phi), spread(state.reps.G)
 
     def secant_view(self, state):
@@ -487,8 +488,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
 
     def noise_floor(self, state):
         """Relative Monte Carlo standard errors `(2,)` of the replica-mean Phi and G (Frobenius norms)."""
-        spread, mean = _sampling.replica_std, _sampling.replica_mean
-        rel = lambda X: jnp.linalg.norm(spread(X)) / jnp.sqrt(self.n_replicas) / jnp.linalg.norm(mean(X))
+        spread, mean, mesh = _sampling.replica_std, _sampling.replica_mean, self._devices()
+        rel = lambda X: jnp.linalg.norm(spread(X, mesh)) / jnp.sqrt(self.n_replicas) / jnp.linalg.norm(mean(X, mesh))
         return jnp.stack([rel(state.reps.Phi), rel(state.reps.G)])
 
     def tolerance(self, state):
