@@ -236,7 +236,7 @@ def replica_mean(X, mesh=None):
 
 def replica_std(X, mesh=None):
     """The standard deviation over the leading (replica) axis of X, with R - 1 degrees of freedom
-    (`_leading_sum`)."""
+    (`_leading_sum`; `mesh` as in `replica_mean`)."""
     mean = replica_mean(X, mesh)
     return jnp.sqrt(_leading_sum((X - mean) ** 2, mesh) / (X.shape[0] - 1))
 
@@ -249,7 +249,7 @@ def _leading_sum(X, mesh=None):
     each device sums its own slices and the partial sums are added across devices: halving the
     sharded axis would move whole halves between devices and keep them there."""
     if mesh is not None:
-        return _mesh.shard(lambda x: _leading_sum(x)[None], mesh, reduce=True)(X)[0]
+        return _mesh.shard(_leading_sum, mesh, reduce=True)(X)
     while X.shape[0] > 1:
         h = X.shape[0] // 2
         head = X[:h] + X[h : 2 * h]
