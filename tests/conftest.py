@@ -20,10 +20,10 @@ def _release_compiled_programs():
 
 def pytest_configure(config):
     # The default suite's problems are small: compiling them takes most of its time, and without LLVM's
-    # optimisation of the generated CPU code the suite takes a fifth less (748 -> 592 s on 2 cores,
-    # benchmarks/RESULTS.md); the programs (XLA's own passes included) and the results, up to rounding,
-    # are the same. The slow validations keep XLA's default: their time is spent running large
-    # programs. Set before JAX starts its backend (collection imports dmft).
+    # optimisation of the generated CPU code the suite takes a fifth less (benchmarks/RESULTS.md); the
+    # programs (XLA's own passes included) and the results, up to rounding, are the same. The slow
+    # validations keep XLA's default: their time is spent running large programs. Set before JAX
+    # starts its backend (collection imports dmft).
     flags = os.environ.get("XLA_FLAGS", "")
     if config.getoption("markexpr") == "not slow" and "xla_backend_optimization_level" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
