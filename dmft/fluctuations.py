@@ -29,9 +29,9 @@ the propagator of the DMFT action (section 13), exact by Krylov solves for linea
 
 J is built by forward-mode differentiation along each neuron's path. For an activation whose
 derivative jumps (relu: `activation.smooth` is False) a small change of Delta flips `phi'(h)` of the
-neurons whose field crosses zero, a contribution pathwise derivatives do not see: the variances are
-then too small once many neurons have crossed (measured in benchmarks/RESULTS.md), and no mean shift
-is computed.
+neurons whose field crosses zero, a contribution pathwise derivatives do not see. For relu the
+derivatives count them with a Gaussian kernel in place of phi'' (`_counting_step`); no mean shift is
+computed.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ from .solvers._sampling import factor
 from .solvers.lazy import lazy_kernels
 
 __all__ = ["Fluctuations", "fluctuations"]
+
+# Groups of neurons for the jackknife of the Jacobians' Monte Carlo error (`_coefficients`).
+_GROUPS = 4
 
 
 class Fluctuations(eqx.Module):
@@ -123,10 +126,10 @@ def _check(problem, sol, n_samples, chunk_size):
     for name, value in (("n_samples", n_samples), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
-    if n_samples % chunk_size or chunk_size % 2:
+    if n_samples % chunk_size or chunk_size % _GROUPS:
         raise ValueError(
-            f"chunk_size ({chunk_size}) must be even (neurons are paired for the mean shift) and divide "
-            f"n_samples ({n_samples})"
+            f"chunk_size ({chunk_size}) must be a multiple of {_GROUPS} (neurons are paired for the mean shift "
+            f"and grouped for the jackknife) and divide n_samples ({n_samples})"
         )
 
 
@@ -155,11 +158,31 @@ def _normal(key, shape, dtype):
     return jr.normal(key, shape, jnp.float32).astype(dtype)
 
 
-def _step(problem, u, r):
+@jax.custom_jvp
+def _counting_step(h, width):
+    """relu's `phi'(h) = 1[h > 0]`, whose forward-mode derivative is a Gaussian kernel of `width` instead
+    of the delta function: a derivative along a neuron's path then counts the neurons whose phi' flips
+    (a kernel estimate of their density at h = 0) instead of missing them."""
+    return jnp.where(h > 0, 1.0, 0.0).astype(h.dtype)
+
+
+@_counting_step.defjvp
+def _counting_step_jvp(primals, tangents):
+    (h, width), (dh, _) = primals, tangents
+    return _counting_step(h, width), jnp.exp(-0.5 * (h / width) ** 2) / (width * jnp.sqrt(2 * jnp.pi)) * dh
+
+
+def _step(problem, u, r, kink_width=0.0):
     """One gradient-descent step `((a, b), Delta_t) -> ((a', b'), (psi, phi(h) on train points, g))` of
-    neurons `u (S, Pa)`, `r (S, C)` (module docstring; `Delta_t (Pa, C)`)."""
+    neurons `u (S, Pa)`, `r (S, C)` (module docstring; `Delta_t (Pa, C)`). `kink_width > 0` (relu): its
+    derivatives count the flips of phi' (`_counting_step`) with a kernel of that width times each point's
+    preactivation scale `sqrt(Su_mumu)`; the steps themselves are the same."""
     act, gamma0, net, P = problem.activation, problem.gamma0, problem.net, problem.P
     Su = net.preactivation_kernel(problem.data.Kx)
+    dfn = act.dfn
+    if kink_width > 0:
+        width = kink_width * jnp.sqrt(jnp.diagonal(Su))
+        dfn = lambda h: _counting_step(h, width)
     c = problem.dt * problem.eta0 / P
     S, C = r.shape
     lazy = gamma0 == 0
@@ -169,7 +192,7 @@ def _step(problem, u, r):
     def step(carry, Delta_t):
         a, b = carry
         h, z = u + gamma0 * a, r + gamma0 * b
-        phi, dphi = act.fn(h), act.dfn(h)
+        phi, dphi = act.fn(h), dfn(h)
         moved = jnp.where(lazy, act.dfn(u) * a, (phi - phi_u) / safe)  # (phi(h) - phi(u)) / gamma0
         psi = b[:, None, :] * phi[:, :, None] + r[:, None, :] * moved[:, :, None]
         g = (dphi[:, :P, None] * z[:, None, :]).reshape(S, P * C)
@@ -208,7 +231,7 @@ def _ntk_terms(problem, phi, g, dphi, dg):
 
 
 @eqx.filter_jit
-def _coefficients(problem, f, key, n_samples, chunk_size):
+def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     """The variance coefficients (and mean shifts) with their standard errors, as flat dicts keyed by
     "f", "ntk", "loss", "loss_test" and "<name>_bias", and the mean predictions of the neurons."""
     data, P, C, loss = problem.data, problem.P, problem.C, problem.loss
@@ -224,12 +247,15 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
     M_u = factor(problem.net.preactivation_kernel(data.Kx))[0]
     u = (_normal(k_u, (n_samples, Pa), dtype) @ M_u.T).reshape(-1, chunk_size, Pa)
     r = (problem.net.sigma_w * _normal(k_r, (n_samples, C), dtype)).reshape(-1, chunk_size, C)
+    G = _GROUPS  # neuron j's Jacobians are summed in group j mod G, for the jackknife of their error
+    by_group = lambda x: x.reshape(x.shape[0], -1, G, *x.shape[2:])  # (., S, ...) -> (., S / G, G, ...)
 
     def chunk_sums(ur):
-        """Sums over one chunk of neurons of psi and the NTK, and of their Jacobians with respect to
-        Delta on train points, tangent-first: `(n, T, Pa, C)`, `(n, T, P C, P C)`. A change of Delta(s)
-        moves the neurons from step s + 1 on, so the tangents of time s are carried from s only."""
-        step = _step(problem, *ur)
+        """Sums over one chunk of neurons of psi and the NTK, and, per group, of their Jacobians with
+        respect to Delta on train points, tangent-first: `(G, n, T, Pa, C)`, `(G, n, T, P C, P C)`. A
+        change of Delta(s) moves the neurons from step s + 1 on, so the tangents of time s are carried
+        from s only."""
+        step = _step(problem, *ur, kink_width)
         (psi, phi, g), (a, b) = _neurons(problem, *ur, Delta_star, carries=True)
         directions = jnp.zeros((P * C, Pa, C), dtype).at[:, :P].set(jnp.eye(P * C, dtype=dtype).reshape(-1, P, C))
 
@@ -238,30 +264,42 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
                 dcarry, J_psi, J_K = acc
                 tangent = lambda dc, dD: jax.jvp(step, ((a[t], b[t]), Delta_star[t]), (dc, dD))[1]
                 dcarry, (dpsi, dphi, dg) = jax.vmap(tangent)(dcarry, directions * (t == s))
-                dK = _ntk_terms(problem, phi[:, t, None], g[:, t, None], dphi[:, :, None], dg[:, :, None])[:, 0]
-                return dcarry, J_psi.at[:, t].set(dpsi.sum(1)), J_K.at[:, t].set(dK + jnp.swapaxes(dK, -1, -2))
+                # the groups take the place of _ntk_terms' time axis: (P C, G, P C, P C)
+                fields = (phi[:, t].reshape(-1, G, P), g[:, t].reshape(-1, G, P * C))
+                dK = jnp.moveaxis(_ntk_terms(problem, *fields, by_group(dphi), by_group(dg)), 1, 0)
+                J_psi = J_psi.at[:, :, t].set(jnp.moveaxis(by_group(dpsi).sum(1), 1, 0))
+                return dcarry, J_psi, J_K.at[:, :, t].set(dK + jnp.swapaxes(dK, -1, -2))
 
             zeros = (jnp.zeros((P * C, *a.shape[1:]), dtype), jnp.zeros((P * C, *b.shape[1:]), dtype))
-            J0 = (jnp.zeros((P * C, T, Pa, C), dtype), jnp.zeros((P * C, T, P * C, P * C), dtype))
+            J0 = (jnp.zeros((G, P * C, T, Pa, C), dtype), jnp.zeros((G, P * C, T, P * C, P * C), dtype))
             return jax.lax.fori_loop(s, T, body, (zeros, *J0))[1:]
 
-        J = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), jax.lax.map(from_time, jnp.arange(T)))
+        J = jax.lax.map(from_time, jnp.arange(T))  # (T, G, P C, ...): Delta's time first
+        J = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0).reshape(G, n, *x.shape[3:]), J)
         return (psi.sum(0), _ntk_terms(problem, phi, g, phi, g)), J
 
     def add_chunk(acc, ur):  # a running sum: the Jacobians exist once, not once per chunk
         return jax.tree.map(jnp.add, acc, chunk_sums(ur)), None
 
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(chunk_sums, (u[0], r[0])))
-    sums = jax.tree.map(lambda x: x / n_samples, jax.lax.scan(add_chunk, zeros, (u, r))[0])
-    (F, K), (J_f, J_K) = sums
+    (F, K), J_groups = jax.lax.scan(add_chunk, zeros, (u, r))[0]
+    F, K = F / n_samples, K / n_samples
+
+    def variants(x):
+        """The Jacobians of all neurons, then those of all but group g (g = 1..G): `(G + 1, n, ...)`."""
+        total = x.sum(0)
+        return jnp.concatenate([total[None] / n_samples, (total[None] - x) / (n_samples - n_samples // G)])
+
+    J_f_all, J_K_all = map(variants, J_groups)
     # the read-out bias moves every output by c sigma_b^2 sum_{s<t} sum_mu Delta_mu(s): a deterministic
     # term of F, so only its Jacobian matters
     c = problem.dt * problem.eta0 / P
     steps = jnp.tril(jnp.ones((T, T), dtype), -1)
     J_bias = c * problem.net.sigma_b**2 * jnp.einsum("ts,de->sdte", steps, jnp.eye(C, dtype=dtype))
-    J_f = J_f + jnp.broadcast_to(J_bias[:, None, :, :, None], (T, P, C, T, 1, C)).reshape(n, T, 1, C)
-    J_train = J_f[:, :, :P].reshape(n, n).T  # (out, in)
-    propagate = jax.scipy.linalg.lu_factor(jnp.eye(n, dtype=dtype) - J_train @ H)
+    J_f_all = J_f_all + jnp.broadcast_to(J_bias[:, None, :, :, None], (T, P, C, T, 1, C)).reshape(n, T, 1, C)
+    propagate_all = jax.vmap(
+        lambda J_f: jax.scipy.linalg.lu_factor(jnp.eye(n, dtype=dtype) - J_f[:, :, :P].reshape(n, n).T @ H)
+    )(J_f_all)
     grad_loss = lambda Y, f: jax.vmap(jax.grad(lambda f: loss.value(f, Y)))(f)  # (T, M, C)
     dloss = grad_loss(data.Y, f_star)
     if data.y_test is not None:
@@ -274,13 +312,13 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
         """The second directional derivative of `fn` at `x` along `v`."""
         return jax.jvp(lambda y: jax.jvp(fn, (y,), (v,))[1], (x,), (v,))[1]
 
-    def propagated(e):
+    def propagated(e, J_f, propagate):
         """`(delta f (S, T, Pa, C), delta Delta (S, n))` of per-neuron sources `e (S, T, Pa, C)`: the first-order
         response of the self-consistent error signal (module docstring)."""
         dDelta = jax.scipy.linalg.lu_solve(propagate, train(e).T).T @ H.T
         return e + (dDelta @ J_f.reshape(n, -1)).reshape(e.shape), dDelta
 
-    def bias_terms(ur, i_f, dDelta):
+    def bias_terms(ur, i_f, dDelta, J_f, propagate):
         """Each neuron's share of N (E f_N - f): `psi_j'[v_j] + psi_j''[v_k, v_k] / 2 + J delta''[iota_j, iota_j] / 2`
         (v = H times the influence on train points, k the neuron paired with j), propagated like `e`."""
         pad = lambda v: jnp.zeros((T, Pa, C), dtype).at[:, :P].set(v.reshape(T, P, C))
@@ -294,7 +332,7 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
         q = jax.vmap(one)(*ur, own, other)
         curvature = jax.vmap(lambda x: second(lambda f: loss.delta(f, data.Y), f_star, x))(i_f[:, :, :P])
         q = q + 0.5 * (curvature.reshape(-1, n) @ J_f.reshape(n, -1)).reshape(q.shape)
-        b = propagated(q)[0]
+        b = propagated(q, J_f, propagate)[0]
         out = {"f_bias": b, "loss_bias": jnp.einsum("tpc,stpc->st", dloss, b[:, :, :P])}
         out["loss_bias"] += 0.5 * jax.vmap(lambda x: second(lambda f: loss.value(f, data.Y), f_star, x))(i_f[:, :, :P])
         if data.y_test is not None:
@@ -304,22 +342,31 @@ def _coefficients(problem, f, key, n_samples, chunk_size):
         return {k: (v.sum(0), (v**2).sum(0)) for k, v in out.items()}
 
     def influences(ur):
+        """Moments over a chunk of neurons of their influences, for each Jacobian variant (leading axis)."""
         psi, phi, g = _neurons(problem, *ur, Delta_star)
-        i_f, dDelta = propagated(psi - F[None])
-        k = jax.vmap(lambda p, q: _ntk_terms(problem, p[None], q[None], p[None], q[None]))(phi, g)
-        i_K = k - K[None] + (dDelta @ J_K.reshape(n, -1)).reshape(k.shape)
-        out = {"f": i_f, "ntk": i_K, "loss": jnp.einsum("tpc,stpc->st", dloss, i_f[:, :, :P])}
-        if data.y_test is not None:
-            out["loss_test"] = jnp.einsum("tpc,stpc->st", dloss_test, i_f[:, :, P:])
-        return _moments(out) | (bias_terms(ur, i_f, dDelta) if smooth else {})
+        k = jax.vmap(lambda p, q: _ntk_terms(problem, p[None], q[None], p[None], q[None]))(phi, g) - K[None]
 
+        def variant(J_f, J_K, propagate):
+            i_f, dDelta = propagated(psi - F[None], J_f, propagate)
+            i_K = k + (dDelta @ J_K.reshape(n, -1)).reshape(k.shape)
+            out = {"f": i_f, "ntk": i_K, "loss": jnp.einsum("tpc,stpc->st", dloss, i_f[:, :, :P])}
+            if data.y_test is not None:
+                out["loss_test"] = jnp.einsum("tpc,stpc->st", dloss_test, i_f[:, :, P:])
+            return _moments(out) | (bias_terms(ur, i_f, dDelta, J_f, propagate) if smooth else {})
+
+        return jax.vmap(variant)(J_f_all, J_K_all, propagate_all)
+
+    # (G + 1, ...): the neurons' paths once, their propagation with each variant of the Jacobians
     m = jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(influences, (u, r)))
     # biases are means over neurons of (m1, m2), variances sample variances of (m2, m4): the same
     # standard error formula; the variances are unbiased with S / (S - 1)
     unbias = lambda name: 1.0 if name.endswith("_bias") else n_samples / (n_samples - 1)
     coef = {name: lo * unbias(name) for name, (lo, _) in m.items()}
-    se = {name: jnp.sqrt(jnp.maximum(hi - lo**2, 0.0) / n_samples) for name, (lo, hi) in m.items()}
-    return coef, se, F[:, :P]
+    # The standard error of the influences' moments at the Jacobians of all neurons, and the jackknife
+    # error of those Jacobians (the coefficients again without each group's), added in quadrature.
+    jack = {name: (G - 1) / G * jnp.sum((x[1:] - x[1:].mean(0)) ** 2, 0) for name, x in coef.items()}
+    se = {name: jnp.sqrt(jnp.maximum(hi[0] - lo[0] ** 2, 0.0) / n_samples + jack[name]) for name, (lo, hi) in m.items()}
+    return {name: x[0] for name, x in coef.items()}, se, F[:, :P]
 
 
 def _price(A, B, dS):
@@ -421,7 +468,14 @@ def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
 
 
 def fluctuations(
-    problem: Problem, sol: Solution, *, key, n_samples: int | None = None, chunk_size: int = 512, memory=None
+    problem: Problem,
+    sol: Solution,
+    *,
+    key,
+    n_samples: int | None = None,
+    chunk_size: int = 512,
+    memory=None,
+    kink_width: float = 0.2,
 ) -> Fluctuations:
     """The leading-order covariances across seeds of width-N networks around the DMFT `sol` of
     `problem`, as coefficients of 1/N (`Fluctuations`): two-layer networks (`MLP(depth=1)`), any
@@ -442,16 +496,37 @@ def fluctuations(
     budget (bytes, "8GB", or a fraction of the device; None: half of it): a problem whose Jacobians do
     not fit is refused before anything is allocated. The cost grows like `(T P C)^2 n_samples`
     (`benchmarks/fluctuations.py`).
+
+    The standard errors include the Monte Carlo error of the Jacobians with respect to the error signal
+    (a jackknife over 4 groups of neurons), so a propagator that the sampling noise makes near-singular
+    shows as a large error bar rather than as a confident number.
+
+    relu with feature learning (depth 1): a change of the error signal flips `phi'(h)` of the neurons
+    whose field crosses zero, which derivatives along each neuron's path cannot see. The Jacobians count
+    them with a Gaussian kernel of `kink_width` times each point's preactivation scale (a kernel
+    estimate of their density at h = 0; 0 leaves them out). As they learn, neurons pile up at h = 0;
+    the predictions and the loss hardly depend on the width, the NTK's variance does (a few per cent
+    per halving), and with strong feature learning it is too small (networks' own N Var of the NTK
+    still grows with N there). No mean shift is computed for relu.
     """
     if n_samples is None:
         n_samples = 16384 if _sampled(problem) else 4096
     _check(problem, sol, n_samples, chunk_size)
     _check_memory(problem, n_samples, chunk_size, memory)
+    if isinstance(kink_width, bool) or not isinstance(kink_width, (int, float)) or not kink_width >= 0:
+        raise ValueError(f"kink_width must be a number >= 0 (0: no flips counted), got {kink_width!r}")
+    counted = isinstance(problem.activation, ReLU) and kink_width > 0
     if not problem.activation.smooth and float(problem.gamma0) > 0:  # lazy: the fields do not move
         warnings.warn(
-            f"{type(problem.activation).__name__} is not smooth: the fluctuations miss the neurons whose phi'(h) "
-            "jumps as the error signal changes, and come out too small when many cross zero during training "
-            "(tens of per cent for relu at gamma0 * t_max ~ 10); the mean shift is not computed",
+            f"{type(problem.activation).__name__} is not smooth: "
+            + (
+                f"the neurons whose phi'(h) flips are counted with a kernel of width {kink_width}; where "
+                "neurons pile up at h = 0 (strong feature learning) the NTK's variance depends on it and is too "
+                "small (0.6 and 0.4 of networks' at N = 4096 for gamma0 * t_max = 20 and 30)"
+                if counted
+                else "the fluctuations miss the neurons whose phi'(h) jumps as the error signal changes"
+            )
+            + "; the mean shift is not computed",
             stacklevel=2,
         )
     # As in `dmft.solve`: full float32 products on a GPU, not TF32, which costs exact linear algebra
@@ -464,17 +539,21 @@ def fluctuations(
             else:
                 coef, se, F = linear_coefficients(problem, f)
         else:
-            coefficients = _coefficients if problem.depth == 1 else _lazy_coefficients
-            coef, se, F = coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
+            args = (problem, sol.f, as_key(key), n_samples, chunk_size)
+            if problem.depth == 1:
+                coef, se, F = _coefficients(*args, float(kink_width) if counted else 0.0)
+            else:
+                coef, se, F = _lazy_coefficients(*args)
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)
 
 
 def _check_memory(problem, n_samples, chunk_size, memory):
-    """Refuse a problem whose dense Jacobians `(n, T, Pa C)`, `(n, T, (P C)^2)`, their running sum, the
-    `(n, n)` propagator and one chunk's tangents (`P C` per neuron, `(Pa + 1) C` numbers each) exceed the
-    budget, `n = T P C`; at depth >= 2 with feature learning, the propagator's memory (`linear_bytes`,
-    `sampled_bytes`)."""
+    """Refuse a problem whose dense Jacobians `(n, T, Pa C)`, `(n, T, (P C)^2)` (a chunk's and the running
+    sums in `_GROUPS` groups, and `_GROUPS + 1` jackknife variants), a chunk's influences in every
+    variant, the `(n, n)` propagators and one chunk's tangents (`P C` per neuron, `(Pa + 1) C` numbers
+    each) exceed the budget, `n = T P C`; at depth >= 2 with feature learning, the propagator's memory
+    (`linear_bytes`, `sampled_bytes`)."""
     T, P, C, Pa = problem.n_steps + 1, problem.P, problem.C, problem.data.Kx.shape[0]
     n = T * P * C
     if problem.depth > 1 and float(problem.gamma0) > 0:  # the propagator of the action
@@ -482,7 +561,9 @@ def _check_memory(problem, n_samples, chunk_size, memory):
         needed = sampled_bytes(problem, n_samples, budget_bytes(memory)) if sampled else linear_bytes(problem)
         what = f"T Pa = {T * Pa} (time, point) pairs in {problem.depth} layers"
     else:
-        numbers = 2 * n * T * (Pa * C + (P * C) ** 2) + 3 * n**2 + 4 * P * C * chunk_size * (Pa + 1) * C * T
+        jacobians = (3 * _GROUPS + 1) * n * T * (Pa * C + (P * C) ** 2)
+        influences = 3 * (_GROUPS + 1) * chunk_size * T * (Pa * C + (P * C) ** 2)  # a chunk's, every variant
+        numbers = jacobians + influences + 3 * (_GROUPS + 1) * n**2 + 4 * P * C * chunk_size * (Pa + 1) * C * T
         needed, what = numbers * problem.data.Kx.dtype.itemsize, f"T P C = {n} train (time, point, class) triples"
     budget = budget_bytes(memory)
     if needed > budget:

@@ -244,9 +244,38 @@ def test_mean_shift_matches_the_width_dependence_of_seed_means():
 
 
 @pytest.mark.slow
+def test_relu_flips_count_with_longer_feature_learning():
+    """Two-layer relu trained for longer (gamma0 = 1, t_max = 10, 50 GD steps): neurons cross zero and
+    pile up there, and the Jacobians count the flips of phi' (`kink_width`). N Var of the final NTK
+    (mean over entries), of three final predictions and of the loss at three times, against 1024 seeds
+    at N = 4096 (flat in N on the paper's task from 256 to 16384 for the NTK, benchmarks/RESULTS.md)."""
+    data = dmft.datasets.sphere(P=10, D=20, key=0)
+    problem = dmft.Problem(data, dmft.MLP(1, "relu"), gamma0=1.0, t_max=10.0, n_steps=50)
+    sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=8192), key=0)
+    with pytest.warns(UserWarning, match="not smooth"):
+        fl = dmft.fluctuations(problem, sol, key=1, n_samples=16384)
+    width, T = 4096, problem.n_steps
+    runs = [_ensemble(problem, width, 256, key=k) for k in range(4)]
+    runs = jax.tree.map(lambda *x: jnp.concatenate(x), *runs)
+    th, th_se, net, net_se = _observables(problem, fl, runs, width, [10, 25, 50], [0, 1, 2])
+    # the mean over NTK entries: per seed the mean squared deviation, whose seed average is N Var
+    dK = np.asarray(runs.ntk[:, T]) - np.asarray(runs.ntk[:, T]).mean(0)
+    per_seed = width * (dK**2).mean((1, 2)) * len(dK) / (len(dK) - 1)
+    th = np.append(th, fl.ntk_var[T].mean())
+    th_se = np.append(th_se, fl.stderr["ntk_var"][T].mean())  # entries' errors taken as fully correlated
+    net = np.append(net, per_seed.mean())
+    net_se = np.append(net_se, per_seed.std(ddof=1) / np.sqrt(len(per_seed)))
+    z = (th - net) / np.hypot(th_se, net_se)
+    print(f"\ntheory {np.round(th, 5)}\nnetworks {np.round(net, 5)}\nz {np.round(z, 2)}")
+    # 7 numbers, 3 combined SE: a false failure near 2%; and within 15%, issue 19's bar
+    assert np.abs(z).max() < 3, z
+    assert np.max(np.abs(th - net) / net) < 0.15, th / net
+
+
+@pytest.mark.slow
 def test_error_bars_match_the_spread_over_keys():
-    """`stderr` (fourth moments of the influences; J's own Monte Carlo error is not in it) against the
-    spread of the coefficients over 12 keys, two-layer tanh."""
+    """`stderr` (fourth moments of the influences, and the jackknife of the Jacobians' error) against
+    the spread of the coefficients over 12 keys, two-layer tanh."""
     problem = _problem("tanh", n_steps=20, P=8)
     sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=8192), key=0)
     fls = [dmft.fluctuations(problem, sol, key=k) for k in range(12)]
@@ -449,10 +478,17 @@ def test_bad_inputs_are_refused():
         dmft.fluctuations(problem, sol, key=0, memory="1MB")
     with pytest.raises(ValueError, match="divide"):
         dmft.fluctuations(problem, sol, key=0, n_samples=1000)
-    # the neurons are drawn before they are cut into chunks: chunk_size is a memory knob only
+    with pytest.raises(ValueError, match="multiple of 4"):
+        dmft.fluctuations(problem, sol, key=0, n_samples=1020, chunk_size=510)
+    with pytest.raises(ValueError, match="kink_width"):
+        dmft.fluctuations(problem, sol, key=0, kink_width=-0.1)
+    # the neurons are drawn, and put in their jackknife groups, before they are cut into chunks:
+    # chunk_size is a memory knob only
     a = dmft.fluctuations(problem, sol, key=0, n_samples=1024, chunk_size=256)
     b = dmft.fluctuations(problem, sol, key=0, n_samples=1024, chunk_size=512)
-    assert jnp.allclose(a.f_var, b.f_var, rtol=1e-10) and jnp.allclose(a.ntk_var, b.ntk_var, rtol=1e-10)
+    for name in ("f_var", "ntk_var", "loss_bias"):
+        assert jnp.allclose(getattr(a, name), getattr(b, name), rtol=1e-10)
+        assert jnp.allclose(a.stderr[name], b.stderr[name], rtol=1e-8)
 
 
 def test_float32_agrees_with_float64():
