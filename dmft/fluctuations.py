@@ -163,7 +163,7 @@ def _counting_step(h, width):
     """relu's `phi'(h) = 1[h > 0]`, whose forward-mode derivative is a Gaussian kernel of `width` instead
     of the delta function: a derivative along a neuron's path then counts the neurons whose phi' flips
     (a kernel estimate of their density at h = 0) instead of missing them."""
-    return jnp.where(h > 0, 1.0, 0.0).astype(h.dtype)
+    return ReLU().dfn(h)
 
 
 @_counting_step.defjvp
