@@ -1,4 +1,4 @@
-"""The 1/N fluctuations of deep networks with a smooth activation and feature learning: the
+"""The 1/N fluctuations of deep nonlinear networks with feature learning: the
 propagator of the DMFT action (`_propagator`, docs/theory_extensions.md section 13) with the site
 averages, their derivatives and the observables' covariance estimated from single-site samples.
 
@@ -23,7 +23,12 @@ for small T Pa (`sampled_bytes`). The answer is the mean of `_GROUPS` independen
 its own samples and its own fixed point, and its standard error their spread over sqrt(_GROUPS): the
 fixed point's sampling error is common to every group of samples that shares it, and batch means
 around one fixed point miss it (`benchmarks/RESULTS.md`).
-Smooth activations only: for relu `phi''` is a delta that pathwise derivatives miss.
+For relu, `phi''` is a delta that pathwise derivatives miss; the sites use relu smoothed by a narrow
+Gaussian instead (`_smoothed_relu`), whose values and derivatives belong to one function, at two
+widths, extrapolated to width 0 (`sampled_coefficients`). A hard step
+whose derivative is a kernel (as at depth 1, `fluctuations._counting_step`) is not the derivative of any
+function: Price's second derivatives of `phi'(h_t) phi'(h_s)` at nearby times, where the exact ones are
+large and cancel, then keep a part of order 1 / width.
 """
 
 from __future__ import annotations
@@ -57,10 +62,24 @@ def _inputs(problem, blocks, l):
     return S_chi, S_xi, alpha_prev, beta_next, f
 
 
-def _site(problem, S_chi, S_xi, alpha_prev, beta_next, f):
+def _smoothed_relu(width):
+    """`(phi, phi')` of relu smoothed by a Gaussian of standard deviation `width`, `E relu(h + width
+    eps)`: `h Phi(h / w) + w N(h / w)` and `Phi(h / w)`, whose derivatives of every order exist, with
+    `phi'' = N(h; 0, w^2)` a kernel estimate of relu's delta at the kink."""
+    cdf = lambda h: jax.scipy.stats.norm.cdf(h / width)
+    return (lambda h: h * cdf(h) + width * jax.scipy.stats.norm.pdf(h / width)), cdf
+
+
+def _site(problem, kink_width, S_chi, S_xi, alpha_prev, beta_next, f):
     """`y(s) = (phi(h), g, z phi(h))` `(3n,)` of one sample's sources `s = (chi, xi)` `(2n,)`, solved
-    forward in time (Kh strictly causal, Kz causal with its equal-time block)."""
+    forward in time (Kh strictly causal, Kz causal with its equal-time block). `kink_width` (relu; a
+    scalar array, None for other activations): relu smoothed by a Gaussian of that width times each
+    point's preactivation scale at t = 0 (the sqrt of `S_chi`'s diagonal), `_smoothed_relu`."""
     act, T, Pa = problem.activation, problem.n_steps + 1, problem.data.Kx.shape[0]
+    fn, dfn = act.fn, act.dfn
+    if kink_width is not None:
+        width = kink_width * jnp.sqrt(jnp.diagonal(jax.lax.stop_gradient(S_chi))[:Pa])
+        fn, dfn = _smoothed_relu(width)
     n, dtype = T * Pa, S_chi.dtype
     c = problem.dt * problem.eta0 / problem.P
     causal = jnp.kron(jnp.tril(jnp.ones((T, T), dtype), -1), jnp.ones((Pa, Pa), dtype))
@@ -74,9 +93,9 @@ def _site(problem, S_chi, S_xi, alpha_prev, beta_next, f):
         for t in range(T):
             now = slice(t * Pa, (t + 1) * Pa)
             h = chi[now] + Kh[now] @ g
-            phi = phi.at[now].set(act.fn(h))
+            phi = phi.at[now].set(fn(h))
             z = z.at[now].set(xi[now] + Kz[now] @ phi)
-            g = g.at[now].set(act.dfn(h) * z[now])
+            g = g.at[now].set(dfn(h) * z[now])
         return jnp.concatenate([phi, g, z * phi])
 
     return y
@@ -167,7 +186,7 @@ def _variables(problem, l):
     return out + [(("f", L), None)]
 
 
-def _derivative(problem, l, blocks, key, sources, s):
+def _derivative(problem, kink_width, l, blocks, key, sources, s):
     """Summed over the samples `s (c, 2n)`: the derivative `(n_obs, |key|)` of layer l's observables
     with respect to the q block `key`, pathwise through the drifts with the sources held fixed, plus,
     when `key` is the covariance of the `sources` slice of s, Price's theorem
@@ -175,7 +194,7 @@ def _derivative(problem, l, blocks, key, sources, s):
 
     def of(x, s):  # the observables of sample s as a function of the q block `key`
         inputs = _inputs(problem, blocks | {key: x}, l)
-        return _observables(problem, l, _site(problem, *inputs), inputs[0].shape[0])(s)
+        return _observables(problem, l, _site(problem, kink_width, *inputs), inputs[0].shape[0])(s)
 
     x = blocks[key]
     total = jax.vmap(lambda s: jax.jacfwd(of)(x, s))(s).sum(0).reshape(-1, x.size)
@@ -192,13 +211,13 @@ def _first(kind, index, Y, J):
     return (Y[:, i] * Y[:, j] if kind == "P" else J[:, i, j] if kind == "R" else Y[:, i]).sum(0)
 
 
-def _chunk_sums(problem, l, blocks, s):
+def _chunk_sums(problem, kink_width, l, blocks, s):
     """Sums over a chunk of samples `s (c, 2n)` of layer l: `(d, m1, m2)`, d the derivatives of its
     observables with respect to its `_variables` (`_derivative`), m1 and m2 their first and second
     moments (`_pair`)."""
     inputs = _inputs(problem, blocks, l)
-    y = _site(problem, *inputs)
-    d = {key: _derivative(problem, l, blocks, key, sources, s) for key, sources in _variables(problem, l)}
+    y = _site(problem, kink_width, *inputs)
+    d = {key: _derivative(problem, kink_width, l, blocks, key, sources, s) for key, sources in _variables(problem, l)}
     Y = jax.vmap(y)(s)
     J = jax.vmap(jax.jacfwd(y))(s)
     H = jax.vmap(jax.jacfwd(jax.jacfwd(y)))(s)
@@ -216,19 +235,19 @@ def _normals(problem, key, S):
     return e.astype(problem.data.Kx.dtype)
 
 
-def _averages(problem, q, e):
+def _averages(problem, kink_width, q, e):
     """The sampled map: every layer's site averages from the normals `e (L, S, 2n)`, `(m,)`."""
     blocks = lp._unpack(problem, q)
     out = []
     for l in range(1, problem.depth + 1):
         inputs = _inputs(problem, blocks, l)
-        obs = _observables(problem, l, _site(problem, *inputs), inputs[0].shape[0])
+        obs = _observables(problem, l, _site(problem, kink_width, *inputs), inputs[0].shape[0])
         mean = jax.vmap(obs)(_sources(inputs, e[l - 1])).mean(0)
         out.append(_centre_rows(problem, l, mean[:, None])[:, 0])
     return jnp.concatenate(out)
 
 
-def _fixed_point(problem, f, e):
+def _fixed_point(problem, kink_width, f, e):
     """The sampled map's fixed point `q (m,)` from the lazy kernels and the predictions f, by damped
     iteration, and its last change relative to the largest order parameter."""
     q = lp.lazy_start(problem, f)
@@ -236,7 +255,7 @@ def _fixed_point(problem, f, e):
 
     def body(carry):
         it, q, _ = carry
-        new = _averages(problem, q, e)
+        new = _averages(problem, kink_width, q, e)
         change = jnp.max(jnp.abs(new - q)) / jnp.maximum(jnp.max(jnp.abs(new)), 1.0)
         return it + 1, 0.5 * (q + new), change
 
@@ -244,14 +263,14 @@ def _fixed_point(problem, f, e):
     return q, change
 
 
-def _group_sums(problem, q, e, chunk):
+def _group_sums(problem, kink_width, q, e, chunk):
     """Per layer, the sums `(d, m1, m2)` of `_chunk_sums` over the samples `e (L, S, 2n)`, `chunk` at a
     time."""
     blocks = lp._unpack(problem, q)
     out = []
     for l in range(1, problem.depth + 1):
         s = _sources(_inputs(problem, blocks, l), e[l - 1]).reshape(-1, chunk, e.shape[-1])
-        out.append(_summed(lambda c, l=l: _chunk_sums(problem, l, blocks, c), s))
+        out.append(_summed(lambda c, l=l: _chunk_sums(problem, kink_width, l, blocks, c), s))
     return out
 
 
@@ -282,13 +301,13 @@ def _covariance(problem, sums, S):
 
 
 @eqx.filter_jit
-def _solve(problem, f, key, n_samples, chunk):
+def _solve(problem, kink_width, f, key, n_samples, chunk):
     """`_GROUPS` independent estimates, each with its own n_samples / _GROUPS samples per layer: the
     sampled map's fixed point, its largest last change, and `(coef, F)` of `_propagator.outputs`."""
 
     def one(e):
-        q, change = _fixed_point(problem, f, e)
-        cov = _covariance(problem, _group_sums(problem, q, e, chunk), e.shape[1])
+        q, change = _fixed_point(problem, kink_width, f, e)
+        cov = _covariance(problem, _group_sums(problem, kink_width, q, e, chunk), e.shape[1])
         return change, lp.outputs(problem, q, cov)
 
     e = _normals(problem, key, n_samples)
@@ -324,22 +343,36 @@ def sampled_bytes(problem, n_samples, budget) -> int:
     return _dense_bytes(problem) + sampled_chunk(problem, n_samples, budget) * _per_sample_bytes(problem)
 
 
-def sampled_coefficients(problem, f, key, n_samples, budget):
-    """The variance coefficients of `fluctuations` for a deep network with a smooth activation at
-    gamma0 > 0 around the predictions `f (T, Pa)` of its solution: `(coef, stderr, F)` as
+def _groups(problem, f, key, n_samples, chunk, kink_width):
+    """`(coef, F)` of each of the `_GROUPS` estimates, with leading axis `_GROUPS`."""
+    change, out = _solve(problem, kink_width, f.astype(problem.data.Kx.dtype), key, n_samples, chunk)
+    if not float(change) <= jnp.finfo(out[1].dtype).eps ** 0.5:
+        raise ValueError(
+            f"the sampled DMFT map did not reach its fixed point in {_MAX_ITERS} iterations (relative change "
+            f"{float(change):.3g}): the problem may be at the edge of stability; use a smaller eta0 or t_max"
+        )
+    return out
+
+
+def sampled_coefficients(problem, f, key, n_samples, budget, kink_width=0.0):
+    """The variance coefficients of `fluctuations` for a deep nonlinear network at gamma0 > 0 around
+    the predictions `f (T, Pa)` of its solution: `(coef, stderr, F)` as
     `_propagator.linear_coefficients` returns them, the mean of `_GROUPS` independent estimates and its
-    standard error; `budget` bytes of memory."""
+    standard error; `budget` bytes of memory. `kink_width > 0` (relu): relu smoothed at that width and
+    at twice it, with the same samples, extrapolated to width 0 (`2 c(w) - c(2 w)`, estimate by
+    estimate): the smoothing's bias is linear in the width."""
     if n_samples % _GROUPS:
         raise ValueError(
             f"n_samples ({n_samples}) must be a multiple of {_GROUPS} for deep nonlinear networks (the "
             f"standard errors come from {_GROUPS} groups of samples)"
         )
     chunk = sampled_chunk(problem, n_samples, budget)
-    change, (coef, F) = _solve(problem, f.astype(problem.data.Kx.dtype), key, n_samples, chunk)
-    if not float(change) <= jnp.finfo(F.dtype).eps ** 0.5:
-        raise ValueError(
-            f"the sampled DMFT map did not reach its fixed point in {_MAX_ITERS} iterations (relative change "
-            f"{float(change):.3g}): the problem may be at the edge of stability; use a smaller eta0 or t_max"
-        )
+    if kink_width > 0:  # one compilation for both widths: the width is traced
+        w = jnp.asarray(kink_width, problem.data.Kx.dtype)
+        coef, F = _groups(problem, f, key, n_samples, chunk, w)
+        wide = _groups(problem, f, key, n_samples, chunk, 2 * w)
+        coef, F = jax.tree.map(lambda x, y: 2 * x - y, (coef, F), wide)
+    else:
+        coef, F = _groups(problem, f, key, n_samples, chunk, None)
     se = {k: jnp.std(x, axis=0, ddof=1) / _GROUPS**0.5 for k, x in coef.items()}
     return {k: x.mean(0) for k, x in coef.items()}, se, F.mean(0)

@@ -25,7 +25,7 @@ the Monte Carlo standard error of each coefficient comes from the higher moments
 Deeper networks in the lazy limit (`_lazy_coefficients`): each layer's N neurons add their sampling
 noise to the kernel recursion of the static NTK (section 13). Deep networks with feature learning:
 the propagator of the DMFT action (section 13), exact by Krylov solves for linear activations
-(`_propagator`), with its ingredients sampled for other smooth ones (`_sampled_propagator`).
+(`_propagator`), with its ingredients sampled for other smooth ones and relu (`_sampled_propagator`).
 
 J is built by forward-mode differentiation along each neuron's path. For an activation whose
 derivative jumps (relu: `activation.smooth` is False) a small change of Delta flips `phi'(h)` of the
@@ -107,13 +107,12 @@ class Fluctuations(eqx.Module):
 def _check(problem, sol, n_samples, chunk_size):
     if not isinstance(problem, Problem) or not isinstance(sol, Solution):
         raise ValueError("fluctuations(problem, sol) takes a dmft.Problem and the dmft.Solution solved for it")
-    if problem.depth > 1 and not (float(problem.gamma0) == 0 and _lazy_deep(problem.activation) and problem.C == 1):
+    if problem.depth > 1 and not (float(problem.gamma0) == 0 and _deep_covered(problem.activation) and problem.C == 1):
         if not deep_propagator(problem):
             raise ValueError(
-                f"fluctuations covers two-layer networks (MLP(depth=1)), and deeper ones (depth "
-                f"{problem.depth}) in the lazy limit (gamma0 = 0) with a smooth activation or relu and scalar targets, "
-                "or with feature learning for smooth activations (not relu: its phi'' is a delta that the "
-                "sampled propagator's derivatives miss), scalar targets, sigma_w = 1 and sigma_b = 0"
+                f"fluctuations covers two-layer networks (MLP(depth=1)), and deeper ones (depth {problem.depth}) "
+                "with a smooth activation or relu and scalar targets: in the lazy limit (gamma0 = 0), and with "
+                "feature learning for sigma_w = 1 and sigma_b = 0"
             )
     if sol.result != RESULTS.successful:
         raise ValueError("the Solution did not converge: fluctuations around it would mean nothing; solve it again")
@@ -133,18 +132,20 @@ def _check(problem, sol, n_samples, chunk_size):
         )
 
 
-def _lazy_deep(act) -> bool:
-    """Whether deep networks in the lazy limit are covered: Price's theorem holds pathwise for a smooth
-    activation, and in closed form for relu (`_relu_price`)."""
+def _deep_covered(act) -> bool:
+    """Whether deep networks are covered: Price's theorem holds pathwise for a smooth activation; relu's
+    comes in closed form in the lazy limit (`_relu_price`) and from relu smoothed by a narrow Gaussian
+    with feature learning (`_sampled_propagator`)."""
     return act.smooth or isinstance(act, ReLU)
 
 
 def deep_propagator(problem) -> bool:
     """Whether the propagator of the action covers `problem` at depth >= 2 with feature learning:
     exactly (`_propagator`) for a linear activation, by sampling (`_sampled_propagator`) for another
-    smooth one."""
+    smooth one or relu."""
     net = problem.net
-    return problem.activation.smooth and problem.C == 1 and float(net.sigma_w) == 1.0 and float(net.sigma_b) == 0.0
+    plain = float(net.sigma_w) == 1.0 and float(net.sigma_b) == 0.0
+    return _deep_covered(problem.activation) and problem.C == 1 and plain
 
 
 def _sampled(problem) -> bool:
@@ -481,7 +482,7 @@ def fluctuations(
     `problem`, as coefficients of 1/N (`Fluctuations`): two-layer networks (`MLP(depth=1)`), any
     activation, loss and number of outputs; `problem.gamma0 = 0` gives the lazy limit (pass the
     `dmft.Lazy(discrete=True)` solution), at any depth for smooth activations and relu with scalar targets; deep
-    networks with feature learning and a smooth activation (scalar targets, `sigma_w = 1`, `sigma_b =
+    networks with feature learning and a smooth activation or relu (scalar targets, `sigma_w = 1`, `sigma_b =
     0`): linear ones exactly (pass the `dmft.LinearClosure()` solution; standard errors 0; `key`,
     `n_samples` and `chunk_size` unused), others from `n_samples` sampled single sites per layer (a
     multiple of 8; dense, cost ~ `n_samples (T Pa)^5`: small grids only; `chunk_size` unused, the
@@ -507,27 +508,35 @@ def fluctuations(
     estimate of their density at h = 0; 0 leaves them out). As they learn, neurons pile up at h = 0;
     the predictions and the loss hardly depend on the width, the NTK's variance does (a few per cent
     per halving), and with strong feature learning it is too small (networks' own N Var of the NTK
-    still grows with N there). No mean shift is computed for relu.
+    still grows with N there). Deep relu networks with feature learning: the sampled propagator
+    replaces relu by its smoothing with a Gaussian of `kink_width` times each point's preactivation
+    scale, which must be > 0. No mean shift is computed for relu.
     """
     if n_samples is None:
         n_samples = 16384 if _sampled(problem) else 4096
     _check(problem, sol, n_samples, chunk_size)
-    _check_memory(problem, n_samples, chunk_size, memory)
     if isinstance(kink_width, bool) or not isinstance(kink_width, (int, float)) or not kink_width >= 0:
         raise ValueError(f"kink_width must be a number >= 0 (0: no flips counted), got {kink_width!r}")
     counted = isinstance(problem.activation, ReLU) and kink_width > 0
+    if isinstance(problem.activation, ReLU) and _sampled(problem) and not counted:
+        raise ValueError(
+            "deep relu networks with feature learning need kink_width > 0: the sampled propagator smooths relu's "
+            "kink over that width (0.2, the default, is the width validated against networks)"
+        )
+    _check_memory(problem, n_samples, chunk_size, memory)
     if not problem.activation.smooth and float(problem.gamma0) > 0:  # lazy: the fields do not move
-        warnings.warn(
-            f"{type(problem.activation).__name__} is not smooth: "
-            + (
+        if not counted:
+            how = "the fluctuations miss the neurons whose phi'(h) jumps as the error signal changes"
+        elif _sampled(problem):
+            how = f"the sampled propagator smooths its kink by a Gaussian of width {kink_width} times its scale"
+        else:
+            how = (
                 f"the neurons whose phi'(h) flips are counted with a kernel of width {kink_width}; where "
                 "neurons pile up at h = 0 (strong feature learning) the NTK's variance depends on it and is too "
                 "small (0.6 and 0.4 of networks' at N = 4096 for gamma0 * t_max = 20 and 30)"
-                if counted
-                else "the fluctuations miss the neurons whose phi'(h) jumps as the error signal changes"
             )
-            + "; the mean shift is not computed",
-            stacklevel=2,
+        warnings.warn(
+            f"{type(problem.activation).__name__} is not smooth: {how}; the mean shift is not computed", stacklevel=2
         )
     # As in `dmft.solve`: full float32 products on a GPU, not TF32, which costs exact linear algebra
     # three digits (the linear closure's, benchmarks/RESULTS.md).
@@ -535,7 +544,9 @@ def fluctuations(
         if problem.depth > 1 and float(problem.gamma0) > 0:
             f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
             if _sampled(problem):
-                coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget_bytes(memory))
+                budget = budget_bytes(memory)
+                kink = float(kink_width) if counted else 0.0
+                coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget, kink)
             else:
                 coef, se, F = linear_coefficients(problem, f)
         else:
