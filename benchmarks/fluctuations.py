@@ -12,9 +12,9 @@ Then the deep linear propagator (depth 2 and 3, gamma0 = 1, `sphere(3, 8)`, t_ma
 `LinearClosure` solve: m = (4 L - 2) (T Pa)^2 + T Pa order parameters, one Krylov solve per prediction
 and NTK entry (T Pa + T P (P + 1) / 2 of them), each product O(L (T Pa)^3).
 
-Then the sampled propagator of deep tanh networks (`sphere(3, 8)`, gamma0 = 1, t_max = 0.6 per step,
-its default 16384 samples) against the `MonteCarlo(n_samples=16384)` solve: dense m x m algebra and per-sample
-derivatives costing O((T Pa)^5) each.
+Then the sampled propagator of deep tanh and relu networks (`sphere(3, 8)`, gamma0 = 1, t_max = 0.6 per
+step, its default 16384 samples) against the `MonteCarlo(n_samples=16384)` solve: dense m x m algebra and
+per-sample derivatives costing O((T Pa)^5) each; relu's at two smoothing widths.
 
 Run: python benchmarks/fluctuations.py [--deep]   (--deep: only the deep tables)
 """
@@ -44,7 +44,6 @@ def wall(fn, *args, **kwargs):
 
 
 def main():
-    warnings.simplefilter("ignore", UserWarning)  # relu's documented limitation, said at every call
     print("act   steps   T P   solve first / compiled (s)   fluctuations first / compiled (s)   ratio first / compiled")
     for activation, n_steps in (("relu", 30), ("relu", 60), ("tanh", 30), ("tanh", 60)):
         p, solver = problem(n_steps, activation), dmft.MonteCarlo(n_samples=8192)
@@ -70,11 +69,12 @@ def deep_linear():
         print(f"{depth:5d} {n:6d} {m:6d}   {s1:12.2f} / {s2:6.3f}{'':13s}{f1:10.1f} / {f2:6.2f}")
 
 
-def deep_tanh():
-    print("depth   T Pa      m   MonteCarlo first / compiled (s)   sampled propagator first / compiled (s)")
+def deep_sampled(activation):
+    head = "depth   T Pa      m   MonteCarlo first / compiled (s)   sampled propagator first / compiled (s)"
+    print(f"{activation}: {head}")
     for depth, n_steps in ((2, 2), (2, 3), (3, 2)):
         data = dmft.datasets.sphere(3, 8, 0)
-        p = dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=1.0, t_max=0.6 * n_steps, n_steps=n_steps)
+        p = dmft.Problem(data, dmft.MLP(depth, activation), gamma0=1.0, t_max=0.6 * n_steps, n_steps=n_steps)
         solver = dmft.MonteCarlo(n_samples=16384)
         s1, sol = wall(dmft.solve, p, solver, key=0)
         s2, _ = wall(dmft.solve, p, solver, key=1)
@@ -82,11 +82,13 @@ def deep_tanh():
         f2, _ = wall(dmft.fluctuations, p, sol, key=1)
         n = (n_steps + 1) * p.P
         m = (4 * depth - 2) * n * n + n
-        print(f"{depth:5d} {n:6d} {m:6d}   {s1:15.2f} / {s2:6.2f}{'':13s}{f1:12.1f} / {f2:6.1f}")
+        print(f"{'':6s}{depth:5d} {n:6d} {m:6d}   {s1:15.2f} / {s2:6.2f}{'':13s}{f1:12.1f} / {f2:6.1f}")
 
 
 if __name__ == "__main__":
+    warnings.simplefilter("ignore", UserWarning)  # relu's documented limitation, said at every call
     if "--deep" not in sys.argv:
         main()
     deep_linear()
-    deep_tanh()
+    deep_sampled("tanh")
+    deep_sampled("relu")

@@ -528,7 +528,10 @@ def fluctuations(
         if not counted:
             how = "the fluctuations miss the neurons whose phi'(h) jumps as the error signal changes"
         elif _sampled(problem):
-            how = f"the sampled propagator smooths its kink by a Gaussian of width {kink_width} times its scale"
+            how = (
+                f"the sampled propagator smooths its kink by Gaussians of width {kink_width} and twice that "
+                "(times its scale) and extrapolates to width 0"
+            )
         else:
             how = (
                 f"the neurons whose phi'(h) flips are counted with a kernel of width {kink_width}; where "
