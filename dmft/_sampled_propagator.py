@@ -24,11 +24,9 @@ its own samples and its own fixed point, and its standard error their spread ove
 fixed point's sampling error is common to every group of samples that shares it, and batch means
 around one fixed point miss it (`benchmarks/RESULTS.md`).
 For relu, `phi''` is a delta that pathwise derivatives miss; the sites use relu smoothed by a narrow
-Gaussian instead (`_smoothed_relu`), whose values and derivatives belong to one function, at two
-widths, extrapolated to width 0 (`sampled_coefficients`). A hard step
-whose derivative is a kernel (as at depth 1, `fluctuations._counting_step`) is not the derivative of any
-function: Price's second derivatives of `phi'(h_t) phi'(h_s)` at nearby times, where the exact ones are
-large and cancel, then keep a part of order 1 / width.
+Gaussian instead (`_smoothed_relu`), one function whose values and derivatives agree (Price's second
+derivatives of `phi'(h_t) phi'(h_s)` at nearby times are large and cancel only then), at two widths,
+extrapolated to width 0 (`sampled_coefficients`).
 """
 
 from __future__ import annotations

@@ -543,19 +543,18 @@ def fluctuations(
         )
     # As in `dmft.solve`: full float32 products on a GPU, not TF32, which costs exact linear algebra
     # three digits (the linear closure's, benchmarks/RESULTS.md).
+    kink = float(kink_width) if counted else 0.0
     with jax.default_matmul_precision("highest"):
         if problem.depth > 1 and float(problem.gamma0) > 0:
             f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
             if _sampled(problem):
-                budget = budget_bytes(memory)
-                kink = float(kink_width) if counted else 0.0
-                coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget, kink)
+                coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget_bytes(memory), kink)
             else:
                 coef, se, F = linear_coefficients(problem, f)
         else:
             args = (problem, sol.f, as_key(key), n_samples, chunk_size)
             if problem.depth == 1:
-                coef, se, F = _coefficients(*args, float(kink_width) if counted else 0.0)
+                coef, se, F = _coefficients(*args, kink)
             else:
                 coef, se, F = _lazy_coefficients(*args)
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
