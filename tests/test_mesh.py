@@ -93,6 +93,8 @@ print(json.dumps(out))
 
 def _run(script, env=None, timeout=600):
     env = {**os.environ, **(env or {})}
+    if "XLA_FLAGS" in os.environ:  # keep the suite's own flags (conftest.py) beside the forced devices
+        env["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {env['XLA_FLAGS']}"
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
