@@ -43,7 +43,7 @@ from .solvers._sampling import factor
 __all__ = ["sampled_bytes", "sampled_coefficients"]
 
 _GROUPS = 8  # independent estimates (replicas), whose spread is the standard error
-_MAX_ITERS = 500  # of the fixed point's damped iteration, which stops at a relative change of sqrt(eps)
+_MAX_ITERS = 500  # of the fixed point's iteration, which stops at a relative change of sqrt(eps)
 
 
 def _inputs(problem, blocks, l):
@@ -64,8 +64,26 @@ def _smoothed_relu(width):
     """`(phi, phi')` of relu smoothed by a Gaussian of standard deviation `width`, `E relu(h + width
     eps)`: `h Phi(h / w) + w N(h / w)` and `Phi(h / w)`, whose derivatives of every order exist, with
     `phi'' = N(h; 0, w^2)` a kernel estimate of relu's delta at the kink."""
-    cdf = lambda h: jax.scipy.stats.norm.cdf(h / width)
-    return (lambda h: h * cdf(h) + width * jax.scipy.stats.norm.pdf(h / width)), cdf
+    cdf = lambda h: _normal_cdf(h / width)
+    return (lambda h: h * cdf(h) + width * _normal_pdf(h / width)), cdf
+
+
+def _normal_pdf(x):
+    return jnp.exp(-0.5 * x**2) / np.sqrt(2 * np.pi)
+
+
+@jax.custom_jvp
+def _normal_cdf(x):
+    """The standard normal CDF, differentiated as its density: the sites' nested forward-mode
+    derivatives (up to the fourth) then stay a few exponentials instead of copies of `ndtr`'s
+    branches (`jax.scipy.special.ndtr`)."""
+    return jax.scipy.special.ndtr(x)
+
+
+@_normal_cdf.defjvp
+def _normal_cdf_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return _normal_cdf(x), _normal_pdf(x) * dx
 
 
 def _site(problem, kink_width, S_chi, S_xi, alpha_prev, beta_next, f):
@@ -246,18 +264,22 @@ def _averages(problem, kink_width, q, e):
 
 
 def _fixed_point(problem, kink_width, f, e):
-    """The sampled map's fixed point `q (m,)` from the lazy kernels and the predictions f, by damped
-    iteration, and its last change relative to the largest order parameter."""
+    """The sampled map's fixed point `q (m,)` from the lazy kernels and the predictions f, and its last
+    change relative to the largest order parameter. The iteration is undamped until the change first
+    grows, then damped by half: the map contracts fast where feature learning is weak, and strongly
+    feature-learning maps oscillate without the damping."""
     q = lp.lazy_start(problem, f)
     tol = jnp.finfo(q.dtype).eps ** 0.5  # far below the sampling error of any affordable S
 
     def body(carry):
-        it, q, _ = carry
+        it, q, last, damping = carry
         new = _averages(problem, kink_width, q, e)
         change = jnp.max(jnp.abs(new - q)) / jnp.maximum(jnp.max(jnp.abs(new)), 1.0)
-        return it + 1, 0.5 * (q + new), change
+        damping = jnp.where(change > last, 0.5, damping)
+        return it + 1, q + damping * (new - q), change, damping
 
-    _, q, change = jax.lax.while_loop(lambda c: (c[0] < _MAX_ITERS) & (c[2] > tol), body, (0, q, jnp.inf))
+    init = (0, q, jnp.asarray(jnp.inf, q.dtype), jnp.asarray(1.0, q.dtype))
+    _, q, change, _ = jax.lax.while_loop(lambda c: (c[0] < _MAX_ITERS) & (c[2] > tol), body, init)
     return q, change
 
 
@@ -274,6 +296,7 @@ def _group_sums(problem, kink_width, q, e, chunk):
 
 def _summed(fn, chunks):
     """`sum_i fn(chunks[i])` over the leading axis, one chunk at a time."""
+    fn = jax.jit(fn)  # traced once: the shapes of its sums, then the scan's body, hit jit's cache
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, chunks[0]))
     return jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, fn(c)), None), zeros, chunks)[0]
 
