@@ -291,28 +291,35 @@ def linear_coefficients(problem, f):
     """The variance coefficients of `fluctuations` for a deep linear network at gamma0 > 0 around the
     closure's predictions `f (T, Pa)`: `(coef, stderr, F)` as `fluctuations._coefficients` returns them
     (exact: the standard errors are 0)."""
-    q, change = _fixed_point(problem, f.astype(problem.data.Kx.dtype).ravel())
-    scale = float(jnp.max(jnp.abs(q)))
-    if not float(change) <= 1e-4 * scale:
+    change, scale, residual, coef, F = _linear(problem, f.astype(problem.data.Kx.dtype))
+    if not float(change) <= 1e-4 * float(scale):
         raise ValueError(
             f"sol does not solve this problem: the deep linear closure driven by its predictions moves them "
-            f"by {float(change):.3g} (scale {scale:.3g}); pass the Problem the Solution was solved for, and "
+            f"by {float(change):.3g} (scale {float(scale):.3g}); pass the Problem the Solution was solved for, and "
             "the dmft.LinearClosure() solution (a Monte Carlo one is off by its sampling error)"
         )
-    n = f.size
-    dK, upper = _ntk_directions(problem, q)
-    directions = jnp.concatenate([jnp.eye(n, q.shape[0], q.shape[0] - n, dtype=q.dtype), dK])
-    z, residual = _covariance(problem, q, directions)
-    tol = _tolerance(q.dtype)
+    tol = _tolerance(F.dtype)
     if not float(residual.max()) <= 10 * tol:
         raise ValueError(
             f"the propagator's Krylov solves did not converge (relative residual {float(residual.max()):.3g}, "
             f"tolerance {tol:.0e}): the closure's fixed point may be at the edge of stability; use a smaller "
             "eta0 or t_max"
         )
+    return coef, {name: jnp.zeros_like(x) for name, x in coef.items()}, F
+
+
+@eqx.filter_jit
+def _linear(problem, f):
+    """`linear_coefficients` in one compiled program: the fixed point's last change and scale, the
+    Krylov solves' largest relative residual, `coef` and `F`."""
+    q, change = _fixed_point(problem, f.ravel())
+    n = f.size
+    dK, upper = _ntk_directions(problem, q)
+    directions = jnp.concatenate([jnp.eye(n, q.shape[0], q.shape[0] - n, dtype=q.dtype), dK])
+    z, residual = _covariance(problem, q, directions)
     var = jnp.einsum("km,km->k", dK, z[n:])
     coef, F = _outputs(problem, q, z[:n, q.shape[0] - n :], var, upper)
-    return coef, {name: jnp.zeros_like(x) for name, x in coef.items()}, F
+    return change, jnp.max(jnp.abs(q)), residual, coef, F
 
 
 def _ntk_directions(problem, q):

@@ -318,11 +318,8 @@ def _dense_propagator(problem, f):
     """`(N Cov(q) (m, m), q)` of the deep linear network assembled densely: M and Hab from `_propagator`'s
     operators applied to the identity, kappa entry by entry from Isserlis' theorem (not `_kappa`'s
     matrix form), and `M^-1 kappa (M^T - Hab M^-1 kappa)^-1` by direct solves."""
-    q, _ = _propagator._fixed_point(problem, f.ravel())
-    M, MT, _, Hab = _propagator._operators(problem, q)
-    eye = jnp.eye(q.shape[0], dtype=q.dtype)
-    Md = jax.vmap(M)(eye).T
-    assert jnp.allclose(jax.vmap(MT)(eye), Md, rtol=0, atol=1e-12)  # the transpose is M's
+    q, Md, MTd, Habd = _dense_operators(problem, f)
+    assert jnp.allclose(MTd, Md, rtol=0, atol=1e-12)  # the transpose is M's
     L, n, Pa = problem.depth, f.size, f.shape[1]
     kappa = []
     for l in range(1, L + 1):
@@ -339,7 +336,16 @@ def _dense_propagator(problem, f):
         kappa.append(k)
     kappa = jax.scipy.linalg.block_diag(*kappa)
     Mk = jnp.linalg.solve(Md, kappa)
-    return Mk @ jnp.linalg.inv(Md.T - jax.vmap(Hab)(eye) @ Mk), q
+    return Mk @ jnp.linalg.inv(Md.T - Habd @ Mk), q
+
+
+@eqx.filter_jit
+def _dense_operators(problem, f):
+    """The fixed point q and `_propagator`'s M, M^T (as M's transpose) and Hab applied to the identity."""
+    q, _ = _propagator._fixed_point(problem, f.ravel())
+    M, MT, _, Hab = _propagator._operators(problem, q)
+    eye = jnp.eye(q.shape[0], dtype=q.dtype)
+    return q, jax.vmap(M)(eye).T, jax.vmap(MT)(eye), jax.vmap(Hab)(eye)
 
 
 def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
