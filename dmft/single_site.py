@@ -79,14 +79,21 @@ def fields(act, gamma0, u, r, C, D, full=False):
 
     Returns `phi(h) (S, T Pa)` and `g (S, T Pa C)` (time-major), and with `full=True` also `h (S, T, Pa)`,
     `z (S, T, Pa C)`.
-    The time steps run in `_BLOCKS` blocks (`segments`): the memory of the earlier blocks enters a
-    block's fields in two matrix products, and only the memory within the block is a product per time
-    step (skinny products, which run far below a full product's speed, over a short history).
+    The time steps run in `_BLOCKS` equal blocks (the grid padded at its end), a scan over blocks: the
+    memory of the earlier blocks enters a block's fields in two matrix products with the fields so far
+    (zero ahead), and only the memory within the block is a product per time step (skinny products, which
+    run far below a full product's speed, over a short history). One block's code compiles once.
     """
     S, T, Pa = u.shape
     PC = r.shape[2]
+    n_blocks = min(_BLOCKS, T)
+    b = -(-T // n_blocks)  # steps per block
+    pad = n_blocks * b - T  # padded times come last: causality keeps them out of the real ones
+    Tp = T + pad
     # gamma0 folded into the (T Pa)^2 memory kernels once, not into the (S, t Pa) history every step.
-    Cm, Dm = (gamma0 * C).reshape(T, Pa, T * PC), (gamma0 * D).reshape(T, PC, T * Pa)
+    Cm = jnp.pad(gamma0 * C, ((0, pad), (0, 0), (0, pad), (0, 0))).reshape(n_blocks, b * Pa, Tp * PC)
+    Dm = jnp.pad(gamma0 * D, ((0, pad), (0, 0), (0, pad), (0, 0))).reshape(n_blocks, b * PC, Tp * Pa)
+    by_block = lambda x: jnp.moveaxis(jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(S, n_blocks, b, -1), 1, 0)
 
     def step(carry, xs):
         phis, gs = carry  # the block's fields so far, zero ahead
@@ -98,23 +105,27 @@ def fields(act, gamma0, u, r, C, D, full=False):
         gs = jax.lax.dynamic_update_slice(gs, g, (0, k * PC))
         return (phis, gs), (h, z) if full else None
 
-    phis = jnp.zeros((S, 0), u.dtype)
-    gs = jnp.zeros((S, 0), u.dtype)
-    hz = []
-    for t0, t1 in segments(T, _BLOCKS):
-        b = t1 - t0
-        # The sources plus the memory of times before t0 (zero for the first block).
-        h_past = u[:, t0:t1] + (gs @ Cm[t0:t1, :, : t0 * PC].reshape(b * Pa, t0 * PC).T).reshape(S, b, Pa)
-        z_past = r[:, t0:t1] + (phis @ Dm[t0:t1, :, : t0 * Pa].reshape(b * PC, t0 * Pa).T).reshape(S, b, PC)
-        xs = (jnp.arange(b), jnp.moveaxis(h_past, 1, 0), jnp.moveaxis(z_past, 1, 0))
-        xs += (Cm[t0:t1, :, t0 * PC : t1 * PC], Dm[t0:t1, :, t0 * Pa : t1 * Pa])
-        block = (jnp.zeros((S, b * Pa), u.dtype), jnp.zeros((S, b * PC), u.dtype))
-        (block_phis, block_gs), out = jax.lax.scan(step, block, xs)
-        phis, gs = jnp.concatenate([phis, block_phis], 1), jnp.concatenate([gs, block_gs], 1)
-        hz.append(out)
+    def block(carry, xs):
+        phis, gs = carry  # the fields of all times so far, zero from this block on
+        k, u_k, r_k, C_k, D_k = xs
+        # The sources plus the memory of the earlier blocks (the later columns multiply zeros).
+        h_past = u_k + (gs @ C_k.T).reshape(S, b, Pa)
+        z_past = r_k + (phis @ D_k.T).reshape(S, b, PC)
+        within = lambda X, m: jax.lax.dynamic_slice_in_dim(X.reshape(b, -1, X.shape[-1]), k * b * m, b * m, axis=2)
+        xs = (jnp.arange(b), jnp.moveaxis(h_past, 1, 0), jnp.moveaxis(z_past, 1, 0), within(C_k, PC), within(D_k, Pa))
+        zeros = (jnp.zeros((S, b * Pa), u.dtype), jnp.zeros((S, b * PC), u.dtype))
+        (block_phis, block_gs), out = jax.lax.scan(step, zeros, xs)
+        phis = jax.lax.dynamic_update_slice(phis, block_phis, (0, k * b * Pa))
+        gs = jax.lax.dynamic_update_slice(gs, block_gs, (0, k * b * PC))
+        return (phis, gs), out
+
+    init = (jnp.zeros((S, Tp * Pa), u.dtype), jnp.zeros((S, Tp * PC), u.dtype))
+    xs = (jnp.arange(n_blocks), by_block(u), by_block(r), Cm, Dm)
+    (phis, gs), hz = jax.lax.scan(block, init, xs)
+    phis, gs = phis[:, : T * Pa], gs[:, : T * PC]
     if not full:
         return phis, gs
-    h, z = (jnp.moveaxis(jnp.concatenate(x), 0, 1) for x in zip(*hz))
+    h, z = (jnp.moveaxis(x.reshape(Tp, S, -1)[:T], 0, 1) for x in hz)
     return phis, gs, h, z
 
 
