@@ -341,7 +341,8 @@ def _dense_propagator(problem, f):
 
 @eqx.filter_jit
 def _dense_operators(problem, f):
-    """The fixed point q and `_propagator`'s M, M^T (as M's transpose) and Hab applied to the identity."""
+    """The fixed point q, the dense M (its operator applied to the identity), the same from the M^T
+    operator (which must agree), and the Hab operator applied to the identity, in one program."""
     q, _ = _propagator._fixed_point(problem, f.ravel())
     M, MT, _, Hab = _propagator._operators(problem, q)
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
