@@ -65,11 +65,7 @@ def _smoothed_relu(width):
     eps)`: `h Phi(h / w) + w N(h / w)` and `Phi(h / w)`, whose derivatives of every order exist, with
     `phi'' = N(h; 0, w^2)` a kernel estimate of relu's delta at the kink."""
     cdf = lambda h: _normal_cdf(h / width)
-    return (lambda h: h * cdf(h) + width * _normal_pdf(h / width)), cdf
-
-
-def _normal_pdf(x):
-    return jnp.exp(-0.5 * x**2) / np.sqrt(2 * np.pi)
+    return (lambda h: h * cdf(h) + width * jax.scipy.stats.norm.pdf(h / width)), cdf
 
 
 @jax.custom_jvp
@@ -83,7 +79,7 @@ def _normal_cdf(x):
 @_normal_cdf.defjvp
 def _normal_cdf_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
-    return _normal_cdf(x), _normal_pdf(x) * dx
+    return _normal_cdf(x), jax.scipy.stats.norm.pdf(x) * dx
 
 
 def _site(problem, kink_width, S_chi, S_xi, alpha_prev, beta_next, f):
