@@ -12,17 +12,20 @@ centred predictions `(z phi - z(0) phi(0)) / gamma0`. Every sample is a determin
 
 * the averages and the fixed point q (the responses `E[dphi/dxi]`, `E[dg/dchi]` pathwise, exact per
   sample, unlike `MonteCarlo`'s Stein regression);
-* `D = dE[O]/dq`: through the drifts pathwise, and through the source covariances by Price's
-  theorem, `dE[O]/dK_pq = E[d2 O / ds_p ds_q] / 2` (differentiating the samples `K^{1/2} e` instead
-  has the factor `1 / (s_i + s_j)` on pairs of small singular values: its noise is unbounded);
+* `D = dE[O]/dq`: through the drifts pathwise (a drift entry acts on a sample as a shift of one of
+  its sources, so these too are derivatives of y with respect to s), and through the source
+  covariances by Price's theorem, `dE[O]/dK_pq = E[d2 O / ds_p ds_q] / 2` (differentiating the samples
+  `K^{1/2} e` instead has the factor `1 / (s_i + s_j)` on pairs of small singular values: its noise is
+  unbounded);
 * `kappa`, every `E[O_A O_B] = E[D_A D_B (X_A X_B)]` with `D = d/ds_p` for a response observable.
 
-Everything is dense: m = (4 L - 2) n^2 + n order parameters, and per sample the Hessians of the
-observables (third derivatives of y for the responses), so the cost grows like `S n^5` and this path is
-for small T Pa (`sampled_bytes`). The answer is the mean of `_GROUPS` independent estimates, each with
-its own samples and its own fixed point, and its standard error their spread over sqrt(_GROUPS): the
-fixed point's sampling error is common to every group of samples that shares it, and batch means
-around one fixed point miss it (`benchmarks/RESULTS.md`).
+Everything is dense: m = (4 L - 2) n^2 + n order parameters, and per sample the observables' Hessians
+(third derivatives of y for the responses, n^4 values from n^3 forward passes), so the sums cost
+~ `S n^4`, the dense solves ~ m^3, and this path is for small T Pa (`sampled_bytes`). The answer
+is the mean of `_GROUPS` independent estimates, each with its own samples and its own fixed point,
+and its standard error their spread over sqrt(_GROUPS): the fixed point's sampling error is common
+to every group of samples that shares it, and batch means around one fixed point miss it
+(`benchmarks/RESULTS.md`).
 For relu, `phi''` is a delta that pathwise derivatives miss; the sites use relu smoothed by a narrow
 Gaussian instead (`_smoothed_relu`), one function whose values and derivatives agree (Price's second
 derivatives of `phi'(h_t) phi'(h_s)` at nearby times are large and cancel only then), at two widths,
@@ -44,6 +47,7 @@ __all__ = ["sampled_bytes", "sampled_coefficients"]
 
 _GROUPS = 8  # independent estimates (replicas), whose spread is the standard error
 _MAX_ITERS = 500  # of the fixed point's iteration, which stops at a relative change of sqrt(eps)
+_CHUNK_BYTES = 64_000_000  # a chunk's temporaries: larger chunks of these small per-sample tensors run slower
 
 
 def _inputs(problem, blocks, l):
@@ -82,6 +86,15 @@ def _normal_cdf_jvp(primals, tangents):
     return _normal_cdf(x), jax.scipy.stats.norm.pdf(x) * dx
 
 
+def _drift(problem, f):
+    """`c gamma0 [s < t] Delta_nu(s)` `(n, n)` (rows `(t mu)`, columns `(s nu)`): the part of the drifts
+    `Kh`, `Kz` that multiplies the source covariances, `c = eta0 dt / P`."""
+    T, Pa, dtype = problem.n_steps + 1, problem.data.Kx.shape[0], f.dtype
+    c = problem.dt * problem.eta0 / problem.P
+    causal = jnp.kron(jnp.tril(jnp.ones((T, T), dtype), -1), jnp.ones((Pa, Pa), dtype))
+    return c * problem.gamma0 * causal * lp._error_signal(problem, f).reshape(1, T * Pa)
+
+
 def _site(problem, kink_width, S_chi, S_xi, alpha_prev, beta_next, f):
     """`y(s) = (phi(h), g, z phi(h))` `(3n,)` of one sample's sources `s = (chi, xi)` `(2n,)`, solved
     forward in time (Kh strictly causal, Kz causal with its equal-time block). `kink_width` (relu; a
@@ -93,9 +106,7 @@ def _site(problem, kink_width, S_chi, S_xi, alpha_prev, beta_next, f):
         width = kink_width * jnp.sqrt(jnp.diagonal(jax.lax.stop_gradient(S_chi))[:Pa])
         fn, dfn = _smoothed_relu(width)
     n, dtype = T * Pa, S_chi.dtype
-    c = problem.dt * problem.eta0 / problem.P
-    causal = jnp.kron(jnp.tril(jnp.ones((T, T), dtype), -1), jnp.ones((Pa, Pa), dtype))
-    drift = c * problem.gamma0 * causal * lp._error_signal(problem, f).reshape(1, n)
+    drift = _drift(problem, f)
     Kh = drift * S_chi + (0.0 if alpha_prev is None else alpha_prev)
     Kz = drift * S_xi + (0.0 if beta_next is None else beta_next.T)
 
@@ -198,23 +209,59 @@ def _variables(problem, l):
     return out + [(("f", L), None)]
 
 
-def _derivative(problem, kink_width, l, blocks, key, sources, s):
-    """Summed over the samples `s (c, 2n)`: the derivative `(n_obs, |key|)` of layer l's observables
-    with respect to the q block `key`, pathwise through the drifts with the sources held fixed, plus,
-    when `key` is the covariance of the `sources` slice of s, Price's theorem
-    `dE[O] / dK_pq = E[d2 O / ds_p ds_q] / 2`."""
+def _f_derivative(problem, kink_width, l, blocks, s):
+    """Summed over the samples `s (c, 2n)`: the derivative `(n_obs, n)` of layer l's observables with
+    respect to the predictions f, which enter through the drifts' error signal (sources held fixed)."""
+    key = ("f", problem.depth)
 
-    def of(x, s):  # the observables of sample s as a function of the q block `key`
+    def of(x, s):  # the observables of sample s as a function of f
         inputs = _inputs(problem, blocks | {key: x}, l)
         return _observables(problem, l, _site(problem, kink_width, *inputs), inputs[0].shape[0])(s)
 
-    x = blocks[key]
-    total = jax.vmap(lambda s: jax.jacfwd(of)(x, s))(s).sum(0).reshape(-1, x.size)
-    if sources is None:
-        return total
-    within = lambda v, s: of(x, s.at[sources].set(v))
-    price = jax.vmap(lambda s: jax.jacfwd(jax.jacfwd(within))(s[sources], s))(s).sum(0)
-    return total + 0.5 * price.reshape(total.shape)
+    return jax.vmap(lambda s: jax.jacfwd(of)(blocks[key], s))(s).sum(0)
+
+
+def _third(y, s, along, sources):
+    """`d3 y / ds_r ds_p ds_q` `(c, 3n, n, n, n)` of the samples `s (c, 2n)`, r along the slice `along`
+    of s, p and q along the slice `sources`."""
+    zero = jnp.zeros(along.stop - along.start, s.dtype)  # shifts of the sources, zero at the samples
+    J_at = lambda v, s: jax.jacfwd(lambda w: y(s.at[sources].add(v).at[along].add(w)))(zero)
+    return jax.vmap(lambda s: jax.jacfwd(jax.jacfwd(J_at))(zero, s))(s)
+
+
+def _covariance_derivative(problem, l, blocks, key, sources, y, s, Y, J, H):
+    """Summed over a chunk: the derivative `(n_obs, n^2)` of layer l's observables with respect to the
+    q block `key`, the covariance of the `sources` slice of the sources (`Phi^{l-1}` of chi, `G^{l+1}`
+    of xi), from the site y, the chunk's samples `s (c, 2n)` and its derivatives there, `Y (c, 3n)`,
+    `J (c, 3n, 2n)` and `H (c, 3n, 2n, 2n)` (and the third ones the responses need, `_third`).
+
+    The covariance also multiplies the drift: `K_ab = drift_ab X_ab` (`Kh` for Phi, `Kz` for G). Its
+    entry (a, b) carries `u_b` (g_b for Kh, phi_b for Kz), fixed before the time of a, into the field
+    of a, so raising it by eps shifts the source s_a by eps u_b: pathwise `dy / dK_ab = J[:, a] u_b`
+    and `dJ / dK_ab = u_b H[:, :, a] + J[:, a] (grad u_b)^T`. Plus Price's theorem,
+    `dE[O] / dX_pq = E[d2 O / ds_p ds_q] / 2`."""
+    n = Y.shape[1] // 3
+    u, du = (Y[:, n : 2 * n], J[:, n : 2 * n]) if key[0] == "Phi" else (Y[:, :n], J[:, :n])
+    V, Hs = J[:, :, sources], H[:, :, sources, sources]
+    carried = lambda A: jnp.einsum("ska,sb->kab", A, u)  # sum_s A[s, k, a] u_b
+    path, price = [], []
+    for kind, (i, j) in _kinds(problem, l, n):
+        if kind == "P":  # y_i y_j
+            path.append(carried(V[:, i] * Y[:, j, None] + Y[:, i, None] * V[:, j]))
+            two = jnp.einsum("skp,skq->kpq", V[:, i], V[:, j])
+            price.append(
+                (Hs[:, i] * Y[:, j, None, None] + Y[:, i, None, None] * Hs[:, j]).sum(0) + two + two.swapaxes(1, 2)
+            )
+        elif kind == "R":  # the response dy_i / ds_j, j along one slice of the sources
+            path.append(carried(H[:, i, j][:, :, sources]) + jnp.einsum("ska,sbk->kab", V[:, i], du[:, :, j]))
+            along = slice(0, n) if j.max() < n else slice(n, 2 * n)
+            price.append(_third(y, s, along, sources)[:, i, j - along.start].sum(0))
+        else:  # y_i
+            path.append(carried(V[:, i]))
+            price.append(Hs[:, i].sum(0))
+    drift = _drift(problem, blocks[("f", problem.depth)])
+    out = jnp.concatenate(path) * drift + 0.5 * jnp.concatenate(price)
+    return out.reshape(-1, n * n)
 
 
 def _first(kind, index, Y, J):
@@ -225,14 +272,19 @@ def _first(kind, index, Y, J):
 
 def _chunk_sums(problem, kink_width, l, blocks, s):
     """Sums over a chunk of samples `s (c, 2n)` of layer l: `(d, m1, m2)`, d the derivatives of its
-    observables with respect to its `_variables` (`_derivative`), m1 and m2 their first and second
-    moments (`_pair`)."""
+    observables with respect to its `_variables` (`_f_derivative`, `_covariance_derivative`), m1 and m2
+    their first and second moments (`_pair`)."""
     inputs = _inputs(problem, blocks, l)
     y = _site(problem, kink_width, *inputs)
-    d = {key: _derivative(problem, kink_width, l, blocks, key, sources, s) for key, sources in _variables(problem, l)}
     Y = jax.vmap(y)(s)
     J = jax.vmap(jax.jacfwd(y))(s)
     H = jax.vmap(jax.jacfwd(jax.jacfwd(y)))(s)
+    d = {}
+    for key, sources in _variables(problem, l):
+        if sources is None:
+            d[key] = _f_derivative(problem, kink_width, l, blocks, s)
+        else:
+            d[key] = _covariance_derivative(problem, l, blocks, key, sources, y, s, Y, J, H)
     kinds = _kinds(problem, l, inputs[0].shape[0])
     m1 = jnp.concatenate([_first(kind, index, Y, J) for kind, index in kinds])
     m2 = jnp.block([[_pair(ka, a, kb, b, Y, J, H) for kb, b in kinds] for ka, a in kinds])
@@ -333,10 +385,10 @@ def _solve(problem, kink_width, f, key, n_samples, chunk):
 
 
 def _per_sample_bytes(problem):
-    """The largest per-sample temporaries of `_chunk_sums`: the derivative of the observables' own
-    derivatives (the responses, 2n tangents of y (3n)) along the n^2 entries of a covariance."""
+    """The per-sample temporaries of `_chunk_sums`: third derivatives of y and the observables' second
+    ones, a few times n^4 values (XLA's memory analysis: 11 n^4 at depth 2, 33 n^4 for a middle layer)."""
     n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
-    return 4 * n**2 * 2 * n * 3 * n * 2 * n * problem.data.Kx.dtype.itemsize
+    return 36 * n**4 * problem.data.Kx.dtype.itemsize
 
 
 def _dense_bytes(problem):
@@ -347,8 +399,9 @@ def _dense_bytes(problem):
 
 
 def sampled_chunk(problem, n_samples, budget) -> int:
-    """Samples processed at a time within `budget` bytes: a power of 2 dividing a group, at least 1."""
-    room = max(budget - _dense_bytes(problem), 0) // _per_sample_bytes(problem)
+    """Samples processed at a time within `budget` bytes and a working set of `_CHUNK_BYTES`: a power
+    of 2 dividing a group, at least 1."""
+    room = min(max(budget - _dense_bytes(problem), 0), _CHUNK_BYTES) // _per_sample_bytes(problem)
     chunk = 1
     while 2 * chunk <= room and (n_samples // _GROUPS) % (2 * chunk) == 0:
         chunk *= 2
