@@ -20,8 +20,8 @@ centred predictions `(z phi - z(0) phi(0)) / gamma0`. Every sample is a determin
 * `kappa`, every `E[O_A O_B] = E[D_A D_B (X_A X_B)]` with `D = d/ds_p` for a response observable.
 
 Everything is dense: m = (4 L - 2) n^2 + n order parameters, and per sample the observables' Hessians
-(third derivatives of y for the responses, n^4 values from n^3 forward passes), so the sums cost
-~ `S n^4`, the dense solves ~ m^3, and this path is for small T Pa (`sampled_bytes`). The answer
+(third derivatives of y for the responses: n^4 values from n^3 forward passes of the site), so the
+sums cost ~ `S n^5`, the dense solves ~ m^3, and this path is for small T Pa (`sampled_bytes`). The answer
 is the mean of `_GROUPS` independent estimates, each with its own samples and its own fixed point,
 and its standard error their spread over sqrt(_GROUPS): the fixed point's sampling error is common
 to every group of samples that shares it, and batch means around one fixed point miss it
