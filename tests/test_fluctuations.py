@@ -11,7 +11,7 @@ import pytest
 import dmft
 from dmft import _propagator
 from dmft._propagator import linear_coefficients
-from dmft._sampled_propagator import sampled_coefficients
+from dmft._sampled_propagator import sampled_bytes, sampled_chunk, sampled_coefficients
 from dmft.compare import _fluctuations_affordable
 from dmft.fluctuations import _lazy_coefficients, _relu_price
 
@@ -400,7 +400,10 @@ def test_sampled_propagator_memory_budget_and_float32():
     float32 agrees with float64 (its accuracy: the slow test above)."""
     problem = _deep_linear(2, n_steps=3, t_max=1.8)
     sol = dmft.solve(problem, dmft.LinearClosure())
-    big, small = (sampled_coefficients(problem, sol.f, jr.key(1), 64, budget)[0] for budget in (2e9, 1e8))
+    # a budget with room for one sample's temporaries beside the dense matrices: one sample at a time
+    tight = sampled_bytes(problem, 64, 0)
+    assert sampled_chunk(problem, 64, tight) == 1 < sampled_chunk(problem, 64, 2e9)
+    big, small = (sampled_coefficients(problem, sol.f, jr.key(1), 64, budget)[0] for budget in (2e9, tight))
     for k in big:
         np.testing.assert_allclose(small[k], big[k], rtol=1e-9, atol=1e-12)
     # float32: the same sources (drawn in float32 either way); round-off through the fixed points and
