@@ -224,9 +224,9 @@ def _f_derivative(problem, kink_width, l, blocks, s):
 def _third(y, s, along, sources):
     """`d3 y / ds_r ds_p ds_q` `(c, 3n, n, n, n)` of the samples `s (c, 2n)`, r along the slice `along`
     of s, p and q along the slice `sources`."""
-    zero = jnp.zeros(along.stop - along.start, s.dtype)  # shifts of the sources, zero at the samples
-    J_at = lambda v, s: jax.jacfwd(lambda w: y(s.at[sources].add(v).at[along].add(w)))(zero)
-    return jax.vmap(lambda s: jax.jacfwd(jax.jacfwd(J_at))(zero, s))(s)
+    shift = lambda where: jnp.zeros_like(s[0, where])  # a shift of those sources, zero at the samples
+    J_at = lambda v, s: jax.jacfwd(lambda w: y(s.at[sources].add(v).at[along].add(w)))(shift(along))
+    return jax.vmap(lambda s: jax.jacfwd(jax.jacfwd(J_at))(shift(sources), s))(s)
 
 
 def _covariance_derivative(problem, l, blocks, key, sources, y, s, Y, J, H):

@@ -92,9 +92,10 @@ print(json.dumps(out))
 
 
 def _run(script, env=None, timeout=600):
-    env = {**os.environ, **(env or {})}
-    if "XLA_FLAGS" in os.environ:  # keep the suite's own flags (conftest.py) beside the forced devices
+    env = dict(env or {})
+    if "XLA_FLAGS" in env and "XLA_FLAGS" in os.environ:  # the suite's own flags (conftest.py) kept
         env["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {env['XLA_FLAGS']}"
+    env = {**os.environ, **env}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
