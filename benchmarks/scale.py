@@ -11,7 +11,8 @@ Parts (`monte_carlo`, `linear` and `compile` by default; name some to run only t
 * `linear`: `LinearClosure` at depth 2, T Pa = 250 ... 8000 (CPU) or 2000 ... 32000 (GPU): the whole
   converged solve and XLA's memory;
 * `compile`: the first depth-3 solve at 100 steps and S = 4096: seconds to trace and to compile (the
-  rest of the time to the first result is the iterations, `benchmarks/monte_carlo.py`);
+  rest of the time to the first result is the iterations, `benchmarks/monte_carlo.py`), here and in
+  two fresh processes sharing JAX's persistent compilation cache (the second loads the first's);
 * `networks`: seed ensembles (8 seeds, GD on the grid) of depth-2 tanh networks at T Pa = 1000 up to
   width 4096 (CPU) or 16384 (GPU): seconds, and the loss's distance to the DMFT;
 * `precision`: float32 against float64 on the same problem (linear closure, networks, Monte Carlo
@@ -28,7 +29,9 @@ Run: python benchmarks/scale.py [PART ...] [--quick]   (--quick: the smaller hal
 
 import contextlib
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 MESH = "mesh" in sys.argv or "--mesh" in sys.argv
@@ -137,14 +140,31 @@ def linear(sizes):
 
 
 def compile_time():
+    """The first depth-3 solve's trace and compile in this process, then in two fresh processes sharing
+    JAX's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`): the second loads what the first
+    compiled."""
+    trace, compile_ = _compile_once()
+    print(f"\nfirst depth-3 tanh solve, 100 steps, S = 4096: trace and lower {trace:.1f} s, compile {compile_:.1f} s")
+    with tempfile.TemporaryDirectory() as cache:
+        env = os.environ | {"JAX_COMPILATION_CACHE_DIR": cache}
+        for which in ("a fresh process, empty cache", "a later process, same cache"):
+            child = subprocess.run(
+                [sys.executable, __file__, "_compile_child"], env=env, capture_output=True, text=True, check=True
+            )
+            trace, compile_ = map(float, child.stdout.split()[-2:])
+            print(f"  {which}: trace and lower {trace:.1f} s, compile {compile_:.1f} s", flush=True)
+
+
+def _compile_once():
+    """Seconds to trace and lower, and to compile, the depth-3 solve as `dmft.solve` runs it when nothing
+    is traced (its checks on the host)."""
     p = problem(100, depth=3)
     solver = dmft.MonteCarlo(n_samples=4096).sized(p)
     start = time.perf_counter()
-    lowered = _solve.lower(p, solver, as_key(0), True, False)
+    lowered = _solve.lower(p, solver, as_key(0), False, False, False)
     traced = time.perf_counter() - start
     lowered.compile()
-    compiled = time.perf_counter() - start - traced
-    print(f"\nfirst depth-3 tanh solve, 100 steps, S = 4096: trace and lower {traced:.1f} s, compile {compiled:.1f} s")
+    return traced, time.perf_counter() - start - traced
 
 
 def mesh():
@@ -228,6 +248,8 @@ if __name__ == "__main__":
             linear(half([2000, 4000, 8000, 16000, 32000] if gpu else [250, 500, 1000, 2000, 4000, 8000]))
         elif part == "compile":
             compile_time()
+        elif part == "_compile_child":  # compile_time's fresh processes
+            print(*_compile_once())
         elif part == "networks":
             networks(half([1024, 4096, 16384] if gpu else [256, 1024, 4096]))
         elif part == "precision":

@@ -197,10 +197,14 @@ def _iterate(problem, solver, state, key, progress):
 
 
 @eqx.filter_jit
-def _solve(problem, solver, key, throw, progress):
-    # A traced gamma0 (under jit or vmap) escapes the Problem's own check.
-    gamma0 = eqx.error_if(problem.gamma0, problem.gamma0 < 0, "gamma0 must be >= 0 (0 is the lazy limit)")
-    problem = eqx.tree_at(lambda p: p.gamma0, problem, gamma0)
+def _solve(problem, solver, key, throw, progress, traced=True):
+    """`traced`: the problem or key is traced (under jit or vmap), and gamma0, which then escapes the
+    Problem's own check, is checked inside the compiled solve; `throw`: raise on failure from inside.
+    A runtime check is a host callback, which JAX's persistent compilation cache does not store, so
+    `solve` makes both checks on the host when nothing is traced."""
+    if traced:
+        gamma0 = eqx.error_if(problem.gamma0, problem.gamma0 < 0, "gamma0 must be >= 0 (0 is the lazy limit)")
+        problem = eqx.tree_at(lambda p: p.gamma0, problem, gamma0)
     state = solver.init(problem, key)
     extra = {}
     converged = jnp.array(True)
@@ -263,8 +267,14 @@ def solve(
     # Full float32 products on a GPU too, whose default for float32 is TF32 (10-bit mantissa): the
     # square roots and Stein regressions of a Monte Carlo solve at large T Pa are ill-conditioned enough
     # for TF32 to corrupt its responses (`benchmarks/RESULTS.md`).
+    key = as_key(key)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((problem, key)))
+    if not traced and not problem.gamma0 >= 0:
+        raise ValueError(f"gamma0 must be >= 0 (0 is the lazy limit), got {problem.gamma0}")
     with jax.default_matmul_precision("highest"):
-        sol = _solve(problem, solver, as_key(key), throw, progress)
+        sol = _solve(problem, solver, key, throw and traced, progress, traced)
+    if throw and not traced:
+        sol = sol.result.error_if(sol, sol.result != RESULTS.successful)
     if progress:
         jax.effects_barrier()  # the bar is closed (and flushed) before solve returns
     return sol

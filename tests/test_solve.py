@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -30,6 +34,27 @@ def test_progress_bar_reports_iterations_and_residual_and_changes_nothing(capsys
     assert "DMFT iterations" in err and "residual=" in err
     assert f"{int(loud.iterations)}/{solver.max_iters}" in err  # the bar reached the final iteration
     assert _leaves_equal(quiet, loud)  # bit-identical: the callbacks only read the loop carry
+
+
+def test_a_solve_is_kept_in_jax_persistent_compilation_cache(tmp_path):
+    # JAX does not write a compiled function with host callbacks to its persistent cache, so `solve`
+    # checks gamma0 and the result on the host when nothing is traced: a later process loads the
+    # compiled solve instead of compiling it again.
+    script = (
+        "import dmft; data = dmft.datasets.sphere(4, 3, 0); "
+        "p = dmft.Problem(data, dmft.MLP(2, 'linear'), gamma0=1.0, t_max=2.0, n_steps=4); "
+        "dmft.solve(p, dmft.LinearClosure())"
+    )
+    env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    run = lambda **extra: subprocess.run(
+        [sys.executable, "-c", script], env=env | extra, capture_output=True, text=True, timeout=300
+    )
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert any(f.name.startswith("jit__solve-") for f in tmp_path.iterdir())
+    again = run(JAX_LOG_COMPILES="1")  # logs cache hits
+    assert again.returncode == 0, again.stderr
+    assert "Persistent compilation cache hit for 'jit__solve'" in again.stderr
 
 
 # 17 s, with the slow suite (12-minute budget); the progress-bar test above stays in the default suite.
