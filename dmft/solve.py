@@ -249,7 +249,10 @@ def solve(
 
     Runs under `equinox.filter_jit`: `gamma0` and `eta0` are traced (a sweep does not recompile),
     shapes (`depth`, `n_steps`, data sizes, sample counts) are static. Matrices are multiplied at
-    `jax.default_matmul_precision("highest")` (full float32 on a GPU too).
+    `jax.default_matmul_precision("highest")` (full float32 on a GPU too). Called outside jit and vmap,
+    it checks gamma0 and the result on the host, so JAX's persistent compilation cache
+    (`JAX_COMPILATION_CACHE_DIR`) can keep the compiled solve for later processes (not with
+    `progress=True`: the bar is a host callback).
     """
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a dmft.Problem, got {type(problem).__name__}")
