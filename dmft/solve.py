@@ -276,8 +276,8 @@ def solve(
         raise ValueError(f"gamma0 must be >= 0 (0 is the lazy limit), got {problem.gamma0}")
     with jax.default_matmul_precision("highest"):
         sol = _solve(problem, solver, key, throw and traced, progress, traced)
-    if throw and not traced:
-        sol = sol.result.error_if(sol, sol.result != RESULTS.successful)
+    if throw and not traced and sol.result != RESULTS.successful:  # equinox's error, raised here
+        sol.result.error_if(sol, True)
     if progress:
         jax.effects_barrier()  # the bar is closed (and flushed) before solve returns
     return sol
