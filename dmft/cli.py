@@ -5,6 +5,7 @@ Every option of the Python API is a key of the TOML configuration with the same 
 of `dmft.Problem` and `dmft.MLP`, the [compare] defaults those of `dmft.compare`.
 
 Exit codes: 0 success, 1 the solver failed (non-convergence, non-finite), 2 usage or configuration error.
+On the command line, compiled functions are kept in JAX's persistent compilation cache (`_compilation_cache`).
 """
 
 from __future__ import annotations
@@ -465,8 +466,23 @@ def _compute(args):
     return 0
 
 
+def _compilation_cache():
+    """Keep compiled functions in JAX's persistent compilation cache, `$XDG_CACHE_HOME/dmft/jax`
+    (`~/.cache/dmft/jax`), unless `JAX_COMPILATION_CACHE_DIR` names another place (empty: none): a
+    later run of the same shapes loads them instead of compiling again (the solve only with `--quiet`:
+    a progress bar is a host callback, which the cache does not store)."""
+    import jax
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # JAX reads it itself
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "dmft", "jax"))
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if argv is None:  # the command line; a caller's process (a test, a notebook) keeps its JAX settings
+        _compilation_cache()
     try:
         return _run(args)
     except ValueError as err:  # configuration errors and the library's own validation

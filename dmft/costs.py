@@ -94,5 +94,7 @@ def xla_bytes(problem: Problem, solver, key=0) -> int:
     from ._keys import as_key
     from .solve import _solve
 
-    m = _solve.lower(problem, solver.sized(problem), as_key(key), True, False).compile().compiled.memory_analysis()
+    # As `dmft.solve` compiles it when nothing is traced: its checks on the host.
+    lowered = _solve.lower(problem, solver.sized(problem), as_key(key), False, False, False)
+    m = lowered.compile().compiled.memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

@@ -1,6 +1,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -72,6 +74,20 @@ def test_every_solver_is_reachable_in_float32(tmp_path, solver):
     text = TINY.replace('kind = "lazy"', solver).replace("depth = 1", "depth = 2").replace('"relu"', '"linear"')
     code, summary = _solve(tmp_path, text)
     assert code == 0 and summary["final_loss"] < summary["initial_loss"]
+
+
+def test_the_command_keeps_compiled_solves_between_runs(tmp_path):
+    # On the command line (not through main(argv)), compiled functions go to JAX's persistent cache in
+    # $XDG_CACHE_HOME/dmft/jax; with --quiet the solve too (a progress bar is a host callback).
+    text = (
+        TINY.replace('kind = "lazy"', 'kind = "linear"').replace("depth = 1", "depth = 2").replace('"relu"', '"linear"')
+    )
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    command = [sys.executable, "-m", "dmft", "solve", _write(tmp_path, text), "--out", str(tmp_path / "o"), "--quiet"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert any(f.name.startswith("jit__solve-") for f in (tmp_path / "xdg" / "dmft" / "jax").iterdir())
 
 
 @pytest.mark.parametrize(
