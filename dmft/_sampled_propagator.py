@@ -22,10 +22,10 @@ centred predictions `(z phi - z(0) phi(0)) / gamma0`. Every sample is a determin
 Everything is dense: m = (4 L - 2) n^2 + n order parameters, and per sample the observables' Hessians
 (third derivatives of y for the responses: n^4 values from n^3 forward passes of the site), so the
 sums cost ~ `S n^5`, the dense solves ~ m^3, and this path is for small T Pa (`sampled_bytes`). The answer
-is the mean of `_GROUPS` independent estimates, each with its own samples and its own fixed point,
-and its standard error their spread over sqrt(_GROUPS): the fixed point's sampling error is common
-to every group of samples that shares it, and batch means around one fixed point miss it
-(`benchmarks/RESULTS.md`).
+is the mean of `_GROUPS` independent estimates, each with its own samples (a randomly shifted Sobol net,
+`_normals`) and its own fixed point, and its standard error their spread over sqrt(_GROUPS): the fixed
+point's sampling error is common to every group of samples that shares it, and batch means around one
+fixed point miss it (`benchmarks/RESULTS.md`).
 For relu, `phi''` is a delta that pathwise derivatives miss; the sites use relu smoothed by a narrow
 Gaussian instead (`_smoothed_relu`), one function whose values and derivatives agree (Price's second
 derivatives of `phi'(h_t) phi'(h_s)` at nearby times are large and cancel only then), at two widths,
@@ -41,7 +41,8 @@ import jax.random as jr
 import numpy as np
 
 from . import _propagator as lp
-from .solvers._sampling import factor
+from .solvers._sampling import factor, normals, sobol_axes
+from .solvers.lazy import lazy_kernels
 
 __all__ = ["sampled_bytes", "sampled_coefficients"]
 
@@ -291,12 +292,32 @@ def _chunk_sums(problem, kink_width, l, blocks, s):
     return d, m1, m2
 
 
+def _axes(problem):
+    """Per layer, the Sobol axes `(V_chi, V_xi)` `(n, n)` of its sources (`solvers._sampling.sobol_axes`):
+    time cosine modes times the eigenvectors of the lazy kernel of the points, in decreasing expected
+    variance. chi of layer 1 has Kx's, xi of layer L (the read-out, the same at every time and point)
+    the all-ones kernel's."""
+    L, T, Kx = problem.depth, problem.n_steps + 1, problem.data.Kx
+    Phi0, G0 = lazy_kernels(problem)[:2]
+    chi = lambda l: sobol_axes(problem.net.preactivation_kernel(Kx if l == 0 else Phi0[l - 1]), T)
+    xi = lambda l: sobol_axes(jnp.ones_like(Kx) if l == L - 1 else G0[l + 1], T)
+    return [(chi(l), xi(l)) for l in range(L)]
+
+
 def _normals(problem, key, S):
-    """Standard normals `(L, S, 2n)`, layer by layer, drawn in float32 and cast: the same sources in
-    either precision."""
-    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
-    e = jax.vmap(lambda l: jr.normal(jr.fold_in(key, l), (S, 2 * n), jnp.float32))(jnp.arange(problem.depth))
-    return e.astype(problem.data.Kx.dtype)
+    """Standard normals `(L, S, 2n)`, layer by layer: randomised quasi-Monte Carlo. Each of the
+    `_GROUPS` groups of S / _GROUPS samples (a power of 2) is a Sobol net with its own random digital
+    shift, so the groups stay independent estimates, and its coordinates are rotated onto the layer's
+    `_axes`, the net's best coordinates where the sources vary most. The points are drawn in float32
+    and cast: the same sources in either precision."""
+    n, m, dtype = (problem.n_steps + 1) * problem.data.Kx.shape[0], S // _GROUPS, problem.data.Kx.dtype
+
+    def group(key, V_chi, V_xi):
+        e_chi, e_xi = normals("sobol", key, 0, m, m, n, n, (None, None), jnp.float32)
+        return jnp.concatenate([e_chi.astype(dtype) @ V_chi.T, e_xi.astype(dtype) @ V_xi.T], axis=1)
+
+    layer = lambda l, V: jax.vmap(lambda g: group(jr.fold_in(jr.fold_in(key, l), g), *V))(jnp.arange(_GROUPS))
+    return jnp.stack([layer(l, V).reshape(S, 2 * n) for l, V in enumerate(_axes(problem))])
 
 
 def _averages(problem, kink_width, q, e):
@@ -431,10 +452,11 @@ def sampled_coefficients(problem, f, key, n_samples, budget, kink_width=0.0):
     standard error; `budget` bytes of memory. `kink_width > 0` (relu): relu smoothed at that width and
     at twice it, with the same samples, extrapolated to width 0 (`2 c(w) - c(2 w)`, estimate by
     estimate): the smoothing's bias is linear in the width."""
-    if n_samples % _GROUPS:
+    m = n_samples // _GROUPS
+    if n_samples % _GROUPS or m & (m - 1):
         raise ValueError(
-            f"n_samples ({n_samples}) must be a multiple of {_GROUPS} for deep nonlinear networks (the "
-            f"standard errors come from {_GROUPS} groups of samples)"
+            f"n_samples ({n_samples}) must be {_GROUPS} times a power of 2 for deep nonlinear networks (the "
+            f"standard errors come from {_GROUPS} groups of samples, each a Sobol net)"
         )
     chunk = sampled_chunk(problem, n_samples, budget)
     if kink_width > 0:  # one compilation for both widths: the width is traced

@@ -484,8 +484,8 @@ def fluctuations(
     `dmft.Lazy(discrete=True)` solution), at any depth for smooth activations and relu with scalar targets; deep
     networks with feature learning and a smooth activation or relu (scalar targets, `sigma_w = 1`, `sigma_b =
     0`): linear ones exactly (pass the `dmft.LinearClosure()` solution; standard errors 0; `key`,
-    `n_samples` and `chunk_size` unused), others from `n_samples` sampled single sites per layer (a
-    multiple of 8; dense, cost ~ `n_samples (T Pa)^5`: small grids only; `chunk_size` unused, the
+    `n_samples` and `chunk_size` unused), others from `n_samples` sampled single sites per layer (8
+    times a power of 2, quasi-random; dense, cost ~ `n_samples (T Pa)^5`: small grids only; `chunk_size` unused, the
     samples differentiated at once follow from `memory`). Theory section 13; no mean shift at depth >= 2.
     Matrices are multiplied at `jax.default_matmul_precision("highest")`, as in `dmft.solve`.
 
