@@ -309,7 +309,7 @@ def _normals(problem, key, S):
     `_GROUPS` groups of S / _GROUPS samples (a power of 2) is a Sobol net with its own random digital
     shift, so the groups stay independent estimates, and its coordinates are rotated onto the layer's
     `_axes`, the net's best coordinates where the sources vary most. The points are drawn in float32
-    and cast: the same sources in either precision."""
+    and cast: the same sources in either precision, up to the rounding of the axes."""
     n, m, dtype = (problem.n_steps + 1) * problem.data.Kx.shape[0], S // _GROUPS, problem.data.Kx.dtype
 
     def group(key, V_chi, V_xi):
