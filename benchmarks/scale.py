@@ -49,7 +49,7 @@ from monte_carlo import _replica_stage  # noqa: E402  (benchmarks/monte_carlo.py
 
 import dmft  # noqa: E402
 from dmft._keys import as_key  # noqa: E402
-from dmft.solve import _solve  # noqa: E402
+from dmft.solve import _lower  # noqa: E402
 
 
 def problem(n_steps, depth=2, act="tanh", P=10):
@@ -161,7 +161,7 @@ def _compile_once():
     p = problem(100, depth=3)
     solver = dmft.MonteCarlo(n_samples=4096).sized(p)
     start = time.perf_counter()
-    lowered = _solve.lower(p, solver, as_key(0), False, False, False)
+    lowered = _lower(p, solver, as_key(0))
     traced = time.perf_counter() - start
     lowered.compile()
     return traced, time.perf_counter() - start - traced

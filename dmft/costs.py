@@ -92,9 +92,7 @@ def xla_bytes(problem: Problem, solver, key=0) -> int:
     """Peak bytes of the compiled `dmft.solve(problem, solver)` on one device by XLA's own buffer
     assignment (arguments, outputs and temporaries): what `estimate` models. Compiles, runs nothing."""
     from ._keys import as_key
-    from .solve import _solve
+    from .solve import _lower
 
-    # As `dmft.solve` compiles it when nothing is traced: its checks on the host.
-    lowered = _solve.lower(problem, solver.sized(problem), as_key(key), False, False, False)
-    m = lowered.compile().compiled.memory_analysis()
+    m = _lower(problem, solver.sized(problem), as_key(key)).compile().compiled.memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

@@ -229,6 +229,12 @@ def _solve(problem, solver, key, throw, progress, traced=True):
     return sol
 
 
+def _lower(problem, solver, key):
+    """`_solve` lowered as `solve` compiles it when nothing is traced (its checks on the host), for XLA's
+    analyses of the compiled solve (`costs.xla_bytes`, the compile benchmark)."""
+    return _solve.lower(problem, solver, key, False, False, False)
+
+
 def solve(
     problem: Problem, solver: AbstractSolver, *, key=None, throw: bool = True, progress: bool = False
 ) -> Solution:
