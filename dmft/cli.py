@@ -273,8 +273,9 @@ def _comparison_report(comp, runtime):
 def _fluctuation_report(comp):
     """Per width, the predicted (`dmft.fluctuations`) and measured seed-to-seed standard deviations of
     the final loss, the seeds the networks' mean needs for its standard error (max over time) to be
-    0.1% of the initial loss and, for smooth activations, the predicted and measured 1/N mean shift of
-    the final loss and the seeds that resolve it; empty without fluctuations."""
+    0.1% of the initial loss and, where the fluctuations have one (`Fluctuations.loss_bias`), the
+    predicted and measured 1/N mean shift of the final loss and the seeds that resolve it; empty without
+    fluctuations."""
     fl = comp.fluctuations
     if fl is None:
         return {}

@@ -25,7 +25,8 @@ the Monte Carlo standard error of each coefficient comes from the higher moments
 Deeper networks in the lazy limit (`_lazy_coefficients`): each layer's N neurons add their sampling
 noise to the kernel recursion of the static NTK (section 13). Deep networks with feature learning:
 the propagator of the DMFT action (section 13), exact by Krylov solves for linear activations
-(`_propagator`), with its ingredients sampled for other smooth ones and relu (`_sampled_propagator`).
+(`_propagator`, and the mean shift from the action's one-loop term on small grids, `_one_loop`), with its
+ingredients sampled for other smooth ones and relu (`_sampled_propagator`).
 
 J is built by forward-mode differentiation along each neuron's path. For an activation whose
 derivative jumps (relu: `activation.smooth` is False) a small change of Delta flips `phi'(h)` of the
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._keys import as_key
+from ._one_loop import ONE_LOOP_MAX, bias_coefficients, one_loop_bytes, one_loop_size
 from ._propagator import linear_bytes, linear_coefficients
 from ._sampled_propagator import sampled_bytes, sampled_coefficients
 from .activations import Linear, ReLU
@@ -74,8 +76,10 @@ class Fluctuations(eqx.Module):
       diagonal is the loss variance); `loss_test_cov` likewise, or None without test targets.
     - `ntk_var (n+1, P[, C], P[, C])`: variance coefficients of the train NTK entries.
     - `f_bias (n+1, P[, C])`, `f_test_bias`, `loss_bias (n+1,)`, `loss_test_bias`: the mean shift
-      `E[x_N] - x_DMFT ~= x_bias / N` (second order in the sampling noise), for smooth activations
-      (`activation.smooth`; None for relu, whose kinks pathwise second derivatives miss), or None.
+      `E[x_N] - x_DMFT ~= x_bias / N` (second order in the sampling noise): at depth 1 for smooth
+      activations (`activation.smooth`; not relu, whose kinks pathwise second derivatives miss), at depth
+      >= 2 for linear networks with feature learning on small grids (T Pa <= 26 at depth 2, 20 at depth
+      3, and within the memory budget); None otherwise.
     - `stderr`: Monte Carlo standard errors of each of the above, keyed by field name.
     - `n_samples`: neurons sampled.
     """
@@ -486,7 +490,8 @@ def fluctuations(
     0`): linear ones exactly (pass the `dmft.LinearClosure()` solution; standard errors 0; `key`,
     `n_samples` and `chunk_size` unused), others from `n_samples` sampled single sites per layer (8
     times a power of 2, quasi-random; dense, cost ~ `n_samples (T Pa)^5`: small grids only; `chunk_size` unused, the
-    samples differentiated at once follow from `memory`). Theory section 13; no mean shift at depth >= 2.
+    samples differentiated at once follow from `memory`). Theory section 13. The mean shift at depth >= 2:
+    linear networks on small grids (`Fluctuations`), from the one-loop term of the action (dense).
     Matrices are multiplied at `jax.default_matmul_precision("highest")`, as in `dmft.solve`.
 
     `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
@@ -551,6 +556,9 @@ def fluctuations(
                 coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget_bytes(memory), kink)
             else:
                 coef, se, F = linear_coefficients(problem, f)
+                if one_loop_size(problem) <= ONE_LOOP_MAX and one_loop_bytes(problem) <= budget_bytes(memory):
+                    bias = bias_coefficients(problem, f.astype(problem.data.Kx.dtype))
+                    coef, se = coef | bias, se | {name: jnp.zeros_like(x) for name, x in bias.items()}
         else:
             args = (problem, sol.f, as_key(key), n_samples, chunk_size)
             if problem.depth == 1:
