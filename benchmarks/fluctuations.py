@@ -10,7 +10,9 @@ cost grows like (T P)^2 S, the solve's like T P^2 S per iteration.
 
 Then the deep linear propagator (depth 2 and 3, gamma0 = 1, `sphere(3, 8)`, t_max = 1.5) against the
 `LinearClosure` solve: m = (4 L - 2) (T Pa)^2 + T Pa order parameters, one Krylov solve per prediction
-and NTK entry (T Pa + T P (P + 1) / 2 of them), each product O(L (T Pa)^3).
+and NTK entry (T Pa + T P (P + 1) / 2 of them), each product O(L (T Pa)^3); on grids with 2m <= 8192 the
+fluctuations include the one-loop mean shift (dense in 2m, its derivatives O((T Pa)^5)), whose compiled
+time is printed alone.
 
 Then the sampled propagator of deep tanh and relu networks (`sphere(3, 8)`, gamma0 = 1, t_max = 0.6 per
 step, its default 16384 samples) against the `MonteCarlo(n_samples=16384)` solve: dense m x m algebra and
@@ -28,6 +30,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import dmft  # noqa: E402
+from dmft import _one_loop  # noqa: E402
 
 
 def problem(n_steps, activation):
@@ -56,17 +59,22 @@ def main():
 
 
 def deep_linear():
-    print("depth   T Pa      m   closure first / compiled (s)   propagator first / compiled (s)")
+    head = "depth   T Pa      m   closure first / compiled (s)   fluctuations first / compiled (s)   one loop (s)"
+    print(head)
     for depth, n_steps in ((2, 3), (2, 5), (2, 7), (2, 11), (2, 15), (3, 3), (3, 5), (3, 7)):
         data = dmft.datasets.sphere(3, 8, 0)
         p = dmft.Problem(data, dmft.MLP(depth, "linear"), gamma0=1.0, t_max=1.5, n_steps=n_steps)
         s1, sol = wall(dmft.solve, p, dmft.LinearClosure())
         s2, _ = wall(dmft.solve, p, dmft.LinearClosure())
-        f1, _ = wall(dmft.fluctuations, p, sol, key=0)
+        f1, fl = wall(dmft.fluctuations, p, sol, key=0)
         f2, _ = wall(dmft.fluctuations, p, sol, key=0)
+        # the compiled mean shift alone, where `fluctuations` computes it (`_one_loop.ONE_LOOP_MAX`), at
+        # the matmul precision `fluctuations` sets (a part of the compiled function's cache key)
+        with jax.default_matmul_precision("highest"):
+            one_loop = "-" if fl.f_bias is None else f"{wall(_one_loop.mean_shift, p, sol.f)[0]:.2f}"
         n = (n_steps + 1) * p.P
         m = (4 * depth - 2) * n * n + n
-        print(f"{depth:5d} {n:6d} {m:6d}   {s1:12.2f} / {s2:6.3f}{'':13s}{f1:10.1f} / {f2:6.2f}")
+        print(f"{depth:5d} {n:6d} {m:6d}   {s1:12.2f} / {s2:6.3f}{'':13s}{f1:10.1f} / {f2:6.2f}{'':14s}{one_loop:>6s}")
 
 
 def deep_sampled(activation):
