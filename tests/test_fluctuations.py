@@ -550,14 +550,16 @@ def test_deep_linear_matches_seed_ensembles(depth, t_max, n_steps):
 
 
 @pytest.mark.slow
-def test_deep_linear_mean_shift_matches_seed_ensembles():
-    """The O(1/N) mean shift of deep linear networks (`_one_loop`) against seed means: depth 2, gamma0 = 1,
-    P = 3 and a test point, 6 times (t_max = 1.5, c lambda_max(K) ~ 1). `N (mean_N - DMFT)` (the closure
-    is the exact limit of gradient descent on the grid) from 16384 seeds at N = 128 and 256, extrapolated
-    linearly in 1/N, for the train and test predictions and the loss at t > 0, within 3.5 combined
-    standard errors (25 numbers: a false failure ~1%)."""
+@pytest.mark.parametrize("depth, t_max, n_steps", [(2, 1.5, 5), (3, 0.9, 3)])
+def test_deep_linear_mean_shift_matches_seed_ensembles(depth, t_max, n_steps):
+    """The O(1/N) mean shift of deep linear networks (`_one_loop`) against seed means: gamma0 = 1, P = 3
+    and a test point, steps of 0.3 (c lambda_max(K) ~ 1). `N (mean_N - DMFT)` (the closure is the exact
+    limit of gradient descent on the grid) from 16384 seeds at N = 128 and 256, extrapolated linearly in
+    1/N, for the train and test predictions and the loss at t > 0, within 3.5 combined standard errors
+    (25 and 15 numbers: a false failure ~1%). (At depth 3 the seed means at N = 128 alone are up to 7
+    standard errors off: the O(1/N^2) terms, which the extrapolation removes.)"""
     data = dmft.datasets.sphere(P=3, D=8, key=0, P_test=1)
-    problem = dmft.Problem(data, dmft.MLP(2, "linear"), gamma0=1.0, t_max=1.5, n_steps=5)
+    problem = dmft.Problem(data, dmft.MLP(depth, "linear"), gamma0=1.0, t_max=t_max, n_steps=n_steps)
     sol = dmft.solve(problem, dmft.LinearClosure())
     fl = dmft.fluctuations(problem, sol, key=0)
     theory = np.concatenate([fl.f_bias[1:].ravel(), fl.f_test_bias[1:].ravel(), fl.loss_bias[1:]])
