@@ -27,7 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._propagator import _centred_transpose, _fixed_point, _inputs, _layout, _produced, _site, _unpack, pairing
+from ._propagator import (
+    _centred_transpose,
+    _fixed_point,
+    _inputs,
+    _layout,
+    _produced,
+    _site,
+    _unpack,
+    losses,
+    order_parameters,
+    pairing,
+)
 
 __all__ = ["ONE_LOOP_MAX", "bias_coefficients", "mean_shift", "one_loop_bytes", "one_loop_size"]
 
@@ -37,8 +48,7 @@ _CHUNK = 64  # columns of the Hessian, or of its inverse contracted with the thi
 
 def one_loop_size(problem) -> int:
     """2m, the side of the dense matrices of `mean_shift`."""
-    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
-    return 2 * ((4 * problem.depth - 2) * n * n + n)
+    return 2 * order_parameters(problem)
 
 
 def one_loop_bytes(problem) -> int:
@@ -146,17 +156,13 @@ def bias_coefficients(problem, f):
     `f_bias (T, Pa, 1)` and the losses' `loss_bias`, `loss_test_bias (T,)` (without test targets, no
     `loss_test_bias`), each `N E[x_N - x]`. A loss adds to its first-order shift its curvature on the
     predictions' covariance at each time, `(1/2) tr(d^2 l / df^2 N Cov(f))`."""
-    data, P, loss = problem.data, problem.P, problem.loss
-    T, Pa = problem.n_steps + 1, data.Kx.shape[0]
+    T, Pa = problem.n_steps + 1, problem.data.Kx.shape[0]
     shift, cov = mean_shift(problem, f)
     shift = shift.reshape(T, Pa)
     cov = jnp.diagonal(cov.reshape(T, Pa, T, Pa), axis1=0, axis2=2).transpose(2, 0, 1)  # (T, Pa, Pa) equal times
     coef = {"f_bias": shift[..., None]}
-    for name, Y, points in (("loss_bias", data.Y, slice(None, P)), ("loss_test_bias", data.Y_test, slice(P, None))):
-        if Y is None:
-            continue
-        value = lambda f, Y=Y: loss.value(f[:, None], Y)
+    for name, value, points in losses(problem):
         F, b, C = f[:, points], shift[:, points], cov[:, points, points]
         curvature = jax.vmap(lambda f, C, value=value: jnp.vdot(jax.hessian(value)(f), C))(F, C)
-        coef[name] = jnp.einsum("tp,tp->t", jax.vmap(jax.grad(value))(F), b) + 0.5 * curvature
+        coef[f"{name}_bias"] = jnp.einsum("tp,tp->t", jax.vmap(jax.grad(value))(F), b) + 0.5 * curvature
     return coef

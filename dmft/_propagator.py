@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["linear_bytes", "linear_coefficients", "outputs", "lazy_start", "pairing"]
+__all__ = ["linear_bytes", "linear_coefficients", "losses", "order_parameters", "outputs", "lazy_start", "pairing"]
 
 _RESTART = 40  # GMRES's Krylov basis per restart
 _CHUNK = 16  # directions solved at once (vmapped)
@@ -46,13 +46,19 @@ def _tolerance(dtype):
     return 1e-10 if dtype == jnp.float64 else 1e-5
 
 
+def order_parameters(problem) -> int:
+    """m = (4 L - 2) n^2 + n: every Phi^l and G^l, alpha^l (l < L) and beta^l (l > 1) over the n = T Pa
+    (time, point) pairs, and the predictions f."""
+    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    return (4 * problem.depth - 2) * n * n + n
+
+
 def linear_bytes(problem) -> int:
     """The memory of `linear_coefficients`: its k directions (every prediction and NTK entry mu <= nu) and
     their solutions, and the Krylov solves of `_CHUNK` directions at once, each a basis of `_RESTART`
-    vectors of the 2m unknowns plus a few more, m = (4 L - 2) n^2 + n."""
+    vectors of the 2m unknowns plus a few more (`order_parameters`)."""
     T, P = problem.n_steps + 1, problem.P
-    n = T * problem.data.Kx.shape[0]
-    m = (4 * problem.depth - 2) * n * n + n
+    n, m = T * problem.data.Kx.shape[0], order_parameters(problem)
     k = n + T * P * (P + 1) // 2
     return (2 * k + _CHUNK * (_RESTART + 6) * 2) * m * problem.data.Kx.dtype.itemsize
 
@@ -332,20 +338,27 @@ def _ntk_directions(problem, q):
     return jax.vmap(lambda e: ntk_vjp(e)[0])(jnp.eye(k, dtype=q.dtype)), upper
 
 
+def losses(problem):
+    """`(name, value, points)` of each loss with targets: "loss" over the train points, "loss_test" over
+    the test points; `value(f (points,))` is the loss of the predictions at one time."""
+    data, P, loss = problem.data, problem.P, problem.loss
+    out = []
+    for name, Y, points in (("loss", data.Y, slice(None, P)), ("loss_test", data.Y_test, slice(P, None))):
+        if Y is not None:
+            out.append((name, lambda f, Y=Y: loss.value(f[:, None], Y), points))
+    return out
+
+
 def _outputs(problem, q, C_f, ntk_var, upper):
     """`(coef, F)` of `fluctuations`: the variance coefficients of the predictions, the losses' covariances
     over time and the NTK entries' variances from `C_f = N Cov(f) (n, n)` and `ntk_var` (`_ntk_directions`
     order), with the predictions `F (T, P, 1)` of the fixed point q."""
-    data, P, loss = problem.data, problem.P, problem.loss
-    T, Pa = problem.n_steps + 1, data.Kx.shape[0]
+    P, T, Pa = problem.P, problem.n_steps + 1, problem.data.Kx.shape[0]
     m, n = q.shape[0], T * Pa
     F = q[m - n :].reshape(T, Pa)
     coef = {"f": jnp.diagonal(C_f).reshape(T, Pa, 1)}
-    grads = {"loss": (data.Y, slice(None, P)), "loss_test": (data.Y_test, slice(P, None))}
-    for name, (Y, points) in grads.items():
-        if Y is None:
-            continue
-        g = jax.vmap(jax.grad(lambda f, Y=Y: loss.value(f[:, None], Y)))(F[:, points])  # (T, points)
+    for name, value, points in losses(problem):
+        g = jax.vmap(jax.grad(value))(F[:, points])  # (T, points)
         g = jnp.zeros((T, Pa), q.dtype).at[:, points].set(g)
         G = jnp.einsum("ts,tp->tsp", jnp.eye(T, dtype=q.dtype), g).reshape(T, n)  # d loss(t) / d f
         coef[name] = G @ C_f @ G.T

@@ -414,9 +414,7 @@ def _per_sample_bytes(problem):
 
 def _dense_bytes(problem):
     """The dense m x m matrices (D, kappa, the solves and their group copies, a few at a time)."""
-    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
-    m = (4 * problem.depth - 2) * n * n + n
-    return 8 * m * m * problem.data.Kx.dtype.itemsize
+    return 8 * lp.order_parameters(problem) ** 2 * problem.data.Kx.dtype.itemsize
 
 
 def sampled_chunk(problem, n_samples, budget) -> int:
