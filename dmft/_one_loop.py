@@ -35,9 +35,9 @@ from ._propagator import (
     _produced,
     _site,
     _unpack,
-    losses,
     order_parameters,
     pairing,
+    shift_coefficients,
 )
 
 __all__ = ["ONE_LOOP_MAX", "bias_coefficients", "mean_shift", "one_loop_bytes", "one_loop_size"]
@@ -152,17 +152,9 @@ def mean_shift(problem, f):
 
 
 def bias_coefficients(problem, f):
-    """The mean-shift coefficients of `fluctuations` around the closure's predictions `f (T, Pa)`:
-    `f_bias (T, Pa, 1)` and the losses' `loss_bias`, `loss_test_bias (T,)` (without test targets, no
-    `loss_test_bias`), each `N E[x_N - x]`. A loss adds to its first-order shift its curvature on the
-    predictions' covariance at each time, `(1/2) tr(d^2 l / df^2 N Cov(f))`."""
+    """The mean-shift coefficients of `fluctuations` around the closure's predictions `f (T, Pa)`
+    (`shift_coefficients`)."""
     T, Pa = problem.n_steps + 1, problem.data.Kx.shape[0]
     shift, cov = mean_shift(problem, f)
-    shift = shift.reshape(T, Pa)
     cov = jnp.diagonal(cov.reshape(T, Pa, T, Pa), axis1=0, axis2=2).transpose(2, 0, 1)  # (T, Pa, Pa) equal times
-    coef = {"f_bias": shift[..., None]}
-    for name, value, points in losses(problem):
-        F, b, C = f[:, points], shift[:, points], cov[:, points, points]
-        curvature = jax.vmap(lambda f, C, value=value: jnp.vdot(jax.hessian(value)(f), C))(F, C)
-        coef[f"{name}_bias"] = jnp.einsum("tp,tp->t", jax.vmap(jax.grad(value))(F), b) + 0.5 * curvature
-    return coef
+    return shift_coefficients(problem, f, shift.reshape(T, Pa), cov)

@@ -35,7 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["linear_bytes", "linear_coefficients", "losses", "order_parameters", "outputs", "lazy_start", "pairing"]
+__all__ = [
+    "linear_bytes",
+    "linear_coefficients",
+    "losses",
+    "order_parameters",
+    "outputs",
+    "lazy_start",
+    "pairing",
+    "shift_coefficients",
+]
 
 _RESTART = 40  # GMRES's Krylov basis per restart
 _CHUNK = 16  # directions solved at once (vmapped)
@@ -347,6 +356,19 @@ def losses(problem):
         if Y is not None:
             out.append((name, lambda f, Y=Y: loss.value(f[:, None], Y), points))
     return out
+
+
+def shift_coefficients(problem, f, shift, cov):
+    """The mean-shift coefficients of `fluctuations` from the predictions `f (T, Pa)`, their shift
+    `N E[f_N - f] (T, Pa)` and their equal-time covariance `N Cov(f(t)) (T, Pa, Pa)`: `f_bias (T, Pa, 1)`
+    and each loss's `<name>_bias (T,)` (`losses`), its first-order shift plus its curvature on the
+    covariance, `(1/2) tr(d^2 l / df^2 N Cov(f))`."""
+    coef = {"f_bias": shift[..., None]}
+    for name, value, points in losses(problem):
+        F, b, C = f[:, points], shift[:, points], cov[:, points, points]
+        curvature = jax.vmap(lambda f, C, value=value: jnp.vdot(jax.hessian(value)(f), C))(F, C)
+        coef[f"{name}_bias"] = jnp.einsum("tp,tp->t", jax.vmap(jax.grad(value))(F), b) + 0.5 * curvature
+    return coef
 
 
 def _outputs(problem, q, C_f, ntk_var, upper):
