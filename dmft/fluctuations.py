@@ -22,9 +22,9 @@ so each neuron contributes the influence `iota_i = (I - J H)^{-1}`-propagated `p
 from the second-order terms (section 13). Everything is estimated from `n_samples` independent neurons;
 the Monte Carlo standard error of each coefficient comes from the higher moments of the influences.
 
-Deeper networks in the lazy limit (`_lazy_coefficients`): each layer's N neurons add their sampling
-noise to the kernel recursion of the static NTK (section 13). Deep networks with feature learning:
-the propagator of the DMFT action (section 13), exact by Krylov solves for linear activations
+Deeper networks in the lazy limit (`_lazy`): each layer's N neurons add their sampling noise to the
+kernel recursion of the static NTK, and to second order the mean shift (section 13). Deep networks with
+feature learning: the propagator of the DMFT action (section 13), exact by Krylov solves for linear activations
 (`_propagator`, and the mean shift from the action's one-loop term on small grids, `_one_loop`), with its
 ingredients sampled for other smooth ones and relu (`_sampled_propagator`).
 
@@ -37,7 +37,6 @@ computed.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import equinox as eqx
@@ -46,16 +45,15 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._keys import as_key
+from ._lazy import lazy_bias, lazy_coefficients, moments, normal
 from ._one_loop import ONE_LOOP_MAX, bias_coefficients, one_loop_bytes, one_loop_size
 from ._propagator import linear_bytes, linear_coefficients
 from ._sampled_propagator import sampled_bytes, sampled_coefficients
 from .activations import Linear, ReLU
 from .costs import budget_bytes
-from .dynamics import euler_predictions
 from .problem import Problem
 from .solution import RESULTS, Solution
 from .solvers._sampling import factor
-from .solvers.lazy import lazy_kernels
 
 __all__ = ["Fluctuations", "fluctuations"]
 
@@ -78,8 +76,10 @@ class Fluctuations(eqx.Module):
     - `f_bias (n+1, P[, C])`, `f_test_bias`, `loss_bias (n+1,)`, `loss_test_bias`: the mean shift
       `E[x_N] - x_DMFT ~= x_bias / N` (second order in the sampling noise): at depth 1 for smooth
       activations (`activation.smooth`; not relu, whose kinks pathwise second derivatives miss), at depth
-      >= 2 for linear networks with feature learning on small grids (T Pa <= 26 at depth 2, 20 at depth
-      3, and within the memory budget); None otherwise.
+      >= 2 in the lazy limit for smooth activations and with feature learning for linear networks on
+      small grids (T Pa <= 26 at depth 2, 20 at depth 3, and within the memory budget); None otherwise.
+    - `ntk_bias (n+1, P, P)`: the mean shift of the train NTK entries, at depth >= 2 in the lazy limit for
+      smooth activations (static); None otherwise.
     - `stderr`: Monte Carlo standard errors of each of the above, keyed by field name.
     - `n_samples`: neurons sampled.
     """
@@ -96,6 +96,7 @@ class Fluctuations(eqx.Module):
     f_test_bias: jax.Array | None = None
     loss_bias: jax.Array | None = None
     loss_test_bias: jax.Array | None = None
+    ntk_bias: jax.Array | None = None
 
     def sd(self, name: str, width: int) -> jax.Array:
         """Standard deviation across seeds at `width` of `name` ("f", "f_test", "loss", "loss_test" or
@@ -156,11 +157,6 @@ def _sampled(problem) -> bool:
     """Whether `fluctuations` uses the sampled propagator (`_sampled_propagator`): depth >= 2, feature
     learning, a nonlinear activation."""
     return problem.depth > 1 and float(problem.gamma0) > 0 and not isinstance(problem.activation, Linear)
-
-
-def _normal(key, shape, dtype):
-    """Standard normals drawn in float32 and cast: the same neurons in either precision."""
-    return jr.normal(key, shape, jnp.float32).astype(dtype)
 
 
 @jax.custom_jvp
@@ -250,8 +246,8 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
 
     k_u, k_r = jr.split(key)
     M_u = factor(problem.net.preactivation_kernel(data.Kx))[0]
-    u = (_normal(k_u, (n_samples, Pa), dtype) @ M_u.T).reshape(-1, chunk_size, Pa)
-    r = (problem.net.sigma_w * _normal(k_r, (n_samples, C), dtype)).reshape(-1, chunk_size, C)
+    u = (normal(k_u, (n_samples, Pa), dtype) @ M_u.T).reshape(-1, chunk_size, Pa)
+    r = (problem.net.sigma_w * normal(k_r, (n_samples, C), dtype)).reshape(-1, chunk_size, C)
     G = _GROUPS  # neuron j's Jacobians are summed in group j mod G, for the jackknife of their error
     by_group = lambda x: x.reshape(x.shape[0], -1, G, *x.shape[2:])  # (., S, ...) -> (., S / G, G, ...)
 
@@ -357,7 +353,7 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
             out = {"f": i_f, "ntk": i_K, "loss": jnp.einsum("tpc,stpc->st", dloss, i_f[:, :, :P])}
             if data.y_test is not None:
                 out["loss_test"] = jnp.einsum("tpc,stpc->st", dloss_test, i_f[:, :, P:])
-            return _moments(out) | (bias_terms(ur, i_f, dDelta, J_f, propagate) if smooth else {})
+            return moments(out) | (bias_terms(ur, i_f, dDelta, J_f, propagate) if smooth else {})
 
         return jax.vmap(variant)(J_f_all, J_K_all, propagate_all)
 
@@ -372,104 +368,6 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     jack = {name: (G - 1) / G * jnp.sum((x[1:] - x[1:].mean(0)) ** 2, 0) for name, x in coef.items()}
     se = {name: jnp.sqrt(jnp.maximum(hi[0] - lo[0] ** 2, 0.0) / n_samples + jack[name]) for name, (lo, hi) in m.items()}
     return {name: x[0] for name, x in coef.items()}, se, F[:, :P]
-
-
-def _price(A, B, dS):
-    """`d E[a(u_c) b(u_d)]` along a change `dS` of the covariance of u (Price's theorem):
-    `A_cd dS_cc / 2 + B_cd dS_cd + A_dc dS_dd / 2` with `A = E[a'' b]`, `B = E[a' b']`."""
-    d = jnp.diagonal(dS)
-    return 0.5 * A * d[:, None] + B * dS + 0.5 * A.T * d[None, :]
-
-
-def _relu_price(S, dS):
-    """relu's `(d E[phi(u) phi(u)^T], d E[phi'(u) phi'(u)^T])` along a change `dS` of the covariance S
-    of u, in closed form (`_price` with phi'' a delta: `E[delta(u_c) relu(u_d)] = sqrt(S_cc S_dd -
-    S_cd^2) / (2 pi S_cc)`; the derivative of the arc-cosine kernel `(pi - theta) / (2 pi)`). The
-    second is 0 on the diagonal (`E[phi'(u_c)^2] = 1/2`) and infinite off it where two inputs are
-    parallel (theta = 0 or pi), where it is set to 0."""
-    c = jnp.diagonal(S)
-    norm = jnp.sqrt(c[:, None] * c[None, :])
-    cos = jnp.clip(S / norm, -1.0, 1.0)
-    sin = jnp.sqrt(1.0 - cos**2)
-    dPhi = _price(norm * sin / (2 * jnp.pi * c[:, None]), (jnp.pi - jnp.arccos(cos)) / (2 * jnp.pi), dS)
-    d = jnp.diagonal(dS) / c
-    dcos = dS / norm - 0.5 * cos * (d[:, None] + d[None, :])
-    parallel = sin <= jnp.finfo(S.dtype).eps ** 0.5
-    return dPhi, jnp.where(parallel, 0.0, dcos / (2 * jnp.pi * jnp.where(parallel, 1.0, sin)))
-
-
-@eqx.filter_jit
-def _lazy_coefficients(problem, f, key, n_samples, chunk_size):
-    """`_coefficients` in the lazy limit at any depth (section 13, "Deeper networks in the lazy limit"):
-    the NTK is static at its initial value, whose fluctuations are the sampling noise of each layer's N
-    neurons propagated through the kernel recursion; no mean shift."""
-    net, act, L, data, P, loss = problem.net, problem.activation, problem.depth, problem.data, problem.P, problem.loss
-    T, Pa, dtype = problem.n_steps + 1, data.Kx.shape[0], data.Kx.dtype
-    pre, sw2 = net.preactivation_kernel, net.sw2
-    Phi, G, K = lazy_kernels(problem)
-    Phis, Gs = [data.Kx, *Phi], [*G, jnp.ones_like(data.Kx)]  # Phi^0..Phi^L, G^1..G^{L+1}
-    d1 = act.dfn
-    d2 = jnp.vectorize(jax.grad(d1))
-    d3 = jnp.vectorize(jax.grad(d2))
-    mean = lambda a, b: a.T @ b / n_samples
-    layers = []
-    for l, k in enumerate(jr.split(key, L)):
-        k_u, k_z = jr.split(k)
-        u = _normal(k_u, (n_samples, Pa), dtype) @ factor(pre(Phis[l]))[0].T
-        z = _normal(k_z, (n_samples, Pa), dtype) @ factor(sw2 * Gs[l + 1])[0].T  # GIA: z independent of u at t = 0
-        phi, dphi = act.fn(u), d1(u)
-        if act.smooth:  # Price's theorem with the sampled moments of phi's derivatives
-            ddphi = d2(u)
-            D = (mean(ddphi, phi), mean(dphi, dphi)), (mean(d3(u), dphi), mean(ddphi, ddphi))
-            price = lambda dS, D=D: (_price(*D[0], dS), _price(*D[1], dS))
-        else:
-            price = functools.partial(_relu_price, pre(Phis[l]))
-        g = dphi * z
-        layers.append((phi, g, price, (mean(phi, phi), mean(g, g))))  # last: the layer's sample kernels
-    Gdot = [act.kernels(pre(Phis[l]))[1] for l in range(L)]
-
-    def dK(noise):
-        """The NTK's change `(Pa, Pa)` for sampling noise `[(xi_Phi^l, xi_G^l)]` added to each layer."""
-        dPhi, dGdot = [jnp.zeros_like(K)], []
-        for l in range(L):  # both kernel maps of layer l move with the layer below
-            d_phi, d_gdot = layers[l][2](sw2 * dPhi[l])
-            dPhi.append(d_phi + noise[l][0])
-            dGdot.append(d_gdot)
-        dG = [jnp.zeros_like(K)]  # G^{L+1} = 1 is exact
-        for l in reversed(range(L)):
-            dG.insert(0, sw2 * (dG[0] * Gdot[l] + Gs[l + 1] * dGdot[l]) + noise[l][1])
-        return sum(dG[l] * pre(Phis[l]) + Gs[l] * sw2 * dPhi[l] for l in range(L + 1))
-
-    F, f_lin = jax.linearize(lambda K_: euler_predictions(problem, jnp.broadcast_to(K_, (T, Pa, Pa))), K)
-    grads = {"loss": (data.Y, F[:, :P]), "loss_test": (data.Y_test, F[:, P:])}
-    grads = {k: jax.vmap(jax.grad(lambda f, Y=Y: loss.value(f, Y)))(f) for k, (Y, f) in grads.items() if Y is not None}
-    outer = jax.vmap(lambda a: jnp.outer(a, a))
-
-    def influences(l, chunk):
-        """Moments over a chunk of layer l's neurons `(phi (S, Pa), g (S, Pa))` of their influences."""
-        kernels = [x - m for x, m in zip(map(outer, chunk), layers[l][3])]
-        noise = lambda a, b: [(a, b) if m == l else (0.0, 0.0) for m in range(L)]
-        i_K = jax.vmap(lambda a, b: dK(noise(a, b)))(*kernels)
-        i_f = jax.vmap(f_lin)(i_K)
-        out = {"f": i_f, "ntk": i_K[:, None, :P, :P]}
-        out |= {
-            k: jnp.einsum("tpc,stpc->st", d, i_f[:, :, slice(None, P) if k == "loss" else slice(P, None)])
-            for k, d in grads.items()
-        }
-        return _moments(out)
-
-    moments = []
-    for l, (phi, g, *_) in enumerate(layers):
-        chunks = (phi.reshape(-1, chunk_size, Pa), g.reshape(-1, chunk_size, Pa))
-        moments.append(
-            jax.tree.map(lambda x: x.sum(0) / n_samples, jax.lax.map(lambda c, l=l: influences(l, c), chunks))
-        )
-    # independent layers: the variances add, and so do the variances of their estimates; the NTK is static
-    static = lambda name, x: jnp.broadcast_to(x, (T, *x.shape[1:])) if name == "ntk" else x
-    coef = {name: static(name, sum(m[name][0] for m in moments)) * n_samples / (n_samples - 1) for name in moments[0]}
-    spread = lambda name: sum(jnp.maximum(m[name][1] - m[name][0] ** 2, 0.0) for m in moments)
-    se = {name: static(name, jnp.sqrt(spread(name) / n_samples)) for name in moments[0]}
-    return coef, se, F[:, :P]
 
 
 def fluctuations(
@@ -491,7 +389,9 @@ def fluctuations(
     `n_samples` and `chunk_size` unused), others from `n_samples` sampled single sites per layer (8
     times a power of 2, quasi-random; dense, cost ~ `n_samples (T Pa)^5`: small grids only; `chunk_size` unused, the
     samples differentiated at once follow from `memory`). Theory section 13. The mean shift at depth >= 2:
-    linear networks on small grids (`Fluctuations`), from the one-loop term of the action (dense).
+    in the lazy limit for smooth activations (8 independent estimates of `n_samples / 8` neurons per
+    layer), and with feature learning for linear networks on small grids (`Fluctuations`), from the
+    one-loop term of the action (dense).
     Matrices are multiplied at `jax.default_matmul_precision("highest")`, as in `dmft.solve`.
 
     `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
@@ -564,7 +464,10 @@ def fluctuations(
             if problem.depth == 1:
                 coef, se, F = _coefficients(*args, kink)
             else:
-                coef, se, F = _lazy_coefficients(*args)
+                coef, se, F = lazy_coefficients(*args)
+                if problem.activation.smooth:
+                    bias, bias_se = lazy_bias(problem, as_key(key), n_samples, chunk_size)
+                    coef, se = coef | bias, se | bias_se
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)
 
@@ -609,19 +512,6 @@ def _check_same_problem(problem, sol, F, f_var, n_samples):
             f"away from sol.f (allowed {float(allowed):.3g}); pass the Problem the Solution was solved for "
             "(for dmft.Lazy() solutions, the same problem with gamma0=0)"
         )
-
-
-def _moments(out):
-    """Per-chunk sums of the second and fourth moments: elementwise for f and the NTK, over pairs of
-    times for the losses."""
-    sums = {}
-    for name, x in out.items():
-        if name.startswith("loss"):
-            x2 = x[:, :, None] * x[:, None, :]
-        else:
-            x2 = x**2
-        sums[name] = (x2.sum(0), (x2**2).sum(0))
-    return sums
 
 
 def _assemble(problem, coef, se, n_samples):
