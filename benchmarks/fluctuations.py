@@ -14,6 +14,11 @@ and NTK entry (T Pa + T P (P + 1) / 2 of them), each product O(L (T Pa)^3); on g
 fluctuations include the one-loop mean shift (dense in 2m, its derivatives O((T Pa)^5)), whose compiled
 time is printed alone.
 
+Then deep tanh networks in the lazy limit (the demo's data at P = 16 and 32, 30 steps, gamma0 = 0) against
+the `Lazy(discrete=True)` solve: the variances (one pass over each layer's neurons, their influences on
+the Pa x Pa kernels) and the mean shift (8 estimates, products of influences and fourth-order moments:
+O(S Pa^4) per layer), whose compiled time is printed alone.
+
 Then the sampled propagator of deep tanh and relu networks (`sphere(3, 8)`, gamma0 = 1, t_max = 0.6 per
 step, its default 16384 samples) against the `MonteCarlo(n_samples=16384)` solve: dense m x m algebra and
 per-sample derivatives costing O((T Pa)^5) each; relu's at two smoothing widths.
@@ -30,7 +35,8 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import dmft  # noqa: E402
-from dmft import _one_loop  # noqa: E402
+from dmft import _lazy, _one_loop  # noqa: E402
+from dmft._keys import as_key  # noqa: E402
 
 
 def problem(n_steps, activation):
@@ -77,6 +83,19 @@ def deep_linear():
         print(f"{depth:5d} {n:6d} {m:6d}   {s1:12.2f} / {s2:6.3f}{'':13s}{f1:10.1f} / {f2:6.2f}{'':14s}{one_loop:>6s}")
 
 
+def deep_lazy():
+    print("depth    Pa   Lazy solve (s)   fluctuations first / compiled (s)   mean shift alone (s)")
+    for depth, P in ((2, 16), (3, 16), (2, 32), (3, 32)):
+        data = dmft.datasets.sphere(P, 20, 0, P_test=P // 4)
+        p = dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=0.0, t_max=10.0, n_steps=30)
+        s1, sol = wall(dmft.solve, p, dmft.Lazy(discrete=True))
+        f1, _ = wall(dmft.fluctuations, p, sol, key=0)
+        f2, _ = wall(dmft.fluctuations, p, sol, key=1)
+        with jax.default_matmul_precision("highest"):  # as `fluctuations` calls it (a part of the cache key)
+            shift = wall(_lazy.lazy_bias, p, as_key(1), 4096, 512)[0]
+        print(f"{depth:5d} {data.Kx.shape[0]:5d}   {s1:14.2f}   {f1:12.1f} / {f2:6.2f}{'':18s}{shift:8.2f}")
+
+
 def deep_sampled(activation):
     head = "depth   T Pa      m   MonteCarlo first / compiled (s)   sampled propagator first / compiled (s)"
     print(f"{activation}: {head}")
@@ -98,5 +117,6 @@ if __name__ == "__main__":
     if "--deep" not in sys.argv:
         main()
     deep_linear()
+    deep_lazy()
     deep_sampled("tanh")
     deep_sampled("relu")
