@@ -372,38 +372,6 @@ def test_one_loop_mean_shift_reaches_the_lazy_closed_form():
     assert float(jnp.abs(f_bias).max()) > 0.1  # a shift of order one, not a vacuous match
 
 
-def test_deep_lazy_mean_shift_is_the_one_loop_of_linear_networks():
-    """The lazy limit's mean shift at depth 2 (`_lazy`: the kernel recursion to second order, with the
-    backward pass's reuse of the forward weights) against the one loop of the DMFT action (`_one_loop`)
-    at gamma0 = 0.001: two independent derivations, which differ by O(gamma0^2) (~1e-6 of the shift) and
-    by the lazy estimate's Monte Carlo error. Its standard error is the spread of 8 independent
-    estimates, so the error over it is Student-t with 7 degrees of freedom: |t| > 4 has probability 0.5%
-    per entry (over 12 keys the rms was 0.92)."""
-    data = dmft.datasets.sphere(P=3, D=8, key=0, P_test=1)
-    problem, lazy = (dmft.Problem(data, dmft.MLP(2, "linear"), gamma0=g, t_max=1.2, n_steps=2) for g in (1e-3, 0.0))
-    sol = dmft.solve(problem, dmft.LinearClosure())
-    exact = _one_loop.bias_coefficients(problem, jnp.concatenate([sol.f, sol.f_test], 1))
-    lazy_sol = dmft.solve(lazy, dmft.Lazy(discrete=True))
-    fl = dmft.fluctuations(lazy, lazy_sol, key=0)
-    pairs = [
-        (fl.f_bias, exact["f_bias"][:, :3, 0], fl.stderr["f_bias"]),
-        (fl.f_test_bias, exact["f_bias"][:, 3:, 0], fl.stderr["f_test_bias"]),
-        (fl.loss_bias, exact["loss_bias"], fl.stderr["loss_bias"]),
-        (fl.loss_test_bias, exact["loss_test_bias"], fl.stderr["loss_test_bias"]),
-    ]
-    for got, want, se in pairs:  # t = 0: both are zero
-        assert np.all(np.abs(got[1:] - want[1:]) <= 4 * se[1:])
-    assert float(jnp.abs(exact["f_bias"]).max()) > 1 and float(fl.stderr["f_bias"].max()) < 0.1
-    with jax.enable_x64(False):
-        low = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if eqx.is_inexact_array(x) else x, (lazy, lazy_sol))
-        lo = dmft.fluctuations(*low, key=0)
-    # The same neurons in float32: measured 1e-6 of the largest shift here (1.3e-5 for tanh); 1e-4 is far
-    # below the Monte Carlo error (3%) and would flag a precision bug.
-    for a, b in ((lo.f_bias, fl.f_bias), (lo.loss_bias, fl.loss_bias)):
-        assert a.dtype == jnp.float32
-        assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1e-4 * float(np.abs(b).max())
-
-
 def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
     problem = _deep_linear(2, n_steps=2, t_max=1.2, P_test=1)
     sol = dmft.solve(problem, dmft.LinearClosure())
@@ -435,6 +403,39 @@ def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
     # eps (6e-8) times the Hessian's condition; measured 1.8e-7 of the largest shift (7e-7 with 3 steps)
     for a, b in ((lo.f_bias, fl.f_bias), (lo.loss_bias, fl.loss_bias), (lo.loss_test_bias, fl.loss_test_bias)):
         assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1e-5 * float(np.abs(b).max())
+
+
+def test_deep_lazy_mean_shift_is_the_one_loop_of_linear_networks():
+    """The lazy limit's mean shift at depth 2 (`_lazy`: the kernel recursion to second order, with the
+    backward pass's reuse of the forward weights) against the one loop of the DMFT action (`_one_loop`)
+    at gamma0 = 0.001: two independent derivations, which differ by O(gamma0^2) (~1e-6 of the shift) and
+    by the lazy estimate's Monte Carlo error. Its standard error is the spread of 8 independent
+    estimates, so the error over it is Student-t with 7 degrees of freedom: |t| > 4 has probability 0.5%
+    per entry (over 12 keys the rms was 0.92). The problem is the previous test's at another gamma0 (traced),
+    whose compiled closure and one loop this test reuses."""
+    data = dmft.datasets.sphere(P=3, D=8, key=0, P_test=1)
+    problem, lazy = (dmft.Problem(data, dmft.MLP(2, "linear"), gamma0=g, t_max=1.2, n_steps=2) for g in (1e-3, 0.0))
+    sol = dmft.solve(problem, dmft.LinearClosure())
+    exact = _one_loop.bias_coefficients(problem, jnp.concatenate([sol.f, sol.f_test], 1))
+    lazy_sol = dmft.solve(lazy, dmft.Lazy(discrete=True))
+    fl = dmft.fluctuations(lazy, lazy_sol, key=0)
+    pairs = [
+        (fl.f_bias, exact["f_bias"][:, :3, 0], fl.stderr["f_bias"]),
+        (fl.f_test_bias, exact["f_bias"][:, 3:, 0], fl.stderr["f_test_bias"]),
+        (fl.loss_bias, exact["loss_bias"], fl.stderr["loss_bias"]),
+        (fl.loss_test_bias, exact["loss_test_bias"], fl.stderr["loss_test_bias"]),
+    ]
+    for got, want, se in pairs:  # t = 0: both are zero
+        assert np.all(np.abs(got[1:] - want[1:]) <= 4 * se[1:])
+    assert float(jnp.abs(exact["f_bias"]).max()) > 1 and float(fl.stderr["f_bias"].max()) < 0.1
+    with jax.enable_x64(False):
+        low = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if eqx.is_inexact_array(x) else x, (lazy, lazy_sol))
+        lo = dmft.fluctuations(*low, key=0)
+    # The same neurons in float32: measured 1e-6 of the largest shift here (1.3e-5 for tanh); 1e-4 is far
+    # below the Monte Carlo error (3%) and would flag a precision bug.
+    for a, b in ((lo.f_bias, fl.f_bias), (lo.loss_bias, fl.loss_bias)):
+        assert a.dtype == jnp.float32
+        assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1e-4 * float(np.abs(b).max())
 
 
 @pytest.mark.slow
