@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._keys import as_key
-from ._lazy import lazy_bias, lazy_coefficients, moments, normal
+from ._lazy import BIAS_GROUPS, lazy_bias, lazy_coefficients, moments, normal
 from ._one_loop import ONE_LOOP_MAX, bias_coefficients, one_loop_bytes, one_loop_size
 from ._propagator import linear_bytes, linear_coefficients
 from ._sampled_propagator import sampled_bytes, sampled_coefficients
@@ -134,6 +134,12 @@ def _check(problem, sol, n_samples, chunk_size):
         raise ValueError(
             f"chunk_size ({chunk_size}) must be a multiple of {_GROUPS} (neurons are paired for the mean shift "
             f"and grouped for the jackknife) and divide n_samples ({n_samples})"
+        )
+    lazy_shift = problem.depth > 1 and float(problem.gamma0) == 0 and problem.activation.smooth
+    if lazy_shift and (n_samples % BIAS_GROUPS or n_samples < 2 * BIAS_GROUPS):
+        raise ValueError(
+            f"n_samples ({n_samples}) must be a multiple of {BIAS_GROUPS} and at least {2 * BIAS_GROUPS}: the "
+            f"mean shift of a deep network in the lazy limit comes from {BIAS_GROUPS} independent groups of neurons"
         )
 
 

@@ -674,6 +674,9 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="sigma_b = 0"):
         deep = dmft.Problem(problem.data, dmft.MLP(2, "relu", sigma_b=0.5), gamma0=1.0, t_max=3.0, n_steps=4)
         dmft.fluctuations(deep, sol, key=0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        lazy = dmft.Problem(problem.data, dmft.MLP(2, "tanh"), gamma0=0.0, t_max=3.0, n_steps=4)
+        dmft.fluctuations(lazy, dmft.solve(lazy, dmft.Lazy(discrete=True)), key=0, n_samples=12, chunk_size=4)
     with pytest.raises(ValueError, match="kink_width > 0"):
         deep = dmft.Problem(problem.data, dmft.MLP(2, "relu"), gamma0=1.0, t_max=3.0, n_steps=4)
         dmft.fluctuations(deep, sol, key=0, kink_width=0.0)
