@@ -30,8 +30,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    # The longest files first (`--dist loadfile` gives a worker a whole file): the two longest tests (a
-    # 4-device subprocess; the README's examples, 1-2 min each) and the two files of 3-4 min each.
-    # Collected late, one of them would run alone at the end while the other workers idle.
-    first = {"test_mesh.py", "test_readme.py", "test_fluctuations.py", "test_monte_carlo.py"}
+    # The two longest tests (a 4-device subprocess; the README's examples, 1.5-2 min each) first: collected
+    # near the end, one of them would run alone while the other xdist worker idles.
+    first = {"test_mesh.py", "test_readme.py"}
     items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in first)
