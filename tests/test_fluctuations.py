@@ -385,9 +385,10 @@ def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
     np.testing.assert_allclose(fl.ntk_var.ravel(), jnp.einsum("im,mn,in->i", dK, cov, dK), rtol=1e-8, atol=0)
     assert fl.f_test_var.shape == (3, 1) and fl.loss_test_cov.shape == (3, 3) and fl.f_bias.shape == (3, 3)
     # the one loop's -(S''^-1)_ff is the propagator's N Cov(f): its Hessian holds the propagator's blocks
-    np.testing.assert_allclose(
-        _one_loop.mean_shift(problem, jnp.concatenate([sol.f, sol.f_test], 1))[1], cov[f, f], rtol=1e-8, atol=1e-12
-    )
+    # (at `fluctuations`' matmul precision, part of the key of JAX's compilation cache: its program reused)
+    with jax.default_matmul_precision("highest"):
+        one_loop_cov = _one_loop.mean_shift(problem, jnp.concatenate([sol.f, sol.f_test], 1))[1]
+    np.testing.assert_allclose(one_loop_cov, cov[f, f], rtol=1e-8, atol=1e-12)
     assert all(float(jnp.abs(se).max()) == 0 for se in fl.stderr.values())  # deterministic: no sampling
     assert jnp.all(fl.f_var[0] == 0) and float(fl.f_var[-1].min()) > 0
     assert _fluctuations_affordable(problem)  # compare draws its bands (the path test_cli runs at depth 1)
@@ -416,7 +417,8 @@ def test_deep_lazy_mean_shift_is_the_one_loop_of_linear_networks():
     data = dmft.datasets.sphere(P=3, D=8, key=0, P_test=1)
     problem, lazy = (dmft.Problem(data, dmft.MLP(2, "linear"), gamma0=g, t_max=1.2, n_steps=2) for g in (1e-3, 0.0))
     sol = dmft.solve(problem, dmft.LinearClosure())
-    exact = _one_loop.bias_coefficients(problem, jnp.concatenate([sol.f, sol.f_test], 1))
+    with jax.default_matmul_precision("highest"):  # `fluctuations`' precision: the same compiled one loop
+        exact = _one_loop.bias_coefficients(problem, jnp.concatenate([sol.f, sol.f_test], 1))
     lazy_sol = dmft.solve(lazy, dmft.Lazy(discrete=True))
     fl = dmft.fluctuations(lazy, lazy_sol, key=0)
     pairs = [
