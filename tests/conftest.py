@@ -19,18 +19,21 @@ def _release_compiled_programs():
 
 
 def pytest_configure(config):
-    # The default suite's problems are small: compiling them takes most of its time, and without LLVM's
-    # optimisation of the generated CPU code the suite takes a fifth less (benchmarks/RESULTS.md); the
-    # programs (XLA's own passes included) and the results, up to rounding, are the same. The slow
-    # validations keep XLA's default: their time is spent running large programs. Set before JAX
-    # starts its backend (collection imports dmft).
+    # The default suite's problems are small: compiling them takes most of its time. Without LLVM's
+    # optimisation of the generated CPU code, and with XLA's older CPU emitters of fused computations
+    # (which compile about twice as fast at that level), the suite takes 40% less (benchmarks/RESULTS.md).
+    # The programs (XLA's own passes included) and the results, up to rounding, are the same; float32's
+    # transcendental functions may round differently by an ulp. The slow validations keep XLA's
+    # defaults: their time is spent running large programs. Set before JAX starts its backend
+    # (collection imports dmft).
     flags = os.environ.get("XLA_FLAGS", "")
     if config.getoption("markexpr") == "not slow" and "xla_backend_optimization_level" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+        fast = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+        os.environ["XLA_FLAGS"] = f"{flags} {fast}".strip()
 
 
 def pytest_collection_modifyitems(items):
-    # The two longest tests (a 4-device subprocess; the README's examples, 1.5-2 min each) first: collected
+    # The two longest tests (a 4-device subprocess; the README's examples, 40-90 s each) first: collected
     # near the end, one of them would run alone while the other xdist worker idles.
     first = {"test_mesh.py", "test_readme.py"}
     items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in first)

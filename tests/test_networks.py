@@ -202,9 +202,13 @@ def test_ensemble_trains_in_batches_within_its_memory_budget():
     problem, keys = _problem(L=2, act="tanh", n_steps=5), jr.split(jr.key(2), 5)
     one = dmft.networks.ensemble_bytes(problem, 16, 1, "gd")
     whole = dmft.networks.ensemble(problem, 16, keys, mesh=1, method="gd")
-    # batches of 2 seeds (and a last one of 1): the same networks, to the rounding of batched products
+    # Batches of 2 seeds (and a last one of 1): the same networks, to rounding. The weights are drawn in
+    # float32, whose transcendental functions XLA's CPU emitters may round differently inside a loop than
+    # outside it (1 ulp, 6e-8, with the default suite's `conftest.py` flags; none with XLA's defaults). An
+    # ulp of the weights moves the 5-step losses and fields by about as much; a seed trained in another's
+    # place would move them by O(1).
     batched = dmft.networks.ensemble(problem, 16, keys, mesh=1, method="gd", memory=2.5 * one)
-    np.testing.assert_allclose(batched.loss, whole.loss, rtol=1e-12)
-    np.testing.assert_allclose(batched.h_last, whole.h_last, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(batched.loss, whole.loss, rtol=1e-6)
+    np.testing.assert_allclose(batched.h_last, whole.h_last, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="one network of width 16 .* needs"):
         dmft.networks.ensemble(problem, 16, keys, mesh=1, method="gd", memory=0.5 * one)
