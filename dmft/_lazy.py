@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._propagator import shift_coefficients
+from .activations import ReLU
 from .dynamics import euler_predictions
 from .solvers._sampling import factor
 from .solvers.lazy import lazy_kernels
@@ -69,6 +70,28 @@ def _price2(M, C):
     idx = jnp.arange(C.shape[0])
     pick = (idx[:, None], idx[None, :])  # slot 0: the row point c, slot 1: the column point d
     return sum(C[tuple(pick[i] for i in t)] * M[t.count(0)] for t in itertools.product((0, 1), repeat=4)) / 4
+
+
+def _relu_curvature(S, C):
+    """relu's `_price2` for both kernel maps `(E[phi phi^T], E[phi' phi'^T])`: the mean second-order
+    change `E d^2 F(S)[dS, dS] (Pa, Pa)` for a random change dS of the covariance S of u with
+    `E[dS_ab dS_cd] = C (Pa, Pa, Pa, Pa)`, from the arc-cosine kernels' own second derivatives (phi's
+    higher derivatives are deltas). Entry (c, d) depends on S_cc, S_dd and S_cd alone: its 3 x 3
+    Hessian in them, by autodiff of the closed form, contracted with their covariance. The diagonal is
+    `S_cc / 2` and `1 / 2`, and a pair of parallel (antiparallel) inputs has the diagonal's kernels (0):
+    no curvature in either, where the Hessian in three variables diverges."""
+    Pa = S.shape[0]
+    c, d = jnp.meshgrid(jnp.arange(Pa), jnp.arange(Pa), indexing="ij")
+    idx = ((c, c), (d, d), (c, d))
+    cov = jnp.stack([jnp.stack([C[i + j] for j in idx], -1) for i in idx], -2)  # (Pa, Pa, 3, 3)
+    cos = S / jnp.sqrt(jnp.diagonal(S)[:, None] * jnp.diagonal(S)[None, :])
+    parallel = 1 - jnp.abs(cos) <= jnp.finfo(S.dtype).eps ** 0.5  # the diagonal included
+    x = jnp.stack([S[c, c], S[d, d], jnp.where(parallel, 0.0, S)], -1)  # (Pa, Pa, 3), finite everywhere
+    entry = lambda x, k: ReLU().kernels(jnp.array([[x[0], x[2]], [x[2], x[1]]]))[k][0, 1]
+    # forward over forward: the 2 x 2 matrix's diagonal entries have infinite derivatives (theta = 0),
+    # which reverse mode would multiply by their zero cotangents into NaN
+    hessian = lambda k: jax.vmap(jax.vmap(jax.jacfwd(jax.jacfwd(functools.partial(entry, k=k)))))(x)
+    return tuple(jnp.where(parallel, 0.0, jnp.sum(hessian(k) * cov, (-2, -1))) for k in range(2))
 
 
 def _relu_price(S, dS):
@@ -261,15 +284,20 @@ def _ntk_shift(problem, kernels, layers, E):
     influences' covariance inside each product of kernels, and `_projection`."""
     L, sw2, pre = problem.depth, problem.net.sw2, problem.net.preactivation_kernel
     Pa, S = kernels.K.shape[0], layers[0]["phi"].shape[0]
-    d = _derivatives(problem.activation, 5)
-    fourth = lambda u, k0: [d[k0 + k](u).T @ d[k0 + 4 - k](u) / S for k in range(5)]
+    act = problem.activation
+    if act.smooth:  # Price's theorem twice, with the sampled moments of phi's derivatives
+        d = _derivatives(act, 5)
+        fourth = lambda u, k0: [d[k0 + k](u).T @ d[k0 + 4 - k](u) / S for k in range(5)]
+        curvature = lambda l, C: tuple(_price2(fourth(layers[l]["u"], k0), C) for k0 in (0, 1))
+    else:  # relu: the closed-form kernels' own second derivatives
+        curvature = lambda l, C: _relu_curvature(pre(kernels.Phis[l]), C)
     zero = jnp.zeros_like(kernels.K)
     aPhi, aGdot = [zero], []  # N E[Phi^l_N - Phi^l], N E[Gdot^l_N - Gdot^l]
     for l, layer in enumerate(layers):
         a, b = layer["price"](sw2 * aPhi[l])
         if l > 0:  # Phi^0 = Kx is exact
-            C = sw2**2 * E["Phi_Phi"][l - 1].reshape((Pa,) * 4)
-            a, b = a + 0.5 * _price2(fourth(layer["u"], 0), C), b + 0.5 * _price2(fourth(layer["u"], 1), C)
+            a2, b2 = curvature(l, sw2**2 * E["Phi_Phi"][l - 1].reshape((Pa,) * 4))
+            a, b = a + 0.5 * a2, b + 0.5 * b2
         aPhi.append(a)
         aGdot.append(b)
     aG = [zero]  # G^{L+1} = 1 is exact
@@ -295,8 +323,8 @@ def _shift(problem, kernels, key, n_samples, chunk_size):
 
 @eqx.filter_jit
 def lazy_bias(problem, key, n_samples, chunk_size):
-    """`fluctuations`' mean-shift coefficients in the lazy limit at depth >= 2 for a smooth activation and
-    scalar targets: `(coef, se)`, flat dicts keyed by "f_bias" `(T, Pa, 1)`, "loss_bias" and
+    """`fluctuations`' mean-shift coefficients in the lazy limit at depth >= 2 for a smooth activation or
+    relu and scalar targets: `(coef, se)`, flat dicts keyed by "f_bias" `(T, Pa, 1)`, "loss_bias" and
     "loss_test_bias" `(T,)`, and "ntk_bias" `(T, P, P)` (static). The mean of `BIAS_GROUPS` independent
     estimates (`_shift`), each from `n_samples / BIAS_GROUPS` neurons per layer; the standard error is
     their spread over `sqrt(BIAS_GROUPS)`."""

@@ -76,10 +76,10 @@ class Fluctuations(eqx.Module):
     - `f_bias (n+1, P[, C])`, `f_test_bias`, `loss_bias (n+1,)`, `loss_test_bias`: the mean shift
       `E[x_N] - x_DMFT ~= x_bias / N` (second order in the sampling noise): at depth 1 for smooth
       activations (`activation.smooth`; not relu, whose kinks pathwise second derivatives miss), at depth
-      >= 2 in the lazy limit for smooth activations and with feature learning for linear networks on
+      >= 2 in the lazy limit for smooth activations and relu, and with feature learning for linear networks on
       small grids (T Pa <= 26 at depth 2, 20 at depth 3, and within the memory budget); None otherwise.
     - `ntk_bias (n+1, P, P)`: the mean shift of the train NTK entries, at depth >= 2 in the lazy limit for
-      smooth activations (static); None otherwise.
+      smooth activations and relu (static); None otherwise.
     - `stderr`: Monte Carlo standard errors of each of the above, keyed by field name.
     - `n_samples`: neurons sampled.
     """
@@ -135,7 +135,7 @@ def _check(problem, sol, n_samples, chunk_size):
             f"chunk_size ({chunk_size}) must be a multiple of {_GROUPS} (neurons are paired for the mean shift "
             f"and grouped for the jackknife) and divide n_samples ({n_samples})"
         )
-    lazy_shift = problem.depth > 1 and float(problem.gamma0) == 0 and problem.activation.smooth
+    lazy_shift = problem.depth > 1 and float(problem.gamma0) == 0
     if lazy_shift and (n_samples % BIAS_GROUPS or n_samples < 2 * BIAS_GROUPS):
         raise ValueError(
             f"n_samples ({n_samples}) must be a multiple of {BIAS_GROUPS} and at least {2 * BIAS_GROUPS}: the "
@@ -395,7 +395,7 @@ def fluctuations(
     `n_samples` and `chunk_size` unused), others from `n_samples` sampled single sites per layer (8
     times a power of 2, quasi-random; dense, cost ~ `n_samples (T Pa)^5`: small grids only; `chunk_size` unused, the
     samples differentiated at once follow from `memory`). Theory section 13. The mean shift at depth >= 2:
-    in the lazy limit for smooth activations (8 independent estimates of `n_samples / 8` neurons per
+    in the lazy limit for smooth activations and relu (8 independent estimates of `n_samples / 8` neurons per
     layer), and with feature learning for linear networks on small grids (`Fluctuations`), from the
     one-loop term of the action (dense).
     Matrices are multiplied at `jax.default_matmul_precision("highest")`, as in `dmft.solve`.
@@ -471,9 +471,8 @@ def fluctuations(
                 coef, se, F = _coefficients(*args, kink)
             else:
                 coef, se, F = lazy_coefficients(*args)
-                if problem.activation.smooth:
-                    bias, bias_se = lazy_bias(problem, as_key(key), n_samples, chunk_size)
-                    coef, se = coef | bias, se | bias_se
+                bias, bias_se = lazy_bias(problem, as_key(key), n_samples, chunk_size)
+                coef, se = coef | bias, se | bias_se
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)
 

@@ -10,7 +10,7 @@ import pytest
 
 import dmft
 from dmft import _one_loop, _propagator
-from dmft._lazy import _relu_price, lazy_coefficients
+from dmft._lazy import _relu_curvature, _relu_price, lazy_coefficients
 from dmft._propagator import linear_coefficients
 from dmft._sampled_propagator import sampled_bytes, sampled_chunk, sampled_coefficients
 from dmft.compare import _fluctuations_affordable
@@ -492,6 +492,8 @@ def test_deep_relu_reaches_the_lazy_limit():
     data = dmft.datasets.sphere(P=2, D=8, key=0)
     problems = [dmft.Problem(data, dmft.MLP(2, "relu"), gamma0=g, t_max=0.6, n_steps=1) for g in (0.0, 0.02)]
     lazy = dmft.fluctuations(problems[0], dmft.solve(problems[0], dmft.Lazy(discrete=True)), key=1, n_samples=65536)
+    # with its mean shift (`_relu_curvature`; against networks: the slow seed-mean test)
+    assert np.all(np.isfinite(np.asarray(lazy.ntk_bias))) and float(lazy.stderr["f_bias"][-1].max()) > 0
     sol = dmft.solve(problems[1], dmft.MonteCarlo(n_samples=4096), key=0)
     with pytest.warns(UserWarning, match="smooths its kink"):
         rich = dmft.fluctuations(problems[1], sol, key=1)
@@ -612,14 +614,15 @@ def test_deep_linear_mean_shift_matches_seed_ensembles(depth, t_max, n_steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("depth", [2, 3])
-def test_deep_lazy_mean_shift_matches_seed_means(depth):
-    """The lazy limit's O(1/N) mean shift (`_lazy`, tanh) against seed means of networks at gamma0 = 0.001
-    (O(gamma0^2) = 1e-6 from the lazy limit): `N (mean_N - lazy)` from 16384 seeds (batches of 2048) at
-    N = 128 and 256, extrapolated linearly in 1/N, for the final train and test predictions and both
-    losses at 3 times: 14 numbers within 3.5 combined standard errors (a false failure ~1%)."""
+@pytest.mark.parametrize("depth, activation", [(2, "tanh"), (3, "tanh"), (2, "relu"), (3, "relu")])
+def test_deep_lazy_mean_shift_matches_seed_means(depth, activation):
+    """The lazy limit's O(1/N) mean shift (`_lazy`; relu's second order from its closed-form kernels)
+    against seed means of networks at gamma0 = 0.001 (O(gamma0^2) = 1e-6 from the lazy limit):
+    `N (mean_N - lazy)` from 16384 seeds (batches of 2048) at N = 128 and 256, extrapolated linearly in
+    1/N, for the final train and test predictions and both losses at 3 times: 14 numbers within 3.5
+    combined standard errors (a false failure ~1%)."""
     data = dmft.datasets.sphere(P=6, D=12, key=0, P_test=2)
-    lazy, net = (dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=g, t_max=3.0, n_steps=10) for g in (0.0, 1e-3))
+    lazy, net = (dmft.Problem(data, dmft.MLP(depth, activation), gamma0=g, t_max=3.0, n_steps=10) for g in (0.0, 1e-3))
     sol = dmft.solve(lazy, dmft.Lazy(discrete=True))
     fl = dmft.fluctuations(lazy, sol, key=0, n_samples=16384)
     names, times = ("f", "f_test", "loss", "loss_test"), [3, 6, 10]
@@ -740,3 +743,24 @@ def test_relu_price_is_the_derivative_of_the_arc_cosine_kernels():
     central = [(a - b) / (2 * h) for a, b in zip(kernels(S + h * dS), kernels(S - h * dS))]
     for exact, fd in zip(_relu_price(S, dS), central):
         np.testing.assert_allclose(exact, fd, atol=1e-8)
+
+
+def test_relu_curvature_is_the_second_derivative_of_the_arc_cosine_kernels():
+    # The lazy mean shift's second-order term for relu (`_relu_curvature`, autodiff of the closed form)
+    # against second central differences of `ReLU.kernels`, summed over the directions V_k that make up
+    # the covariance C = sum_k V_k (x) V_k. Each V_k is a neuron's sample-kernel noise, so a repeated
+    # input stays parallel to its copy, as in a network (the entry the closed form sets to 0). Measured
+    # at steps 1e-2 ... 3e-5: truncation 9e-5 (h / 1e-2)^2, rounding 2e-7 (1e-4 / h)^2; at 3e-4 they add to
+    # ~1e-7 of terms up to 0.19, bounded at 5e-7.
+    X = dmft.datasets.sphere(5, 4, 0).X
+    X = jnp.concatenate([X, X[:1]])  # the last input repeats the first
+    a = jax.nn.relu(X @ jr.normal(jr.key(0), (4, 40)) / 2)  # 40 neurons' features
+    S = a @ a.T / 40
+    V = (jax.vmap(jnp.outer)(a.T, a.T) - S) / np.sqrt(40)
+    C = jnp.einsum("kab,kcd->abcd", V, V)
+    kernels, h = dmft.activations.ReLU().kernels, 3e-4
+    second = lambda k: sum((kernels(S + h * v)[k] + kernels(S - h * v)[k] - 2 * kernels(S)[k]) / h**2 for v in V)
+    for k, exact in enumerate(_relu_curvature(S, C)):
+        fd = second(k)
+        np.testing.assert_allclose(exact, fd, rtol=0, atol=5e-7)
+        assert float(jnp.abs(fd[0, 1:5]).min()) > 1e-3  # the off-diagonal terms are not all 0
