@@ -31,8 +31,9 @@ ingredients sampled for other smooth ones and relu (`_sampled_propagator`).
 J is built by forward-mode differentiation along each neuron's path. For an activation whose
 derivative jumps (relu: `activation.smooth` is False) a small change of Delta flips `phi'(h)` of the
 neurons whose field crosses zero, a contribution pathwise derivatives do not see. For relu the
-derivatives count them with a Gaussian kernel in place of phi'' (`_counting_step`); no mean shift is
-computed.
+first derivatives count them with a Gaussian kernel in place of phi'' (`_counting_step`), and the mean
+shift's second derivatives are central second differences of each neuron's path (`_second_difference`),
+whose mean over neurons counts the flips.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ class Fluctuations(eqx.Module):
       diagonal is the loss variance); `loss_test_cov` likewise, or None without test targets.
     - `ntk_var (n+1, P[, C], P[, C])`: variance coefficients of the train NTK entries.
     - `f_bias (n+1, P[, C])`, `f_test_bias`, `loss_bias (n+1,)`, `loss_test_bias`: the mean shift
-      `E[x_N] - x_DMFT ~= x_bias / N` (second order in the sampling noise): at depth 1 for smooth
-      activations (`activation.smooth`; not relu, whose kinks pathwise second derivatives miss), at depth
-      >= 2 in the lazy limit for smooth activations and relu, and with feature learning for linear networks on
-      small grids (T Pa <= 26 at depth 2, 20 at depth 3, and within the memory budget); None otherwise.
+      `E[x_N] - x_DMFT ~= x_bias / N` (second order in the sampling noise): at depth 1 (relu's second
+      derivatives by differences), at depth >= 2 in the lazy limit for smooth activations and relu, and
+      with feature learning for linear networks on small grids (T Pa <= 26 at depth 2, 20 at depth 3,
+      and within the memory budget); None otherwise.
     - `ntk_bias (n+1, P, P)`: the mean shift of the train NTK entries, at depth >= 2 in the lazy limit for
       smooth activations and relu (static); None otherwise.
     - `stderr`: Monte Carlo standard errors of each of the above, keyed by field name.
@@ -210,12 +211,25 @@ def _step(problem, u, r, kink_width=0.0):
     return step
 
 
-def _neurons(problem, u, r, Delta, carries=False):
+_FD_STEP = 0.1
+
+
+def _second_difference(fn, x, v):
+    """`fn''(x)[v, v]` by the central second difference along `v` with a step of `_FD_STEP` (root mean
+    square over v's entries): for relu, whose paths' second derivatives miss the neurons whose phi'
+    flips between the three paths, while the difference of their means is exact to O(step^2)."""
+    size = jnp.sqrt(jnp.mean(v**2))
+    safe = jnp.where(size > 0, size, 1.0)
+    d = _FD_STEP * v / safe
+    return (fn(x + d) + fn(x - d) - 2 * fn(x)) * (size / _FD_STEP) ** 2
+
+
+def _neurons(problem, u, r, Delta, carries=False, kink_width=0.0):
     """`psi (S, T, Pa, C)`, `phi(h) (S, T, P)` and `g (S, T, P C)` on train points of neurons `u (S, Pa)`,
     `r (S, C)` driven by `Delta (T, Pa, C)`; with `carries`, also the states `(a (T, S, Pa), b (T, S, C))`
-    each step starts from."""
+    each step starts from. `kink_width`: as in `_step`."""
 
-    step_fn = _step(problem, u, r)
+    step_fn = _step(problem, u, r, kink_width)
 
     def step(carry, Delta_t):
         new, out = step_fn(carry, Delta_t)
@@ -333,8 +347,9 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
         other = own.reshape(-1, 2, T, Pa, C)[:, ::-1].reshape(own.shape)  # neuron 2i with 2i + 1
 
         def one(u1, r1, v_own, v_other):
-            psi = lambda D: _neurons(problem, u1[None], r1[None], D)[0][0]
-            return jax.jvp(psi, (Delta_star,), (v_own,))[1] + 0.5 * second(psi, Delta_star, v_other)
+            psi = lambda D: _neurons(problem, u1[None], r1[None], D, kink_width=kink_width)[0][0]
+            curved = second(psi, Delta_star, v_other) if smooth else _second_difference(psi, Delta_star, v_other)
+            return jax.jvp(psi, (Delta_star,), (v_own,))[1] + 0.5 * curved
 
         q = jax.vmap(one)(*ur, own, other)
         curvature = jax.vmap(lambda x: second(lambda f: loss.delta(f, data.Y), f_star, x))(i_f[:, :, :P])
@@ -359,7 +374,7 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
             out = {"f": i_f, "ntk": i_K, "loss": jnp.einsum("tpc,stpc->st", dloss, i_f[:, :, :P])}
             if data.y_test is not None:
                 out["loss_test"] = jnp.einsum("tpc,stpc->st", dloss_test, i_f[:, :, P:])
-            return moments(out) | (bias_terms(ur, i_f, dDelta, J_f, propagate) if smooth else {})
+            return moments(out) | bias_terms(ur, i_f, dDelta, J_f, propagate)
 
         return jax.vmap(variant)(J_f_all, J_K_all, propagate_all)
 
@@ -421,7 +436,9 @@ def fluctuations(
     per halving), and with strong feature learning it is too small (networks' own N Var of the NTK
     still grows with N there). Deep relu networks with feature learning: the sampled propagator
     replaces relu by its smoothing with a Gaussian of `kink_width` times each point's preactivation
-    scale, which must be > 0. No mean shift is computed for relu.
+    scale, which must be > 0, and computes no mean shift. relu's mean shift at depth 1 takes its second
+    derivatives along the neurons' paths by central differences (a step of 0.1 in units of the
+    direction's root mean square), which count the flips between the paths exactly.
     """
     if n_samples is None:
         n_samples = 16384 if _sampled(problem) else 4096
@@ -441,7 +458,7 @@ def fluctuations(
         elif _sampled(problem):
             how = (
                 f"the sampled propagator smooths its kink by Gaussians of width {kink_width} and twice that "
-                "(times its scale) and extrapolates to width 0"
+                "(times its scale) and extrapolates to width 0; the mean shift is not computed"
             )
         else:
             how = (
@@ -449,9 +466,7 @@ def fluctuations(
                 "neurons pile up at h = 0 (strong feature learning) the NTK's variance depends on it and is too "
                 "small (0.6 and 0.4 of networks' at N = 4096 for gamma0 * t_max = 20 and 30)"
             )
-        warnings.warn(
-            f"{type(problem.activation).__name__} is not smooth: {how}; the mean shift is not computed", stacklevel=2
-        )
+        warnings.warn(f"{type(problem.activation).__name__} is not smooth: {how}", stacklevel=2)
     # As in `dmft.solve`: full float32 products on a GPU, not TF32, which costs exact linear algebra
     # three digits (the linear closure's, benchmarks/RESULTS.md).
     kink = float(kink_width) if counted else 0.0

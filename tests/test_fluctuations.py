@@ -1,6 +1,8 @@
 """`dmft.fluctuations`: the 1/N covariances of two-layer networks (docs/theory_extensions.md section 13),
 against a closed form and against seed ensembles of finite networks."""
 
+import importlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -17,9 +19,9 @@ from dmft.compare import _fluctuations_affordable
 from dmft.solvers.lazy import lazy_kernels
 
 
-def _problem(activation="tanh", gamma0=1.0, n_steps=12, P=6, P_test=0, depth=1, **kw):
+def _problem(activation="tanh", gamma0=1.0, n_steps=12, P=6, P_test=0, depth=1, t_max=3.0, **kw):
     data = dmft.datasets.sphere(P=P, D=12, key=0, P_test=P_test)
-    return dmft.Problem(data, dmft.MLP(depth, activation, **kw), gamma0=gamma0, t_max=3.0, n_steps=n_steps)
+    return dmft.Problem(data, dmft.MLP(depth, activation, **kw), gamma0=gamma0, t_max=t_max, n_steps=n_steps)
 
 
 def _lazy_linear_exact(problem, f):
@@ -214,11 +216,14 @@ def test_several_outputs_and_biases_match_a_seed_ensemble():
 
 
 @pytest.mark.slow
-def test_mean_shift_matches_the_width_dependence_of_seed_means():
+@pytest.mark.filterwarnings("ignore:ReLU is not smooth")
+@pytest.mark.parametrize("activation, t_max, n_steps", [("tanh", 3.0, 20), ("relu", 3.0, 20), ("relu", 10.0, 50)])
+def test_mean_shift_matches_the_width_dependence_of_seed_means(activation, t_max, n_steps):
     """The O(1/N) mean shift against networks without an infinite-width reference: the seed means at two
-    widths differ by `bias (1/N1 - 1/N2)` (the DMFT cancels), 8192 seeds at N = 128 and 512, two-layer tanh
-    with test points."""
-    problem = _problem("tanh", n_steps=20, P=8, P_test=4)
+    widths differ by `bias (1/N1 - 1/N2)` (the DMFT cancels), 8192 seeds at N = 128 and 512, two-layer
+    networks with test points (relu: second differences count the flips of phi'; trained to t = 10,
+    neurons pile up at h = 0)."""
+    problem = _problem(activation, n_steps=n_steps, P=8, P_test=4, t_max=t_max)
     sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=8192), key=0)
     fl = dmft.fluctuations(problem, sol, key=1, n_samples=8192)
     means = {}
@@ -236,9 +241,9 @@ def test_mean_shift_matches_the_width_dependence_of_seed_means():
     ):
         net = (means[128][name][0] - means[512][name][0]) / scale
         net_se = np.hypot(means[128][name][1], means[512][name][1]) / scale
-        times = [5, 10, 20]
+        times = [n_steps // 4, n_steps // 2, n_steps]
         z = np.abs(np.asarray(theory)[times] - net[times]) / np.hypot(np.asarray(se)[times], net_se[times])
-        print(f"{name}: theory {np.asarray(theory)[times]}, networks {net[times]}")
+        print(f"{name}: theory {np.asarray(theory)[times]}, networks {net[times]}, max z {z.max():.2f}")
         # 3 times (x 8 points for f): 3.5 combined SE; the O(1/N^2) terms at N = 128 are part of the
         # allowance (they shift the estimate by ~ 1/128 of the coefficient's scale)
         assert z.max() < 3.5, (name, z)
@@ -727,9 +732,34 @@ def test_float32_agrees_with_float64():
         )[1]
     assert lo.f_var.dtype == jnp.float32 and hi.f_var.dtype == jnp.float64
     # the same neurons (drawn in float32 in both precisions) at the same error signal: float32 round-off
-    # through T = 13 steps and the (I - J H) solve, ~1e3 eps, far below the ~2% Monte Carlo error
-    for a, b in ((lo.f_var, hi.f_var), (lo.loss_cov, hi.loss_cov), (lo.ntk_var, hi.ntk_var)):
+    # through T = 13 steps and the (I - J H) solve, ~1e3 eps, far below the ~1-2% Monte Carlo error; the
+    # mean shift's second differences (step 0.1) multiply the paths' round-off by 1 / 0.1^2 = 100
+    pairs = [(lo.f_var, hi.f_var), (lo.loss_cov, hi.loss_cov), (lo.ntk_var, hi.ntk_var)]
+    for a, b in pairs + [(lo.f_bias, hi.f_bias), (lo.loss_bias, hi.loss_bias)]:
         assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1e-4 * float(np.abs(b).max())
+
+
+def test_second_differences_of_smooth_paths_are_their_second_derivatives(monkeypatch):
+    """`_second_difference` (relu's mean shift) on tanh neurons' paths, where forward mode is exact: the
+    truncation error is O(step^2), so at steps e and 2e the differences from the exact value are about
+    k e^2 and 4 k e^2, and the error at e is a third of their gap (bounded here by half of it, in norm
+    over all entries)."""
+    module = importlib.import_module("dmft.fluctuations")  # `dmft.fluctuations` is the function
+    problem = _problem("tanh", n_steps=8)
+    T, P = problem.n_steps + 1, problem.P
+    Delta = jnp.broadcast_to(problem.data.Y[None], (T, P, 1))
+    v = jr.normal(jr.PRNGKey(3), (T, P, 1))
+    u = jr.normal(jr.PRNGKey(4), (16, P)) @ jnp.linalg.cholesky(problem.data.Kx).T
+    r = jr.normal(jr.PRNGKey(5), (16, 1))
+    psi = lambda D: module._neurons(problem, u, r, D)[0]
+    exact = jax.jvp(lambda D: jax.jvp(psi, (D,), (v,))[1], (Delta,), (v,))[1]
+    step = {}
+    for eps in (0.1, 0.2):
+        monkeypatch.setattr(module, "_FD_STEP", eps)
+        step[eps] = module._second_difference(psi, Delta, v)
+    err, gap = (np.linalg.norm(np.asarray(x)) for x in (step[0.1] - exact, step[0.2] - step[0.1]))
+    assert err <= 0.5 * gap, (err, gap)
+    assert gap > 1e6 * 1e-16 / 0.1**2 and np.abs(exact).max() > 1e-2  # above round-off; the paths do curve
 
 
 def test_relu_price_is_the_derivative_of_the_arc_cosine_kernels():
