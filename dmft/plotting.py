@@ -185,7 +185,8 @@ def preactivation_histogram(run, layer=-1, point=0, ax=None, samples=None):
 def comparison_figure(comparison, y, samples=None):
     """Loss curves, kernel alignment, error vs width and final kernels, DMFT vs networks; with DMFT
     `samples` (see `preactivation_histogram`) a third column of final preactivation histograms of the
-    widest network against the DMFT, first and last layer."""
+    widest network against the DMFT: point 0 of the first and last layer (of a two-layer network's one
+    layer, points 0 and 1)."""
     import matplotlib.pyplot as plt
 
     cols = 2 if samples is None else 3
@@ -200,9 +201,11 @@ def comparison_figure(comparison, y, samples=None):
     both = np.concatenate([K_dmft[np.ix_(order, order)], K_net[np.ix_(order, order)]], axis=1)
     kernel_heatmap(both, ax=axes[1, 1])
     if samples is not None:
-        for row, layer in enumerate((0, -1)):
-            preactivation_histogram(comparison.runs[-1], layer, ax=axes[row, 2], samples=samples)
-            axes[row, 2].set_title(f"layer {layer % comparison.dmft.Phi_eq.shape[0] + 1}, point 0", fontsize=9)
+        L = comparison.dmft.Phi_eq.shape[0]
+        panels = ((0, 0), (-1, 0)) if L > 1 else ((0, 0), (0, min(1, P - 1)))
+        for row, (layer, point) in enumerate(panels):
+            preactivation_histogram(comparison.runs[-1], layer, point, ax=axes[row, 2], samples=samples)
+            axes[row, 2].set_title(f"layer {layer % L + 1}, point {point}", fontsize=9)
     for ax, letter in zip([*axes[:, :2].flat, *axes[:, 2:].flat], "abcdef"):
         ax.set_title(f"({letter})", loc="left", fontsize=10)
     axes[1, 1].set_title(f"final $\\Phi^L$ (sorted by y): DMFT | N = {comparison.widths[-1]}", fontsize=9)

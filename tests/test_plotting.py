@@ -43,6 +43,7 @@ def test_comparison_figure_with_dmft_histograms(comparison):
     fig = plotting.comparison_figure(comp, y, samples)
     hist_axes = [ax for ax in fig.axes if ax.get_xlabel() == r"preactivation $h$"]
     assert len(hist_axes) == 2 and all(len(ax.get_legend().get_texts()) == 2 for ax in hist_axes)
+    assert [ax.get_title() for ax in hist_axes] == ["layer 1, point 0", "layer 2, point 0"]
 
 
 def test_histogram_overlays_dmft_density_on_the_same_bins(comparison):
