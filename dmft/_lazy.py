@@ -268,7 +268,7 @@ def _influence_moments(problem, kernels, layers, f_lin, curvature, chunk_size):
         return {
             "G_Gdot": jnp.stack([jnp.sum(dG[k + 1] * dGdot[k], 0) for k in range(L)]),
             "G_Phi": jnp.stack([jnp.sum(dG[k] * dPhi[k], 0) for k in range(L + 1)]),
-            "Phi_Phi": jnp.stack([flat(dPhi[k]).T @ flat(dPhi[k]) for k in range(1, L)]),
+            "Phi_Phi": jnp.stack([flat(dPhi[k]).T @ flat(dPhi[k]) for k in range(1, L)] or [jnp.zeros((0, 0))]),
             "f": jnp.sum(jax.vmap(curvature)(dK), 0),
             "f_f": jnp.einsum("jta,jtb->tab", i_f, i_f),
         }
@@ -323,8 +323,9 @@ def _shift(problem, kernels, key, n_samples, chunk_size):
 
 @eqx.filter_jit
 def lazy_bias(problem, key, n_samples, chunk_size):
-    """`fluctuations`' mean-shift coefficients in the lazy limit at depth >= 2 for a smooth activation or
-    relu and scalar targets: `(coef, se)`, flat dicts keyed by "f_bias" `(T, Pa, 1)`, "loss_bias" and
+    """`fluctuations`' mean-shift coefficients in the lazy limit for a smooth activation or relu and scalar
+    targets, at depth >= 2 (at depth 1 `fluctuations` follows the neurons' paths; this recursion is their
+    cross-check): `(coef, se)`, flat dicts keyed by "f_bias" `(T, Pa, 1)`, "loss_bias" and
     "loss_test_bias" `(T,)`, and "ntk_bias" `(T, P, P)` (static). The mean of `BIAS_GROUPS` independent
     estimates (`_shift`), each from `n_samples / BIAS_GROUPS` neurons per layer; the standard error is
     their spread over `sqrt(BIAS_GROUPS)`."""
