@@ -28,7 +28,7 @@ point's sampling error is common to every group of samples that shares it, and b
 fixed point miss it (`benchmarks/RESULTS.md`).
 For relu, `phi''` is a delta that pathwise derivatives miss; the sites use relu smoothed by a narrow
 Gaussian instead (`_smoothed_relu`), one function whose values and derivatives agree (Price's second
-derivatives of `phi'(h_t) phi'(h_s)` at nearby times are large and cancel only then), at two widths,
+derivatives of `phi'(h_t) phi'(h_s)` at nearby times are large and cancel only then), at three widths,
 extrapolated to width 0 (`sampled_coefficients`).
 """
 
@@ -447,9 +447,10 @@ def sampled_coefficients(problem, f, key, n_samples, budget, kink_width=0.0):
     """The variance coefficients of `fluctuations` for a deep nonlinear network at gamma0 > 0 around
     the predictions `f (T, Pa)` of its solution: `(coef, stderr, F)` as
     `_propagator.linear_coefficients` returns them, the mean of `_GROUPS` independent estimates and its
-    standard error; `budget` bytes of memory. `kink_width > 0` (relu): relu smoothed at that width and
-    at twice it, with the same samples, extrapolated to width 0 (`2 c(w) - c(2 w)`, estimate by
-    estimate): the smoothing's bias is linear in the width."""
+    standard error; `budget` bytes of memory. `kink_width > 0` (relu): relu smoothed at 1, 2 and 3 times
+    that width, with the same samples, extrapolated to width 0 (`3 c(w) - 3 c(2 w) + c(3 w)`, estimate
+    by estimate): the smoothing's bias is linear in the width, and its quadratic part is not negligible
+    at w = 0.2."""
     m = n_samples // _GROUPS
     if n_samples % _GROUPS or m & (m - 1):
         raise ValueError(
@@ -457,11 +458,11 @@ def sampled_coefficients(problem, f, key, n_samples, budget, kink_width=0.0):
             f"standard errors come from {_GROUPS} groups of samples, each a Sobol net)"
         )
     chunk = sampled_chunk(problem, n_samples, budget)
-    if kink_width > 0:  # one compilation for both widths: the width is traced
+    if kink_width > 0:  # one compilation for every width: the width is traced
         w = jnp.asarray(kink_width, problem.data.Kx.dtype)
-        coef, F = _groups(problem, f, key, n_samples, chunk, w)
-        wide = _groups(problem, f, key, n_samples, chunk, 2 * w)
-        coef, F = jax.tree.map(lambda x, y: 2 * x - y, (coef, F), wide)
+        at = [_groups(problem, f, key, n_samples, chunk, k * w) for k in (1, 2, 3)]
+        # c(w) = c(0) + a w + b w^2 + O(w^3): 3 c(w) - 3 c(2 w) + c(3 w) = c(0) + O(w^3)
+        coef, F = jax.tree.map(lambda x, y, z: 3 * x - 3 * y + z, *at)
     else:
         coef, F = _groups(problem, f, key, n_samples, chunk, None)
     se = {k: jnp.std(x, axis=0, ddof=1) / _GROUPS**0.5 for k, x in coef.items()}

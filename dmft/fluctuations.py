@@ -435,10 +435,11 @@ def fluctuations(
     the predictions and the loss hardly depend on the width, the NTK's variance does (a few per cent
     per halving), and with strong feature learning it is too small (networks' own N Var of the NTK
     still grows with N there). Deep relu networks with feature learning: the sampled propagator
-    replaces relu by its smoothing with a Gaussian of `kink_width` times each point's preactivation
-    scale, which must be > 0, and computes no mean shift. relu's mean shift at depth 1 takes its second
-    derivatives along the neurons' paths by central differences (a step of 0.1 in units of the
-    direction's root mean square), which count the flips between the paths exactly.
+    replaces relu by its smoothing with a Gaussian of 1, 2 and 3 times `kink_width` times each point's
+    preactivation scale, extrapolated to width 0 (`kink_width` must be > 0), and computes no mean shift.
+    relu's mean shift at depth 1 takes its second derivatives along the neurons' paths by central
+    differences (a step of 0.1 in units of the direction's root mean square), which count the flips
+    between the paths exactly.
     """
     if n_samples is None:
         n_samples = 16384 if _sampled(problem) else 4096
@@ -457,8 +458,8 @@ def fluctuations(
             how = "the fluctuations miss the neurons whose phi'(h) jumps as the error signal changes"
         elif _sampled(problem):
             how = (
-                f"the sampled propagator smooths its kink by Gaussians of width {kink_width} and twice that "
-                "(times its scale) and extrapolates to width 0; the mean shift is not computed"
+                f"the sampled propagator smooths its kink by Gaussians of width {kink_width}, twice and three "
+                "times that (times its scale) and extrapolates to width 0; the mean shift is not computed"
             )
         else:
             how = (

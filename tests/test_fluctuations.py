@@ -498,7 +498,7 @@ def test_sampled_propagator_memory_budget_and_float32():
 
 
 def test_deep_relu_reaches_the_lazy_limit():
-    """Deep relu with feature learning (`_sampled_propagator`: relu smoothed at two widths and
+    """Deep relu with feature learning (`_sampled_propagator`: relu smoothed at three widths and
     extrapolated to 0) at gamma0 = 0.02 against the lazy limit's closed-form Price derivatives
     (`_lazy.lazy_coefficients`), a different computation of the same numbers up to O(gamma0)."""
     data = dmft.datasets.sphere(P=2, D=8, key=0)
@@ -561,7 +561,7 @@ def test_deep_tanh_matches_seed_ensembles():
 def test_deep_relu_matches_seed_ensembles():
     """Deep relu with feature learning: depth 2, gamma0 = 0.5, P = 3, 4 times (t_max = 1.8); N times the
     seed variance of the loss at every time and of the final predictions, 2048 seeds at N = 512 and 1024
-    extrapolated linearly in 1/N, against `dmft.fluctuations` (relu smoothed at two widths and
+    extrapolated linearly in 1/N, against `dmft.fluctuations` (relu smoothed at three widths and
     extrapolated to 0, 16384 samples) within 3.5 combined standard errors (6 numbers; the propagator's
     error bar is from 8 independent estimates). Without the extrapolation the theory is 5-11% low here
     (benchmarks/RESULTS.md)."""
