@@ -1,7 +1,7 @@
 """Cost of `dmft.fluctuations` against the DMFT solve it starts from.
 
 The demo's data (sphere, P = 16 + 4 test points, D = 20, gamma0 = 1, t_max = 10) with a two-layer network
-(the fluctuations cover depth 1): relu as in `dmft demo`, and tanh, which adds the mean shift;
+(the fluctuations cover depth 1): relu as in `dmft demo`, and tanh, both with the mean shift;
 `MonteCarlo(n_samples=8192)` as in `dmft demo`. For 30 and 60 steps prints the wall time of the solve
 and of the fluctuations (first call, compilation included, then a second, compiled call) and their
 ratio. The fluctuations build the Jacobian of the mean predictions with respect to the error signal by
@@ -21,7 +21,7 @@ O(S Pa^4) per layer), whose compiled time is printed alone.
 
 Then the sampled propagator of deep tanh and relu networks (`sphere(3, 8)`, gamma0 = 1, t_max = 0.6 per
 step, its default 16384 samples) against the `MonteCarlo(n_samples=16384)` solve: dense m x m algebra and
-per-sample derivatives costing O((T Pa)^5) each; relu's at two smoothing widths.
+per-sample derivatives costing O((T Pa)^5) each; relu's at three smoothing widths.
 
 Run: python benchmarks/fluctuations.py [--deep]   (--deep: only the deep tables)
 """
