@@ -48,6 +48,7 @@ replicas, T = n + 1 times, Pa points); memory per device O(L (R / d + 1) (T Pa)^
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import equinox as eqx
 import jax
@@ -77,6 +78,7 @@ _WARMUP_ABOVE = 0.3  # the pooled stage's warm-up (half the replicas' samples) w
 _WARMUP_MAX = 8  # and for at most this many iterations
 _GROWTH_MAX = 8.0  # the pooled map's largest step, relative to the iterate, per layer (`_PooledStage`)
 _WINDOW_RTOL = 0.05  # the pooled stage's time window doubles once the relative change is at most this
+_RIDGE, _RIDGE_SAMPLES = 1e-3, 512  # the default Stein ridge at this many samples per replica (`rcond`)
 _ROOT_TOL = 1e-2  # largest overshoot (bound) of a replica's first-order root, relative to its covariance
 
 
@@ -217,9 +219,11 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       activation), `"jacobian"` (forward mode along the top `n_directions` source eigenvectors;
       validation; for relu it misses the delta(h) part of the equal-time Bbar(t, t)) or `"none"`
       (A = B = 0: the gradient independence approximation). `rcond`: ridge of the Stein regression,
-      relative to the mean eigenvalue of the source covariance: it biases the responses by an amount
-      that does not shrink with S, and a smaller one amplifies the sampling noise of a replica's
-      S / R samples until the replica stage no longer settles.
+      relative to the mean eigenvalue of the source covariance. It biases the responses, and a smaller
+      one amplifies the sampling noise of a replica's S / R samples until the replica stage no longer
+      settles. None (default): `1e-3 sqrt(512 R / S)`, which scales with that noise (1e-3 at the
+      default 512 samples per replica), so that the bias falls like the standard error as S grows
+      instead of staying fixed; a number holds it fixed.
     - `predictions`: `"readout"` (default) takes the predictions from the read-out of the single site,
       `f(t) = gamma0^{-1} <z^L(t) phi(h^L(t))>` (centred), the infinite-width limit of gradient descent
       with step `eta0 dt` on the grid (`networks.train(method="gd")`, `dmft.compare`'s default); it
@@ -271,7 +275,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
     control_variates: bool | None = eqx.field(static=True, default=None)
     responses: str = eqx.field(static=True, default="stein")
     predictions: str = eqx.field(static=True, default="readout")
-    rcond: float = 1e-3
+    rcond: float | None = None
     rtol: float | None = None
     damping: float | None = None
     max_iters: int = eqx.field(static=True, default=100)
@@ -289,14 +293,19 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return True
 
     def _filled(self, problem):
-        """This solver with `n_samples` chosen for `problem` where it is None (see `n_samples`)."""
-        if self.n_samples is not None:
-            return self
-        kinked_and_deep = not problem.activation.smooth and problem.depth >= 3
-        return dataclasses.replace(self, n_samples=16384 if kinked_and_deep else 4096)
+        """This solver with `n_samples` and `rcond` chosen for `problem` where they are None (see
+        `n_samples`, `rcond`)."""
+        solver = self
+        if solver.n_samples is None:
+            kinked_and_deep = not problem.activation.smooth and problem.depth >= 3
+            solver = dataclasses.replace(solver, n_samples=16384 if kinked_and_deep else 4096)
+        if solver.rcond is None:  # (validate refuses fewer than 2 samples per replica)
+            per_replica = max(solver._per_replica, 1)
+            solver = dataclasses.replace(solver, rcond=_RIDGE * math.sqrt(_RIDGE_SAMPLES / per_replica))
+        return solver
 
     def validate(self, problem):
-        if self.n_samples is None:
+        if self.n_samples is None or self.rcond is None:
             return self._filled(problem).validate(problem)
         S, R = self.n_samples, self.n_replicas
         if R < 2 or S % R or S // R < 2:
@@ -336,6 +345,8 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 f"control_variates=True needs an activation with a closed-form control pair (linear, relu, "
                 f"erf, tanh), got {problem.activation.name!r}: pass control_variates=None or False"
             )
+        if not self.rcond > 0:
+            raise ValueError(f"rcond must be None (scaled with the samples per replica) or > 0, got {self.rcond}")
         if self.rtol is not None and not self.rtol >= 0:
             raise ValueError(f"rtol must be None (stop at the noise floor) or >= 0, got {self.rtol}")
         if self.undamped_above is not None and not self.undamped_above > 0:
