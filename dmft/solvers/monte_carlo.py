@@ -293,19 +293,19 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         return True
 
     def _filled(self, problem):
-        """This solver with `n_samples` and `rcond` chosen for `problem` where they are None (see
-        `n_samples`, `rcond`)."""
-        solver = self
-        if solver.n_samples is None:
-            kinked_and_deep = not problem.activation.smooth and problem.depth >= 3
-            solver = dataclasses.replace(solver, n_samples=16384 if kinked_and_deep else 4096)
-        if solver.rcond is None:  # (validate refuses fewer than 2 samples per replica)
-            per_replica = max(solver._per_replica, 1)
-            solver = dataclasses.replace(solver, rcond=_RIDGE * math.sqrt(_RIDGE_SAMPLES / per_replica))
-        return solver
+        """This solver with `n_samples` chosen for `problem` where it is None (see `n_samples`)."""
+        if self.n_samples is not None:
+            return self
+        kinked_and_deep = not problem.activation.smooth and problem.depth >= 3
+        return dataclasses.replace(self, n_samples=16384 if kinked_and_deep else 4096)
+
+    @property
+    def _ridge(self):
+        """`rcond`, or where it is None its default for the samples per replica."""
+        return _RIDGE * math.sqrt(_RIDGE_SAMPLES / self._per_replica) if self.rcond is None else self.rcond
 
     def validate(self, problem):
-        if self.n_samples is None or self.rcond is None:
+        if self.n_samples is None:
             return self._filled(problem).validate(problem)
         S, R = self.n_samples, self.n_replicas
         if R < 2 or S % R or S // R < 2:
@@ -345,7 +345,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
                 f"control_variates=True needs an activation with a closed-form control pair (linear, relu, "
                 f"erf, tanh), got {problem.activation.name!r}: pass control_variates=None or False"
             )
-        if not self.rcond > 0:
+        if self.rcond is not None and not self.rcond > 0:
             raise ValueError(f"rcond must be None (scaled with the samples per replica) or > 0, got {self.rcond}")
         if self.rtol is not None and not self.rtol >= 0:
             raise ValueError(f"rtol must be None (stop at the noise floor) or >= 0, got {self.rtol}")
@@ -583,7 +583,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         Delta = _stopped(error_signal(problem, K, state.eps), window)
         ctrl = self._control(problem)
         root = lambda S, ref: (
-            _sampling.factor(S) if ref is None else _sampling.factor_near(S, ref, self.rcond, _ROOT_TOL)
+            _sampling.factor(S) if ref is None else _sampling.factor_near(S, ref, self._ridge, _ROOT_TOL)
         )
         Phi_new, G_new, A_new, B_new = [], [], [], []
         means, variances = [], []
@@ -652,7 +652,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
         if self.responses == "jacobian":
             R = m[name + "_jac"] * _responses.time_mask(T, shape, lag, K.dtype)
         else:
-            R = _responses.causal_stein(m[name], K, self.rcond, T, lag)
+            R = _responses.causal_stein(m[name], K, self._ridge, T, lag)
         return _over_gamma0(problem, R).reshape(out)
 
     @staticmethod
