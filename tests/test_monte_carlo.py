@@ -277,6 +277,7 @@ def test_control_variates_fall_back_for_a_custom_activation():
         (dict(sampling="antithetic", n_samples=24, n_replicas=8), "even chunk_size"),
         (dict(damping=1.5), "damping must be None"),
         (dict(rtol=-1.0), "rtol must be None"),
+        (dict(rcond=0.0), "rcond must be None"),
     ],
 )
 def test_bad_settings(kwargs, match):
