@@ -161,7 +161,8 @@ def _secant_ratio(r, r_prev):
 
 
 def _iterate(problem, solver, state, key, progress):
-    """The damped fixed-point loop: `(state, iterations, residuals, converged)`."""
+    """The damped fixed-point loop: `(state, iterations, residuals, converged, diverged)`; `diverged`: it
+    stopped because the change went non-finite (the state itself may still be finite, if huge)."""
     n = solver.max_iters
     dtype = problem.data.Kx.dtype
 
@@ -190,10 +191,10 @@ def _iterate(problem, solver, state, key, progress):
     carry = (jnp.array(0), state, residuals, jnp.array(False), jnp.array(False), r0, jnp.asarray(jnp.nan, dtype))
     if progress:
         jax.debug.callback(lambda: _bar_open(n), ordered=True)
-    iterations, state, residuals, converged, *_ = jax.lax.while_loop(cond, body, carry)
+    iterations, state, residuals, converged, diverged, *_ = jax.lax.while_loop(cond, body, carry)
     if progress:
         jax.debug.callback(_bar_close, ordered=True)
-    return state, iterations, residuals, converged
+    return state, iterations, residuals, converged, diverged
 
 
 @eqx.filter_jit
@@ -207,19 +208,19 @@ def _solve(problem, solver, key, throw, progress, traced=True):
         problem = eqx.tree_at(lambda p: p.gamma0, problem, gamma0)
     state = solver.init(problem, key)
     extra = {}
-    converged = jnp.array(True)
+    converged, diverged = jnp.array(True), jnp.array(False)
     if isinstance(solver, AbstractIterativeSolver):
         iterations, residuals = jnp.array(0), jnp.zeros((0,), problem.data.Kx.dtype)
         for stage in solver.stages():
             state = stage.enter(problem, state)
-            state, its, res, conv = _iterate(problem, stage, state, key, progress)
+            state, its, res, conv, div = _iterate(problem, stage, state, key, progress)
             # The residuals of all stages in order, NaN-padded at the end.
             residuals = jnp.concatenate([residuals, jnp.full_like(res, jnp.nan)])
             residuals = jax.lax.dynamic_update_slice(residuals, res, (iterations,))
-            iterations, converged = iterations + its, converged & conv
+            iterations, converged, diverged = iterations + its, converged & conv, diverged | div
         extra = dict(iterations=iterations, residuals=residuals)
     fields = solver.postprocess(problem, state, key)
-    finite = _all_finite({k: v for k, v in fields.items() if k != "ts"}) & _all_finite(state)
+    finite = _all_finite({k: v for k, v in fields.items() if k != "ts"}) & _all_finite(state) & ~diverged
     result = RESULTS.where(
         ~finite, RESULTS.nonfinite, RESULTS.where(converged, RESULTS.successful, RESULTS.max_iters_reached)
     )

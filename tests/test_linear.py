@@ -180,10 +180,14 @@ def test_nonconvergence_is_reported():
 def test_causal_march_is_the_fixed_point_of_the_iteration(L, responses, sigmas):
     # The one-pass causal solution must be the fixed point the damped Jacobi iteration converges to
     # from the lazy start: both are exact solutions of the same closure, so they agree to round-off
-    # amplified by the iteration's conditioning (measured ~1e-14; 1e-11 leaves three decades).
+    # amplified by the iteration's conditioning (measured ~1e-14; 1e-11 leaves three decades). Damped
+    # at 0.5: undamped, the read-out rule's iteration diverges from the lazy start at depth 3 with
+    # sigma_w = 0.9, sigma_b = 0.4 (`test_a_diverging_iteration_says_so`).
     problem = _problem(L=L, gamma0=1.5, sigmas=sigmas)
     marched = dmft.solve(problem, dmft.LinearClosure(responses=responses, rtol=1e-13))
-    iterated = dmft.solve(problem, dmft.LinearClosure(responses=responses, rtol=1e-13, max_iters=400, start="lazy"))
+    iterated = dmft.solve(
+        problem, dmft.LinearClosure(responses=responses, rtol=1e-13, max_iters=400, start="lazy", damping=0.5)
+    )
     # The march is already converged: the first sweep changes nothing beyond round-off.
     assert int(marched.iterations) == 1 and float(marched.residuals[0]) < 1e-13
     assert int(iterated.iterations) > 5
@@ -192,3 +196,12 @@ def test_causal_march_is_the_fixed_point_of_the_iteration(L, responses, sigmas):
         if b.size == 0:  # no response functions at depth 1
             continue
         assert np.max(np.abs(a - b)) <= 1e-11 * max(np.max(np.abs(b)), 1.0), name
+
+
+def test_a_diverging_iteration_says_so():
+    # From the lazy start the undamped iteration of this closure grows to ~1e213 in 7 iterations: its
+    # relative change goes non-finite before the state does, and the solve must say it went
+    # non-finite, not that it ran out of iterations.
+    problem = _problem(L=3, gamma0=1.5, sigmas=(0.9, 0.4))
+    sol = dmft.solve(problem, dmft.LinearClosure(start="lazy", max_iters=400), throw=False)
+    assert sol.result == dmft.RESULTS.nonfinite and int(sol.iterations) < 20
