@@ -53,7 +53,7 @@ def test_relu_samples_have_the_monte_carlo_kernels():
     # The last term is computed exactly by applying the solver's pooled map (same key) to x.
     x = solver.init(problem, jr.key(0)).q
     x = eqx.tree_at(lambda s: (s.Phi, s.G, s.A, s.B), x, (sol.Phi, sol.G, sol.A, sol.B))
-    Tx = solver._map(problem, x, solver._keys(jr.key(0)), None, solver._beta(problem))[0]
+    Tx = solver._map(problem, x, solver._keys(jr.key(0)), solver._axes(problem), None, solver._beta(problem))[0]
     for l in range(2):
         phi = np.maximum(np.asarray(fs.h[l]), 0.0)
         prod_var = (phi[:, :, None] * phi[:, None, :]).var(0)  # Var(phi_mu phi_nu), not Gaussian
