@@ -204,8 +204,8 @@ def test_same_key_same_result_whatever_the_chunks(sampling):
     )
     # Chunks change only the order of the float64 sums (relative round-off ~1e-16 x sqrt(chunks)),
     # which the Stein regressions amplify by up to their condition number ~1 / rcond = 350 (64 samples
-    # per replica) per iteration, ~1e-12 after 3 iterations: 1e-10 is above that and far below any sampling difference
-    # (~S^-1/2 = 4e-2).
+    # per replica) per iteration, ~1e-12 after 3 iterations: 1e-10 is above that and far below any
+    # sampling difference (~S^-1/2 = 4e-2).
     a, b = solve(64), solve(16)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-10)
     np.testing.assert_array_equal(a.loss, solve(64).loss)
