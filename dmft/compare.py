@@ -21,6 +21,7 @@ __all__ = ["Comparison", "compare", "MAX_FLUCTUATION_SIZE"]
 
 MAX_FLUCTUATION_SIZE = 1024
 MAX_LINEAR_FLUCTUATION_SIZE = 36  # (time, point) pairs of a deep linear network's propagator
+MAX_SAMPLED_FLUCTUATION_COST = 2 * 12**5  # `_sampled_cost` of a depth-2 smooth network at T Pa = 12
 
 
 class Comparison(eqx.Module):
@@ -61,8 +62,19 @@ def _fluctuations_affordable(problem):
     T, Pa = problem.n_steps + 1, problem.data.Kx.shape[0]
     if problem.depth == 1:
         return T * problem.P * problem.C <= MAX_FLUCTUATION_SIZE
-    linear = isinstance(problem.activation, Linear) and deep_propagator(problem)
-    return float(problem.gamma0) > 0 and linear and T * Pa <= MAX_LINEAR_FLUCTUATION_SIZE
+    if not deep_propagator(problem):
+        return False
+    if isinstance(problem.activation, Linear):
+        return T * Pa <= MAX_LINEAR_FLUCTUATION_SIZE
+    return _sampled_cost(problem) <= MAX_SAMPLED_FLUCTUATION_COST
+
+
+def _sampled_cost(problem):
+    """The sampled propagator's cost (`_sampled_propagator`) in units of its per-sample work `(T Pa)^5` in
+    one outer layer: a middle layer's per-sample tensors are about three times an outer one's, and relu
+    is smoothed at three widths."""
+    n, L = (problem.n_steps + 1) * problem.data.Kx.shape[0], problem.depth
+    return n**5 * (2 + 3 * (L - 2)) * (1 if problem.activation.smooth else 3)
 
 
 def compare(
@@ -91,9 +103,11 @@ def compare(
     `fluctuations=True` also computes the 1/N seed-to-seed covariances of `dmft.fluctuations` (the
     +-1 sigma band of each width in the figures) where they are defined and affordable: two-layer
     networks whose train grid has at most `MAX_FLUCTUATION_SIZE` (time, point, class) triples (the
-    cost grows with its square), and deep linear networks with feature learning whose grid has at most
+    cost grows with its square); deep linear networks with feature learning on at most
     `MAX_LINEAR_FLUCTUATION_SIZE` (time, point) pairs (the propagator's cost grows with about its third
-    power).
+    power); other deep networks with feature learning, whose sampled propagator costs ~ (T Pa)^5 per
+    layer, on at most 12 (time, point) pairs at depth 2 with a smooth activation, 9 at depth 3 or for
+    relu at depth 2, 8 for relu at depth 3 (`_sampled_cost`).
     `progress=True` shows tqdm bars on stderr: the DMFT iterations (residual live), then the widths.
     """
     widths = tuple(int(w) for w in widths)

@@ -522,6 +522,24 @@ def test_deep_relu_reaches_the_lazy_limit():
     assert np.mean(z**2) < 3 and np.abs(z).max() < 6, (np.mean(z**2), np.abs(z).max())
 
 
+def test_compare_draws_bands_wherever_fluctuations_are_affordable():
+    """`compare` computes `dmft.fluctuations` (the +-1 sigma bands) for deep nonlinear networks with
+    feature learning on the grids where the sampled propagator is cheap: its (T Pa)^5 cost up to that of
+    T Pa = 12 at depth 2 with a smooth activation."""
+    grid = lambda act, depth, n_steps, gamma0=1.0, **kw: _problem(act, gamma0, n_steps, 3, 1, depth, **kw)
+    assert _fluctuations_affordable(grid("tanh", 2, 2)) and not _fluctuations_affordable(grid("tanh", 2, 3))  # 12, 16
+    assert _fluctuations_affordable(grid("relu", 2, 1)) and not _fluctuations_affordable(grid("relu", 2, 2))  # 8, 12
+    assert _fluctuations_affordable(grid("tanh", 3, 1)) and not _fluctuations_affordable(grid("tanh", 3, 2))
+    assert not _fluctuations_affordable(grid("tanh", 2, 1, sigma_w=1.5))  # no propagator for other sigmas
+    # end to end: a depth-2 tanh network on 2 times and 2 points, the sampled propagator at its defaults
+    problem = dmft.Problem(dmft.datasets.sphere(2, 8, 0), dmft.MLP(2, "tanh"), gamma0=0.5, t_max=0.6, n_steps=1)
+    comp = dmft.compare(problem, dmft.MonteCarlo(n_samples=1024), widths=[16, 32], seeds=2, key=0, progress=False)
+    fl = comp.fluctuations
+    assert fl is not None and fl.f_var.shape == (2, 2) and fl.loss_bias is None  # no deep nonlinear mean shift
+    np.testing.assert_allclose(comp.seed_sd(32), jnp.sqrt(jnp.diagonal(fl.loss_cov) / 32))
+    assert float(comp.seed_sd(16)[-1]) > 0
+
+
 def _z_against_ensembles(problem, fl, seed):
     """z of `fl` against seed ensembles: N Var of the loss at every time after 0 and of the final
     predictions, 2048 seeds (ensemble keys `seed * N + i`) at N = 512 and 1024, extrapolated linearly in
