@@ -35,7 +35,7 @@ from paper_figs._common import (
 )
 
 FULL = dict(P=20, D=40, eta0=0.025, T=100, depths=(2, 3, 4, 5), gamma_sweep=1.4, gamma_kernels=1.5, width=2200, seeds=1)
-QUICK = dict(P=8, D=12, eta0=0.05, T=15, depths=(1, 2, 3), gamma_sweep=1.4, gamma_kernels=1.5, width=200, seeds=1)
+QUICK = dict(P=8, D=12, eta0=0.05, T=15, depths=(1, 2, 3), gamma_sweep=1.4, gamma_kernels=1.5, width=200, seeds=8)
 
 
 def movement(Phi_eq):
@@ -122,6 +122,10 @@ def main(quick: bool = False, out: str = "paper_figs/out") -> dict:
     res["max_abs_loss_diff"] = [
         float(np.max(np.abs(paper_loss(rows[L][0].loss) - paper_loss(rows[L][1].loss).mean(0)))) for L in depths
     ]
+    if cfg["seeds"] > 1:  # the difference over its seed standard error, max over the times after 0
+        se = lambda run: paper_loss(run.loss)[:, 1:].std(0, ddof=1) / np.sqrt(cfg["seeds"])
+        diff = lambda sol, run: paper_loss(sol.loss)[1:] - paper_loss(run.loss)[:, 1:].mean(0)
+        res["max_loss_z"] = [float(np.max(np.abs(diff(*rows[L]) / se(rows[L][1])))) for L in depths]
     res["final_Phi_alignment_per_layer"] = [
         alignment(np.asarray(sol_k.Phi_eq)[l, -1], np.asarray(run_k.Phi_eq).mean(0)[l, -1]) for l in range(L_max)
     ]

@@ -48,8 +48,11 @@ def test_f2_deep_linear(tmp_path):
     _check_files(res)
     # Deeper networks move their kernels more (lower alignment with the initial kernel), in theory ...
     assert np.all(np.diff(res["movement_dmft"]) < 0)
-    # ... and the network agrees with the exact closure to within finite-width noise at N = 200.
-    assert max(res["max_abs_loss_diff"]) < 0.05
+    # ... and the networks agree with the exact closure to within their seed noise at N = 200: 8 seeds, so
+    # each time's difference over its standard error is Student-t with 7 degrees of freedom (|t| > 5 has
+    # probability 0.16%; the 15 times of a depth are strongly correlated), plus the O(1/N) mean shift,
+    # a small part of the O(N^-1/2) seed noise of one network at N = 200.
+    assert max(res["max_loss_z"]) < 5, res["max_loss_z"]
 
 
 @pytest.mark.slow
