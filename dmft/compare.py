@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -107,7 +109,8 @@ def compare(
     `MAX_LINEAR_FLUCTUATION_SIZE` (time, point) pairs (the propagator's cost grows with about its third
     power); other deep networks with feature learning, whose sampled propagator costs ~ (T Pa)^5 per
     layer, on at most 12 (time, point) pairs at depth 2 with a smooth activation, 9 at depth 3 or for
-    relu at depth 2, 8 for relu at depth 3 (`_sampled_cost`).
+    relu at depth 2, 8 for relu at depth 3 (`_sampled_cost`). Where they fail (a sampled propagator's
+    map that does not converge, say), a warning says why and `Comparison.fluctuations` is None.
     `progress=True` shows tqdm bars on stderr: the DMFT iterations (residual live), then the widths.
     """
     widths = tuple(int(w) for w in widths)
@@ -146,5 +149,8 @@ def compare(
         exponent = jnp.array(jnp.nan)
     fl = None
     if fluctuations and _fluctuations_affordable(problem):
-        fl = fluctuations_of(problem, sol, key=jr.fold_in(k_solve, 1))
+        try:
+            fl = fluctuations_of(problem, sol, key=jr.fold_in(k_solve, 1))
+        except ValueError as error:  # an extra of the comparison: the networks' results stand without it
+            warnings.warn(f"compare drew no fluctuation bands: {error}", stacklevel=2)
     return Comparison(sol, lazy, widths, runs, loss_error, loss_se, f_error, ntk_error, max_loss_error, exponent, fl)
