@@ -22,10 +22,11 @@ centred predictions `(z phi - z(0) phi(0)) / gamma0`. Every sample is a determin
 Everything is dense: m = (4 L - 2) n^2 + n order parameters, and per sample the observables' Hessians
 (third derivatives of y for the responses: n^4 values from n^3 forward passes of the site), so the
 sums cost ~ `S n^5`, the dense solves ~ m^3, and this path is for small T Pa (`sampled_bytes`). The answer
-is the mean of `_GROUPS` independent estimates, each with its own samples (a randomly shifted Sobol net,
-`_normals`) and its own fixed point, and its standard error their spread over sqrt(_GROUPS): the fixed
-point's sampling error is common to every group of samples that shares it, and batch means around one
-fixed point miss it (`benchmarks/RESULTS.md`).
+is the estimate from all S samples (a randomly shifted Sobol net per group of S / `_GROUPS`, `_normals`),
+and its standard error comes from `_GROUPS` independent estimates, one per group, each with its own fixed
+point: their spread over sqrt(_GROUPS) (the fixed point's sampling error is common to every group of
+samples that shares it, and batch means around one fixed point miss it, `benchmarks/RESULTS.md`) and the
+bias that their mean shows (`sampled_coefficients`).
 For relu, `phi''` is a delta that pathwise derivatives miss; the sites use relu smoothed by a narrow
 Gaussian instead (`_smoothed_relu`), one function whose values and derivatives agree (Price's second
 derivatives of `phi'(h_t) phi'(h_s)` at nearby times are large and cancel only then), at three widths,
@@ -48,6 +49,7 @@ __all__ = ["sampled_bytes", "sampled_coefficients"]
 
 _GROUPS = 8  # independent estimates (replicas), whose spread is the standard error
 _MAX_ITERS = 500  # of the fixed point's iteration, which stops at a relative change of sqrt(eps)
+_MEMORY = 5  # differences the fixed point's Anderson steps combine
 _CHUNK_BYTES = 64_000_000  # a chunk's temporaries: larger chunks of these small per-sample tensors run slower
 
 
@@ -334,21 +336,27 @@ def _averages(problem, kink_width, q, e):
 
 def _fixed_point(problem, kink_width, f, e):
     """The sampled map's fixed point `q (m,)` from the lazy kernels and the predictions f, and its last
-    change relative to the largest order parameter. The iteration is undamped until the change first
-    grows, then damped by half: the map contracts fast where feature learning is weak, and strongly
-    feature-learning maps oscillate without the damping."""
+    change relative to the largest order parameter, by Anderson acceleration (type II, unit mixing):
+    each step combines the last `_MEMORY` differences of the iterates and of their residuals. The
+    Jacobians of strongly feature-learning maps have complex pairs of eigenvalues outside the unit
+    circle, where the plain iteration cycles and a damped one converges at a rate close to 1."""
     q = lp.lazy_start(problem, f)
     tol = jnp.finfo(q.dtype).eps ** 0.5  # far below the sampling error of any affordable S
 
     def body(carry):
-        it, q, last, damping = carry
+        it, q, _, dQ, dR, q_last, r_last = carry
         new = _averages(problem, kink_width, q, e)
-        change = jnp.max(jnp.abs(new - q)) / jnp.maximum(jnp.max(jnp.abs(new)), 1.0)
-        damping = jnp.where(change > last, 0.5, damping)
-        return it + 1, q + damping * (new - q), change, damping
+        r = new - q
+        change = jnp.max(jnp.abs(r)) / jnp.maximum(jnp.max(jnp.abs(new)), 1.0)
+        slot, first = (it - 1) % _MEMORY, it == 0  # the oldest difference is replaced
+        dQ = jnp.where(first, dQ, dQ.at[slot].set(q - q_last))
+        dR = jnp.where(first, dR, dR.at[slot].set(r - r_last))
+        gamma = jnp.linalg.lstsq(dR.T, r)[0]  # minimum norm: differences not yet filled (zero) get zero weight
+        return it + 1, q + r - gamma @ (dQ + dR), change, dQ, dR, q, r
 
-    init = (0, q, jnp.asarray(jnp.inf, q.dtype), jnp.asarray(1.0, q.dtype))
-    _, q, change, _ = jax.lax.while_loop(lambda c: (c[0] < _MAX_ITERS) & (c[2] > tol), body, init)
+    history = jnp.zeros((_MEMORY, q.shape[0]), q.dtype)
+    init = (0, q, jnp.asarray(jnp.inf, q.dtype), history, history, q, jnp.zeros_like(q))
+    _, _, change, *_, q, _ = jax.lax.while_loop(lambda c: (c[0] < _MAX_ITERS) & (c[2] > tol), body, init)
     return q, change
 
 
@@ -392,8 +400,10 @@ def _covariance(problem, sums, S):
 
 @eqx.filter_jit
 def _solve(problem, kink_width, f, key, n_samples, chunk):
-    """`_GROUPS` independent estimates, each with its own n_samples / _GROUPS samples per layer: the
-    sampled map's fixed point, its largest last change, and `(coef, F)` of `_propagator.outputs`."""
+    """The estimate from all n_samples samples per layer, and `_GROUPS` independent ones, each from its
+    own n_samples / _GROUPS of them: `(change, pooled, groups)`, the largest last change of their fixed
+    points, `(coef, F)` of `_propagator.outputs` from all the samples, and the same per group (leading
+    axis `_GROUPS`). Each estimate solves its own fixed point."""
 
     def one(e):
         q, change = _fixed_point(problem, kink_width, f, e)
@@ -401,8 +411,9 @@ def _solve(problem, kink_width, f, key, n_samples, chunk):
         return change, lp.outputs(problem, q, cov)
 
     e = _normals(problem, key, n_samples)
-    change, out = jax.lax.map(one, jnp.moveaxis(e.reshape(e.shape[0], _GROUPS, -1, e.shape[-1]), 1, 0))
-    return jnp.max(change), out
+    change, groups = jax.lax.map(one, jnp.moveaxis(e.reshape(e.shape[0], _GROUPS, -1, e.shape[-1]), 1, 0))
+    pooled_change, pooled = one(e)
+    return jnp.maximum(jnp.max(change), pooled_change), pooled, groups
 
 
 def _per_sample_bytes(problem):
@@ -412,15 +423,17 @@ def _per_sample_bytes(problem):
     return 36 * n**4 * problem.data.Kx.dtype.itemsize
 
 
-def _dense_bytes(problem):
-    """The dense m x m matrices (D, kappa, the solves and their group copies, a few at a time)."""
-    return 8 * lp.order_parameters(problem) ** 2 * problem.data.Kx.dtype.itemsize
+def _dense_bytes(problem, n_samples):
+    """The dense m x m matrices (D, kappa, the solves and their group copies, a few at a time), and the
+    fixed point's per-sample site Jacobians and observables over all the samples (~12 n^2 values each)."""
+    n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
+    return (8 * lp.order_parameters(problem) ** 2 + 12 * n * n * n_samples) * problem.data.Kx.dtype.itemsize
 
 
 def sampled_chunk(problem, n_samples, budget) -> int:
     """Samples processed at a time within `budget` bytes and a working set of `_CHUNK_BYTES`: a power
     of 2 dividing a group, at least 1."""
-    room = min(max(budget - _dense_bytes(problem), 0), _CHUNK_BYTES) // _per_sample_bytes(problem)
+    room = min(max(budget - _dense_bytes(problem, n_samples), 0), _CHUNK_BYTES) // _per_sample_bytes(problem)
     chunk = 1
     while 2 * chunk <= room and (n_samples // _GROUPS) % (2 * chunk) == 0:
         chunk *= 2
@@ -429,28 +442,31 @@ def sampled_chunk(problem, n_samples, budget) -> int:
 
 def sampled_bytes(problem, n_samples, budget) -> int:
     """The memory of `sampled_coefficients` at the chunk `sampled_chunk` chooses."""
-    return _dense_bytes(problem) + sampled_chunk(problem, n_samples, budget) * _per_sample_bytes(problem)
+    return _dense_bytes(problem, n_samples) + sampled_chunk(problem, n_samples, budget) * _per_sample_bytes(problem)
 
 
-def _groups(problem, f, key, n_samples, chunk, kink_width):
-    """`(coef, F)` of each of the `_GROUPS` estimates, with leading axis `_GROUPS`."""
-    change, out = _solve(problem, kink_width, f.astype(problem.data.Kx.dtype), key, n_samples, chunk)
-    if not float(change) <= jnp.finfo(out[1].dtype).eps ** 0.5:
+def _estimates(problem, f, key, n_samples, chunk, kink_width):
+    """`(pooled, groups)` of `_solve`, checked for convergence."""
+    change, pooled, groups = _solve(problem, kink_width, f.astype(problem.data.Kx.dtype), key, n_samples, chunk)
+    if not float(change) <= jnp.finfo(pooled[1].dtype).eps ** 0.5:
         raise ValueError(
             f"the sampled DMFT map did not reach its fixed point in {_MAX_ITERS} iterations (relative change "
             f"{float(change):.3g}): the problem may be at the edge of stability; use a smaller eta0 or t_max"
         )
-    return out
+    return pooled, groups
 
 
 def sampled_coefficients(problem, f, key, n_samples, budget, kink_width=0.0):
     """The variance coefficients of `fluctuations` for a deep nonlinear network at gamma0 > 0 around
     the predictions `f (T, Pa)` of its solution: `(coef, stderr, F)` as
-    `_propagator.linear_coefficients` returns them, the mean of `_GROUPS` independent estimates and its
-    standard error; `budget` bytes of memory. `kink_width > 0` (relu): relu smoothed at 1, 2 and 3 times
-    that width, with the same samples, extrapolated to width 0 (`3 c(w) - 3 c(2 w) + c(3 w)`, estimate
-    by estimate): the smoothing's bias is linear in the width, and its quadratic part is not negligible
-    at w = 0.2."""
+    `_propagator.linear_coefficients` returns them; `budget` bytes of memory. The answer is the estimate
+    from all the samples. Its standard error combines the spread of `_GROUPS` independent estimates from
+    S / _GROUPS samples each, over sqrt(_GROUPS), with its bias: the propagator inverts a sampled matrix,
+    so an estimate is biased by O(1 / S) (upwards, where the matrix is near singular), and the groups'
+    mean, with `_GROUPS` times the bias, estimates it as `(mean - pooled) / (_GROUPS - 1)`.
+    `kink_width > 0` (relu): relu smoothed at 1, 2 and 3 times that width, with the same samples,
+    extrapolated to width 0 (`3 c(w) - 3 c(2 w) + c(3 w)`, estimate by estimate): the smoothing's bias is
+    linear in the width, and its quadratic part is not negligible at w = 0.2."""
     m = n_samples // _GROUPS
     if n_samples % _GROUPS or m & (m - 1):
         raise ValueError(
@@ -460,10 +476,11 @@ def sampled_coefficients(problem, f, key, n_samples, budget, kink_width=0.0):
     chunk = sampled_chunk(problem, n_samples, budget)
     if kink_width > 0:  # one compilation for every width: the width is traced
         w = jnp.asarray(kink_width, problem.data.Kx.dtype)
-        at = [_groups(problem, f, key, n_samples, chunk, k * w) for k in (1, 2, 3)]
+        at = [_estimates(problem, f, key, n_samples, chunk, k * w) for k in (1, 2, 3)]
         # c(w) = c(0) + a w + b w^2 + O(w^3): 3 c(w) - 3 c(2 w) + c(3 w) = c(0) + O(w^3)
-        coef, F = jax.tree.map(lambda x, y, z: 3 * x - 3 * y + z, *at)
+        (coef, F), (groups, _) = jax.tree.map(lambda x, y, z: 3 * x - 3 * y + z, *at)
     else:
-        coef, F = _groups(problem, f, key, n_samples, chunk, None)
-    se = {k: jnp.std(x, axis=0, ddof=1) / _GROUPS**0.5 for k, x in coef.items()}
-    return {k: x.mean(0) for k, x in coef.items()}, se, F.mean(0)
+        (coef, F), (groups, _) = _estimates(problem, f, key, n_samples, chunk, None)
+    bias = lambda k: (groups[k].mean(0) - coef[k]) / (_GROUPS - 1)
+    se = {k: jnp.sqrt(jnp.var(x, axis=0, ddof=1) / _GROUPS + bias(k) ** 2) for k, x in groups.items()}
+    return coef, se, F

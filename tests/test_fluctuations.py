@@ -482,8 +482,11 @@ def test_sampled_propagator_memory_budget_and_float32():
     tight = sampled_bytes(problem, 64, 0)
     assert sampled_chunk(problem, 64, tight) == 1 < sampled_chunk(problem, 64, 2e9)
     big, small = (sampled_coefficients(problem, sol.f, jr.key(1), 64, budget)[0] for budget in (2e9, tight))
+    # The two are different programs, whose round-off differs: the fixed points' Anderson steps (least
+    # squares on nearly dependent differences) carry it up to their stopping tolerance, a relative change
+    # of sqrt(eps) = 1.5e-8, and the coefficients move by ~1e-7 of the largest of their kind (measured)
     for k in big:
-        np.testing.assert_allclose(small[k], big[k], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(small[k], big[k], rtol=0, atol=1e-6 * float(jnp.abs(big[k]).max()))
     with pytest.raises(ValueError, match="8 times a power of 2"):  # each estimate a whole Sobol net
         sampled_coefficients(problem, sol.f, jr.key(1), 8 * 12, 2e9)
     # float32: the same sources (drawn in float32 either way); round-off through the fixed points and
@@ -588,6 +591,19 @@ def test_deep_tanh_matches_seed_ensembles():
     sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=16384), key=0)
     fl = dmft.fluctuations(problem, sol, key=1)
     assert np.abs(_z_against_ensembles(problem, fl, 1)).max() < 3.5
+
+
+@pytest.mark.slow
+def test_deep_tanh_with_strong_feature_learning_matches_seed_ensembles():
+    """Depth-2 tanh at gamma0 = 5 with steps of 3 (P = 3, 3 times), where the sampled propagator's matrix
+    is near singular and an estimate's noise biases it upwards, by ~8 times more from S / 8 samples than
+    from S: the answer from all the samples, its error bar with the bias the groups' mean shows, within
+    3.5 combined standard errors of the seed ensembles (5 numbers)."""
+    data = dmft.datasets.sphere(P=3, D=8, key=0)
+    problem = dmft.Problem(data, dmft.MLP(2, "tanh"), gamma0=5.0, t_max=6.0, n_steps=2)
+    sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=16384), key=0)
+    fl = dmft.fluctuations(problem, sol, key=1)
+    assert np.abs(_z_against_ensembles(problem, fl, 5)).max() < 3.5
 
 
 @pytest.mark.slow
