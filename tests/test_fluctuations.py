@@ -467,9 +467,10 @@ def test_sampled_propagator_reproduces_the_exact_linear_one():
     assert np.abs(np.asarray(F[..., 0] - sol.f)).max() < 5 * (2 / S) ** 0.5 * float(np.abs(sol.f).max())
     # every coefficient with a standard error (those of f(0) and of the loss at t = 0 are exactly 0)
     z = np.concatenate([np.asarray((coef[k] - exact[k]) / se[k])[np.asarray(se[k]) > 0] for k in ("f", "loss", "ntk")])
-    # The standard errors are the spread of 8 independent estimates: each z is Student-t with 7 degrees
-    # of freedom (E z^2 = 7/5, P(|z| > 6) = 5e-4 per number). The ~60 numbers are strongly correlated, so
-    # their mean z^2 scatters by about its own size (0.1-1.6 over 4 keys at this S, benchmarks/RESULTS.md).
+    # The standard errors are the spread of 8 independent estimates (with, in quadrature, the bias their
+    # mean shows, which only widens them): each z is at most Student-t with 7 degrees of freedom (E z^2 =
+    # 7/5, P(|z| > 6) = 5e-4 per number). The ~60 numbers are strongly correlated, so their mean z^2
+    # scatters by about its own size (0.1-1.6 over 4 keys at this S, benchmarks/RESULTS.md).
     assert np.mean(z**2) < 3 and np.abs(z).max() < 6, (np.mean(z**2), np.abs(z).max())
 
 
@@ -518,10 +519,11 @@ def test_deep_relu_reaches_the_lazy_limit():
         se = np.hypot(rich.stderr[name], lazy.stderr[name])
         z.append(((a - b) / np.where(se > 0, se, 1.0))[np.asarray(rich.stderr[name]) > 0])
     z = np.concatenate(z)
-    # rich's standard errors are the spread of 8 estimates (Student-t, 7 degrees of freedom: E z^2 = 7/5,
-    # P(|z| > 6) = 5e-4 per number), lazy's 4x smaller; the numbers are strongly correlated, so their mean
-    # z^2 scatters by about its own size. The O(gamma0) difference, the smoothing's O(w^2) remainder and
-    # the O(1 / S) bias of each estimate are each below a few per cent of the coefficients (benchmarks/RESULTS.md).
+    # rich's standard errors are the spread of 8 estimates and their mean's bias (at most Student-t, 7
+    # degrees of freedom: E z^2 = 7/5, P(|z| > 6) = 5e-4 per number), lazy's 4x smaller; the numbers are
+    # strongly correlated, so their mean z^2 scatters by about its own size. The O(gamma0) difference, the
+    # smoothing's O(w^2) remainder and the O(1 / S) bias of each estimate are each below a few per cent of
+    # the coefficients (benchmarks/RESULTS.md).
     assert np.mean(z**2) < 3 and np.abs(z).max() < 6, (np.mean(z**2), np.abs(z).max())
 
 
@@ -545,8 +547,8 @@ def test_compare_draws_bands_wherever_fluctuations_are_affordable():
 
 def test_compare_warns_when_the_fluctuations_fail(monkeypatch):
     """A failing `dmft.fluctuations` costs `compare` its bands, not the networks it has trained: a warning
-    says why. (Stood in for by a patched failure; the real case seen: the sampled propagator's map of a
-    depth-2 tanh network at gamma0 = 10 and dt = 3, which `MonteCarlo` solves, did not converge.)"""
+    says why. (Stood in for by a patched failure: a sampled propagator's map that does not reach its
+    fixed point.)"""
 
     def fails(*args, **kwargs):
         raise ValueError("the sampled DMFT map did not reach its fixed point")
