@@ -461,9 +461,10 @@ def sampled_coefficients(problem, f, key, n_samples, budget, kink_width=0.0):
     the predictions `f (T, Pa)` of its solution: `(coef, stderr, F)` as
     `_propagator.linear_coefficients` returns them; `budget` bytes of memory. The answer is the estimate
     from all the samples. Its standard error combines the spread of `_GROUPS` independent estimates from
-    S / _GROUPS samples each, over sqrt(_GROUPS), with its bias: the propagator inverts a sampled matrix,
-    so an estimate is biased by O(1 / S) (upwards, where the matrix is near singular), and the groups'
-    mean, with `_GROUPS` times the bias, estimates it as `(mean - pooled) / (_GROUPS - 1)`.
+    S / _GROUPS samples each, over sqrt(_GROUPS), with its bias: the map is causal, so D is nilpotent and
+    `M^-1` a polynomial in the sampled D (as is the second inverse); one estimate's noise multiplied by
+    itself biases it by O(1 / S), more the larger D (strong feature learning), and the groups' mean, with
+    `_GROUPS` times the bias, estimates it as `(mean - pooled) / (_GROUPS - 1)`.
     `kink_width > 0` (relu): relu smoothed at 1, 2 and 3 times that width, with the same samples,
     extrapolated to width 0 (`3 c(w) - 3 c(2 w) + c(3 w)`, estimate by estimate): the smoothing's bias is
     linear in the width, and its quadratic part is not negligible at w = 0.2."""

@@ -418,7 +418,7 @@ def fluctuations(
     `sol` fixes the error signal `Delta = -dl/df` the neurons are linearised around; it must be a
     converged solution of this problem. `n_samples` independent neurons estimate the covariances (their
     relative Monte Carlo error is about `sqrt(2 / n_samples)`, reported in `stderr`; None: 4096, and
-    16384 for the sampled propagator, whose error bars at 4096 are up to 2x too small); `chunk_size`
+    16384 for the sampled propagator, whose error bars at 4096 are up to 3x too small on some keys); `chunk_size`
     neurons are processed at a time (memory only: the result does not depend on it). `memory` is the
     budget (bytes, "8GB", or a fraction of the device; None: half of it): a problem whose Jacobians do
     not fit is refused before anything is allocated. The cost grows like `(T P C)^2 n_samples`

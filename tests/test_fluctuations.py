@@ -603,7 +603,7 @@ def test_deep_tanh_matches_seed_ensembles():
 @pytest.mark.slow
 def test_deep_tanh_with_strong_feature_learning_matches_seed_ensembles():
     """Depth-2 tanh at gamma0 = 5 with steps of 3 (P = 3, 3 times), where the sampled propagator's
-    estimate from S samples is noisy and biased upwards by its sampled inverse (it converges as S grows,
+    estimate from S samples is noisy and biased upwards, a polynomial in sampled matrices (it converges in S,
     benchmarks/RESULTS.md): 65536 samples, within 3.5 combined standard errors of seed ensembles at N =
     256-2048 fitted in 1/N (5 numbers). N Var is flat in N here within the ensembles' errors, and two
     widths' extrapolation would multiply their error by 2.2 instead of 0.86."""
