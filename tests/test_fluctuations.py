@@ -470,7 +470,7 @@ def test_sampled_propagator_reproduces_the_exact_linear_one():
     # The standard errors are the spread of 8 independent estimates (with, in quadrature, the bias their
     # mean shows, which only widens them): each z is at most Student-t with 7 degrees of freedom (E z^2 =
     # 7/5, P(|z| > 6) = 5e-4 per number). The ~60 numbers are strongly correlated, so their mean z^2
-    # scatters by about its own size (0.1-1.6 over 4 keys at this S, benchmarks/RESULTS.md).
+    # scatters by about its own size (per kind, 0.2-7.7 over 8 solves at this S, benchmarks/RESULTS.md).
     assert np.mean(z**2) < 3 and np.abs(z).max() < 6, (np.mean(z**2), np.abs(z).max())
 
 
