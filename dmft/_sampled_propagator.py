@@ -22,11 +22,11 @@ centred predictions `(z phi - z(0) phi(0)) / gamma0`. Every sample is a determin
 Everything is dense: m = (4 L - 2) n^2 + n order parameters, and per sample the observables' Hessians
 (third derivatives of y for the responses: n^4 values from n^3 forward passes of the site), so the
 sums cost ~ `S n^5`, the dense solves ~ m^3, and this path is for small T Pa (`sampled_bytes`). The answer
-is the estimate from all S samples (a randomly shifted Sobol net per group of S / `_GROUPS`, `_normals`),
-and its standard error comes from `_GROUPS` independent estimates, one per group, each with its own fixed
-point: their spread over sqrt(_GROUPS) (the fixed point's sampling error is common to every group of
-samples that shares it, and batch means around one fixed point miss it, `benchmarks/RESULTS.md`) and the
-bias that their mean shows (`sampled_coefficients`).
+is the estimate from all S samples (a randomly shifted Sobol net per group of S / `_GROUPS`, `_normals`)
+less the O(1 / S) bias that `_GROUPS` independent estimates, one per group, each with its own fixed point,
+show; its standard error is their spread over sqrt(_GROUPS) (the fixed point's sampling error is common to
+every group of samples that shares it, and batch means around one fixed point miss it,
+`benchmarks/RESULTS.md`) with that bias in quadrature (`sampled_coefficients`).
 For relu, `phi''` is a delta that pathwise derivatives miss; the sites use relu smoothed by a narrow
 Gaussian instead (`_smoothed_relu`), one function whose values and derivatives agree (Price's second
 derivatives of `phi'(h_t) phi'(h_s)` at nearby times are large and cancel only then), at three widths,
@@ -459,12 +459,14 @@ def _estimates(problem, f, key, n_samples, chunk, kink_width):
 def sampled_coefficients(problem, f, key, n_samples, budget, kink_width=0.0):
     """The variance coefficients of `fluctuations` for a deep nonlinear network at gamma0 > 0 around
     the predictions `f (T, Pa)` of its solution: `(coef, stderr, F)` as
-    `_propagator.linear_coefficients` returns them; `budget` bytes of memory. The answer is the estimate
-    from all the samples. Its standard error combines the spread of `_GROUPS` independent estimates from
-    S / _GROUPS samples each, over sqrt(_GROUPS), with its bias: the map is causal, so D is nilpotent and
-    `M^-1` a polynomial in the sampled D (as is the second inverse); one estimate's noise multiplied by
-    itself biases it by O(1 / S), more the larger D (strong feature learning), and the groups' mean, with
-    `_GROUPS` times the bias, estimates it as `(mean - pooled) / (_GROUPS - 1)`.
+    `_propagator.linear_coefficients` returns them; `budget` bytes of memory. The map is causal, so D is
+    nilpotent and `M^-1` a polynomial in the sampled D (as is the second inverse): one estimate's noise
+    multiplied by itself biases it by O(1 / S), more the larger D (strong feature learning). `_GROUPS`
+    independent estimates from S / _GROUPS samples each carry `_GROUPS` times that bias, so their mean
+    estimates it as `b = (mean - pooled) / (_GROUPS - 1)`. The answer is the estimate from all the samples
+    less b (the jackknife's correction, exact to first order in 1 / S); its standard error is the groups'
+    spread over sqrt(_GROUPS) with b in quadrature, since where the groups are far from their limit the
+    correction falls short.
     `kink_width > 0` (relu): relu smoothed at 1, 2 and 3 times that width, with the same samples,
     extrapolated to width 0 (`3 c(w) - 3 c(2 w) + c(3 w)`, estimate by estimate): the smoothing's bias is
     linear in the width, and its quadratic part is not negligible at w = 0.2."""
@@ -482,6 +484,6 @@ def sampled_coefficients(problem, f, key, n_samples, budget, kink_width=0.0):
         (coef, F), (groups, _) = jax.tree.map(lambda x, y, z: 3 * x - 3 * y + z, *at)
     else:
         (coef, F), (groups, _) = _estimates(problem, f, key, n_samples, chunk, None)
-    bias = lambda k: (groups[k].mean(0) - coef[k]) / (_GROUPS - 1)
-    se = {k: jnp.sqrt(jnp.var(x, axis=0, ddof=1) / _GROUPS + bias(k) ** 2) for k, x in groups.items()}
-    return coef, se, F
+    bias = {k: (x.mean(0) - coef[k]) / (_GROUPS - 1) for k, x in groups.items()}
+    se = {k: jnp.sqrt(jnp.var(x, axis=0, ddof=1) / _GROUPS + bias[k] ** 2) for k, x in groups.items()}
+    return {k: coef[k] - bias[k] for k in coef}, se, F
