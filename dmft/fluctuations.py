@@ -60,6 +60,8 @@ __all__ = ["Fluctuations", "fluctuations"]
 
 # Groups of neurons for the jackknife of the Jacobians' Monte Carlo error (`_coefficients`).
 _GROUPS = 4
+# The relative standard error of the sampled propagator's variances above which `fluctuations` warns.
+_NOISY = 0.25
 
 
 class Fluctuations(eqx.Module):
@@ -426,7 +428,9 @@ def fluctuations(
 
     The standard errors include the Monte Carlo error of the Jacobians with respect to the error signal
     (a jackknife over 4 groups of neurons), so a propagator that the sampling noise makes near-singular
-    shows as a large error bar rather than as a confident number.
+    shows as a large error bar rather than as a confident number. The sampled propagator warns where its
+    standard errors exceed a quarter of its variances (the NTK's of relu, and everything with strong feature
+    learning, where the estimate is then biased too).
 
     relu with feature learning (depth 1): a change of the error signal flips `phi'(h)` of the neurons
     whose field crosses zero, which derivatives along each neuron's path cannot see. The Jacobians count
@@ -476,6 +480,7 @@ def fluctuations(
             f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
             if _sampled(problem):
                 coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget_bytes(memory), kink)
+                _warn_if_noisy(coef, se, n_samples)
             else:
                 coef, se, F = linear_coefficients(problem, f)
                 if one_loop_size(problem) <= ONE_LOOP_MAX and one_loop_bytes(problem) <= budget_bytes(memory):
@@ -491,6 +496,21 @@ def fluctuations(
                 coef, se = coef | bias, se | bias_se
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)
+
+
+def _warn_if_noisy(coef, se, n_samples):
+    """Warn where the sampled propagator's standard errors (norm over t > 0) exceed `_NOISY` of its
+    coefficients': its estimate is a polynomial in sampled matrices, biased where their noise is not small
+    (strong feature learning), and more samples are what it needs."""
+    ratio = {k: float(jnp.linalg.norm(se[k][1:]) / jnp.linalg.norm(coef[k][1:])) for k in ("f", "loss", "ntk")}
+    noisy = [f"{k} {r:.0%}" for k, r in ratio.items() if r > _NOISY]
+    if noisy:
+        warnings.warn(
+            f"the sampled propagator's variances are uncertain at n_samples={n_samples} (standard error over "
+            f"size: {', '.join(noisy)}), and where strong feature learning makes them so they are biased too: pass "
+            "a larger n_samples (the cost grows in proportion)",
+            stacklevel=3,
+        )
 
 
 def _check_memory(problem, n_samples, chunk_size, memory):

@@ -2,6 +2,7 @@
 against a closed form and against seed ensembles of finite networks."""
 
 import importlib
+import warnings
 
 import equinox as eqx
 import jax
@@ -538,11 +539,17 @@ def test_compare_draws_bands_wherever_fluctuations_are_affordable():
     assert not _fluctuations_affordable(grid("tanh", 2, 1, sigma_w=1.5))  # no propagator for other sigmas
     # end to end: a depth-2 tanh network on 2 times and 2 points, the sampled propagator at its defaults
     problem = dmft.Problem(dmft.datasets.sphere(2, 8, 0), dmft.MLP(2, "tanh"), gamma0=0.5, t_max=0.6, n_steps=1)
-    comp = dmft.compare(problem, dmft.MonteCarlo(n_samples=1024), widths=[16, 32], seeds=2, key=0, progress=False)
+    with warnings.catch_warnings():  # the default samples resolve these variances: no warning that they do not
+        warnings.filterwarnings("error", message="the sampled propagator")
+        comp = dmft.compare(problem, dmft.MonteCarlo(n_samples=1024), widths=[16, 32], seeds=2, key=0, progress=False)
     fl = comp.fluctuations
     assert fl is not None and fl.f_var.shape == (2, 2) and fl.loss_bias is None  # no deep nonlinear mean shift
     np.testing.assert_allclose(comp.seed_sd(32), jnp.sqrt(jnp.diagonal(fl.loss_cov) / 32))
     assert float(comp.seed_sd(16)[-1]) > 0
+    # 8 samples per estimate: standard errors of the order of the variances themselves, flagged
+    with pytest.warns(UserWarning, match="uncertain at n_samples=64"):
+        noisy = dmft.fluctuations(problem, comp.dmft, key=1, n_samples=64, chunk_size=64)
+    assert float(jnp.linalg.norm(noisy.stderr["ntk_var"])) > 0.25 * float(jnp.linalg.norm(noisy.ntk_var))
 
 
 def test_compare_warns_when_the_fluctuations_fail(monkeypatch):
