@@ -47,6 +47,7 @@ import jax.random as jr
 
 from ._keys import as_key
 from ._lazy import BIAS_GROUPS, lazy_bias, lazy_coefficients, moments, normal
+from ._maps import make_room
 from ._one_loop import ONE_LOOP_MAX, bias_coefficients, one_loop_bytes, one_loop_size
 from ._propagator import linear_bytes, linear_coefficients
 from ._sampled_propagator import sampled_bytes, sampled_coefficients
@@ -475,6 +476,7 @@ def fluctuations(
     # As in `dmft.solve`: full float32 products on a GPU, not TF32, which costs exact linear algebra
     # three digits (the linear closure's, benchmarks/RESULTS.md).
     kink = float(kink_width) if counted else 0.0
+    make_room()
     with jax.default_matmul_precision("highest"):
         if problem.depth > 1 and float(problem.gamma0) > 0:
             f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)

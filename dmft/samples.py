@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._keys import as_key
+from ._maps import make_room
 from .problem import Problem
 from .single_site import fields, layer_memory
 from .solution import Solution
@@ -115,6 +116,7 @@ def field_samples(
         raise ValueError(f"time must be an index into sol.ts (-{T} <= time < {T}), got {time}")
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    make_room()
     return _draw(problem, sol, as_key(key), n_samples, sampling, time)
 
 

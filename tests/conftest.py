@@ -11,8 +11,9 @@ jax.config.update("jax_enable_x64", True)
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     # One pytest process compiles hundreds of XLA programs, some holding large constants; dropping
-    # them after each test module keeps the process's memory flat (the full suite once died with a
-    # segmentation fault inside an XLA compilation late in the run).
+    # them after each test module keeps the process's memory and its memory mappings flat (the full
+    # suite once died with a segmentation fault inside an XLA compilation late in the run; a process
+    # past vm.max_map_count dies there, `dmft._maps`).
     yield
     jax.clear_caches()
     gc.collect()

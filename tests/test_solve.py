@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -72,3 +73,23 @@ def test_progress_works_under_jit_and_vmap(capsys):
     assert err.count("DMFT iterations") >= 1 and "residual=" in err
     expected = jnp.stack([dmft.solve(_with_gamma0(problem, g), solver).loss for g in gammas])
     np.testing.assert_allclose(losses, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(dmft._maps._mappings() is None, reason="the memory mappings are counted on Linux only")
+def test_a_process_near_its_memory_mapping_limit_clears_the_compilation_caches(monkeypatch):
+    # XLA aborts the process when a compilation exceeds vm.max_map_count (three mappings per compiled
+    # kernel); a cap just above this process's count stands for a long sweep that got there.
+    problem, solver = _problem(), dmft.LinearClosure()
+    dmft.solve(problem, solver)  # something compiled, whose mappings clearing releases
+    f = jax.jit(lambda x: x + 1)
+    f(1.0)
+    assert f._cache_size() == 1
+    monkeypatch.setattr(dmft._maps, "_limit", lambda: dmft._maps._mappings())
+    with pytest.warns(UserWarning, match="memory mappings") as record:
+        sol = dmft.solve(problem, solver)
+    assert f._cache_size() == 0  # JAX's caches were cleared before the solve compiled again
+    message = next(str(w.message) for w in record if "memory mappings" in str(w.message))
+    held, now = (int(x) for x in re.search(r"holds (\d+) .* now (\d+) mappings", message).groups())
+    assert now < held
+    monkeypatch.undo()
+    assert _leaves_equal(sol, dmft.solve(problem, solver))  # recompiled, the same answer

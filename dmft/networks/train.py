@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import _mesh, costs
 from .._keys import as_key
+from .._maps import make_room
 from ..dynamics import ntk_from_kernels, prediction_fields, split_classes
 
 __all__ = ["Run", "train", "ensemble", "ensemble_bytes", "init_params", "forward"]
@@ -194,6 +195,8 @@ def train(
     O(1 / (gamma0 sqrt N)) numbers.
     """
     _check(problem, width, method)
+    if not isinstance(key, jax.core.Tracer):  # not under vmap or jit, whose trace uses the caches
+        make_room()
     key = as_key(key)
     params = init_params(problem, width, key)
     f0 = _outputs(problem, params, problem.data.X_all) * center
@@ -255,6 +258,8 @@ def ensemble(problem, width: int, keys, *, mesh=None, memory=None, **kwargs) -> 
 
     Returns a `Run` with a leading seed axis; a seed's network does not depend on the mesh or the
     batches (up to the rounding of batched products)."""
+    if not isinstance(keys, jax.core.Tracer):
+        make_room()
     mesh = _mesh.resolve(mesh, keys.shape[0], "the number of seeds")
     per_device = keys.shape[0] // (1 if mesh is None else mesh.size)
     batch = _batch(problem, width, per_device, kwargs.get("method", "flow"), memory)
