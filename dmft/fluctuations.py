@@ -257,11 +257,14 @@ def _ntk_terms(problem, phi, g, dphi, dg):
 @eqx.filter_jit
 def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     """The variance coefficients (and mean shifts) with their standard errors, as flat dicts keyed by
-    "f", "ntk", "loss", "loss_test" and "<name>_bias", and the mean predictions of the neurons."""
+    "f", "ntk", "loss", "loss_test" and "<name>_bias", and the mean predictions of the neurons on train
+    points. `f`: the DMFT's predictions, on train then (where there are) test points, around which the
+    losses are linearised."""
     data, P, C, loss = problem.data, problem.P, problem.C, problem.loss
     T, Pa, dtype = problem.n_steps + 1, data.Kx.shape[0], data.Kx.dtype
     n = T * P * C
-    f_star = f.reshape(T, P, C)
+    f_all = f.reshape(T, -1, C)
+    f_star = f_all[:, :P]
     Delta_star = jnp.zeros((T, Pa, C), dtype).at[:, :P].set(loss.delta(f_star, data.Y))
     H = jax.scipy.linalg.block_diag(
         *jax.vmap(jax.jacfwd(lambda f: loss.delta(f, data.Y)))(f_star).reshape(T, P * C, -1)
@@ -327,7 +330,7 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     grad_loss = lambda Y, f: jax.vmap(jax.grad(lambda f: loss.value(f, Y)))(f)  # (T, M, C)
     dloss = grad_loss(data.Y, f_star)
     if data.y_test is not None:
-        dloss_test = grad_loss(data.Y_test, F[:, P:])
+        dloss_test = grad_loss(data.Y_test, f_all[:, P:])
 
     smooth = problem.activation.smooth
     train = lambda x: x[..., :P, :].reshape(*x.shape[:-3], n)  # (..., T, Pa, C) -> (..., n) on train points
@@ -361,7 +364,7 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
         out = {"f_bias": b, "loss_bias": jnp.einsum("tpc,stpc->st", dloss, b[:, :, :P])}
         out["loss_bias"] += 0.5 * jax.vmap(lambda x: second(lambda f: loss.value(f, data.Y), f_star, x))(i_f[:, :, :P])
         if data.y_test is not None:
-            f_test, value = F[:, P:], lambda f: loss.value(f, data.Y_test)
+            f_test, value = f_all[:, P:], lambda f: loss.value(f, data.Y_test)
             out["loss_test_bias"] = jnp.einsum("tpc,stpc->st", dloss_test, b[:, :, P:])
             out["loss_test_bias"] += 0.5 * jax.vmap(lambda x: second(value, f_test, x))(i_f[:, :, P:])
         return {k: (v.sum(0), (v**2).sum(0)) for k, v in out.items()}
@@ -391,7 +394,8 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     # error of those Jacobians (the coefficients again without each group's), added in quadrature.
     jack = {name: (G - 1) / G * jnp.sum((x[1:] - x[1:].mean(0)) ** 2, 0) for name, x in coef.items()}
     se = {name: jnp.sqrt(jnp.maximum(hi[0] - lo[0] ** 2, 0.0) / n_samples + jack[name]) for name, (lo, hi) in m.items()}
-    return {name: x[0] for name, x in coef.items()}, se, F[:, :P]
+    drift = c * problem.net.sigma_b**2 * steps @ Delta_star.sum(1)  # the read-out bias's, (T, C)
+    return {name: x[0] for name, x in coef.items()}, se, F[:, :P] + drift[:, None]
 
 
 def fluctuations(
@@ -477,9 +481,9 @@ def fluctuations(
     # three digits (the linear closure's, benchmarks/RESULTS.md).
     kink = float(kink_width) if counted else 0.0
     make_room()
+    f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
     with jax.default_matmul_precision("highest"):
         if problem.depth > 1 and float(problem.gamma0) > 0:
-            f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
             if _sampled(problem):
                 coef, se, F = sampled_coefficients(problem, f, as_key(key), n_samples, budget_bytes(memory), kink)
                 _warn_if_noisy(coef, se, n_samples)
@@ -488,14 +492,12 @@ def fluctuations(
                 if one_loop_size(problem) <= ONE_LOOP_MAX and one_loop_bytes(problem) <= budget_bytes(memory):
                     bias = bias_coefficients(problem, f.astype(problem.data.Kx.dtype))
                     coef, se = coef | bias, se | {name: jnp.zeros_like(x) for name, x in bias.items()}
+        elif problem.depth == 1:
+            coef, se, F = _coefficients(problem, f, as_key(key), n_samples, chunk_size, kink)
         else:
-            args = (problem, sol.f, as_key(key), n_samples, chunk_size)
-            if problem.depth == 1:
-                coef, se, F = _coefficients(*args, kink)
-            else:
-                coef, se, F = lazy_coefficients(*args)
-                bias, bias_se = lazy_bias(problem, as_key(key), n_samples, chunk_size)
-                coef, se = coef | bias, se | bias_se
+            coef, se, F = lazy_coefficients(problem, sol.f, as_key(key), n_samples, chunk_size)
+            bias, bias_se = lazy_bias(problem, as_key(key), n_samples, chunk_size)
+            coef, se = coef | bias, se | bias_se
     _check_same_problem(problem, sol, F, coef["f"][:, : problem.P], n_samples)
     return _assemble(problem, coef, se, n_samples)
 

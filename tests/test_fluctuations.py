@@ -105,6 +105,21 @@ def test_lazy_layer_recursion_matches_the_neuron_path_at_depth_1(activation):
         assert z.max() < 4, z.max()
 
 
+@pytest.mark.parametrize("loss", ["mse", "logistic"])
+def test_test_points_that_repeat_the_train_points_fluctuate_as_they_do(loss):
+    # A test set equal to the training set has the training loss at every width, so its variance and
+    # mean shift must be the training loss's, here with biases, whose read-out bias moves every output
+    # by a deterministic drift. The duplicated points get the same sources up to the square root of a
+    # zero eigenvalue (~1e-8 relative in float64): rtol 1e-5.
+    d = dmft.datasets.sphere(4, 6, 0, target="sign" if loss == "logistic" else "teacher")
+    data = dmft.Dataset(d.X, d.y, d.X, d.y)
+    problem = dmft.Problem(data, dmft.MLP(1, "tanh", sigma_b=0.5), gamma0=1.0, t_max=2.0, n_steps=4, loss=loss)
+    sol = dmft.solve(problem, dmft.MonteCarlo(n_samples=1024), key=0)
+    fl = dmft.fluctuations(problem, sol, key=1, n_samples=1024)
+    np.testing.assert_allclose(fl.loss_test_cov, fl.loss_cov, rtol=1e-5)
+    np.testing.assert_allclose(fl.loss_test_bias, fl.loss_bias, rtol=1e-5, atol=1e-12)
+
+
 def _nvar(x, N):
     """N times the seed variance of `x (seeds, ...)` and its standard error from the fourth moment."""
     x = np.asarray(x) - np.mean(x, axis=0)
