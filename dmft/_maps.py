@@ -45,9 +45,12 @@ def _mappings():
     return None if text is None else text.count(b"\n")
 
 
-def make_room():
+def make_room(*inputs):
     """Clear JAX's in-memory compilation caches, with a warning, when this process holds more than
-    `1 - _MARGIN` of the mappings Linux allows it; otherwise (or off Linux) do nothing."""
+    `1 - _MARGIN` of the mappings Linux allows it; otherwise (or off Linux) do nothing. Nothing either
+    when any leaf of the caller's `inputs` is traced: an enclosing jit or vmap is using the caches."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(inputs)):
+        return
     limit, used = _limit(), _mappings()
     if limit is None or used is None or used < (1 - _MARGIN) * limit:
         return

@@ -257,9 +257,9 @@ def _ntk_terms(problem, phi, g, dphi, dg):
 @eqx.filter_jit
 def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     """The variance coefficients (and mean shifts) with their standard errors, as flat dicts keyed by
-    "f", "ntk", "loss", "loss_test" and "<name>_bias", and the mean predictions of the neurons on train
-    points. `f`: the DMFT's predictions, on train then (where there are) test points, around which the
-    losses are linearised."""
+    "f", "ntk", "loss", "loss_test" and "<name>_bias", and the network's mean predictions on train points
+    (the neurons' mean plus the read-out bias's drift). `f`: the DMFT's predictions, on train then (where
+    there are) test points, around which the losses are linearised."""
     data, P, C, loss = problem.data, problem.P, problem.C, problem.loss
     T, Pa, dtype = problem.n_steps + 1, data.Kx.shape[0], data.Kx.dtype
     n = T * P * C
@@ -480,7 +480,7 @@ def fluctuations(
     # As in `dmft.solve`: full float32 products on a GPU, not TF32, which costs exact linear algebra
     # three digits (the linear closure's, benchmarks/RESULTS.md).
     kink = float(kink_width) if counted else 0.0
-    make_room()
+    make_room(problem, sol)
     f = sol.f if sol.f_test is None else jnp.concatenate([sol.f, sol.f_test], axis=1)
     with jax.default_matmul_precision("highest"):
         if problem.depth > 1 and float(problem.gamma0) > 0:

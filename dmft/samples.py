@@ -116,7 +116,7 @@ def field_samples(
         raise ValueError(f"time must be an index into sol.ts (-{T} <= time < {T}), got {time}")
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    make_room()
+    make_room(problem, sol, key)
     return _draw(problem, sol, as_key(key), n_samples, sampling, time)
 
 

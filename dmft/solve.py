@@ -282,8 +282,7 @@ def solve(
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((problem, key)))
     if not traced and not problem.gamma0 >= 0:
         raise ValueError(f"gamma0 must be >= 0 (0 is the lazy limit), got {problem.gamma0}")
-    if not traced:  # under an outer jit the caches are being used by its trace
-        make_room()
+    make_room(problem, key)
     with jax.default_matmul_precision("highest"):
         sol = _solve(problem, solver, key, throw and traced, progress, traced)
     if throw and not traced and sol.result != RESULTS.successful:  # equinox's error, raised here

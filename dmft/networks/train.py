@@ -195,8 +195,7 @@ def train(
     O(1 / (gamma0 sqrt N)) numbers.
     """
     _check(problem, width, method)
-    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((problem, key))):
-        make_room()  # not under vmap or jit, whose trace uses the caches
+    make_room(problem, key)
     key = as_key(key)
     params = init_params(problem, width, key)
     f0 = _outputs(problem, params, problem.data.X_all) * center
@@ -258,8 +257,7 @@ def ensemble(problem, width: int, keys, *, mesh=None, memory=None, **kwargs) -> 
 
     Returns a `Run` with a leading seed axis; a seed's network does not depend on the mesh or the
     batches (up to the rounding of batched products)."""
-    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((problem, keys))):
-        make_room()
+    make_room(problem, keys)
     mesh = _mesh.resolve(mesh, keys.shape[0], "the number of seeds")
     per_device = keys.shape[0] // (1 if mesh is None else mesh.size)
     batch = _batch(problem, width, per_device, kwargs.get("method", "flow"), memory)
