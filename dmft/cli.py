@@ -48,6 +48,26 @@ _DIGITS = {
     "compare": {"widths": [256, 1024, 4096], "seeds": 8},
 }
 _DIGITS_QUICK = {"data": {"P_test": 32}, "problem": {"n_steps": 20}, "compare": {"widths": [128, 512], "seeds": 2}}
+# `dmft demo --task fluctuations`: the predicted 1/N seed-to-seed spread and mean shift (`dmft.fluctuations`)
+# against 64 seeds per width, on a two-layer network (deep nonlinear ones are covered only on small grids).
+_FLUCTUATIONS = {
+    "data": {"P": 16, "P_test": 4, "D": 20},
+    "network": {"depth": 1, "activation": "tanh"},
+    "problem": {"gamma0": 1.0, "t_max": 10.0, "n_steps": 30},
+    # the DMFT's own Monte Carlo error (~0.15% of the final loss here) below the 1/N shifts to be resolved
+    "solver": {"kind": "monte_carlo", "n_samples": 65536},
+    "compare": {"widths": [128, 512, 2048], "seeds": 64},
+}
+_FLUCTUATIONS_QUICK = {
+    "problem": {"n_steps": 10},
+    "solver": {"n_samples": 8192},
+    "compare": {"widths": [64, 256], "seeds": 16},
+}
+_TASKS = {
+    "regression": (_DEMO, _QUICK),
+    "digits": (_DIGITS, _DIGITS_QUICK),
+    "fluctuations": (_FLUCTUATIONS, _FLUCTUATIONS_QUICK),
+}
 
 
 class ConfigError(ValueError):
@@ -252,7 +272,7 @@ def _solution_summary(sol):
     return summary
 
 
-def _comparison_report(comp, runtime):
+def _comparison_report(comp, runtime, why_none=None):
     err = [float(e) for e in comp.max_loss_error]
     return (
         {
@@ -266,22 +286,24 @@ def _comparison_report(comp, runtime):
             "runtime_seconds": round(runtime, 1),
         }
         | _accuracy_report(comp)
-        | _fluctuation_report(comp)
+        | _fluctuation_report(comp, why_none)
     )
 
 
-def _fluctuation_report(comp):
+def _fluctuation_report(comp, why_none=None):
     """Per width, the predicted (`dmft.fluctuations`) and measured seed-to-seed standard deviations of
     the final loss, the seeds the networks' mean needs for its standard error (max over time) to be
     0.1% of the initial loss and, where the fluctuations have one (`Fluctuations.loss_bias`), the
-    predicted and measured 1/N mean shift of the final loss and the seeds that resolve it; empty without
-    fluctuations."""
+    predicted and measured 1/N mean shift of the final loss (with its standard error) and the seeds that
+    resolve it (None where the DMFT's own standard error is half the shift or more: solve with more
+    samples first). Without fluctuations: `why_none`, the reason, if given."""
     fl = comp.fluctuations
     if fl is None:
-        return {}
+        return {"fluctuations": {"not_computed": why_none}} if why_none else {}
     L0 = float(comp.dmft.loss[0])
+    dmft_se = 0.0 if comp.dmft.stderr is None else float(comp.dmft.stderr["loss"][-1])
     per_width = {}
-    for N, run in zip(comp.widths, comp.runs):
+    for i, (N, run) in enumerate(zip(comp.widths, comp.runs)):
         sd = comp.seed_sd(N)
         row = {
             "predicted_final_loss_sd": float(sd[-1]),
@@ -292,8 +314,12 @@ def _fluctuation_report(comp):
             bias = float(fl.loss_bias[-1]) / N
             row["predicted_final_loss_bias"] = bias
             row["measured_final_loss_bias"] = float(run.loss[:, -1].mean() - comp.dmft.loss[-1])
-            # the seed mean resolves the shift at 2 standard errors: 2 sd / sqrt(seeds) <= |bias|
-            row["seeds_to_resolve_the_bias"] = math.ceil((2 * float(sd[-1]) / max(abs(bias), 1e-300)) ** 2)
+            # the seed mean's standard error and the DMFT's own (Monte Carlo) one
+            row["measured_final_loss_bias_stderr"] = math.hypot(float(comp.loss_se[i, -1]), dmft_se)
+            # the measured shift resolves the predicted one at 2 standard errors: 4 (sd^2 / seeds + dmft_se^2)
+            # <= bias^2; no number of seeds does while the DMFT's own error is half the shift or more
+            room = bias**2 - 4 * dmft_se**2
+            row["seeds_to_resolve_the_bias"] = math.ceil(4 * float(sd[-1]) ** 2 / room) if room > 0 else None
         per_width[str(N)] = row
     return {"fluctuations": per_width}
 
@@ -343,6 +369,7 @@ def run_compare(config, out, progress=True):
     import numpy as np
 
     import dmft
+    from dmft.compare import why_no_fluctuations
 
     problem, solver, seed = build(config)
     c = _section(config, "compare")
@@ -358,7 +385,10 @@ def run_compare(config, out, progress=True):
         fluctuations=c["fluctuations"],
         progress=progress,
     )
-    report = _comparison_report(comp, time.perf_counter() - start)
+    why_none = None
+    if c["fluctuations"] and comp.fluctuations is None:
+        why_none = why_no_fluctuations(problem) or "dmft.fluctuations failed (its warning says why)"
+    report = _comparison_report(comp, time.perf_counter() - start, why_none)
     # The targets travel with the result: re-plotting must not depend on regenerating the data.
     meta = {"config": config, "y": np.asarray(problem.data.y).tolist()}
     dmft.io.save(os.path.join(out, "comparison.npz"), comp, metadata=meta)
@@ -370,8 +400,9 @@ def run_compare(config, out, progress=True):
 
 def demo_config(quick=False, task="regression") -> dict:
     """The embedded default problem of `dmft demo` (a complete, validated config): `task="regression"`
-    (the default) or `"digits"` (classification of two digits with the logistic loss)."""
-    base, smaller = (_DEMO, _QUICK) if task == "regression" else (_DIGITS, _DIGITS_QUICK)
+    (the default), `"digits"` (classification of two digits with the logistic loss) or `"fluctuations"`
+    (a two-layer network against 64 seeds per width, with the predicted 1/N spread and mean shift)."""
+    base, smaller = _TASKS[task]
     config = {k: dict(v) for k, v in base.items()}
     for k, v in (smaller if quick else {}).items():
         config[k].update(v)
@@ -393,9 +424,10 @@ def _parser():
     demo.add_argument("--quick", action="store_true", help="smaller sizes (about 30 s)")
     demo.add_argument(
         "--task",
-        choices=("regression", "digits"),
+        choices=tuple(_TASKS),
         default="regression",
-        help="regression on the sphere (default) or classification of two scikit-learn digits (logistic loss)",
+        help="regression on the sphere by a deep network (default), classification of two scikit-learn digits "
+        "(logistic loss), or the predicted finite-width fluctuations of a two-layer network against 64 seeds per width",
     )
     demo.add_argument("--out", default="dmft_out")
     for name, helptext in (

@@ -123,7 +123,11 @@ def alignment_curves(comparison, y=None, ax=None):
 
 
 def error_vs_width(comparison, ax=None):
-    """Max-over-time loss error of the seed mean (fraction of the initial loss) vs width, log-log."""
+    """Max-over-time loss error of the seed mean (fraction of the initial loss) vs width, log-log. With
+    the comparison's fluctuations, what the 1/N theory predicts for it: the mean shift (max over time of
+    `|loss_bias| / N`) and the noise of the measured error (max over time of the seed mean's predicted
+    standard error `sd(N) / sqrt(seeds)` and the DMFT's own, in quadrature), below which no error is
+    resolved."""
     fig, ax = _axes(ax)
     widths, err = np.asarray(comparison.widths, float), np.asarray(comparison.max_loss_error)
     ax.loglog(widths, err, "o", color=PALETTE[5], label="networks vs DMFT")
@@ -131,6 +135,16 @@ def error_vs_width(comparison, ax=None):
         slope = float(comparison.exponent)
         fit = np.exp(np.polyfit(np.log(widths), np.log(err), 1)[1]) * widths**slope
         ax.loglog(widths, fit, color=PALETTE[5], lw=1, label=f"fit: N^{slope:.2f}")
+    fl = getattr(comparison, "fluctuations", None)
+    if fl is not None:
+        sol, seeds = comparison.dmft, comparison.runs[0].loss.shape[0]
+        own = 0.0 if sol.stderr is None else np.asarray(sol.stderr["loss"]) ** 2
+        noise = [np.sqrt(np.max(np.asarray(fl.sd("loss", int(N))) ** 2 / seeds + own)) for N in widths]
+        L0 = float(sol.loss[0])
+        ax.loglog(widths, np.asarray(noise) / L0, color=PALETTE[4], lw=1, ls="--", label=f"noise ({seeds} seeds, DMFT)")
+        if fl.loss_bias is not None:
+            shift = float(np.max(np.abs(fl.loss_bias))) / L0 / widths
+            ax.loglog(widths, shift, color=PALETTE[4], lw=1, ls=":", label="predicted 1/N shift")
     ax.set(xlabel="width N", ylabel=r"$\max_t$ |loss error| / loss(0)")
     ax.set_xticks(widths, [str(int(w)) for w in widths])
     ax.xaxis.set_minor_formatter("")

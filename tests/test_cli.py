@@ -162,6 +162,16 @@ def test_compare_and_plot(tmp_path):
     assert spread["predicted_final_loss_sd"] > 0 and spread["seeds_for_0.1%_standard_error"] >= 1
     import numpy as np
 
+    import dmft
+    from dmft.plotting import error_vs_width
+
+    comp = dmft.io.load(out / "comparison.npz")
+    # the measured shift's standard error: the seed mean's and the DMFT's own, in quadrature
+    se = np.hypot(comp.loss_se[1, -1], comp.dmft.stderr["loss"][-1])
+    assert np.isclose(spread["measured_final_loss_bias_stderr"], se)
+    labels = [t.get_text() for t in error_vs_width(comp).axes[0].get_legend().get_texts()]
+    assert labels[-2:] == ["noise (2 seeds, DMFT)", "predicted 1/N shift"]
+
     assert np.load(out / "samples.npz")["h"].shape == (1, 4096, 5)  # DMFT histogram samples (L, S, Pa)
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # every file written whole, then renamed
     os.remove(out / "comparison.png")
@@ -201,12 +211,28 @@ def test_help_shows_example_config(capsys):
     assert "[solver]" in capsys.readouterr().out
 
 
+def test_demos_say_whether_they_draw_fluctuation_bands():
+    # The default demo's deep relu network is beyond the sampled propagator's grids, and says so in its
+    # report; `--task fluctuations` is within the two-layer networks' (no solve needed to decide).
+    from dmft.compare import why_no_fluctuations
+
+    assert "620 (time, point) pairs at depth 2" in why_no_fluctuations(build(demo_config())[0])
+    assert why_no_fluctuations(build(demo_config(task="fluctuations"))[0]) is None
+    assert why_no_fluctuations(build(demo_config(quick=True, task="fluctuations"))[0]) is None
+
+
 @pytest.mark.slow
-def test_demo_quick(tmp_path):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
+@pytest.mark.parametrize("task", ["regression", "fluctuations"])
+def test_demo_quick(tmp_path, task):
+    assert main(["demo", "--quick", "--task", task, "--out", str(tmp_path), "--quiet"]) == 0
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "comparison.pdf").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dmft"]["converged"]
+    if task == "regression":
+        assert "pairs at depth 2" in report["fluctuations"]["not_computed"]
+    else:  # the predicted seed spread against 16 seeds (a 16-seed sd is uncertain by ~18%)
+        for row in report["fluctuations"].values():
+            assert 0.5 < row["measured_final_loss_sd"] / row["predicted_final_loss_sd"] < 1.5
 
 
 def test_solve_shows_progress_unless_quiet(tmp_path, capsys):

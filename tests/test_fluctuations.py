@@ -16,7 +16,7 @@ from dmft import _one_loop, _propagator
 from dmft._lazy import _relu_curvature, _relu_price, lazy_bias, lazy_coefficients
 from dmft._propagator import linear_coefficients
 from dmft._sampled_propagator import sampled_bytes, sampled_chunk, sampled_coefficients
-from dmft.compare import _fluctuations_affordable
+from dmft.compare import why_no_fluctuations
 from dmft.solvers.lazy import lazy_kernels
 
 
@@ -419,7 +419,7 @@ def test_deep_linear_fluctuations_are_exact_and_float32_agrees():
     np.testing.assert_allclose(one_loop_cov, cov[f, f], rtol=1e-8, atol=1e-12)
     assert all(float(jnp.abs(se).max()) == 0 for se in fl.stderr.values())  # deterministic: no sampling
     assert jnp.all(fl.f_var[0] == 0) and float(fl.f_var[-1].min()) > 0
-    assert _fluctuations_affordable(problem)  # compare draws its bands (the path test_cli runs at depth 1)
+    assert why_no_fluctuations(problem) is None  # compare draws its bands (the path test_cli runs at depth 1)
     with jax.enable_x64(False):
         low = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if eqx.is_inexact_array(x) else x, (problem, sol))
         lo = dmft.fluctuations(*low, key=0)
@@ -548,10 +548,10 @@ def test_compare_draws_bands_wherever_fluctuations_are_affordable():
     feature learning on the grids where the sampled propagator is cheap: its (T Pa)^5 cost up to that of
     T Pa = 12 at depth 2 with a smooth activation."""
     grid = lambda act, depth, n_steps, gamma0=1.0, **kw: _problem(act, gamma0, n_steps, 3, 1, depth, **kw)
-    assert _fluctuations_affordable(grid("tanh", 2, 2)) and not _fluctuations_affordable(grid("tanh", 2, 3))  # 12, 16
-    assert _fluctuations_affordable(grid("relu", 2, 1)) and not _fluctuations_affordable(grid("relu", 2, 2))  # 8, 12
-    assert _fluctuations_affordable(grid("tanh", 3, 1)) and not _fluctuations_affordable(grid("tanh", 3, 2))
-    assert not _fluctuations_affordable(grid("tanh", 2, 1, sigma_w=1.5))  # no propagator for other sigmas
+    assert why_no_fluctuations(grid("tanh", 2, 2)) is None and why_no_fluctuations(grid("tanh", 2, 3))  # 12, 16
+    assert why_no_fluctuations(grid("relu", 2, 1)) is None and why_no_fluctuations(grid("relu", 2, 2))  # 8, 12
+    assert why_no_fluctuations(grid("tanh", 3, 1)) is None and why_no_fluctuations(grid("tanh", 3, 2))
+    assert why_no_fluctuations(grid("tanh", 2, 1, sigma_w=1.5))  # no propagator for other sigmas
     # end to end: a depth-2 tanh network on 2 times and 2 points, the sampled propagator at its defaults
     problem = dmft.Problem(dmft.datasets.sphere(2, 8, 0), dmft.MLP(2, "tanh"), gamma0=0.5, t_max=0.6, n_steps=1)
     with warnings.catch_warnings():  # the default samples resolve these variances: no warning that they do not
