@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._keys import as_key
-from ._lazy import BIAS_GROUPS, lazy_bias, lazy_coefficients, moments, normal
+from ._lazy import BIAS_GROUPS, lazy_bias, lazy_bytes, lazy_coefficients, moments, normal
 from ._maps import make_room
 from ._one_loop import ONE_LOOP_MAX, bias_coefficients, one_loop_bytes, one_loop_size
 from ._propagator import linear_bytes, linear_coefficients
@@ -522,13 +522,15 @@ def _check_memory(problem, n_samples, chunk_size, memory):
     sums in `_GROUPS` groups, and `_GROUPS + 1` jackknife variants), a chunk's influences in every
     variant, the `(n, n)` propagators and one chunk's tangents (`P C` per neuron, `(Pa + 1) C` numbers
     each) exceed the budget, `n = T P C`; at depth >= 2 with feature learning, the propagator's memory
-    (`linear_bytes`, `sampled_bytes`)."""
+    (`linear_bytes`, `sampled_bytes`), and in the lazy limit the layer recursion's (`lazy_bytes`)."""
     T, P, C, Pa = problem.n_steps + 1, problem.P, problem.C, problem.data.Kx.shape[0]
     n = T * P * C
     if problem.depth > 1 and float(problem.gamma0) > 0:  # the propagator of the action
         sampled = _sampled(problem)
         needed = sampled_bytes(problem, n_samples, budget_bytes(memory)) if sampled else linear_bytes(problem)
         what = f"T Pa = {T * Pa} (time, point) pairs in {problem.depth} layers"
+    elif problem.depth > 1:
+        needed, what = lazy_bytes(problem, n_samples, chunk_size), f"Pa = {Pa} points and {T} times"
     else:
         jacobians = (3 * _GROUPS + 1) * n * T * (Pa * C + (P * C) ** 2)
         influences = 3 * (_GROUPS + 1) * chunk_size * T * (Pa * C + (P * C) ** 2)  # a chunk's, every variant
