@@ -478,8 +478,7 @@ def _xla_bytes(fn, *args):
 def test_memory_models_match_xla():
     """The memory models against XLA's memory analysis of the programs they model, on problems outside
     those they were fitted to. `two_layer_bytes` and the deep linear propagator's `linear_bytes`: within
-    0.8-1.25 (their fits span 0.90-1.08 and 0.98-1.03); the sampled propagator's `sampled_bytes` below.
-    `lazy_bytes`
+    0.8-1.25 (their fits span 0.90-1.08 and 0.98-1.03). `lazy_bytes`
     (the larger of its two programs): within its fit's spread, 0.55-1.45; the budget check uses it: a
     depth-2 lazy problem on 68 points and 31 times needs ~2 GB (the two-layer networks' model, applied
     there before, asked for 37 GB)."""
@@ -495,17 +494,22 @@ def test_memory_models_match_xla():
     deep = _problem("linear", 1.0, 5, P=4, depth=3)  # T Pa = 24
     ratio = _propagator.linear_bytes(deep) / _xla_bytes(_propagator._linear, deep, jnp.zeros((6, 4)))
     assert 0.8 < ratio < 1.25, ratio
-    # the sampled propagator's (fit 0.84-1.25; out of it 0.81-1.09, 2048-65536 samples)
-    nonlinear = _problem("tanh", 1.0, 4, P=2, depth=2, t_max=1.2)
-    budget, f = 12e9, jnp.zeros((5, 2))
-    chunk = sampled_chunk(nonlinear, 2048, budget)
-    ratio = sampled_bytes(nonlinear, 2048, budget) / _xla_bytes(_solve, nonlinear, None, f, key, 2048, chunk)
-    assert 0.75 < ratio < 1.33, ratio
     wide = _problem("relu", 0.0, 30, P=64, P_test=4, depth=2, t_max=5.0)
     assert 1.5e9 < lazy_bytes(wide, 4096, 512) < 2.5e9
     sol = dmft.solve(wide, dmft.Lazy(discrete=True))
     with pytest.raises(ValueError, match=r"Pa = 68 points and 31 times"):
         dmft.fluctuations(wide, sol, key=0, memory="1GB")
+
+
+@pytest.mark.slow  # a compile of the sampled propagator (25 s) for the default suite's 12 minutes
+def test_sampled_memory_model_matches_xla():
+    """`sampled_bytes` against XLA's memory analysis of `_solve` on a problem outside the 10 it was fitted
+    to: within 0.75-1.33 (the fit spans 0.84-1.25; out of it 0.81-1.09 at 2048-65536 samples)."""
+    problem = _problem("tanh", 1.0, 4, P=2, depth=2, t_max=1.2)
+    budget, f, key = 12e9, jnp.zeros((5, 2)), jr.key(1)
+    chunk = sampled_chunk(problem, 2048, budget)
+    ratio = sampled_bytes(problem, 2048, budget) / _xla_bytes(_solve, problem, None, f, key, 2048, chunk)
+    assert 0.75 < ratio < 1.33, ratio
 
 
 def test_sampled_propagator_reproduces_the_exact_linear_one():
