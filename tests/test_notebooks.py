@@ -15,10 +15,15 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").g
 
 
 # The quickstart repeats the README's blocks (test_readme), the deep-linear notebook the `compare` of a
-# linear closure against networks (test_plotting's fixture, the README's compare block) and the digits
-# notebook the classification `compare` of test_cli; at 0.5-1.5 min each they run with the slow suite,
-# to keep the default under 12 min.
-_HEAVY = {"01_quickstart.ipynb", "03_deep_linear.ipynb", "04_digits_classification.ipynb"}
+# linear closure against networks (test_plotting's fixture, the README's compare block), the digits
+# notebook the classification `compare` of test_cli and the fluctuations notebook test_fluctuations'
+# two-layer checks; at 0.5-1.5 min each they run with the slow suite, to keep the default under 12 min.
+_HEAVY = {
+    "01_quickstart.ipynb",
+    "03_deep_linear.ipynb",
+    "04_digits_classification.ipynb",
+    "05_finite_width_fluctuations.ipynb",
+}
 QUICK = [pytest.param(p, marks=pytest.mark.slow) if p.name in _HEAVY else p for p in NOTEBOOKS]
 
 
