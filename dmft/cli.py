@@ -272,7 +272,7 @@ def _solution_summary(sol):
     return summary
 
 
-def _comparison_report(comp, runtime, why_none=None):
+def _comparison_report(comp, runtime):
     err = [float(e) for e in comp.max_loss_error]
     return (
         {
@@ -286,20 +286,21 @@ def _comparison_report(comp, runtime, why_none=None):
             "runtime_seconds": round(runtime, 1),
         }
         | _accuracy_report(comp)
-        | _fluctuation_report(comp, why_none)
+        | _fluctuation_report(comp)
     )
 
 
-def _fluctuation_report(comp, why_none=None):
+def _fluctuation_report(comp):
     """Per width, the predicted (`dmft.fluctuations`) and measured seed-to-seed standard deviations of
     the final loss, the seeds the networks' mean needs for its standard error (max over time) to be
     0.1% of the initial loss and, where the fluctuations have one (`Fluctuations.loss_bias`), the
     predicted and measured 1/N mean shift of the final loss (with its standard error) and the seeds that
     resolve it (None where the DMFT's own standard error is half the shift or more: solve with more
-    samples first). Without fluctuations: `why_none`, the reason, if given."""
+    samples first). Without them, where they were asked for: why not (`Comparison.fluctuations_note`)."""
     fl = comp.fluctuations
     if fl is None:
-        return {"fluctuations": {"not_computed": why_none}} if why_none else {}
+        note = comp.fluctuations_note
+        return {"fluctuations": {"not_computed": note}} if note else {}
     L0 = float(comp.dmft.loss[0])
     dmft_se = 0.0 if comp.dmft.stderr is None else float(comp.dmft.stderr["loss"][-1])
     per_width = {}
@@ -369,7 +370,6 @@ def run_compare(config, out, progress=True):
     import numpy as np
 
     import dmft
-    from dmft.compare import why_no_fluctuations
 
     problem, solver, seed = build(config)
     c = _section(config, "compare")
@@ -385,10 +385,7 @@ def run_compare(config, out, progress=True):
         fluctuations=c["fluctuations"],
         progress=progress,
     )
-    why_none = None
-    if c["fluctuations"] and comp.fluctuations is None:
-        why_none = why_no_fluctuations(problem) or "dmft.fluctuations failed (its warning says why)"
-    report = _comparison_report(comp, time.perf_counter() - start, why_none)
+    report = _comparison_report(comp, time.perf_counter() - start)
     # The targets travel with the result: re-plotting must not depend on regenerating the data.
     meta = {"config": config, "y": np.asarray(problem.data.y).tolist()}
     dmft.io.save(os.path.join(out, "comparison.npz"), comp, metadata=meta)

@@ -37,7 +37,7 @@ class Comparison(eqx.Module):
     - `max_loss_error (W,)`: max over time of |loss_error| as a fraction of the initial loss.
     - `exponent`: least-squares slope of log max_loss_error against log width (-1/2 to -1 expected).
     - `fluctuations`: the leading-order seed-to-seed covariances (`dmft.fluctuations`) around the DMFT,
-      or None (see `compare`).
+      or None (see `compare`); `fluctuations_note`: why they are None where they were asked for (static).
     """
 
     dmft: Solution
@@ -51,11 +51,13 @@ class Comparison(eqx.Module):
     max_loss_error: jax.Array
     exponent: jax.Array
     fluctuations: Fluctuations | None = None
+    fluctuations_note: str | None = eqx.field(static=True, default=None)
 
     def seed_sd(self, width: int) -> jax.Array:
         """The predicted standard deviation across seeds of the loss `(n+1,)` at `width`."""
         if self.fluctuations is None:
-            raise ValueError("this comparison has no fluctuations (fluctuations=True, on a problem they cover)")
+            why = self.fluctuations_note or "compare(..., fluctuations=False)"
+            raise ValueError(f"this comparison has no fluctuations: {why}")
         return self.fluctuations.sd("loss", width)
 
 
@@ -121,7 +123,8 @@ def compare(
     power); other deep networks with feature learning, whose sampled propagator costs ~ (T Pa)^5 per
     layer, on at most 12 (time, point) pairs at depth 2 with a smooth activation, 9 at depth 3 or for
     relu at depth 2, 8 for relu at depth 3 (`_sampled_cost`). Where they fail (a sampled propagator's
-    map that does not converge, say), a warning says why and `Comparison.fluctuations` is None.
+    map that does not converge, say), a warning says why and `Comparison.fluctuations` is None; where they
+    are not computed, `Comparison.fluctuations_note` says why.
     `progress=True` shows tqdm bars on stderr: the DMFT iterations (residual live), then the widths.
     """
     widths = tuple(int(w) for w in widths)
@@ -158,10 +161,12 @@ def compare(
         exponent = jnp.polyfit(jnp.log(jnp.asarray(widths, float)), jnp.log(max_loss_error), 1)[0]
     else:
         exponent = jnp.array(jnp.nan)
-    fl = None
-    if fluctuations and why_no_fluctuations(problem) is None:
+    fl, note = None, why_no_fluctuations(problem) if fluctuations else None
+    if fluctuations and note is None:
         try:
             fl = fluctuations_of(problem, sol, key=jr.fold_in(k_solve, 1))
         except ValueError as error:  # an extra of the comparison: the networks' results stand without it
+            note = f"dmft.fluctuations failed: {error}"
             warnings.warn(f"compare drew no fluctuation bands: {error}", stacklevel=2)
-    return Comparison(sol, lazy, widths, runs, loss_error, loss_se, f_error, ntk_error, max_loss_error, exponent, fl)
+    errors = (loss_error, loss_se, f_error, ntk_error, max_loss_error, exponent)
+    return Comparison(sol, lazy, widths, runs, *errors, fl, note)

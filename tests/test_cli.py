@@ -166,6 +166,7 @@ def test_compare_and_plot(tmp_path):
     from dmft.plotting import error_vs_width
 
     comp = dmft.io.load(out / "comparison.npz")
+    assert comp.fluctuations_note is None  # saved and loaded with the comparison
     # the measured shift's standard error: the seed mean's and the DMFT's own, in quadrature
     se = np.hypot(comp.loss_se[1, -1], comp.dmft.stderr["loss"][-1])
     assert np.isclose(spread["measured_final_loss_bias_stderr"], se)

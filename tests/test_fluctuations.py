@@ -623,6 +623,8 @@ def test_compare_warns_when_the_fluctuations_fail(monkeypatch):
     with pytest.warns(UserWarning, match="no fluctuation bands: the sampled DMFT map"):
         comp = dmft.compare(problem, dmft.Lazy(), widths=[8, 16], seeds=2, progress=False)
     assert comp.fluctuations is None and comp.runs[1].loss.shape == (2, 3)
+    with pytest.raises(ValueError, match="no fluctuations: dmft.fluctuations failed: the sampled DMFT map"):
+        comp.seed_sd(8)
 
 
 def _z_against_ensembles(problem, fl, seed, widths=(512, 1024)):
