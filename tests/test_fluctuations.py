@@ -469,7 +469,6 @@ def test_deep_lazy_mean_shift_is_the_one_loop_of_linear_networks():
         assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1e-4 * float(np.abs(b).max())
 
 
-@pytest.mark.slow
 def _xla_bytes(fn, *args):
     m = fn.lower(*args).compile().compiled.memory_analysis()
     return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
@@ -512,6 +511,7 @@ def test_sampled_memory_model_matches_xla():
     assert 0.75 < ratio < 1.33, ratio
 
 
+@pytest.mark.slow
 def test_sampled_propagator_reproduces_the_exact_linear_one():
     """The sampled propagator (`_sampled_propagator`, for smooth nonlinear activations) on a deep linear
     network, against the exact one, at its default 16384 samples: its averages, Price's derivatives and
