@@ -8,8 +8,10 @@ the error signal `Delta = -dl/df (n+1, Pa, C)` lives on train points only; `df/d
 
 from __future__ import annotations
 
+import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "equal_time",
@@ -17,6 +19,7 @@ __all__ = [
     "split_classes",
     "ntk_from_kernels",
     "euler_predictions",
+    "static_ntk_predictions",
     "readout_correction",
     "error_signal",
     "loss_fields",
@@ -93,6 +96,39 @@ def euler_predictions(problem, K, eps=None):
     f_last, fs = jax.lax.scan(step, f0, (K[:-1], eps[:-1]))
     f = jnp.concatenate([fs, f_last[None]])
     return f.reshape(f.shape[0], -1, C)
+
+
+def _static_flow(problem, K):
+    """Gradient flow `df/dt = (eta0/P) K Delta(f)` with a static NTK `K (Pa C, Pa C)` for any loss:
+    diffrax `Tsit5` with a tolerance near the dtype's precision, saved at `problem.ts` -> `(n+1, Pa, C)`."""
+    Y, P, C = problem.data.Y, problem.P, problem.C
+    rate = problem.eta0 / P
+
+    def field(t, f, args):
+        return rate * K[:, : P * C] @ problem.loss.delta(f[: P * C].reshape(P, C), Y).reshape(-1)
+
+    tol = 0.01 * float(np.sqrt(np.finfo(K.dtype).eps))
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        diffrax.Tsit5(),
+        0.0,
+        problem.t_max,
+        problem.dt,
+        jnp.zeros(K.shape[0], K.dtype),
+        saveat=diffrax.SaveAt(ts=problem.ts),
+        stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+        max_steps=65536,
+    )
+    return sol.ys.reshape(sol.ys.shape[0], -1, C)
+
+
+def static_ntk_predictions(problem, K, discrete):
+    """Predictions `f (n+1, Pa, C)` from `f(0) = 0` under a static NTK `K (Pa C, Pa C)` (train then test
+    points, point-major with classes) for any loss: the explicit Euler steps of the grid (`discrete`:
+    gradient descent with step `eta0 dt`, `euler_predictions`) or gradient flow (`_static_flow`)."""
+    if discrete:
+        return euler_predictions(problem, jnp.broadcast_to(K, (problem.n_steps + 1, *K.shape)))
+    return _static_flow(problem, K)
 
 
 def error_signal(problem, K, eps=None):

@@ -12,7 +12,8 @@ import pytest
 from scipy import stats
 
 import dmft
-from dmft.solvers.lazy import _static_flow, gradient_flow_predictions, lazy_kernels
+from dmft.dynamics import static_ntk_predictions
+from dmft.solvers.lazy import gradient_flow_predictions, lazy_kernels
 
 
 def _problem(L=2, act="linear", gamma0=1.0, n_steps=12, t_max=4.0, P=6, P_test=2, loss="logistic"):
@@ -26,7 +27,7 @@ def test_static_flow_is_the_closed_form_for_the_mse_and_euler_converges_to_it():
     problem = _problem(L=2, act="relu", loss="mse", n_steps=20)
     K = lazy_kernels(problem)[2]
     exact = gradient_flow_predictions(K, problem.data.Y, problem.ts, problem.eta0)  # (n+1, Pa, 1), as the flow
-    np.testing.assert_allclose(_static_flow(problem, K), exact, atol=1e-8)
+    np.testing.assert_allclose(static_ntk_predictions(problem, K, discrete=False), exact, atol=1e-8)
     # Logistic: Euler steps (Lazy(discrete=True)) converge to the flow at first order in dt, so
     # doubling the steps halves the error (ratio 2 up to the O(dt^2) term: within 0.2 at these dt).
     flow = lambda n: dmft.solve(_problem(L=1, act="relu", n_steps=n), dmft.Lazy())

@@ -20,7 +20,7 @@ import numpy as np
 from .. import _mesh, costs
 from .._keys import as_key
 from .._maps import make_room
-from ..dynamics import ntk_from_kernels, prediction_fields, split_classes
+from ..dynamics import ntk_from_kernels, prediction_fields, split_classes, static_ntk_predictions
 
 __all__ = ["Run", "train", "ensemble", "ensemble_bytes", "init_params", "forward"]
 
@@ -101,18 +101,22 @@ def _with_class_axis(problem, f0):
     return jnp.reshape(f0, (-1, problem.C)) if jnp.ndim(f0) == 1 else f0
 
 
-def _fields(problem, params, f0):
+def _layer_fields(problem, params):
     """Activations `phi(h^l) (Pa, N)` and backward fields `g^l = gamma0 N df/dh^l (Pa, C, N)` (lists
-    over l) and the centred output `f (Pa, C)`, over train then test points."""
+    over l), over train then test points."""
     act, sw, (W0, W, w, _, _) = problem.activation, problem.net.sigma_w, params
     N = W0.shape[0]
     hs = _preactivations(problem, params, problem.data.X_all)
-    phis = [act.fn(h) for h in hs]
-    f = _readout(problem, params, phis[-1]) - _with_class_axis(problem, f0)
     gs = [sw * act.dfn(hs[-1])[:, None] * w.T]  # g^L; then g^l = phi'(h^l) * sigma_w (g^{l+1} W^l) / sqrt(N)
     for l in reversed(range(problem.depth - 1)):
         gs.insert(0, sw * act.dfn(hs[l])[:, None] * (gs[0] @ W[l]) / jnp.sqrt(N))
-    return phis, gs, f
+    return [act.fn(h) for h in hs], gs
+
+
+def _fields(problem, params, f0):
+    """`_layer_fields` and the centred output `f (Pa, C)`."""
+    phis, gs = _layer_fields(problem, params)
+    return phis, gs, _readout(problem, params, phis[-1]) - _with_class_axis(problem, f0)
 
 
 def _measure(problem, phis, gs, f):
@@ -155,16 +159,33 @@ def _loss(problem, f0_train):
     return loss
 
 
+def _lazy(problem) -> bool:
+    """Whether `problem` asks for lazy networks: a concrete gamma0 of 0."""
+    return not isinstance(problem.gamma0, jax.core.Tracer) and float(problem.gamma0) == 0
+
+
 def _check(problem, width, method):
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
         raise ValueError(f"width must be an integer >= 1, got {width!r}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if not isinstance(problem.gamma0, jax.core.Tracer) and float(problem.gamma0) <= 0:
-        raise ValueError(
-            "finite networks need gamma0 > 0 (the read-out is divided by gamma0 N); "
-            "the gamma0 -> 0 limit is dmft.Lazy()"
-        )
+
+
+def _lazy_run(problem, params, method):
+    """The network of `params` in the limit gamma0 -> 0 at its width: its parameters move by O(gamma0),
+    so its NTK stays the empirical one at initialisation `K_N` (the fields' kernels, `_measure`) and its
+    centred predictions follow `df/dt = (eta0 / P) K_N Delta` exactly (`static_ntk_predictions`: the
+    grid's GD steps for `method="gd"`, the flow otherwise)."""
+    n1 = problem.n_steps + 1
+    _, K, Phi, G = _measure(problem, *_layer_fields(problem, params), None)
+    f = static_ntk_predictions(problem, K, discrete=method == "gd")
+    over_time = lambda X, axis: jnp.broadcast_to(jnp.expand_dims(X, axis), (*X.shape[:axis], n1, *X.shape[axis:]))
+    return Run(
+        **prediction_fields(problem, over_time(K, 0), f),
+        Phi_eq=over_time(Phi, 1),
+        G_eq=split_classes(problem, over_time(G, 1), (-2, -1)),
+        h_last=jnp.stack(_preactivations(problem, params, problem.data.X_all)),
+    )
 
 
 def train(
@@ -188,6 +209,8 @@ def train(
     - `method="gd"`: gradient descent with step `eta0 dt` on the same grid, measured before each
       update (index k = after k steps): the finite-width counterpart of the discrete DMFT.
     - `center=True` trains `f - f_0`, with `f_0` the output of the frozen initial parameters.
+    - `problem.gamma0 = 0` (concrete): the lazy network of this width, the limit gamma0 -> 0 at fixed
+      N, whose NTK is its empirical one at initialisation throughout (`_lazy_run`); it must be centred.
 
     Vmappable over keys, e.g. `jax.vmap(lambda k: train(problem, 1024, k))(jr.split(key, 8))` (width
     static); pure JAX, so it runs unchanged on a GPU. Use float64 at small gamma0: the learning rate
@@ -195,9 +218,16 @@ def train(
     O(1 / (gamma0 sqrt N)) numbers.
     """
     _check(problem, width, method)
+    if _lazy(problem) and not center:
+        raise ValueError(
+            "a network at gamma0 = 0 (the lazy limit) must be centred: its output at initialisation is "
+            "divided by gamma0; pass center=True"
+        )
     make_room(problem, key)
     key = as_key(key)
     params = init_params(problem, width, key)
+    if _lazy(problem):
+        return _lazy_run(problem, params, method)
     f0 = _outputs(problem, params, problem.data.X_all) * center
     loss = _loss(problem, f0[: problem.P])
     rate = problem.eta0 * problem.gamma0**2 * width

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import diffrax
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 
-from ..dynamics import euler_predictions, ntk_from_kernels, prediction_fields, split_classes, with_classes
+from ..dynamics import ntk_from_kernels, prediction_fields, split_classes, static_ntk_predictions, with_classes
 from ..losses import MSE
 from ..solve import AbstractSolver
 
@@ -62,28 +60,6 @@ def gradient_flow_predictions(K, y, ts, eta0):
     return jnp.concatenate([f_train, f_test], axis=1)
 
 
-def _static_flow(problem, K):
-    """Gradient flow `df/dt = (eta0/P) K Delta(f)` with a static NTK `K (Pa, Pa)` (shared by the outputs)
-    for any loss: diffrax `Tsit5` with a tolerance near the dtype's precision, saved at `problem.ts`
-    -> `(n+1, Pa, C)`."""
-    y, P = problem.data.Y, problem.P
-    rate = problem.eta0 / P
-    field = lambda t, f, args: rate * K[:, :P] @ problem.loss.delta(f[:P], y)
-    tol = 0.01 * float(np.sqrt(np.finfo(K.dtype).eps))
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(field),
-        diffrax.Tsit5(),
-        0.0,
-        problem.t_max,
-        problem.dt,
-        jnp.zeros((K.shape[0], problem.C), K.dtype),
-        saveat=diffrax.SaveAt(ts=problem.ts),
-        stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
-        max_steps=65536,
-    )
-    return sol.ys
-
-
 class Lazy(AbstractSolver):
     """The static-NTK (lazy) limit gamma0 -> 0 of THEORY section 8, for any depth and activation.
 
@@ -104,12 +80,10 @@ class Lazy(AbstractSolver):
         Phi, G, K = state
         n1, C = problem.n_steps + 1, problem.C
         K_t = jnp.broadcast_to(with_classes(K, C), (n1, K.shape[0] * C, K.shape[1] * C))
-        if self.discrete:
-            f_all = euler_predictions(problem, K_t)
-        elif isinstance(problem.loss, MSE):
+        if isinstance(problem.loss, MSE) and not self.discrete:
             f_all = gradient_flow_predictions(K, problem.data.Y, problem.ts, problem.eta0)
         else:
-            f_all = _static_flow(problem, K)
+            f_all = static_ntk_predictions(problem, with_classes(K, C), self.discrete)
         tile = lambda X: jnp.broadcast_to(X[:, None], (X.shape[0], n1, *X.shape[1:]))
         G_eq = split_classes(problem, tile(with_classes(G, C)), (-2, -1))
         return dict(**prediction_fields(problem, K_t, f_all), Phi_eq=tile(Phi), G_eq=G_eq)
