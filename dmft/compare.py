@@ -13,7 +13,7 @@ import numpy as np
 from . import networks
 from ._keys import as_key
 from .activations import Linear
-from .fluctuations import Fluctuations, deep_propagator
+from .fluctuations import Fluctuations, deep_lazy, deep_propagator
 from .fluctuations import fluctuations as fluctuations_of
 from .solution import Solution
 from .solve import solve
@@ -22,6 +22,7 @@ from .solvers import Lazy
 __all__ = ["Comparison", "compare", "why_no_fluctuations", "MAX_FLUCTUATION_SIZE"]
 
 MAX_FLUCTUATION_SIZE = 1024
+MAX_LAZY_FLUCTUATION_POINTS = 64  # points of a deep network's lazy-limit recursion, whose cost grows like Pa^4
 MAX_LINEAR_FLUCTUATION_SIZE = 36  # (time, point) pairs of a deep linear network's propagator
 MAX_SAMPLED_FLUCTUATION_COST = 2 * 12**5  # `_sampled_cost` of a depth-2 smooth network at T Pa = 12
 
@@ -70,6 +71,12 @@ def why_no_fluctuations(problem) -> str | None:
         if size <= MAX_FLUCTUATION_SIZE:
             return None
         return f"{size} (time, point, class) triples, above the {MAX_FLUCTUATION_SIZE} of two-layer networks"
+    if deep_lazy(problem):
+        if Pa <= MAX_LAZY_FLUCTUATION_POINTS:
+            return None
+        return f"{Pa} points, above the {MAX_LAZY_FLUCTUATION_POINTS} of deep networks in the lazy limit"
+    if float(problem.gamma0) == 0:
+        return "no lazy-limit fluctuations for a deep network with this activation or several outputs"
     if not deep_propagator(problem):
         return "no propagator for a deep network with this activation, several outputs, sigma_w != 1 or sigma_b != 0"
     if isinstance(problem.activation, Linear):
@@ -115,16 +122,20 @@ def compare(
     `predictions="readout"` (the default of `MonteCarlo` and `LinearClosure`) is its exact
     infinite-width limit, and it is far cheaper than adaptive gradient flow for ReLU networks;
     `method="flow"` uses diffrax.
+    At `problem.gamma0 = 0` the networks are lazy (`networks.train`: the limit gamma0 -> 0 at each width,
+    with its empirical NTK at initialisation).
     `fluctuations=True` also computes the 1/N seed-to-seed covariances of `dmft.fluctuations` (the
     +-1 sigma band of each width in the figures) where they are defined and affordable: two-layer
     networks whose train grid has at most `MAX_FLUCTUATION_SIZE` (time, point, class) triples (the
-    cost grows with its square); deep linear networks with feature learning on at most
-    `MAX_LINEAR_FLUCTUATION_SIZE` (time, point) pairs (the propagator's cost grows with about its third
-    power); other deep networks with feature learning, whose sampled propagator costs ~ (T Pa)^5 per
-    layer, on at most 12 (time, point) pairs at depth 2 with a smooth activation, 9 at depth 3 or for
-    relu at depth 2, 8 for relu at depth 3 (`_sampled_cost`). Where they fail (a sampled propagator's
-    map that does not converge, say), a warning says why and `Comparison.fluctuations` is None; where they
-    are not computed, `Comparison.fluctuations_note` says why.
+    cost grows with its square); deep networks in the lazy limit on at most
+    `MAX_LAZY_FLUCTUATION_POINTS` points (smooth activations and relu, scalar targets; the cost grows
+    like Pa^4); deep linear networks with feature learning on at most `MAX_LINEAR_FLUCTUATION_SIZE`
+    (time, point) pairs (the propagator's cost grows with about its third power); other deep networks
+    with feature learning, whose sampled propagator costs ~ (T Pa)^5 per layer, on at most 12 (time,
+    point) pairs at depth 2 with a smooth activation, 9 at depth 3 or for relu at depth 2, 8 for relu
+    at depth 3 (`_sampled_cost`). Where they fail (a sampled propagator's map that does not converge,
+    say), a warning says why and `Comparison.fluctuations` is None; where they are not computed,
+    `Comparison.fluctuations_note` says why.
     `progress=True` shows tqdm bars on stderr: the DMFT iterations (residual live), then the widths.
     """
     widths = tuple(int(w) for w in widths)

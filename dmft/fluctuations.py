@@ -116,7 +116,7 @@ class Fluctuations(eqx.Module):
 def _check(problem, sol, n_samples, chunk_size):
     if not isinstance(problem, Problem) or not isinstance(sol, Solution):
         raise ValueError("fluctuations(problem, sol) takes a dmft.Problem and the dmft.Solution solved for it")
-    if problem.depth > 1 and not (float(problem.gamma0) == 0 and _deep_covered(problem.activation) and problem.C == 1):
+    if problem.depth > 1 and not deep_lazy(problem):
         if not deep_propagator(problem):
             raise ValueError(
                 f"fluctuations covers two-layer networks (MLP(depth=1)), and deeper ones (depth {problem.depth}) "
@@ -152,6 +152,12 @@ def _deep_covered(act) -> bool:
     comes in closed form in the lazy limit (`_relu_price`) and from relu smoothed by a narrow Gaussian
     with feature learning (`_sampled_propagator`)."""
     return act.smooth or isinstance(act, ReLU)
+
+
+def deep_lazy(problem) -> bool:
+    """Whether the lazy limit's layer recursion (`_lazy`) covers `problem`: gamma0 = 0, a smooth
+    activation or relu, scalar targets."""
+    return float(problem.gamma0) == 0 and _deep_covered(problem.activation) and problem.C == 1
 
 
 def deep_propagator(problem) -> bool:

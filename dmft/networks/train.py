@@ -210,7 +210,8 @@ def train(
       update (index k = after k steps): the finite-width counterpart of the discrete DMFT.
     - `center=True` trains `f - f_0`, with `f_0` the output of the frozen initial parameters.
     - `problem.gamma0 = 0` (concrete): the lazy network of this width, the limit gamma0 -> 0 at fixed
-      N, whose NTK is its empirical one at initialisation throughout (`_lazy_run`); it must be centred.
+      N, whose NTK is its empirical one at initialisation throughout (`_lazy_run`); it must be centred,
+      and its flow is integrated near the dtype's precision (`rtol`, `atol`, `max_steps` unused).
 
     Vmappable over keys, e.g. `jax.vmap(lambda k: train(problem, 1024, k))(jr.split(key, 8))` (width
     static); pure JAX, so it runs unchanged on a GPU. Use float64 at small gamma0: the learning rate
