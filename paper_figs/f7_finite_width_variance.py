@@ -5,7 +5,8 @@ arXiv:2304.03408, the two-layer variance-vs-width and variance-vs-gamma0 results
 Panels: (a) N Var of the train loss over time for several gamma0 (theory curves, networks of two widths
 as markers); (b) N Var of the loss at the final time against N (flat: the variance is 1/N); (c) the
 variance of the final predictions against gamma0 (feature learning reduces it) and (d) of the final NTK
-entries. gamma0 = 0 is the lazy limit (`dmft.Lazy` solution, networks at gamma0 = 0.01).
+entries. gamma0 = 0 is the lazy limit (`dmft.Lazy` solution, lazy networks: each its empirical NTK at
+initialisation).
 Two-layer tanh on the notebooks' +-1 task; networks trained by GD on the DMFT grid and centred.
 """
 
@@ -42,9 +43,8 @@ def _one_gamma(cfg, data, g):
     sol = dmft.solve(problem, solver, key=0)
     fl = dmft.fluctuations(problem, sol, key=1, n_samples=cfg["S"])
     nets = {}
-    net_problem = notebook_problem(data, net, max(g, 0.01), cfg["eta0"], cfg["T"])
     for N in cfg["widths"]:
-        run = train_seeds(net_problem, N, cfg["seeds"])
+        run = train_seeds(problem, N, cfg["seeds"])
         check_finite(run.loss, f"networks at gamma0 = {g}, N = {N}")
         nets[N] = dict(
             loss=_nvar(run.loss, N),
