@@ -27,8 +27,9 @@ __all__ = ["Run", "train", "ensemble", "ensemble_bytes", "init_params", "forward
 _METHODS = ("flow", "gd")
 # Peak bytes of one seed's training per byte of its parameters, beside its outputs: GD holds the
 # parameters, their update and the fields; diffrax's Tsit5 its stages, the error estimate and the
-# dense output. Fitted on XLA's memory analysis of compiled ensembles (benchmarks/RESULTS.md).
-_PER_PARAMETER = {"gd": 4.0, "flow": 19.0}
+# dense output; a lazy network (gamma0 = 0) only the parameters and their normal draws. Fitted on XLA's
+# memory analysis of compiled ensembles (benchmarks/RESULTS.md; lazy: 1.0-1.5x of it at depth 2-3).
+_PER_PARAMETER = {"gd": 4.0, "flow": 19.0, "lazy": 3.0}
 
 
 class Run(eqx.Module):
@@ -306,7 +307,7 @@ def ensemble_bytes(problem, width: int, n_seeds: int = 1, method: str = "flow") 
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     params = nbytes(jax.eval_shape(lambda: init_params(problem, width, key)))
     outputs = nbytes(jax.eval_shape(lambda: train(problem, width, key, method=method)))
-    return int(n_seeds * (_PER_PARAMETER[method] * params + outputs))
+    return int(n_seeds * (_PER_PARAMETER["lazy" if _lazy(problem) else method] * params + outputs))
 
 
 def _batch(problem, width, n_seeds, method, memory):
