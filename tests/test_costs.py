@@ -98,11 +98,11 @@ def test_solvers_without_a_cost_model_say_so():
     assert isinstance(dmft.estimate(_problem(1, 4, 4), dmft.MonteCarlo()), eqx.Module)
 
 
-def _ensemble_bytes_over_xla(depth, width, method, gamma0):
-    """`networks.ensemble_bytes` of 4 seeds over XLA's memory analysis of the compiled ensemble (tanh, 8
+def _ensemble_bytes_over_xla(depth, width, method, gamma0, P=8):
+    """`networks.ensemble_bytes` of 4 seeds over XLA's memory analysis of the compiled ensemble (tanh, P
     points with 3 outputs and 4 test points, 15 steps)."""
-    Y = dmft.datasets.one_hot(np.arange(8) % 3, 3)
-    data = dmft.Dataset(dmft.datasets.sphere(8, 12, 0).X, Y, dmft.datasets.sphere(4, 12, 1).X)
+    Y = dmft.datasets.one_hot(np.arange(P) % 3, 3)
+    data = dmft.Dataset(dmft.datasets.sphere(P, 12, 0).X, Y, dmft.datasets.sphere(4, 12, 1).X)
     problem = dmft.Problem(data, dmft.MLP(depth, "tanh"), gamma0=gamma0, t_max=2.0, n_steps=15)
     keys = jax.random.split(jax.random.key(0), 4)
     run = jax.jit(lambda keys: dmft.networks.ensemble(problem, width, keys, mesh=1, method=method))
@@ -111,19 +111,29 @@ def _ensemble_bytes_over_xla(depth, width, method, gamma0):
     return dmft.networks.ensemble_bytes(problem, width, 4, method) / xla
 
 
-# Out of the fit set of `networks.train._PER_PARAMETER` (depths 1-3, one output, P 10-20, widths
-# 512-2048): several outputs, test points, other widths.
-@pytest.mark.parametrize("depth, width, method", [(1, 256, "flow"), (3, 384, "gd"), (2, 200, "flow")])
+# Out of the fit set of `networks.train._BYTES_PER` (depths 1-3, 1 or 3 outputs, P 8-64, widths 256-1024):
+# test points, other widths. Where the parameters dominate, the model is within 25%.
+@pytest.mark.parametrize("depth, width, method", [(3, 384, "gd"), (2, 200, "flow")])
 def test_ensemble_bytes_are_within_25_percent_of_xla(depth, width, method):
     ratio = _ensemble_bytes_over_xla(depth, width, method, gamma0=1.0)
     assert abs(ratio - 1) <= 0.25, ratio
 
 
-@pytest.mark.parametrize("depth, width, method", [(2, 200, "flow"), (3, 384, "gd")])
-def test_lazy_ensemble_bytes_cover_xla(depth, width, method):
-    # Lazy networks (gamma0 = 0) hold little besides their parameters and their draws: one factor
-    # gives 1.0-1.5x of XLA's memory at depths 2-3 (fitted at widths 512-1024). A model above XLA only
-    # makes the batches smaller; below it, a batch could exceed the budget: never below, at most twice.
-    ratio = _ensemble_bytes_over_xla(depth, width, method, gamma0=0.0)
+# Where the parameters do not dominate (lazy networks, which hold little besides them; depth 1, whose
+# fields and measurements outweigh them) the model is fitted never to fall below XLA's memory: a model
+# above it only makes the batches smaller, one below it could let a batch exceed the budget. Never
+# below, at most 2.5x (the fit set's range).
+@pytest.mark.parametrize(
+    "depth, width, method, gamma0, P",
+    [
+        (2, 200, "flow", 0.0, 8),
+        (3, 384, "gd", 0.0, 8),
+        (1, 256, "flow", 1.0, 8),
+        (1, 768, "gd", 1.0, 48),
+        (1, 768, "gd", 0.0, 48),
+    ],
+)
+def test_ensemble_bytes_cover_xla(depth, width, method, gamma0, P):
+    ratio = _ensemble_bytes_over_xla(depth, width, method, gamma0, P)
     print(f"model / XLA: {ratio:.3f}")
-    assert 1.0 <= ratio <= 2.0, ratio
+    assert 1.0 <= ratio <= 2.5, ratio

@@ -25,11 +25,15 @@ from ..dynamics import ntk_from_kernels, prediction_fields, split_classes, stati
 __all__ = ["Run", "train", "ensemble", "ensemble_bytes", "init_params", "forward"]
 
 _METHODS = ("flow", "gd")
-# Peak bytes of one seed's training per byte of its parameters, beside its outputs: GD holds the
-# parameters, their update and the fields; diffrax's Tsit5 its stages, the error estimate and the
-# dense output; a lazy network (gamma0 = 0) only the parameters and their normal draws. Fitted on XLA's
-# memory analysis of compiled ensembles (benchmarks/RESULTS.md; lazy: 1.0-1.5x of it at depth 2-3).
-_PER_PARAMETER = {"gd": 4.0, "flow": 19.0, "lazy": 3.0}
+# Peak bytes of one seed's training per byte of its parameters, of its outputs and of its fields (the
+# activations and backward fields of every layer, `_layer_fields`): every method holds the outputs
+# twice (measured, then stacked or broadcast into the `Run`); GD the parameters, their update and the
+# fields; diffrax's Tsit5 its stages, the error estimate and the dense output; a lazy network (gamma0 =
+# 0) the parameters and their normal draws. The parameters dominate at depth >= 2, the outputs and
+# fields at depth 1 with many points. Fitted on XLA's memory analysis of compiled ensembles (depths 1-3,
+# P 8-64, 1 or 3 outputs, widths 256-1024) never to fall below it: 1.0-1.6x of it for trained networks,
+# 1.0-2.5x for lazy ones (benchmarks/RESULTS.md).
+_BYTES_PER = {"gd": (4.0, 2.0, 0.75), "flow": (19.0, 2.0, 0.25), "lazy": (3.0, 2.0, 0.75)}
 
 
 class Run(eqx.Module):
@@ -300,14 +304,17 @@ def ensemble(problem, width: int, keys, *, mesh=None, memory=None, **kwargs) -> 
 
 def ensemble_bytes(problem, width: int, n_seeds: int = 1, method: str = "flow") -> int:
     """Peak bytes on one device of training `n_seeds` networks of `width` at once (`ensemble`, one
-    batch): a model of XLA's buffers, per seed `_PER_PARAMETER[method]` times the parameters' bytes
-    plus the outputs' (exact, from the traced shapes)."""
+    batch): a model of XLA's buffers, per seed a weighted sum (`_BYTES_PER[method]`) of the bytes of
+    the parameters, of the outputs and of the fields (exact, from the traced shapes)."""
     _check(problem, width, method)
     key = jr.key(0)
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    params = nbytes(jax.eval_shape(lambda: init_params(problem, width, key)))
-    outputs = nbytes(jax.eval_shape(lambda: train(problem, width, key, method=method)))
-    return int(n_seeds * (_PER_PARAMETER["lazy" if _lazy(problem) else method] * params + outputs))
+    params = jax.eval_shape(lambda: init_params(problem, width, key))
+    outputs = jax.eval_shape(lambda: train(problem, width, key, method=method))
+    fields = jax.eval_shape(lambda p: _layer_fields(problem, p), params)
+    sizes = nbytes(params), nbytes(outputs), nbytes(fields)
+    weights = _BYTES_PER["lazy" if _lazy(problem) else method]
+    return int(n_seeds * sum(w * b for w, b in zip(weights, sizes)))
 
 
 def _batch(problem, width, n_seeds, method, memory):
