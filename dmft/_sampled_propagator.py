@@ -50,7 +50,7 @@ __all__ = ["sampled_bytes", "sampled_coefficients"]
 _GROUPS = 8  # independent estimates (replicas), whose spread is the standard error
 _MAX_ITERS = 500  # of the fixed point's iteration, which stops at a relative change of sqrt(eps)
 _MEMORY = 5  # differences the fixed point's Anderson steps combine
-_CHUNK_BYTES = 64_000_000  # a chunk's temporaries: larger chunks of these small per-sample tensors run slower
+_CHUNK_BYTES = 100_000_000  # a chunk's temporaries: larger chunks of these small per-sample tensors run slower
 
 
 def _inputs(problem, blocks, l):
@@ -128,10 +128,20 @@ def _site(problem, kink_width, S_chi, S_xi, alpha_prev, beta_next, f):
 
 
 def _sources(inputs, e):
-    """Sources `(S, 2n)` from standard normals `e (S, 2n)`, by a square root held fixed: their
+    """Sources `(..., 2n)` from standard normals `e (..., 2n)`, by a square root held fixed: their
     dependence on the covariances is Price's part of D (`_chunk_sums`)."""
     n, root = inputs[0].shape[0], lambda K: factor(jax.lax.stop_gradient(K))[0]
-    return jnp.concatenate([e[:, :n] @ root(inputs[0]).T, e[:, n:] @ root(inputs[1]).T], axis=1)
+    return jnp.concatenate([e[..., :n] @ root(inputs[0]).T, e[..., n:] @ root(inputs[1]).T], axis=-1)
+
+
+def _selected(fn, groups, xs):
+    """`sum_i fn(xs[i])` over the `i` of the groups `groups = (first, count)` of the leading axis (its
+    `len(xs) / _GROUPS` entries per group), one at a time."""
+    per_group = xs.shape[0] // _GROUPS
+    zeros = jax.tree.map(lambda y: jnp.zeros(y.shape, y.dtype), jax.eval_shape(fn, xs[0]))
+    add = lambda i, acc: jax.tree.map(jnp.add, acc, fn(jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)))
+    first, count = groups
+    return jax.lax.fori_loop(first * per_group, (first + count) * per_group, add, zeros)
 
 
 def _observables(problem, l, y, n):
@@ -322,20 +332,23 @@ def _normals(problem, key, S):
     return jnp.stack([layer(l, V).reshape(S, 2 * n) for l, V in enumerate(_axes(problem))])
 
 
-def _averages(problem, kink_width, q, e):
-    """The sampled map: every layer's site averages from the normals `e (L, S, 2n)`, `(m,)`."""
+def _averages(problem, kink_width, q, e, groups):
+    """The sampled map: every layer's site averages `(m,)` from the normals `e (L, G, S / G, 2n)` of the
+    consecutive groups `groups = (first, count)`."""
     blocks = lp._unpack(problem, q)
     out = []
     for l in range(1, problem.depth + 1):
         inputs = _inputs(problem, blocks, l)
         obs = _observables(problem, l, _site(problem, kink_width, *inputs), inputs[0].shape[0])
-        mean = jax.vmap(obs)(_sources(inputs, e[l - 1])).mean(0)
+        mean = _selected(lambda s, obs=obs: jax.vmap(obs)(s).mean(0), groups, _sources(inputs, e[l - 1]))
+        mean = mean / groups[1]
         out.append(_centre_rows(problem, l, mean[:, None])[:, 0])
     return jnp.concatenate(out)
 
 
-def _fixed_point(problem, kink_width, f, e):
-    """The sampled map's fixed point `q (m,)` from the lazy kernels and the predictions f, and its last
+def _fixed_point(problem, kink_width, f, e, groups):
+    """The sampled map's fixed point `q (m,)` (normals `e` and `groups` as in `_averages`) from the lazy
+    kernels and the predictions f, and its last
     change relative to the largest order parameter, by Anderson acceleration (type II, unit mixing):
     each step combines the last `_MEMORY` differences of the iterates and of their residuals. The
     Jacobians of strongly feature-learning maps have complex pairs of eigenvalues outside the unit
@@ -345,7 +358,7 @@ def _fixed_point(problem, kink_width, f, e):
 
     def body(carry):
         it, q, _, dQ, dR, q_last, r_last = carry
-        new = _averages(problem, kink_width, q, e)
+        new = _averages(problem, kink_width, q, e, groups)
         r = new - q
         change = jnp.max(jnp.abs(r)) / jnp.maximum(jnp.max(jnp.abs(new)), 1.0)
         slot, first = (it - 1) % _MEMORY, it == 0  # the oldest difference is replaced
@@ -360,22 +373,16 @@ def _fixed_point(problem, kink_width, f, e):
     return q, change
 
 
-def _group_sums(problem, kink_width, q, e, chunk):
-    """Per layer, the sums `(d, m1, m2)` of `_chunk_sums` over the samples `e (L, S, 2n)`, `chunk` at a
-    time."""
+def _group_sums(problem, kink_width, q, e, groups, chunk):
+    """Per layer, the sums `(d, m1, m2)` of `_chunk_sums` over the samples of the `groups` (`e`, `groups`
+    as in `_averages`), `chunk` at a time."""
     blocks = lp._unpack(problem, q)
     out = []
     for l in range(1, problem.depth + 1):
         s = _sources(_inputs(problem, blocks, l), e[l - 1]).reshape(-1, chunk, e.shape[-1])
-        out.append(_summed(lambda c, l=l: _chunk_sums(problem, kink_width, l, blocks, c), s))
+        fn = jax.jit(lambda c, l=l: _chunk_sums(problem, kink_width, l, blocks, c))  # traced once
+        out.append(_selected(fn, groups, s))
     return out
-
-
-def _summed(fn, chunks):
-    """`sum_i fn(chunks[i])` over the leading axis, one chunk at a time."""
-    fn = jax.jit(fn)  # traced once: the shapes of its sums, then the scan's body, hit jit's cache
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, chunks[0]))
-    return jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, fn(c)), None), zeros, chunks)[0]
 
 
 def _covariance(problem, sums, S):
@@ -403,33 +410,37 @@ def _solve(problem, kink_width, f, key, n_samples, chunk):
     """The estimate from all n_samples samples per layer, and `_GROUPS` independent ones, each from its
     own n_samples / _GROUPS of them: `(change, pooled, groups)`, the largest last change of their fixed
     points, `(coef, F)` of `_propagator.outputs` from all the samples, and the same per group (leading
-    axis `_GROUPS`). Each estimate solves its own fixed point."""
+    axis `_GROUPS`). Each estimate solves its own fixed point. Every estimate is one program on the
+    groups of samples it selects (`_averages`), so the program is compiled once for all of them."""
+    e = _normals(problem, key, n_samples)
+    e = e.reshape(e.shape[0], _GROUPS, -1, e.shape[-1])
 
-    def one(e):
-        q, change = _fixed_point(problem, kink_width, f, e)
-        cov = _covariance(problem, _group_sums(problem, kink_width, q, e, chunk), e.shape[1])
+    def one(groups):
+        q, change = _fixed_point(problem, kink_width, f, e, groups)
+        cov = _covariance(problem, _group_sums(problem, kink_width, q, e, groups, chunk), groups[1] * e.shape[2])
         return change, lp.outputs(problem, q, cov)
 
-    e = _normals(problem, key, n_samples)
-    change, groups = jax.lax.map(one, jnp.moveaxis(e.reshape(e.shape[0], _GROUPS, -1, e.shape[-1]), 1, 0))
-    pooled_change, pooled = one(e)
-    return jnp.maximum(jnp.max(change), pooled_change), pooled, groups
+    first = jnp.append(jnp.arange(_GROUPS), 0)
+    change, out = jax.lax.map(one, (first, jnp.append(jnp.ones(_GROUPS, int), _GROUPS)))  # each group, then all
+    groups, pooled = jax.tree.map(lambda x: x[:-1], out), jax.tree.map(lambda x: x[-1], out)
+    return jnp.max(change), pooled, groups
 
 
 def _per_sample_bytes(problem):
     """The per-sample temporaries of `_chunk_sums`: third derivatives of y and the observables' second
-    ones, a few times n^4 values (XLA's memory analysis: 11 n^4 at depth 2, 33 n^4 for a middle layer)."""
+    ones, a few times n^4 values (19 n^4 at depth 2, 58 n^4 with a middle layer, with `_dense_bytes`)."""
     n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
-    return (12 if problem.depth == 2 else 36) * n**4 * problem.data.Kx.dtype.itemsize
+    return (19 if problem.depth == 2 else 58) * n**4 * problem.data.Kx.dtype.itemsize
 
 
 def _dense_bytes(problem, n_samples):
     """The dense m x m matrices (D, kappa, the solves and their group copies, a few at a time), and the
-    fixed point's per-sample site Jacobians and observables over every layer's samples. With
-    `_per_sample_bytes`, fitted to XLA's memory analysis of `_solve` on 10 problems (depth 2-4, T Pa 6-12,
-    4096-16384 samples): within 0.84-1.25 of it."""
+    fixed point's per-sample site Jacobians and observables over one group's samples at a time. With
+    `_per_sample_bytes`, fitted to XLA's memory analysis of `_solve` on 8 problems (depth 2-4, T Pa 4-12,
+    4096-16384 samples): within 0.94-1.28 of it."""
     n, L = (problem.n_steps + 1) * problem.data.Kx.shape[0], problem.depth
-    return (5 * lp.order_parameters(problem) ** 2 + 8 * L * n * n * n_samples) * problem.data.Kx.dtype.itemsize
+    per_group = 2 * L * n * n * n_samples // _GROUPS
+    return (5 * lp.order_parameters(problem) ** 2 + per_group) * problem.data.Kx.dtype.itemsize
 
 
 def sampled_chunk(problem, n_samples, budget) -> int:
