@@ -348,8 +348,8 @@ def _averages(problem, kink_width, q, e, groups):
 
 def _fixed_point(problem, kink_width, f, e, groups):
     """The sampled map's fixed point `q (m,)` (normals `e` and `groups` as in `_averages`) from the lazy
-    kernels and the predictions f, and its last
-    change relative to the largest order parameter, by Anderson acceleration (type II, unit mixing):
+    kernels and the predictions f, and its last change relative to the largest order parameter, by
+    Anderson acceleration (type II, unit mixing):
     each step combines the last `_MEMORY` differences of the iterates and of their residuals. The
     Jacobians of strongly feature-learning maps have complex pairs of eigenvalues outside the unit
     circle, where the plain iteration cycles and a damped one converges at a rate close to 1."""
@@ -428,7 +428,7 @@ def _solve(problem, kink_width, f, key, n_samples, chunk):
 
 def _per_sample_bytes(problem):
     """The per-sample temporaries of `_chunk_sums`: third derivatives of y and the observables' second
-    ones, a few times n^4 values (19 n^4 at depth 2, 58 n^4 with a middle layer, with `_dense_bytes`)."""
+    ones, a few times n^4 values (19 n^4 at depth 2, 58 n^4 with a middle layer; fitted with `_dense_bytes`)."""
     n = (problem.n_steps + 1) * problem.data.Kx.shape[0]
     return (19 if problem.depth == 2 else 58) * n**4 * problem.data.Kx.dtype.itemsize
 
