@@ -138,6 +138,7 @@ def _selected(fn, groups, xs):
     """`sum_i fn(xs[i])` over the `i` of the groups `groups = (first, count)` of the leading axis (its
     `len(xs) / _GROUPS` entries per group), one at a time."""
     per_group = xs.shape[0] // _GROUPS
+    fn = jax.jit(fn)  # traced once: the shapes of its sums, then the loop's body, hit jit's cache
     zeros = jax.tree.map(lambda y: jnp.zeros(y.shape, y.dtype), jax.eval_shape(fn, xs[0]))
     add = lambda i, acc: jax.tree.map(jnp.add, acc, fn(jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)))
     first, count = groups
@@ -380,8 +381,7 @@ def _group_sums(problem, kink_width, q, e, groups, chunk):
     out = []
     for l in range(1, problem.depth + 1):
         s = _sources(_inputs(problem, blocks, l), e[l - 1]).reshape(-1, chunk, e.shape[-1])
-        fn = jax.jit(lambda c, l=l: _chunk_sums(problem, kink_width, l, blocks, c))  # traced once
-        out.append(_selected(fn, groups, s))
+        out.append(_selected(lambda c, l=l: _chunk_sums(problem, kink_width, l, blocks, c), groups, s))
     return out
 
 
@@ -420,8 +420,8 @@ def _solve(problem, kink_width, f, key, n_samples, chunk):
         cov = _covariance(problem, _group_sums(problem, kink_width, q, e, groups, chunk), groups[1] * e.shape[2])
         return change, lp.outputs(problem, q, cov)
 
-    first = jnp.append(jnp.arange(_GROUPS), 0)
-    change, out = jax.lax.map(one, (first, jnp.append(jnp.ones(_GROUPS, int), _GROUPS)))  # each group, then all
+    first, count = jnp.array([*range(_GROUPS), 0]), jnp.array([1] * _GROUPS + [_GROUPS])  # each group, then all
+    change, out = jax.lax.map(one, (first, count))
     groups, pooled = jax.tree.map(lambda x: x[:-1], out), jax.tree.map(lambda x: x[-1], out)
     return jnp.max(change), pooled, groups
 
