@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from . import _xla
 from ._propagator import shift_coefficients
 from .activations import ReLU
 from .dynamics import euler_predictions
@@ -201,7 +202,7 @@ def _chunked(layer, chunk_size, fn):
     return jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, one(c)), None), zeros, chunks)[0]
 
 
-@eqx.filter_jit
+@_xla.jit
 def lazy_coefficients(problem, f, key, n_samples, chunk_size):
     """`fluctuations`' variance coefficients in the lazy limit at any depth, with standard errors (flat
     dicts keyed by "f", "ntk", "loss", "loss_test"), and the predictions `F (T, P, 1)` of the static NTK."""
@@ -323,7 +324,7 @@ def _shift(problem, kernels, key, n_samples, chunk_size):
     return f_lin(ntk) + 0.5 * E["f"], E["f_f"], ntk
 
 
-@eqx.filter_jit
+@_xla.jit
 def lazy_bias(problem, key, n_samples, chunk_size):
     """`fluctuations`' mean-shift coefficients in the lazy limit for a smooth activation or relu and scalar
     targets, at depth >= 2 (at depth 1 `fluctuations` follows the neurons' paths; this recursion is their

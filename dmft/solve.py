@@ -30,6 +30,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from . import _xla
 from ._keys import as_key
 from ._maps import make_room
 from .problem import Problem
@@ -198,7 +199,7 @@ def _iterate(problem, solver, state, key, progress):
     return state, iterations, residuals, converged, diverged
 
 
-@eqx.filter_jit
+@_xla.jit
 def _solve(problem, solver, key, throw, progress, traced=True):
     """`traced`: the problem or key is traced (under jit or vmap), and gamma0, which then escapes the
     Problem's own check, is checked inside the compiled solve; `throw`: raise on failure from inside.
@@ -255,7 +256,8 @@ def solve(
       (relative change), live from inside the compiled loop. Silent by default; the result is the
       same either way. Closed-form solvers show nothing.
 
-    Runs under `equinox.filter_jit`: `gamma0` and `eta0` are traced (a sweep does not recompile),
+    Runs under `equinox.filter_jit` (on a CPU with the compile options of `dmft._xla`, unless `XLA_FLAGS`
+    sets them): `gamma0` and `eta0` are traced (a sweep does not recompile),
     shapes (`depth`, `n_steps`, data sizes, sample counts) are static. Matrices are multiplied at
     `jax.default_matmul_precision("highest")` (full float32 on a GPU too). Called outside jit and vmap,
     it checks gamma0 and the result on the host, so JAX's persistent compilation cache

@@ -58,6 +58,26 @@ def test_a_solve_is_kept_in_jax_persistent_compilation_cache(tmp_path):
     assert "Persistent compilation cache hit for 'jit__solve'" in again.stderr
 
 
+def test_on_a_cpu_a_solve_compiles_with_the_library_options_unless_xla_flags_set_them(monkeypatch):
+    # The default suite's XLA_FLAGS set both options (level 0, for a fast suite), so the library leaves
+    # them to it; a user without XLA_FLAGS gets `_xla._CPU`, which must compile and change nothing but
+    # round-off: the same iterations, and results within eps cond^2 of their scale, cond <= T Pa / rcond
+    # = 20 / 2.8e-3 the conditioning of the ridge-regularised Stein regressions (two triangular solves):
+    # 2.2e-16 * 7.1e3^2 = 1.1e-8 (measured: f moves by 6.4e-12 at most).
+    assert dmft._xla.options("") == dmft._xla._CPU
+    assert dmft._xla.options("--xla_backend_optimization_level=0") == {"xla_cpu_use_fusion_emitters": False}
+    data = dmft.datasets.sphere(4, 3, 0)
+    problem = dmft.Problem(data, dmft.MLP(2, "tanh"), gamma0=1.0, t_max=2.0, n_steps=4)
+    solver = dmft.MonteCarlo(n_samples=512)
+    ours = dmft.solve(problem, solver, key=0)
+    monkeypatch.setattr(dmft._xla, "cpu_options", lambda: dmft._xla._CPU)
+    theirs = dmft.solve(problem, solver, key=0)
+    assert int(theirs.iterations) == int(ours.iterations)
+    for name in ("f", "loss", "ntk"):
+        x = getattr(ours, name)
+        np.testing.assert_allclose(getattr(theirs, name), x, rtol=0, atol=1.1e-8 * float(jnp.abs(x).max()))
+
+
 # 17 s, with the slow suite (12-minute budget); the progress-bar test above stays in the default suite.
 @pytest.mark.slow
 def test_progress_works_under_jit_and_vmap(capsys):
