@@ -14,6 +14,7 @@ import os
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 
 __all__ = ["cpu_options", "jit"]
 
@@ -38,15 +39,19 @@ def cpu_options() -> dict:
 
 
 def jit(fn):
-    """`equinox.filter_jit(fn)`, compiled with `cpu_options()` where JAX's default backend is the CPU.
-    Like a filter_jit function it has `.lower(...)`."""
+    """`equinox.filter_jit(fn)`, compiled with `cpu_options()` where JAX's default backend is the CPU and
+    the call is not inside another jit (whose compile then decides). Like a filter_jit function it has
+    `.lower(...)`."""
 
     @functools.cache
     def compiled(cpu):
         return eqx.filter_jit(fn, compiler_options=cpu_options()) if cpu else eqx.filter_jit(fn)
 
     def pick():
-        return compiled(jax.default_backend() == "cpu" and bool(cpu_options()))
+        # JAX takes compiler options only for a top-level compile, not for a jit traced inside another
+        # jit; there a new array is a tracer of the outer trace (under vmap or grad alone it is not).
+        top = not isinstance(jnp.zeros(()), jax.core.Tracer)
+        return compiled(top and jax.default_backend() == "cpu" and bool(cpu_options()))
 
     @functools.wraps(fn)
     def call(*args, **kwargs):

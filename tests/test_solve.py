@@ -76,6 +76,9 @@ def test_on_a_cpu_a_solve_compiles_with_the_library_options_unless_xla_flags_set
     for name in ("f", "loss", "ntk"):
         x = getattr(ours, name)
         np.testing.assert_allclose(getattr(theirs, name), x, rtol=0, atol=1.1e-8 * float(jnp.abs(x).max()))
+    # Inside a user's jit the outer compile decides (JAX refuses options on a nested jit).
+    nested = jax.jit(lambda g: dmft.solve(_with_gamma0(problem, g), solver, key=0, throw=False).loss)(1.0)
+    np.testing.assert_allclose(nested, ours.loss, rtol=0, atol=1.1e-8 * float(jnp.abs(ours.loss).max()))
 
 
 # 17 s, with the slow suite (12-minute budget); the progress-bar test above stays in the default suite.
