@@ -25,6 +25,8 @@ def options(flags: str) -> dict:
     """The options of `_CPU` that the flags `flags` (an `XLA_FLAGS` string) leave unset, or `{}` if this
     jaxlib does not know them."""
     chosen = {k: v for k, v in _CPU.items() if f"--{k}" not in flags}
+    if not chosen:
+        return {}
     try:
         jax.jit(lambda x: x + 1, compiler_options=chosen).lower(1.0).compile()
     except jax.errors.JaxRuntimeError:  # "No such compile option": an XLA without them

@@ -256,8 +256,8 @@ def solve(
       (relative change), live from inside the compiled loop. Silent by default; the result is the
       same either way. Closed-form solvers show nothing.
 
-    Runs under `equinox.filter_jit` (on a CPU with the compile options of `dmft._xla`, unless `XLA_FLAGS`
-    sets them): `gamma0` and `eta0` are traced (a sweep does not recompile),
+    Runs under `equinox.filter_jit` (called outside another jit on a CPU, with the compile options of
+    `dmft._xla` that `XLA_FLAGS` does not set): `gamma0` and `eta0` are traced (a sweep does not recompile),
     shapes (`depth`, `n_steps`, data sizes, sample counts) are static. Matrices are multiplied at
     `jax.default_matmul_precision("highest")` (full float32 on a GPU too). Called outside jit and vmap,
     it checks gamma0 and the result on the host, so JAX's persistent compilation cache
