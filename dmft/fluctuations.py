@@ -282,15 +282,20 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     r = (problem.net.sigma_w * normal(k_r, (n_samples, C), dtype)).reshape(-1, chunk_size, C)
     G = _GROUPS  # neuron j's Jacobians are summed in group j mod G, for the jackknife of their error
     by_group = lambda x: x.reshape(x.shape[0], -1, G, *x.shape[2:])  # (., S, ...) -> (., S / G, G, ...)
+    # the NTK is symmetric: its Jacobians and influences are kept on the upper triangle, ntri entries
+    iu = jnp.triu_indices(P * C)
+    upper = lambda x: x[..., iu[0], iu[1]]  # (..., P C, P C) -> (..., ntri)
 
     def chunk_sums(ur):
         """Sums over one chunk of neurons of psi and the NTK, and, per group, of their Jacobians with
-        respect to Delta on train points, tangent-first: `(G, n, T, Pa, C)`, `(G, n, T, P C, P C)`. A
+        respect to Delta on train points, tangent-first: `(G, n, T, Pa, C)`, `(G, n, T, ntri)`. A
         change of Delta(s) moves the neurons from step s + 1 on, so the tangents of time s are carried
         from s only."""
         step = _step(problem, *ur, kink_width)
         (psi, phi, g), (a, b) = _neurons(problem, *ur, Delta_star, carries=True)
         directions = jnp.zeros((P * C, Pa, C), dtype).at[:, :P].set(jnp.eye(P * C, dtype=dtype).reshape(-1, P, C))
+        # one-hot groups: a sum as a product, where XLA's CPU reduction over the neurons' (middle) axis is slow
+        groups = jax.nn.one_hot(jnp.arange(chunk_size) % G, G, dtype=dtype)
 
         def from_time(s):
             def body(t, acc):
@@ -300,16 +305,16 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
                 # the groups take the place of _ntk_terms' time axis: (P C, G, P C, P C)
                 fields = (phi[:, t].reshape(-1, G, P), g[:, t].reshape(-1, G, P * C))
                 dK = jnp.moveaxis(_ntk_terms(problem, *fields, by_group(dphi), by_group(dg)), 1, 0)
-                J_psi = J_psi.at[:, :, t].set(jnp.moveaxis(by_group(dpsi).sum(1), 1, 0))
-                return dcarry, J_psi, J_K.at[:, :, t].set(dK + jnp.swapaxes(dK, -1, -2))
+                J_psi = J_psi.at[:, :, t].set(jnp.einsum("dsac,sg->gdac", dpsi, groups))
+                return dcarry, J_psi, J_K.at[:, :, t].set(upper(dK + jnp.swapaxes(dK, -1, -2)))
 
             zeros = (jnp.zeros((P * C, *a.shape[1:]), dtype), jnp.zeros((P * C, *b.shape[1:]), dtype))
-            J0 = (jnp.zeros((G, P * C, T, Pa, C), dtype), jnp.zeros((G, P * C, T, P * C, P * C), dtype))
+            J0 = (jnp.zeros((G, P * C, T, Pa, C), dtype), jnp.zeros((G, P * C, T, len(iu[0])), dtype))
             return jax.lax.fori_loop(s, T, body, (zeros, *J0))[1:]
 
         J = jax.lax.map(from_time, jnp.arange(T))  # (T, G, P C, ...): Delta's time first
         J = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0).reshape(G, n, *x.shape[3:]), J)
-        return (psi.sum(0), _ntk_terms(problem, phi, g, phi, g)), J
+        return (psi.sum(0), upper(_ntk_terms(problem, phi, g, phi, g))), J
 
     def add_chunk(acc, ur):  # a running sum: the Jacobians exist once, not once per chunk
         return jax.tree.map(jnp.add, acc, chunk_sums(ur)), None
@@ -378,7 +383,7 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     def influences(ur):
         """Moments over a chunk of neurons of their influences, for each Jacobian variant (leading axis)."""
         psi, phi, g = _neurons(problem, *ur, Delta_star)
-        k = jax.vmap(lambda p, q: _ntk_terms(problem, p[None], q[None], p[None], q[None]))(phi, g) - K[None]
+        k = upper(jax.vmap(lambda p, q: _ntk_terms(problem, p[None], q[None], p[None], q[None]))(phi, g)) - K[None]
 
         def variant(J_f, J_K, propagate):
             i_f, dDelta = propagated(psi - F[None], J_f, propagate)
@@ -401,7 +406,11 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     jack = {name: (G - 1) / G * jnp.sum((x[1:] - x[1:].mean(0)) ** 2, 0) for name, x in coef.items()}
     se = {name: jnp.sqrt(jnp.maximum(hi[0] - lo[0] ** 2, 0.0) / n_samples + jack[name]) for name, (lo, hi) in m.items()}
     drift = c * problem.net.sigma_b**2 * steps @ Delta_star.sum(1)  # the read-out bias's, (T, C)
-    return {name: x[0] for name, x in coef.items()}, se, F[:, :P] + drift[:, None]
+    symmetric = lambda x: jnp.zeros((T, P * C, P * C), dtype).at[:, iu[0], iu[1]].set(x).at[:, iu[1], iu[0]].set(x)
+    coef, se = (
+        {k: symmetric(x) if k == "ntk" else x for k, x in d.items()} for d in ({k: x[0] for k, x in coef.items()}, se)
+    )
+    return coef, se, F[:, :P] + drift[:, None]
 
 
 def fluctuations(
@@ -524,19 +533,14 @@ def _warn_if_noisy(coef, se, n_samples):
 
 
 def two_layer_bytes(problem, chunk_size) -> int:
-    """The memory of `_coefficients`: the dense Jacobians `(n, T, Pa C)`, `(n, T, (P C)^2)` (a chunk's and
-    the running sums in `_GROUPS` groups, and `_GROUPS + 1` jackknife variants), a chunk's influences in
-    every variant, the `(n, n)` propagators and one chunk's tangents (`P C` per neuron, `(Pa + 1) C`
-    numbers each), `n = T P C`. Coefficients fitted to XLA's memory analysis on 11 problems (P 6-48, T
-    11-101, 1-4 outputs, chunks of 128-2048; `_GROUPS = 4`), within 0.9-1.08 of it."""
+    """The memory of `_coefficients`: the dense Jacobians `(n, T, Pa C + ntri)` (the NTK's on its upper
+    triangle, ntri = P C (P C + 1) / 2: a chunk's and the running sums in `_GROUPS` groups, and `_GROUPS + 1`
+    jackknife variants), a chunk's influences in every variant and the `(n, n)` propagators, `n = T P C`.
+    Coefficients fitted to XLA's memory analysis on 10 problems (P 6-48, T 11-101, 1-4 outputs, chunks of
+    256-2048, 0.2-5 GB; `_GROUPS = 4`), within 0.94-1.09 of it."""
     T, P, C, Pa = problem.n_steps + 1, problem.P, problem.C, problem.data.Kx.shape[0]
-    n, per_time = T * P * C, Pa * C + (P * C) ** 2
-    numbers = (
-        4.6 * n * T * per_time
-        + 8.3 * chunk_size * T * per_time
-        + 36 * n**2
-        + 2.4 * P * C * chunk_size * (Pa + 1) * C * T
-    )
+    n, per_time = T * P * C, Pa * C + P * C * (P * C + 1) // 2
+    numbers = 3.5 * n * T * per_time + 12.8 * chunk_size * T * per_time + 43.5 * n**2
     return int(numbers * problem.data.Kx.dtype.itemsize)
 
 
