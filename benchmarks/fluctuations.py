@@ -2,7 +2,8 @@
 
 The demo's data (sphere, P = 16 + 4 test points, D = 20, gamma0 = 1, t_max = 10) with a two-layer network
 (the fluctuations cover depth 1): relu as in `dmft demo`, and tanh, both with the mean shift;
-`MonteCarlo(n_samples=8192)` as in `dmft demo`. For 30 and 60 steps prints the wall time of the solve
+`MonteCarlo(n_samples=8192)` as in `dmft demo`, and the tanh network of `dmft demo --task fluctuations`
+(30 steps, `MonteCarlo(n_samples=65536)`). For 30 and 60 steps prints the wall time of the solve
 and of the fluctuations (first call, compilation included, then a second, compiled call) and their
 ratio. The fluctuations build the Jacobian of the mean predictions with respect to the error signal by
 forward mode, one tangent per (time, point, class) of the train grid, over all sampled neurons: their
@@ -53,14 +54,24 @@ def wall(fn, *args, **kwargs):
 
 
 def main():
-    print("act   steps   T P   solve first / compiled (s)   fluctuations first / compiled (s)   ratio first / compiled")
-    for activation, n_steps in (("relu", 30), ("relu", 60), ("tanh", 30), ("tanh", 60)):
-        p, solver = problem(n_steps, activation), dmft.MonteCarlo(n_samples=8192)
+    print(
+        "act   steps   T P   samples   solve first / compiled (s)   fluctuations first / compiled (s)   "
+        "ratio first / compiled"
+    )
+    # the last row is `dmft demo --task fluctuations`: its solve has 65536 samples
+    for activation, n_steps, S in (
+        ("relu", 30, 8192),
+        ("relu", 60, 8192),
+        ("tanh", 30, 8192),
+        ("tanh", 60, 8192),
+        ("tanh", 30, 65536),
+    ):
+        p, solver = problem(n_steps, activation), dmft.MonteCarlo(n_samples=S)
         s1, sol = wall(dmft.solve, p, solver, key=0)
         s2, _ = wall(dmft.solve, p, solver, key=1)
         f1, _ = wall(dmft.fluctuations, p, sol, key=0)
         f2, _ = wall(dmft.fluctuations, p, sol, key=1)
-        sizes = f"{activation:5s} {n_steps:5d} {(n_steps + 1) * p.P:5d}"
+        sizes = f"{activation:5s} {n_steps:5d} {(n_steps + 1) * p.P:5d} {S:9d}"
         print(f"{sizes}   {s1:8.1f} / {s2:6.2f}{'':14s}{f1:8.1f} / {f2:6.2f}{'':18s}{f1 / s1:5.1f} / {f2 / s2:5.0f}")
 
 
