@@ -406,10 +406,10 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     jack = {name: (G - 1) / G * jnp.sum((x[1:] - x[1:].mean(0)) ** 2, 0) for name, x in coef.items()}
     se = {name: jnp.sqrt(jnp.maximum(hi[0] - lo[0] ** 2, 0.0) / n_samples + jack[name]) for name, (lo, hi) in m.items()}
     drift = c * problem.net.sigma_b**2 * steps @ Delta_star.sum(1)  # the read-out bias's, (T, C)
-    symmetric = lambda x: jnp.zeros((T, P * C, P * C), dtype).at[:, iu[0], iu[1]].set(x).at[:, iu[1], iu[0]].set(x)
-    coef, se = (
-        {k: symmetric(x) if k == "ntk" else x for k, x in d.items()} for d in ({k: x[0] for k, x in coef.items()}, se)
-    )
+    coef = {name: x[0] for name, x in coef.items()}
+    for d in (coef, se):  # the NTK's full, symmetric matrices from their upper triangles
+        x = d["ntk"]
+        d["ntk"] = jnp.zeros((T, P * C, P * C), dtype).at[:, iu[0], iu[1]].set(x).at[:, iu[1], iu[0]].set(x)
     return coef, se, F[:, :P] + drift[:, None]
 
 
