@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from . import _xla
 from ._keys import as_key
 from ._lazy import BIAS_GROUPS, lazy_bias, lazy_bytes, lazy_coefficients, moments, normal
 from ._maps import make_room
@@ -260,7 +261,7 @@ def _ntk_terms(problem, phi, g, dphi, dg):
     return gg * jnp.kron(Su, jnp.ones((C, C), g.dtype)) + problem.net.sw2 * jnp.kron(pp, jnp.eye(C, dtype=g.dtype))
 
 
-@eqx.filter_jit
+@_xla.jit
 def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     """The variance coefficients (and mean shifts) with their standard errors, as flat dicts keyed by
     "f", "ntk", "loss", "loss_test" and "<name>_bias", and the network's mean predictions on train points
@@ -537,7 +538,7 @@ def two_layer_bytes(problem, chunk_size) -> int:
     triangle, ntri = P C (P C + 1) / 2: a chunk's and the running sums in `_GROUPS` groups, and `_GROUPS + 1`
     jackknife variants), a chunk's influences in every variant and the `(n, n)` propagators, `n = T P C`.
     Coefficients fitted to XLA's memory analysis on 10 problems (P 6-48, T 11-101, 1-4 outputs, chunks of
-    256-2048, 0.2-5 GB; `_GROUPS = 4`), within 0.94-1.09 of it."""
+    256-2048, 0.2-5 GB; `_GROUPS = 4`), within 0.94-1.10 of it at XLA's defaults and `_xla`'s options."""
     T, P, C, Pa = problem.n_steps + 1, problem.P, problem.C, problem.data.Kx.shape[0]
     n, per_time = T * P * C, Pa * C + P * C * (P * C + 1) // 2
     numbers = 3.5 * n * T * per_time + 12.8 * chunk_size * T * per_time + 43.5 * n**2
