@@ -44,6 +44,7 @@ __all__ = [
     "lazy_start",
     "pairing",
     "shift_coefficients",
+    "symmetric",
 ]
 
 _RESTART = 40  # GMRES's Krylov basis per restart
@@ -385,9 +386,15 @@ def _outputs(problem, q, C_f, ntk_var, upper):
         g = jnp.zeros((T, Pa), q.dtype).at[:, points].set(g)
         G = jnp.einsum("ts,tp->tsp", jnp.eye(T, dtype=q.dtype), g).reshape(T, n)  # d loss(t) / d f
         coef[name] = G @ C_f @ G.T
-    var = ntk_var.reshape(T, -1)
-    coef["ntk"] = jnp.zeros((T, P, P), q.dtype).at[:, upper[0], upper[1]].set(var).at[:, upper[1], upper[0]].set(var)
+    coef["ntk"] = symmetric(ntk_var.reshape(T, -1), upper, P)
     return coef, F[:, :P, None]
+
+
+def symmetric(x, upper, size):
+    """The symmetric matrices `(..., size, size)` whose upper triangles, at the indices `upper`
+    (`triu_indices(size)`), are `x (..., len(upper[0]))`."""
+    full = jnp.zeros((*x.shape[:-1], size, size), x.dtype)
+    return full.at[..., upper[0], upper[1]].set(x).at[..., upper[1], upper[0]].set(x)
 
 
 def outputs(problem, q, cov):

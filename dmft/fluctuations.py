@@ -50,7 +50,7 @@ from ._keys import as_key
 from ._lazy import BIAS_GROUPS, lazy_bias, lazy_bytes, lazy_coefficients, moments, normal
 from ._maps import make_room
 from ._one_loop import ONE_LOOP_MAX, bias_coefficients, one_loop_bytes, one_loop_size
-from ._propagator import linear_bytes, linear_coefficients
+from ._propagator import linear_bytes, linear_coefficients, symmetric
 from ._sampled_propagator import sampled_bytes, sampled_coefficients
 from .activations import Linear, ReLU
 from .costs import budget_bytes
@@ -409,8 +409,7 @@ def _coefficients(problem, f, key, n_samples, chunk_size, kink_width):
     drift = c * problem.net.sigma_b**2 * steps @ Delta_star.sum(1)  # the read-out bias's, (T, C)
     coef = {name: x[0] for name, x in coef.items()}
     for d in (coef, se):  # the NTK's full, symmetric matrices from their upper triangles
-        x = d["ntk"]
-        d["ntk"] = jnp.zeros((T, P * C, P * C), dtype).at[:, iu[0], iu[1]].set(x).at[:, iu[1], iu[0]].set(x)
+        d["ntk"] = symmetric(d["ntk"], iu, P * C)
     return coef, se, F[:, :P] + drift[:, None]
 
 
