@@ -8,7 +8,6 @@ the error signal `Delta = -dl/df (n+1, Pa, C)` lives on train points only; `df/d
 
 from __future__ import annotations
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +105,8 @@ def _static_flow(problem, K):
 
     def field(t, f, args):
         return rate * K[:, : P * C] @ problem.loss.delta(f[: P * C].reshape(P, C), Y).reshape(-1)
+
+    import diffrax  # here, not at the top: it adds ~0.3 s to `import dmft`, and few solves integrate an ODE
 
     tol = 0.01 * float(np.sqrt(np.finfo(K.dtype).eps))
     sol = diffrax.diffeqsolve(
