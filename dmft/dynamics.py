@@ -109,14 +109,15 @@ def _static_flow(problem, K):
     import diffrax  # here, not at the top: it adds ~0.3 s to `import dmft`, and few solves integrate an ODE
 
     tol = 0.01 * float(np.sqrt(np.finfo(K.dtype).eps))
+    ts = problem.ts  # to ts[-1], not t_max: compiled, n_steps * (t_max / n_steps) can round above t_max
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field),
         diffrax.Tsit5(),
         0.0,
-        problem.t_max,
+        ts[-1],
         problem.dt,
         jnp.zeros(K.shape[0], K.dtype),
-        saveat=diffrax.SaveAt(ts=problem.ts),
+        saveat=diffrax.SaveAt(ts=ts),
         stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
         max_steps=65536,
     )
