@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from .. import _mesh, costs
+from .. import _mesh, _xla, costs
 from .._keys import as_key
 from .._maps import make_room
 from ..dynamics import ntk_from_kernels, prediction_fields, split_classes, static_ntk_predictions
@@ -229,9 +229,16 @@ def train(
             "divided by gamma0; pass center=True"
         )
     make_room(problem, key)
-    key = as_key(key)
+    return _train(problem, width, as_key(key), center, method, rtol, atol, max_steps, _lazy(problem))
+
+
+@_xla.jit
+def _train(problem, width, key, center, method, rtol, atol, max_steps, lazy):
+    """`train` as one compiled program (op by op, every operation would be dispatched, and every
+    intermediate of the N x N updates materialised, on its own). `lazy` is decided by `train`, where
+    gamma0 is concrete; here it is traced."""
     params = init_params(problem, width, key)
-    if _lazy(problem):
+    if lazy:
         return _lazy_run(problem, params, method)
     f0 = _outputs(problem, params, problem.data.X_all) * center
     loss = _loss(problem, f0[: problem.P])
@@ -241,9 +248,10 @@ def train(
         import diffrax  # here, not at the top: it adds ~0.3 s to `import dmft`, and "gd" needs none of it
 
         term = diffrax.ODETerm(lambda t, p, args: jax.tree.map(lambda g: -rate * g, jax.grad(loss)(p)))
+        ts = problem.ts  # to ts[-1], not t_max: compiled, n_steps * (t_max / n_steps) can round above t_max
         saveat = diffrax.SaveAt(
             subs=[
-                diffrax.SubSaveAt(ts=problem.ts, fn=lambda t, p, args: _measure(problem, *_fields(problem, p, f0))),
+                diffrax.SubSaveAt(ts=ts, fn=lambda t, p, args: _measure(problem, *_fields(problem, p, f0))),
                 diffrax.SubSaveAt(
                     t1=True, fn=lambda t, p, args: jnp.stack(_preactivations(problem, p, problem.data.X_all))
                 ),
@@ -253,7 +261,7 @@ def train(
             term,
             diffrax.Tsit5(),
             0.0,
-            problem.t_max,
+            ts[-1],
             problem.dt / 4,
             params,
             saveat=saveat,
