@@ -219,9 +219,9 @@ def train(
 
     Vmappable over keys, e.g. `jax.vmap(lambda k: train(problem, 1024, k))(jr.split(key, 8))` (width
     static); pure JAX, so it runs unchanged on a GPU. One compiled program per width and shapes of the
-    problem (its gamma0, eta0 and data are traced: a sweep over them does not recompile). Use float64 at small gamma0: the learning rate
-    grows like gamma0^2 N while the read-out shrinks like 1 / (gamma0 N), and centring subtracts two
-    O(1 / (gamma0 sqrt N)) numbers.
+    problem (its gamma0, eta0 and data are traced: a sweep over them does not recompile). Use float64
+    at small gamma0: the learning rate grows like gamma0^2 N while the read-out shrinks like
+    1 / (gamma0 N), and centring subtracts two O(1 / (gamma0 sqrt N)) numbers.
     """
     _check(problem, width, method)
     if _lazy(problem) and not center:
