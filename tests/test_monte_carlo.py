@@ -205,7 +205,8 @@ def test_same_key_same_result_whatever_the_chunks(sampling):
     # Chunks change only the order of the float64 sums (relative round-off ~1e-16 x sqrt(chunks)),
     # which the Stein regressions amplify by up to their condition number ~1 / rcond = 350 (64 samples
     # per replica) per iteration, ~1e-12 after 3 iterations: 1e-10 is above that and far below any
-    # sampling difference (~S^-1/2 = 4e-2).
+    # sampling difference (~S^-1/2 = 4e-2). (Square roots of the eigenvalues of Kx that are round-off,
+    # 7 points in 4 dimensions, would make that ~sqrt(eps) = 1e-8: `_sampling._roots` zeroes them.)
     a, b = solve(64), solve(16)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-10)
     np.testing.assert_array_equal(a.loss, solve(64).loss)
@@ -312,6 +313,22 @@ def test_first_order_root_near_a_known_eigensystem():
     # Far from K0 (the square of the expansion overshoots K by more than tol of it) the exact root.
     np.testing.assert_array_equal(root(0.5, 1e-2), factor(K0 + 0.5 * E)[0])
     assert np.abs(root(1e-3, 1e-2) - factor(K0 + 1e-3 * E)[0]).max() == error(1e-3)
+
+
+def test_root_of_a_singular_covariance_is_stable_to_round_off():
+    # Kx of 12 points in 4 dimensions repeated over 10 times (layer 1's sources) has rank 4 of 120: eigh
+    # returns the other 116 eigenvalues as round-off, +-2.5 eps max(lam) at most. A perturbation of K at
+    # round-off (relative 1e-15) must move its root by round-off too (the root's condition number is
+    # ~sqrt(lam_max / lam_min) = 3 on the genuine eigenvalues here: bound 1e-13 relative), not by the
+    # ~sqrt(1e-15) = 3e-8 that square roots of the round-off eigenvalues would add.
+    from dmft.solvers._sampling import factor
+
+    Kx = np.asarray(dmft.datasets.sphere(12, 4, 0).Kx)
+    K = np.kron(np.ones((10, 10)), Kx)
+    E = np.random.default_rng(0).normal(size=K.shape)
+    M, dM = factor(K)[0], factor(K + 1e-15 * np.abs(K).max() * (E + E.T) / 2)[0]
+    assert np.abs(dM - M).max() <= 1e-13 * np.abs(M).max()
+    np.testing.assert_allclose(M @ M, K, atol=1e-13 * np.abs(K).max())
 
 
 def test_sobol_dimension_limit():

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import equinox as eqx
 import jax
@@ -68,21 +69,35 @@ class Replicated(eqx.Module):
 
 
 def factor(K):
-    """`(M, V)`: the symmetric square root `M = K^{1/2}` of a covariance `(n, n)` (negative eigenvalues
-    clipped) and its eigenvectors V in increasing eigenvalue order.
+    """`(M, V)`: the symmetric square root `M = K^{1/2}` of a covariance `(n, n)` (eigenvalues within
+    round-off of zero set to zero, `_roots`) and its eigenvectors V in increasing eigenvalue order.
 
     The symmetric root is unique and continuous in K; a factor `V sqrt(lam)` is not (eigenvectors of
     (near-)degenerate eigenvalues rotate and flip sign between iterations), which would make the
     common-random-number map discontinuous and the iteration cycle.
     """
     lam, V = jnp.linalg.eigh(K)
-    return (V * jnp.sqrt(jnp.maximum(lam, 0.0))) @ V.T, V
+    return (V * _roots(lam)) @ V.T, V
+
+
+def _roots(lam):
+    """`sqrt(lam)` of eigenvalues `(n,)` of a covariance, zero where `lam <= sqrt(n) eps max|lam|`.
+
+    A singular covariance (layer 1's `Kx` with more points than input dimensions, or `Kx` repeated over
+    times) has eigenvalues eigh returns as round-off, `|lam| <~ 2.5 eps max|lam|` (measured up to
+    n = 2020). Their square roots, `~sqrt(eps)` relative, would put that much noise into the samples:
+    two compilations of one solve that round differently (another chunk size, a changed program)
+    would then differ by ~1e-8 in float64 instead of ~1e-15. The cut-off is above those with a margin
+    that grows with n as eigh's error bound does; the genuine eigenvalues it drops, if any, hold at most
+    `n^1.5 eps max|lam|` of the variance."""
+    tol = math.sqrt(lam.shape[-1]) * jnp.finfo(lam.dtype).eps * jnp.max(jnp.abs(lam))
+    return jnp.sqrt(jnp.where(lam > tol, lam, 0.0))
 
 
 def factor_near(K, ref, rcond, tol):
     """`(M, V)` as `factor`, for a covariance K near a reference `K0 = V diag(lam) V^T` whose eigensystem
     `ref = (V, lam)` is known: the symmetric root to first order in `E = V^T K V - diag(lam)`,
-    `M = V (diag(s) + X) V^T`, `X = E / (s_i + s_j)` with `s = sqrt(max(lam, 0))` (the solution of
+    `M = V (diag(s) + X) V^T`, `X = E / (s_i + s_j)` with `s = _roots(lam)` (the solution of
     `M0 X + X M0 = K - K0`), in four matrix products instead of an eigendecomposition. The root of a
     near-zero eigenvalue is not differentiable: `s_i + s_j` is floored at `2 sqrt(rcond * mean(lam))`,
     the scale below which the Stein regressions' ridge hides a direction anyway.
@@ -93,7 +108,7 @@ def factor_near(K, ref, rcond, tol):
     (Frobenius norms) the exact root (`factor`) is taken instead.
     """
     V, lam = ref
-    s = jnp.sqrt(jnp.maximum(lam, 0.0))
+    s = _roots(lam)
     floor = jnp.maximum(2 * jnp.sqrt(rcond * jnp.mean(s**2)), jnp.finfo(K.dtype).tiny)
     E = V.T @ K @ V - jnp.diag(lam)
     X = E / jnp.maximum(s[:, None] + s[None, :], floor)
