@@ -109,7 +109,7 @@ def _static_flow(problem, K):
     import diffrax  # here, not at the top: it adds ~0.3 s to `import dmft`, and few solves integrate an ODE
 
     tol = 0.01 * float(np.sqrt(np.finfo(K.dtype).eps))
-    ts = problem.ts  # to ts[-1], not t_max: compiled, n_steps * (t_max / n_steps) can round above t_max
+    ts = problem.ts  # to ts[-1], t_max in the grid's dtype: saveat.ts must not pass the end
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field),
         diffrax.Tsit5(),

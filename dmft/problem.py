@@ -238,4 +238,4 @@ class Problem(eqx.Module):
     @property
     def ts(self) -> jax.Array:
         """The time grid, `(n + 1,)`."""
-        return jnp.arange(self.n_steps + 1) * self.dt
+        return jnp.linspace(0.0, self.t_max, self.n_steps + 1)

@@ -249,7 +249,7 @@ def _train(problem, width, key, center, method, rtol, atol, max_steps, lazy):
         import diffrax  # here, not at the top: it adds ~0.3 s to `import dmft`, and "gd" needs none of it
 
         term = diffrax.ODETerm(lambda t, p, args: jax.tree.map(lambda g: -rate * g, jax.grad(loss)(p)))
-        ts = problem.ts  # to ts[-1], not t_max: compiled, n_steps * (t_max / n_steps) can round above t_max
+        ts = problem.ts  # to ts[-1], t_max in the grid's dtype: saveat.ts must not pass the end
         saveat = diffrax.SaveAt(
             subs=[
                 diffrax.SubSaveAt(ts=ts, fn=lambda t, p, args: _measure(problem, *_fields(problem, p, f0))),
