@@ -6,8 +6,8 @@
   Every sample is a fixed function of the key and its index, so a result never depends on how the
   samples are cut into chunks.
 * Sources from normals (`factor`, `sources`): `u = M_u e_u ~ N(0, Phi^{l-1})`, `r = M_r e_r ~ N(0, G^{l+1})`
-  with `M` the symmetric square root of the covariance (negative eigenvalues clipped), which is
-  continuous in the covariance: the common-random-number map stays continuous. The replicas, near a
+  with `M` the symmetric square root of the covariance (round-off eigenvalues zeroed, `_roots`), which
+  is continuous in the covariance: the common-random-number map stays continuous. The replicas, near a
   centre whose eigensystem is known, take it to first order (`factor_near`).
 * Control variates (`gram`): subtract from a sample moment the same moment of the lazy fields
   `psi(u)`, `chi(u) r` of the same sources; the solver adds back their exact (closed-form) means,
@@ -81,7 +81,7 @@ def factor(K):
 
 
 def _roots(lam):
-    """`sqrt(lam)` of eigenvalues `(n,)` of a covariance, zero where `lam <= sqrt(n) eps max|lam|`.
+    """`sqrt(lam)` of eigenvalues `(n,)` of a covariance, zero at or below `tol = sqrt(n) eps max|lam|`.
 
     A singular covariance (layer 1's `Kx` with more points than input dimensions, or `Kx` repeated over
     times) has eigenvalues eigh returns as round-off, `|lam| <~ 2.5 eps max|lam|` (measured up to
@@ -89,7 +89,8 @@ def _roots(lam):
     two compilations of one solve that round differently (another chunk size, a changed program)
     would then differ by ~1e-8 in float64 instead of ~1e-15. The cut-off is above those with a margin
     that grows with n as eigh's error bound does; the genuine eigenvalues it drops, if any, hold at most
-    `n^1.5 eps max|lam|` of the variance."""
+    `n^1.5 eps max|lam|` of the variance, and the root jumps by `sqrt(tol)` where an eigenvalue crosses
+    it."""
     tol = math.sqrt(lam.shape[-1]) * jnp.finfo(lam.dtype).eps * jnp.max(jnp.abs(lam))
     return jnp.sqrt(jnp.where(lam > tol, lam, 0.0))
 

@@ -260,11 +260,10 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
       their sample sums, added across devices into blocks of rows, so that each device keeps one
       time block of the pooled kernels and responses; replica stage: their maps). The square roots
       and Stein regressions of the pooled stage gather one layer's matrices at a time: they have no
-      time-blocked form (eigh, clipped eigenvalues). None (default): the
-      largest number d of `jax.devices()` (all processes after `jax.distributed.initialize`) that
-      divides R; an int d: the first d devices; or a `jax.sharding.Mesh` (all axes flattened) whose
-      size divides R. A key gives the same result on any number of devices, up to the order of the
-      sums over replicas (float reassociation).
+      time-blocked form (eigh). None (default): the largest number d of `jax.devices()` (all processes
+      after `jax.distributed.initialize`) that divides R; an int d: the first d devices; or a
+      `jax.sharding.Mesh` (all axes flattened) whose size divides R. A key gives the same result on any
+      number of devices, up to the order of the sums over replicas (float reassociation).
 
     Depth 1 uses the equal-time fast path of THEORY 7 (`Solution.Phi = None`).
     """
@@ -597,7 +596,7 @@ class MonteCarlo(AbstractIterativeSolver, _sampling.Replicated):
             G_next = None if last else state.G[l + 1]
             B = 0.0 if last else state.B[l]
             Su, Sr, C, D = layer_memory(problem.net, Phi_prev, A_prev, G_next, B, Delta, c)
-            # The covariances the sources really have, M^2 (negative eigenvalues clipped, or the square of
+            # The covariances the sources really have, M^2 (round-off eigenvalues zeroed, or the square of
             # the first-order root near the replicas' centre); u of layer 1 is constant in time, r of
             # layer L one scalar.
             refs = (None, None) if roots is None else roots[l]
