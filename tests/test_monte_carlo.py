@@ -317,9 +317,9 @@ def test_first_order_root_near_a_known_eigensystem():
 
 def test_root_of_a_singular_covariance_is_stable_to_round_off():
     # Kx of 12 points in 4 dimensions repeated over 10 times (layer 1's sources) has rank 4 of 120: eigh
-    # returns the other 116 eigenvalues as round-off, +-2.5 eps max(lam) at most. A perturbation of K at
+    # returns the other 116 eigenvalues as round-off (1.3 eps max(lam) at most). A perturbation of K at
     # round-off (relative 1e-15) must move its root by round-off too (the root's condition number is
-    # ~sqrt(lam_max / lam_min) = 3 on the genuine eigenvalues here: bound 1e-13 relative), not by the
+    # ~sqrt(lam_max / lam_min) = 2 on the genuine eigenvalues here: bound 1e-13 relative), not by the
     # ~sqrt(1e-15) = 3e-8 that square roots of the round-off eigenvalues would add.
     from dmft.solvers._sampling import factor
 
