@@ -85,13 +85,13 @@ def _roots(lam):
 
     A singular covariance (layer 1's `Kx` with more points than input dimensions; a kernel constant in
     time, as the lazy kernels a solve starts from, has rank Pa of T Pa) has eigenvalues eigh returns as
-    round-off, `|lam| <~ 7.5 eps max|lam|` (measured: ~1 at n = 35-49, 3.5 at 620, 7.5 at 2020). Their
-    square roots, `~sqrt(eps)` relative, would put that much noise into the samples: two compilations
-    of one solve that round differently (another chunk size, a changed program) would then differ by
-    ~1e-8 in float64 instead of ~1e-15, and a relu solve by more (a source moved by ~1e-8 flips `phi'`
-    of the preactivations that near zero). The cut-off is above those with a margin that grows with n as
-    eigh's error bound does; the genuine eigenvalues it drops, if any, hold at most `n^1.5 eps max|lam|`
-    of the variance, and the root jumps by `sqrt(tol)` where an eigenvalue crosses it."""
+    round-off, a few eps max|lam| growing slowly with n (`benchmarks/RESULTS.md`). Their square roots,
+    `~sqrt(eps)` relative, would put that much noise into the samples, and the answer would depend at
+    that level on how the compiled program rounds (its chunk size, its devices), a relu solve by more (a
+    source moved by ~1e-8 flips `phi'` of the preactivations that near zero). The cut-off is above those
+    with a margin that grows with n as eigh's error bound does; the genuine eigenvalues it drops, if any,
+    hold at most `n^1.5 eps max|lam|` of the variance, and the root jumps by `sqrt(tol)` where an
+    eigenvalue crosses it."""
     tol = math.sqrt(lam.shape[-1]) * jnp.finfo(lam.dtype).eps * jnp.max(jnp.abs(lam))
     return jnp.sqrt(jnp.where(lam > tol, lam, 0.0))
 
