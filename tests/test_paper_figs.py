@@ -94,7 +94,10 @@ def test_f6_cnn_widths(tmp_path):
     _check_files(res)
     for g, diffs in res["test_loss_consecutive_max_diff"].items():
         assert np.all(np.isfinite(diffs))
-        # Curves of consecutive widths (4 -> 8 -> 16) get closer: finite-width effects shrink.
+        # Curves of consecutive widths (4 -> 8 -> 16) get closer on this key's draw. A regression check,
+        # not evidence of the trend: at these sizes the differences are mostly seed noise, and with other
+        # keys the order held for every gamma0 on 5 of 8 (4 of 10 with 8 seeds; benchmarks/RESULTS.md).
+        # The full run (16 seeds, N = 16-128, 200 steps) shows the trend.
         assert diffs[-1] < diffs[0], (g, diffs)
     # The step size keeps GD stable on the NTK scale at the end of training too (bound: 2).
     assert max(res["final_eta0_lambda_max_over_P"].values()) < 2
