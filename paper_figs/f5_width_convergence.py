@@ -25,7 +25,7 @@ from paper_figs import f4_deep_tanh as f4
 from paper_figs._common import PALETTE, alignment, paper_loss, run_cli, save, timed, train_seeds
 
 FULL = dict(base=f4.FULL, gamma0=1.0, widths=(2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000), seeds=8)
-QUICK = dict(base=f4.QUICK, gamma0=1.0, widths=(4, 16, 64), seeds=2)
+QUICK = dict(base=f4.QUICK, gamma0=1.0, widths=(4, 16, 64), seeds=4)
 
 
 def _per_seed(sol, run):
